@@ -1,0 +1,46 @@
+"""qo: a distributed task queue that needs nothing but a bucket."""
+
+from .errors import (
+    ConfigurationError,
+    DependencyError,
+    Fail,
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    PluginError,
+    PreconditionFailed,
+    QoError,
+    Retry,
+    StorageError,
+    StorageUnavailable,
+    TaskNotFound,
+    TaskStateError,
+)
+from .hookspecs import hookimpl
+from .queue import Queue, connect
+from .storage import Blob, Entry, Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blob",
+    "ConfigurationError",
+    "DependencyError",
+    "Entry",
+    "Fail",
+    "IdempotencyConflict",
+    "InvalidInput",
+    "NotFound",
+    "PluginError",
+    "PreconditionFailed",
+    "QoError",
+    "Queue",
+    "Retry",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "TaskNotFound",
+    "TaskStateError",
+    "connect",
+    "hookimpl",
+]

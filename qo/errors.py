@@ -1,0 +1,87 @@
+"""Every error qo raises on purpose: one hierarchy under :class:`QoError`."""
+
+from __future__ import annotations
+
+
+class QoError(Exception):
+    """Base of every error qo raises on purpose."""
+
+
+class InvalidInput(QoError, ValueError):
+    """A bad argument, named by ``field``; raised before anything is written."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class TaskNotFound(QoError, LookupError):
+    """No task with this id in this queue."""
+
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} not found")
+
+
+class TaskStateError(QoError):
+    """The operation does not apply to the task in its current state."""
+
+
+class IdempotencyConflict(QoError):
+    """The idempotency key already names a task with a different input or type."""
+
+
+class DependencyError(QoError):
+    """An unknown dependency id, a cycle, or a dangling name in a graph."""
+
+
+class PluginError(QoError):
+    """A plugin could not be loaded or answered a hook wrongly."""
+
+
+class ConfigurationError(QoError):
+    """The configuration (URL, environment, settings) cannot be used."""
+
+
+class StorageError(QoError):
+    """A storage call failed; names the backend and the key (never credentials)."""
+
+    def __init__(self, message: str = "", *, backend: str = "", key: str | None = None):
+        self.backend = backend
+        self.key = key
+        where = ", ".join(p for p in (backend, f"key {key!r}" if key is not None else "") if p)
+        super().__init__(f"{message} ({where})" if where else message)
+
+
+class NotFound(StorageError, KeyError):
+    """The key does not exist."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return StorageError.__str__(self)
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the key exists (create-only) or changed (CAS).
+
+    Never retried blindly: the caller re-reads and decides.
+    """
+
+
+class StorageUnavailable(StorageError):
+    """A transient failure (5xx, throttling, timeout, connection): retry with backoff.
+
+    The write may or may not have landed; the engine re-reads to find out.
+    """
+
+
+class Retry(Exception):
+    """Raised by a handler: try again after ``delay`` seconds (counts as an attempt)."""
+
+    def __init__(self, delay: float | None = None, message: str = ""):
+        self.delay = delay
+        super().__init__(message or (f"retry requested in {delay}s" if delay is not None else "retry requested"))
+
+
+class Fail(Exception):
+    """Raised by a handler: fail now, no retry; the task goes to the dead letter."""

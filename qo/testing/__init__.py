@@ -1,0 +1,30 @@
+"""Test support for qo and for plugin authors.
+
+- :class:`ConformanceTests` / :class:`StorageFixtures`: the storage-contract suite a
+  backend runs with one import (``class TestMine(StorageFixtures, ConformanceTests)``).
+- :class:`MotoServer`: a moto S3 server on a free loopback port.
+- :class:`FakeClock`: a clock tests move by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "ConformanceTests": ".conformance",
+    "StorageFixtures": ".conformance",
+    "MotoServer": ".moto",
+    "FakeClock": "qo.clock",
+}
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing qo.testing must not start anything
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name], __name__)
+        return getattr(module, name)
+    raise AttributeError(name)
+
+
+__all__ = sorted(_LAZY)

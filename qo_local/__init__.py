@@ -1,0 +1,5 @@
+"""qo's filesystem backend: ``file://`` URLs and bare paths (development default, tests)."""
+
+from .storage import LocalStorage
+
+__all__ = ["LocalStorage"]
