@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Set up and run qo on a fresh machine that has only Python 3.11+, pip and venv.
+
+    python3 dev.py demo     create .venv if missing, then run the demo on ./.qo
+    python3 dev.py test     create .venv if missing, then run the whole test suite
+    python3 dev.py bench    create .venv if missing, then run the benchmark
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("QO_VENV", ROOT / ".venv"))
+BIN = VENV / "bin"
+PLUGIN_DIRS = sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    for f in [ROOT / "pyproject.toml", *(d / "pyproject.toml" for d in PLUGIN_DIRS)]:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create the virtualenv and install qo (editable, with test extras) and plugins/."""
+    stamp = VENV / ".qo-installed"
+    if stamp.exists() and stamp.read_text() == _fingerprint():
+        return
+    if not (BIN / "python").exists():
+        print(f"creating virtualenv {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", str(d)))], check=True)
+    stamp.write_text(_fingerprint())
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "bench"):
+        print(__doc__)
+        return 2
+    ensure_venv()
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "test":
+        args = [str(BIN / "pytest"), *rest] if rest else [str(BIN / "pytest"), "-q", "tests", *(str(d) for d in PLUGIN_DIRS)]
+    elif cmd == "demo":
+        args = [str(BIN / "python"), "-m", "qo.demo", *rest]
+    else:
+        args = [str(BIN / "python"), str(ROOT / "benchmarks" / "bench.py"), *rest]
+    return subprocess.run(args, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

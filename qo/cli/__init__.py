@@ -1,0 +1,28 @@
+"""The ``qo`` command line: core commands, then whatever plugins add."""
+
+from __future__ import annotations
+
+import click
+
+from ..plugins import get_plugins
+from .admin import doctor, plugins
+
+
+@click.group()
+@click.version_option(package_name="qo")
+def cli() -> None:
+    """qo: a distributed task queue that needs nothing but a bucket."""
+
+
+cli.add_command(doctor)
+cli.add_command(plugins)
+
+
+def build_cli() -> click.Group:
+    """The root group with every plugin's commands attached (after the core ones)."""
+    get_plugins().hook.qo_cli_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    build_cli()(prog_name="qo")

@@ -1,0 +1,57 @@
+"""``qo doctor`` and ``qo plugins``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..doctor import run_checks
+from ..plugins import get_plugins
+from .common import echo_json, open_queue, queue_options, run
+
+
+@click.command()
+@queue_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@run
+async def doctor(url: str, queue_name: str, as_json: bool) -> None:
+    """Check the backend's CAS semantics and permissions."""
+    queue = await open_queue(url, queue_name)
+    try:
+        checks = await run_checks(queue.storage, base=f"{queue.name}/_doctor")
+    finally:
+        await queue.close()
+    healthy = all(c.ok for c in checks if c.required)
+    if as_json:
+        echo_json({"backend": queue.storage.name, "ok": healthy,
+                   "checks": [{"name": c.name, "ok": c.ok, "required": c.required, "detail": c.detail} for c in checks]})
+    else:
+        click.echo(f"backend: {queue.storage.name} ({queue.storage!r})")
+        for c in checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+            click.echo(f"  [{mark}] {c.name}: {c.detail}")
+        click.echo("healthy: qo can run on this store" if healthy else "NOT HEALTHY: qo cannot run safely on this store")
+    if not healthy:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def plugins(as_json: bool) -> None:
+    """Loaded plugins, their hooks and where they come from."""
+    loaded = get_plugins()
+    rows = sorted(loaded.info.values(), key=lambda i: i.name)
+    if as_json:
+        echo_json([{"name": i.name, "status": i.status, "distribution": i.distribution, "version": i.version,
+                    "source": i.source, "hooks": i.hooks, "error": i.error} for i in rows])
+        return
+    for i in rows:
+        origin = f"{i.distribution} {i.version}" if i.distribution else (i.source or "")
+        click.echo(f"{i.name:<14} {i.status:<8} {origin}  ({i.source})")
+        if i.hooks:
+            click.echo(f"{'':<14} hooks: {', '.join(i.hooks)}")
+        if i.error:
+            click.echo(f"{'':<14} error: {i.error}")
+    schemes = ", ".join(f"{s}://" if s else "bare paths" for s in loaded.schemes())
+    click.echo(f"storage schemes: {schemes}")
