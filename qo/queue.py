@@ -1,19 +1,49 @@
-"""The Queue: a named queue inside a storage URL."""
+"""The Queue: submit, inspect, cancel and retry tasks of one named queue."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from typing import Any
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
+from . import keys
 from .backends import default_url, open_storage
-from .errors import InvalidInput
+from .clock import Clock, SystemClock
+from .errors import InvalidInput, PreconditionFailed, QoError, TaskStateError
+from .events import emit
+from .model import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    STATUSES,
+    TERMINAL,
+    Task,
+    check_input,
+    check_non_negative_int,
+    check_priority,
+    check_seconds,
+    check_task_id,
+    check_task_type,
+    check_when,
+)
 from .plugins import Plugins, get_plugins
 from .storage import Storage
+from .store import TaskStore
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+#: A marker whose task cannot be read (not yet written, or its producer died) is left
+#: alone this long before a worker drops it. A producer re-writes its marker when its
+#: own writes took longer than half of this, so a live producer never loses a task.
+ORPHAN_GRACE_SECONDS = 120.0
 
-def validate_queue_name(name: str) -> str:
+SUBMIT_OPTIONS = ("priority", "schedule_at", "max_retries", "timeout_seconds")
+
+
+def validate_queue_name(name: Any) -> str:
     if not isinstance(name, str) or not QUEUE_NAME.match(name) or ".." in name:
         raise InvalidInput(
             "queue", f"{name!r} is not a queue name (1-64 of A-Z a-z 0-9 _ . -, starting alphanumeric)"
@@ -21,14 +51,237 @@ def validate_queue_name(name: str) -> str:
     return name
 
 
+class BulkSubmitError(QoError):
+    """Some tasks of a ``submit_many`` were not written; ``tasks`` holds those that were."""
+
+    def __init__(self, tasks: list[Task | None], errors: list[tuple[int, BaseException]]):
+        self.tasks = tasks
+        self.errors = errors
+        first = errors[0][1]
+        super().__init__(f"{len(errors)} of {len(tasks)} tasks were not submitted; first error: {first}")
+
+
 class Queue:
     """A queue named ``name`` in ``storage``; its objects live under ``{name}/``."""
 
-    def __init__(self, storage: Storage, name: str = "default", *, plugins: Plugins | None = None, url: str = ""):
+    def __init__(
+        self,
+        storage: Storage,
+        name: str = "default",
+        *,
+        plugins: Plugins | None = None,
+        clock: Clock | None = None,
+        url: str = "",
+    ):
         self.storage = storage
         self.name = validate_queue_name(name)
         self.plugins = plugins or get_plugins()
+        self.clock = clock or SystemClock(storage)
         self.url = url
+        self.store = TaskStore(storage, self.name)
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.name!r} on {self.storage!r}>"
+
+    # -- submit -------------------------------------------------------------------
+
+    def build_task(self, task_type: str, input: Any = None, **options: Any) -> Task:
+        """Validate everything and build the task, writing nothing."""
+        unknown = sorted(set(options) - set(SUBMIT_OPTIONS))
+        if unknown:
+            raise InvalidInput(unknown[0], f"unknown task option (known: {', '.join(SUBMIT_OPTIONS)})")
+        now = self.clock.now()
+        schedule_at = check_when(options.get("schedule_at"))
+        return Task(
+            id=keys.new_task_id(now),
+            task_type=check_task_type(task_type),
+            input=check_input(input),
+            status=PENDING,
+            priority=check_priority(options.get("priority", 128)),
+            max_retries=check_non_negative_int(options.get("max_retries", 3), "max_retries"),
+            timeout_seconds=check_seconds(options.get("timeout_seconds", 300.0), "timeout_seconds"),
+            available_at=max(now, schedule_at) if schedule_at is not None else now,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def submit(
+        self,
+        task_type: str,
+        input: Any = None,
+        *,
+        priority: int | str = 128,
+        schedule_at: datetime | None = None,
+        max_retries: int = 3,
+        timeout_seconds: float = 300.0,
+    ) -> Task:
+        """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``."""
+        task = self.build_task(
+            task_type, input, priority=priority, schedule_at=schedule_at,
+            max_retries=max_retries, timeout_seconds=timeout_seconds,
+        )
+        await self._write_new(task)
+        return task
+
+    async def submit_many(
+        self,
+        items: Iterable[Sequence[Any]],
+        *,
+        concurrency: int = 32,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Task]:
+        """Submit many ``(type, input[, options])`` tuples; all are validated before any is written."""
+        tasks: list[Task] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
+                raise InvalidInput(f"items[{i}]", "must be (task_type, input) or (task_type, input, options)")
+            options = item[2] if len(item) == 3 else {}
+            if not isinstance(options, dict):
+                raise InvalidInput(f"items[{i}].options", "must be a dict")
+            try:
+                tasks.append(self.build_task(item[0], item[1] if len(item) > 1 else None, **options))
+            except InvalidInput as exc:
+                raise InvalidInput(f"items[{i}].{exc.field}", exc.message) from None
+        check_non_negative_int(concurrency, "concurrency", 1024)
+        sem = asyncio.Semaphore(max(1, concurrency))
+        done = 0
+        errors: list[tuple[int, BaseException]] = []
+
+        async def one(i: int, task: Task) -> None:
+            nonlocal done
+            async with sem:
+                try:
+                    await self._write_new(task)
+                except QoError as exc:
+                    errors.append((i, exc))
+                    return
+            done += 1
+            if progress is not None:
+                progress(done, len(tasks))
+
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks)))
+        if errors:
+            failed = {i for i, _ in errors}
+            raise BulkSubmitError([None if i in failed else t for i, t in enumerate(tasks)], sorted(errors, key=lambda e: e[0]))
+        return tasks
+
+    async def _write_new(self, task: Task) -> None:
+        """Marker first, then the task: a marker without its task is an orphan workers
+        drop after ORPHAN_GRACE_SECONDS; a task is never without its marker."""
+        started = self.clock.now()
+        marker = task.marker_key(self.name, started)
+        await self.store.put_marker(marker)
+        await self.store.create(task)
+        if self.clock.now() - started > ORPHAN_GRACE_SECONDS / 2:
+            await self.store.put_marker(marker)  # a worker may have dropped it as an orphan
+        emit(self.plugins, "submitted", task)
+
+    # -- inspect ------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> Task:
+        """The task as stored now; ``qo.TaskNotFound`` if there is none."""
+        task, _ = await self.store.load(check_task_id(task_id))
+        return task
+
+    async def wait(self, task_id: str, timeout: float | None = 30.0, *, poll: float = 0.05) -> Task:
+        """Wait until the task is terminal and return it; ``TimeoutError`` after ``timeout``."""
+        check_task_id(task_id)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        delay = poll
+        while True:
+            task = await self.get(task_id)
+            if task.status in TERMINAL:
+                return task
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"task {task_id} still {task.status} after {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def list(
+        self, status: str | None = None, task_type: str | None = None, limit: int | None = 100
+    ) -> AsyncIterator[Task]:
+        """Tasks oldest first, filtered by status and type. Reads every task it passes."""
+        if status is not None and status not in STATUSES:
+            raise InvalidInput("status", f"{status!r} is not one of {', '.join(STATUSES)}")
+        if task_type is not None:
+            check_task_type(task_type)
+        cursor: str | None = None
+        found = 0
+        while True:
+            page = await self.store.list(keys.tasks_prefix(self.name), start_after=cursor, limit=200)
+            if not page:
+                return
+            cursor = page[-1].key
+            loaded = await asyncio.gather(*(self._load_entry(e.key) for e in page))
+            for task in loaded:
+                if task is None or (status and task.status != status) or (task_type and task.task_type != task_type):
+                    continue
+                yield task
+                found += 1
+                if limit is not None and found >= limit:
+                    return
+
+    async def _load_entry(self, key: str) -> Task | None:
+        task_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            return (await self.store.load(task_id))[0]
+        except QoError:
+            return None
+
+    # -- change -------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a pending or blocked task. A running one is marked ``cancel_requested``:
+        it is not retried, and ends ``cancelled`` unless its attempt completes."""
+        check_task_id(task_id)
+        while True:
+            task, etag = await self.store.load(task_id)
+            now = self.clock.now()
+            if task.status in TERMINAL:
+                raise TaskStateError(f"task {task_id} is already {task.status}")
+            if task.status == RUNNING:
+                if task.cancel_requested:
+                    return task
+                task.cancel_requested = True
+            else:
+                old_markers = [
+                    keys.ready(self.name, task.priority, task.available_at, task.id, task.task_type),
+                    keys.delayed(self.name, task.priority, task.available_at, task.id, task.task_type),
+                ]
+                task.status, task.finished_at = CANCELLED, now
+            task.updated_at = now
+            try:
+                await self.store.replace(task, etag)
+            except PreconditionFailed:
+                continue  # changed under us: look again
+            if task.status == CANCELLED:
+                await self.store.delete_markers(old_markers)
+                emit(self.plugins, "cancelled", task)
+            return task
+
+    async def retry(self, task_id: str) -> Task:
+        """Put a failed (dead-lettered) or cancelled task back to pending, attempts reset."""
+        check_task_id(task_id)
+        while True:
+            task, etag = await self.store.load(task_id)
+            if task.status not in (FAILED, CANCELLED):
+                raise TaskStateError(f"task {task_id} is {task.status}; only failed or cancelled tasks can be retried")
+            now = self.clock.now()
+            task.status, task.attempt, task.available_at, task.updated_at = PENDING, 0, now, now
+            task.finished_at = task.lease_id = task.lease_deadline = task.worker_id = None
+            task.cancel_requested = False
+            marker = task.marker_key(self.name, now)
+            await self.store.put_marker(marker)  # marker first, as in submit
+            try:
+                await self.store.replace(task, etag)
+            except PreconditionFailed:
+                continue
+            if self.clock.now() - now > ORPHAN_GRACE_SECONDS / 2:
+                await self.store.put_marker(marker)
+            emit(self.plugins, "retried", task)
+            return task
+
+    # -- lifecycle ----------------------------------------------------------------
 
     async def close(self) -> None:
         await self.storage.close()
@@ -46,12 +299,17 @@ async def connect(
     queue: str | None = None,
     options: dict[str, Any] | None = None,
     plugins: Plugins | None = None,
+    clock: Clock | None = None,
+    wrap_storage: Callable[[Storage], Storage] | None = None,
 ) -> Queue:
-    """Open ``queue`` (default ``QO_QUEUE``, else ``default``) at ``url`` (default ``QO_URL``, else ``./.qo``)."""
-    import os
+    """Open ``queue`` (default ``QO_QUEUE``, else ``default``) at ``url`` (default ``QO_URL``, else ``./.qo``).
 
+    ``wrap_storage`` wraps the backend (request counting, fault injection).
+    """
     url = default_url() if url is None else url
     name = validate_queue_name(queue or os.environ.get("QO_QUEUE") or "default")
     plugins = plugins or get_plugins()
     storage = open_storage(url, options, plugins)
-    return Queue(storage, name, plugins=plugins, url=url)
+    if wrap_storage is not None:
+        storage = wrap_storage(storage)
+    return Queue(storage, name, plugins=plugins, clock=clock, url=url)

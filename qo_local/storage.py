@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
 import uuid
 import zlib
 from contextlib import contextmanager
@@ -41,6 +42,9 @@ class LocalStorage:
         self.root = os.path.abspath(os.path.expanduser(root))
         self.fsync = fsync in (True, "1", "true", "yes")
         self.lock_stripes = int(lock_stripes)
+        self._fds: dict[int, int] = {}
+        self._fds_pid = os.getpid()
+        self._thread_locks = [threading.Lock() for _ in range(64)]
         self._tmp = os.path.join(self.root, _RESERVED + "tmp")
         self._locks = os.path.join(self.root, _RESERVED + "locks")
         try:
@@ -62,13 +66,28 @@ class LocalStorage:
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
+        """Exclusive per-stripe lock: a thread lock inside this process, flock across processes.
+
+        Lock files stay open (creating files is the slow part of a local write); a
+        forked child reopens them, since an inherited descriptor shares the parent's lock.
+        """
         stripe = zlib.crc32(key.encode()) % self.lock_stripes
-        fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        with self._thread_locks[stripe % len(self._thread_locks)]:
+            fd = self._lock_fd(stripe)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_fd(self, stripe: int) -> int:
+        if self._fds_pid != os.getpid():
+            self._fds, self._fds_pid = {}, os.getpid()  # never close the parent's descriptors
+        fd = self._fds.get(stripe)
+        if fd is None:
+            fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds[stripe] = fd
+        return fd
 
     def _write_temp(self, data: bytes) -> str:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
@@ -110,6 +129,8 @@ class LocalStorage:
             raise InvalidInput("data", "must be bytes")
         data = bytes(data)
         self._parent(path, key)
+        if not data and if_match is None and self._put_empty(path, key, if_none_match):
+            return _EMPTY_ETAG
         tmp = self._write_temp(data)
         try:
             if if_none_match:
@@ -139,6 +160,22 @@ class LocalStorage:
         if self.fsync:
             _fsync_dir(os.path.dirname(path))
         return _etag(data)
+
+    def _put_empty(self, path: str, key: str, create_only: bool) -> bool:
+        """Markers are empty: create them in place, with no temp file (nothing to read
+        half-written). Returns False when the general path must handle it."""
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            if create_only:
+                raise PreconditionFailed("key exists", backend=self.name, key=key) from None
+        except IsADirectoryError:
+            return False
+        try:  # an existing empty object already has the content asked for
+            return os.stat(path).st_size == 0
+        except FileNotFoundError:
+            return False
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         path = self._path(key)
@@ -216,7 +253,10 @@ class LocalStorage:
                 yield key, e.path, st.st_size, st.st_mtime
 
     async def close(self) -> None:
-        return None
+        if self._fds_pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
 
 
 def _unlink(path: str) -> None:

@@ -1,0 +1,88 @@
+"""Handler registries: ``@worker.handler(type)`` and the module-level ``@qo.handler``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+import attrs
+
+from .errors import InvalidInput
+from .model import check_task_type
+
+
+@attrs.frozen
+class Handler:
+    task_type: str
+    fn: Callable[..., Any]
+    is_async: bool
+    wants_ctx: bool
+
+    @classmethod
+    def wrap(cls, task_type: str, fn: Callable[..., Any]) -> "Handler":
+        if not callable(fn):
+            raise InvalidInput("handler", f"{fn!r} is not callable")
+        try:
+            params = [p for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+        except (TypeError, ValueError):
+            params = []
+        wants_ctx = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+        return cls(check_task_type(task_type), fn, inspect.iscoroutinefunction(fn), wants_ctx)
+
+
+class Registry:
+    """Task type -> handler. A type registered twice is an error, not a silent override."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def add(self, task_type: str, fn: Callable[..., Any]) -> Handler:
+        h = Handler.wrap(task_type, fn)
+        if task_type in self.handlers and self.handlers[task_type].fn is not fn:
+            raise InvalidInput("task_type", f"a handler for {task_type!r} is already registered")
+        self.handlers[task_type] = h
+        return h
+
+    def handler(self, task_type: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: ``@registry.handler("send_email")``; default type is the function name."""
+
+        def deco(fn: Callable) -> Callable:
+            self.add(task_type or fn.__name__, fn)
+            return fn
+
+        if callable(task_type):  # used bare: @handler
+            fn, task_type = task_type, None
+            return deco(fn)
+        return deco
+
+
+#: Handlers declared with ``@qo.handler`` in any imported module.
+default_registry = Registry()
+handler = default_registry.handler
+
+
+def import_handlers(module_names: list[str]) -> Registry:
+    """Import modules (dotted names or ``path/to/file.py``) and collect their handlers:
+    the ``@qo.handler`` registry plus every ``qo.Worker`` defined at module level."""
+    import runpy
+    import sys
+
+    from .worker import Worker
+
+    out = Registry()
+    for name in module_names:
+        if name.endswith(".py"):
+            namespace = runpy.run_path(name)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            namespace = vars(importlib.import_module(name))
+        for value in namespace.values():
+            if isinstance(value, Worker):
+                for h in value.registry.handlers.values():
+                    out.add(h.task_type, h.fn)
+    for h in default_registry.handlers.values():
+        out.add(h.task_type, h.fn)
+    return out

@@ -1,0 +1,99 @@
+"""Every object key qo writes, in one place.
+
+All keys live under ``{queue}/``. Markers are projections of the task (the single
+source of truth) and carry in their names what a worker needs to choose work without
+reading the task: priority, due time, id and task type.
+
+    {q}/tasks/{id}.json                                the task
+    {q}/ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}    due: ascending LIST = most urgent first
+    {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
+    {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import attrs
+
+TASK_ID = re.compile(r"^[0-9a-f]{24}$")
+TASK_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}$")
+WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def new_task_id(now: float | None = None) -> str:
+    """24 hex chars: 12 of milliseconds (time-sortable), 12 random."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{os.urandom(6).hex()}"
+
+
+def task(queue: str, task_id: str) -> str:
+    return f"{queue}/tasks/{task_id}.json"
+
+
+def tasks_prefix(queue: str) -> str:
+    return f"{queue}/tasks/"
+
+
+def ready_prefix(queue: str) -> str:
+    return f"{queue}/ready/"
+
+
+def delayed_prefix(queue: str) -> str:
+    return f"{queue}/delayed/"
+
+
+def workers_prefix(queue: str) -> str:
+    return f"{queue}/workers/"
+
+
+def worker(queue: str, worker_id: str) -> str:
+    return f"{queue}/workers/{worker_id}.json"
+
+
+def ms(ts: float) -> int:
+    return int(round(ts * 1000))
+
+
+def ready(queue: str, priority: int, due: float, task_id: str, task_type: str) -> str:
+    return f"{queue}/ready/{255 - priority:03d}/{ms(due):013d}-{task_id}-{task_type}"
+
+
+def delayed(queue: str, priority: int, due: float, task_id: str, task_type: str) -> str:
+    return f"{queue}/delayed/{ms(due):013d}-{255 - priority:03d}-{task_id}-{task_type}"
+
+
+@attrs.frozen
+class Marker:
+    """A parsed ready or delayed marker key."""
+
+    key: str
+    kind: str  # "ready" | "delayed"
+    priority: int
+    due: float
+    task_id: str
+    task_type: str
+
+
+def parse_marker(key: str) -> Marker | None:
+    """Parse a marker key; ``None`` for anything that is not one (ignored, never fatal)."""
+    parts = key.rsplit("/", 3)
+    try:
+        if len(parts) >= 3 and parts[-3] == "ready":
+            inv, name = parts[-2], parts[-1]
+            due_s, task_id, task_type = name.split("-", 2)
+            kind = "ready"
+        elif parts[-2] == "delayed":
+            due_s, inv, task_id, task_type = parts[-1].split("-", 3)
+            kind = "delayed"
+        else:
+            return None
+        priority = 255 - int(inv)
+        due = int(due_s) / 1000
+    except (ValueError, IndexError):
+        return None
+    if not (0 <= priority <= 255 and TASK_ID.match(task_id) and TASK_TYPE.match(task_type)):
+        return None
+    return Marker(key, kind, priority, due, task_id, task_type)

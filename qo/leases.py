@@ -1,0 +1,170 @@
+"""Leases: a worker's record (``workers/{id}.json``) is the lease of all its tasks.
+
+One heartbeat write renews every lease a worker holds. The record names each task
+*before* the worker tries to claim it, so whoever finds the record stale can find
+every task the worker may have been running, without scanning all tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+from typing import Any
+
+import attrs
+
+from . import keys
+from .errors import NotFound, PreconditionFailed, QoError, TaskNotFound
+from .model import PENDING, RUNNING, dumps
+from .store import TaskStore
+from .transitions import abandoned, finish
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40] or "host"
+    return f"{host.lstrip('-_.') or 'host'}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class LeaseBook:
+    """This worker's record: heartbeat time and the leases it holds or is about to take."""
+
+    def __init__(self, store: TaskStore, worker_id: str, clock: Any, lease_ttl: float):
+        self.store = store
+        self.worker_id = worker_id
+        self.clock = clock
+        self.lease_ttl = lease_ttl
+        self.key = keys.worker(store.queue, worker_id)
+        self.leases: dict[str, dict[str, str]] = {}  # task id -> {"lease": id, "type": task type}
+        self.etag: str | None = None
+        self.written_at = 0.0
+        self.evictions = 0
+        self.dirty = False
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "heartbeat_at": self.clock.now(),
+            "lease_ttl": self.lease_ttl,
+            "leases": self.leases,
+        }
+
+    async def announce(self, entries: dict[str, dict[str, str]]) -> None:
+        """Name tasks we are about to claim; returns only once the record is stored."""
+        self.leases.update(entries)
+        await self.write()
+
+    def release(self, task_id: str) -> None:
+        """Forget a task whose final state (and marker) is stored; written lazily."""
+        if self.leases.pop(task_id, None) is not None:
+            self.dirty = True
+
+    async def write(self) -> None:
+        """Store the record: CAS over our last version, or create it if we have none.
+
+        If the CAS fails, recovery took our record (we were presumed dead): our old
+        leases are void, their tasks requeued; we start a fresh record.
+        """
+        data = dumps(self.record())
+        now = self.clock.now()
+        self.dirty = False
+        if self.etag is not None:
+            try:
+                self.etag = await self.store.backoff.call(
+                    lambda: self.store.storage.put(self.key, data, if_match=self.etag))
+                self.written_at = now
+                return
+            except PreconditionFailed:
+                self.evictions += 1
+                log.log(logging.WARNING if self.leases else logging.DEBUG,
+                        "worker %s: record was taken over by recovery", self.worker_id)
+        try:
+            self.etag = await self.store.backoff.call(
+                lambda: self.store.storage.put(self.key, data, if_none_match=True))
+        except PreconditionFailed:  # a stale copy of ours is there: take it over by CAS
+            blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
+            self.etag = await self.store.backoff.call(
+                lambda: self.store.storage.put(self.key, data, if_match=blob.etag))
+        self.written_at = now
+
+    def due(self, interval: float) -> bool:
+        return self.clock.now() - self.written_at >= interval
+
+    async def remove(self) -> None:
+        if self.etag is None:
+            return
+        try:
+            await self.store.backoff.call(lambda: self.store.storage.delete(self.key, if_match=self.etag))
+        except (PreconditionFailed, NotFound):
+            pass
+        self.etag = None
+
+
+@attrs.frozen
+class SweepReport:
+    workers: int  # records seen (alive or not)
+    alive: dict[str, dict[str, Any]]  # worker id -> record, for those heartbeating
+    recovered: list[str]  # task ids requeued or dead-lettered
+
+
+async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int = 20,
+                emit: Any = None) -> SweepReport:
+    """Find workers whose heartbeat is older than their lease and recover their tasks.
+
+    Bounded: reads at most ``max_records`` records (chosen at random when there are
+    more), so the cost per sweep does not grow with the number of workers.
+    """
+    entries = await store.list(keys.workers_prefix(store.queue), limit=1000)
+    others = [e for e in entries if not e.key.endswith(f"/{self_id}.json")]
+    if len(others) > max_records:
+        others = random.sample(others, max_records)
+    alive: dict[str, dict[str, Any]] = {}
+    recovered: list[str] = []
+    now = clock.now()
+    for entry in others:
+        try:
+            blob = await store.backoff.call(lambda: store.storage.get(entry.key))
+            record = json.loads(blob.data)
+        except (NotFound, ValueError):
+            continue
+        ttl = float(record.get("lease_ttl", 30.0))
+        if now <= float(record.get("heartbeat_at", 0)) + ttl:
+            alive[record.get("worker_id", entry.key)] = record
+            continue
+        recovered += await recover_record(store, clock, record, emit=emit)
+        try:  # only the version we judged: a worker that came back keeps its record
+            await store.backoff.call(lambda: store.storage.delete(entry.key, if_match=blob.etag))
+        except (PreconditionFailed, NotFound):
+            pass
+    return SweepReport(len(entries), alive, recovered)
+
+
+async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *, emit: Any = None) -> list[str]:
+    """Requeue (or dead-letter) every task a dead worker held; re-mark its pending ones."""
+    worker_id = record.get("worker_id")
+    out: list[str] = []
+    for task_id, lease in (record.get("leases") or {}).items():
+        try:
+            task, etag = await store.load(task_id)
+        except (TaskNotFound, QoError):
+            continue
+        now = clock.now()
+        if task.status == RUNNING and task.worker_id == worker_id and task.lease_id == lease.get("lease"):
+            reason = f"worker {worker_id} stopped renewing its lease"
+            result = await finish(store, task, etag, abandoned(reason, now), now)
+            if result is None:
+                continue
+            task = result[0]
+            out.append(task_id)
+            if emit:
+                emit("recovered" if task.status == PENDING else "failed", task)
+        if task.status == PENDING:
+            # the worker may have died between the task write and its marker write
+            await store.put_marker(task.marker_key(store.queue, clock.now()))
+    return out

@@ -1,0 +1,179 @@
+"""The task model: one attrs class, stored as JSON, with a schema version."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+from . import keys
+from .errors import InvalidInput
+
+SCHEMA_VERSION = 1
+
+PENDING, BLOCKED, RUNNING = "pending", "blocked", "running"
+COMPLETED, FAILED, CANCELLED, SKIPPED = "completed", "failed", "cancelled", "skipped"
+STATUSES = (PENDING, BLOCKED, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, SKIPPED})
+
+DEFAULT_PRIORITY = 128
+MAX_INPUT_BYTES = 256 * 1024  # a task object is read on every claim: keep it small
+
+
+def new_rev() -> str:
+    """A nonce written with every change, so a writer can tell whether its write landed."""
+    return os.urandom(8).hex()
+
+
+@attrs.define
+class Task:
+    """A task as stored in ``{queue}/tasks/{id}.json``. Times are epoch seconds."""
+
+    id: str
+    task_type: str
+    input: Any = None
+    status: str = PENDING
+    priority: int = DEFAULT_PRIORITY
+    attempt: int = 0
+    max_retries: int = 3
+    timeout_seconds: float = 300.0
+    available_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_id: str | None = None
+    lease_deadline: float | None = None
+    worker_id: str | None = None
+    output: Any = None
+    last_error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    rev: str = ""
+    schema: int = SCHEMA_VERSION
+    #: fields written by a newer release: kept and written back unchanged
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def marker_key(self, queue: str, now: float) -> str:
+        """The ready or delayed marker that projects this pending task."""
+        if self.available_at <= now:
+            return keys.ready(queue, self.priority, self.available_at, self.id, self.task_type)
+        return keys.delayed(queue, self.priority, self.available_at, self.id, self.task_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Task":
+        names = {f.name for f in attrs.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Task":
+        return cls.from_dict(json.loads(data))
+
+    def public_dict(self) -> dict[str, Any]:
+        """What ``--json`` output shows: the stored fields with ISO times."""
+        d = self.to_dict()
+        for k in ("available_at", "created_at", "updated_at", "started_at", "finished_at", "lease_deadline"):
+            if d.get(k) is not None:
+                d[k] = iso(d[k])
+        return d
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no NaN/Infinity, compact."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+# -- validation: every check names its field, and runs before anything is written ----
+
+
+def check_task_type(value: Any, field: str = "task_type") -> str:
+    if not isinstance(value, str) or not keys.TASK_TYPE.match(value):
+        raise InvalidInput(field, f"{_short(value)} is not a task type (a letter or _, then up to 127 of "
+                           "A-Z a-z 0-9 _ . : -)")
+    return value
+
+
+def check_input(value: Any, field: str = "input") -> Any:
+    """JSON-serialisable, finite numbers only, at most MAX_INPUT_BYTES encoded."""
+    try:
+        encoded = dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(field, f"must be JSON-serialisable with finite numbers ({exc})") from None
+    if len(encoded) > MAX_INPUT_BYTES:
+        raise InvalidInput(field, f"is {len(encoded)} bytes encoded; the limit is {MAX_INPUT_BYTES}")
+    return json.loads(encoded)  # a detached copy: later mutation by the caller changes nothing
+
+
+PRIORITY_LEVELS = {"critical": 255, "high": 192, "normal": 128, "low": 64, "background": 0}
+
+
+def check_priority(value: Any, field: str = "priority") -> int:
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in PRIORITY_LEVELS:
+            return PRIORITY_LEVELS[name]
+        try:
+            value = int(name)
+        except ValueError:
+            raise InvalidInput(field, f"{_short(value)} is neither 0-255 nor one of "
+                               f"{', '.join(PRIORITY_LEVELS)}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise InvalidInput(field, f"{_short(value)} is not an integer from 0 to 255 (higher runs first)")
+    return value
+
+
+def check_non_negative_int(value: Any, field: str, maximum: int = 1000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise InvalidInput(field, f"{_short(value)} is not an integer from 0 to {maximum}")
+    return value
+
+
+def check_seconds(value: Any, field: str, *, minimum: float = 0.001, maximum: float = 7 * 86400) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(field, f"{_short(value)} is not a number of seconds")
+    if not minimum <= value <= maximum:
+        raise InvalidInput(field, f"{value} is outside {minimum}..{maximum} seconds")
+    return float(value)
+
+
+def check_when(value: Any, field: str = "schedule_at") -> float | None:
+    """An aware datetime (or None) as epoch seconds; a naive one is an error."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidInput(field, f"{_short(value)} is not a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidInput(field, "must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return value.timestamp()
+
+
+def check_task_id(value: Any, field: str = "task_id") -> str:
+    if not isinstance(value, str) or not keys.TASK_ID.match(value):
+        raise InvalidInput(field, f"{_short(value)} is not a task id (24 lowercase hex characters)")
+    return value
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."

@@ -1,0 +1,113 @@
+"""Typed, retried storage operations on tasks and markers.
+
+Transient failures (``StorageUnavailable``) are retried here with capped exponential
+backoff and jitter. A conditional write whose response was lost may have landed: every
+task write carries a fresh ``rev`` nonce, so after a failure the writer re-reads and
+knows whether the object holds its own write (landed), the version it started from
+(retry), or somebody else's (it lost the race).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Awaitable, Callable, TypeVar
+
+from . import keys
+from .errors import NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .model import Task, new_rev
+from .storage import Storage, delete_many
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Backoff:
+    """Retry policy for transient storage errors: ``attempts`` tries, capped, jittered."""
+
+    def __init__(self, attempts: int = 8, base: float = 0.05, cap: float = 2.0):
+        self.attempts, self.base, self.cap = attempts, base, cap
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await fn()
+            except StorageUnavailable:
+                if attempt == self.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(self.cap, self.base * 2**attempt)))
+        raise AssertionError("unreachable")
+
+
+class TaskStore:
+    """The tasks and markers of one queue."""
+
+    def __init__(self, storage: Storage, queue: str, backoff: Backoff | None = None):
+        self.storage = storage
+        self.queue = queue
+        self.backoff = backoff or Backoff()
+
+    def key(self, task_id: str) -> str:
+        return keys.task(self.queue, task_id)
+
+    async def load(self, task_id: str) -> tuple[Task, str]:
+        """The task and its etag; ``TaskNotFound`` if there is none."""
+        try:
+            blob = await self.backoff.call(lambda: self.storage.get(self.key(task_id)))
+        except NotFound:
+            raise TaskNotFound(task_id) from None
+        return Task.from_json(blob.data), blob.etag
+
+    async def create(self, task: Task) -> str:
+        """Create-only write; ``PreconditionFailed`` if a task with this id exists."""
+        task.rev = new_rev()
+        data, key = task.to_json(), self.key(task.id)
+        uncertain = False
+        for attempt in range(1, self.backoff.attempts + 1):
+            try:
+                return await self.storage.put(key, data, if_none_match=True)
+            except StorageUnavailable:
+                uncertain = True
+                if attempt == self.backoff.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(self.backoff.cap, self.backoff.base * 2**attempt)))
+            except PreconditionFailed:
+                if uncertain:  # maybe our own earlier attempt landed
+                    current, etag = await self.load(task.id)
+                    if current.rev == task.rev:
+                        return etag
+                raise
+        raise AssertionError("unreachable")
+
+    async def replace(self, task: Task, etag: str) -> str:
+        """Compare-and-swap ``task`` over version ``etag``; ``PreconditionFailed`` if it changed."""
+        task.rev = new_rev()
+        data, key = task.to_json(), self.key(task.id)
+        for attempt in range(1, self.backoff.attempts + 1):
+            try:
+                return await self.storage.put(key, data, if_match=etag)
+            except StorageUnavailable:
+                if attempt == self.backoff.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(self.backoff.cap, self.backoff.base * 2**attempt)))
+                try:
+                    blob = await self.backoff.call(lambda: self.storage.get(key))
+                except NotFound:
+                    raise PreconditionFailed("task vanished", backend=self.storage.name, key=key) from None
+                if blob.etag == etag:
+                    continue  # did not land: try again
+                if Task.from_json(blob.data).rev == task.rev:
+                    return blob.etag  # landed; only the response was lost
+                raise PreconditionFailed("changed by another writer", backend=self.storage.name, key=key)
+        raise AssertionError("unreachable")
+
+    async def put_marker(self, key: str) -> None:
+        await self.backoff.call(lambda: self.storage.put(key, b""))
+
+    async def delete_markers(self, marker_keys: list[str]) -> None:
+        if marker_keys:
+            await self.backoff.call(lambda: delete_many(self.storage, marker_keys))
+
+    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000):
+        return await self.backoff.call(lambda: self.storage.list(prefix, start_after=start_after, limit=limit))

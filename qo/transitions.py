@@ -1,0 +1,132 @@
+"""The worker-side state changes of a task: claim, complete, fail, requeue.
+
+Every change is read, check, compare-and-swap. Worker-side changes write the task
+first and its marker second: the worker's record names the task until both are done,
+so if the worker dies in between, recovery finds the task through the record and
+writes the marker (see docs/architecture.md, "write order").
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import attrs
+
+from .errors import Fail, PreconditionFailed, TaskNotFound
+from .keys import Marker
+from .model import COMPLETED, FAILED, PENDING, RUNNING, Task
+from .store import TaskStore
+
+
+@attrs.frozen
+class Claimed:
+    task: Task
+    etag: str
+
+
+@attrs.frozen
+class Missed:
+    """A marker that did not yield a claim. ``stale``: the marker no longer projects a
+    claimable task (the task ended, runs elsewhere, or does not exist)."""
+
+    reason: str
+    stale: bool
+    missing: bool = False
+
+
+async def claim(
+    store: TaskStore, marker: Marker, *, worker_id: str, lease_id: str, lease_ttl: float, now: float
+) -> Claimed | Missed:
+    """Claim the task behind ``marker`` by CAS: pending -> running under ``lease_id``."""
+    try:
+        task, etag = await store.load(marker.task_id)
+    except TaskNotFound:
+        return Missed("task not found", stale=True, missing=True)
+    if task.status != PENDING:
+        return Missed(f"task is {task.status}", stale=True)
+    if task.available_at > now + 0.001:
+        return Missed("task is not due yet", stale=True)
+    task.status = RUNNING
+    task.attempt += 1
+    task.lease_id = lease_id
+    task.worker_id = worker_id
+    task.lease_deadline = now + lease_ttl
+    task.started_at = task.updated_at = now
+    try:
+        etag = await store.replace(task, etag)
+    except PreconditionFailed:
+        return Missed("lost the race", stale=False)
+    return Claimed(task, etag)
+
+
+async def finish(store: TaskStore, task: Task, etag: str, change: Any, now: float) -> tuple[Task, str] | None:
+    """Apply ``change(task)`` to our running attempt by CAS, re-reading on conflict.
+
+    Returns the stored task, or ``None`` when the lease was lost (another worker took
+    the task over): then this attempt's result must not be written.
+    """
+    lease_id = task.lease_id
+    while True:
+        change(task)
+        task.updated_at = now
+        try:
+            return task, await store.replace(task, etag)
+        except PreconditionFailed:
+            try:
+                task, etag = await store.load(task.id)
+            except TaskNotFound:
+                return None
+            if task.status != RUNNING or task.lease_id != lease_id:
+                return None
+
+
+def completed(output: Any, now: float):
+    def change(task: Task) -> None:
+        task.status, task.output, task.finished_at = COMPLETED, output, now
+        task.lease_id = task.lease_deadline = None
+    return change
+
+
+def error_record(error: BaseException, attempt: int) -> dict[str, Any]:
+    tb = traceback.format_exception(type(error), error, error.__traceback__, limit=8)
+    summary = "".join(tb)[-4000:]
+    return {"type": type(error).__name__, "message": str(error)[:2000], "traceback": summary, "attempt": attempt}
+
+
+def failed(error: BaseException, delay: float | None, now: float):
+    """Dead letter when ``delay`` is None or negative or the task was cancelled; else retry."""
+
+    def change(task: Task) -> None:
+        task.last_error = error_record(error, task.attempt)
+        task.lease_id = task.lease_deadline = None
+        if delay is None or delay < 0 or isinstance(error, Fail) or task.cancel_requested:
+            task.status, task.finished_at = (FAILED if not task.cancel_requested else "cancelled"), now
+        else:
+            task.status, task.available_at = PENDING, now + delay
+            task.worker_id = None
+    return change
+
+
+def handed_back(now: float):
+    """A graceful shutdown returns the task without counting the interrupted attempt."""
+
+    def change(task: Task) -> None:
+        task.status, task.available_at = PENDING, now
+        task.attempt = max(0, task.attempt - 1)
+        task.lease_id = task.lease_deadline = task.worker_id = None
+    return change
+
+
+def abandoned(reason: str, now: float):
+    """Recovery of a task whose worker stopped heartbeating: retry, or dead letter
+    once its attempts are used up (a task that kills its workers must end)."""
+
+    def change(task: Task) -> None:
+        task.last_error = {"type": "LeaseExpired", "message": reason, "traceback": "", "attempt": task.attempt}
+        task.lease_id = task.lease_deadline = task.worker_id = None
+        if task.attempt > task.max_retries or task.cancel_requested:
+            task.status, task.finished_at = (FAILED if not task.cancel_requested else "cancelled"), now
+        else:
+            task.status, task.available_at = PENDING, now
+    return change

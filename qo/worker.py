@@ -1,0 +1,460 @@
+"""The worker: claims due tasks by CAS, runs their handlers in slots, records outcomes.
+
+One LIST of the ready index serves all slots; the worker's record (one write) names
+the listed candidates before any is claimed and renews every lease it holds; claimed
+markers are deleted in batches. See docs/architecture.md for the request budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+import random
+import signal
+from typing import Any, Callable
+
+import attrs
+
+from . import keys
+from .errors import Fail, InvalidInput, QoError
+from .events import emit
+from .handlers import Handler, Registry
+from .leases import LeaseBook, new_worker_id, sweep
+from .model import PENDING, Task, check_input
+from .promotion import promote_due
+from .queue import ORPHAN_GRACE_SECONDS, Queue
+from .transitions import Claimed, claim, completed, failed, finish, handed_back
+
+log = logging.getLogger(__name__)
+
+
+def _positive(instance: Any, attribute: Any, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidInput(attribute.name, f"{value!r} must be a positive number")
+
+
+@attrs.define
+class WorkerSettings:
+    """How a worker polls, leases and shuts down. Every interval is in seconds."""
+
+    concurrency: int = attrs.field(default=8, validator=_positive)
+    #: idle polling backs off from poll_min to poll_max (with jitter) while nothing is due
+    poll_min: float = attrs.field(default=0.05, validator=_positive)
+    poll_max: float = attrs.field(default=5.0, validator=_positive)
+    #: a worker whose record is older than this is presumed dead; its tasks are requeued
+    lease_ttl: float = attrs.field(default=30.0, validator=_positive)
+    #: default lease_ttl / 3
+    heartbeat_interval: float | None = None
+    #: how often this worker looks for dead workers (jittered 0.5x-1.5x)
+    sweep_interval: float = attrs.field(default=10.0, validator=_positive)
+    #: ready markers per LIST; default max(4 * concurrency, 32)
+    list_limit: int | None = None
+    #: listed candidates older than this are listed again (newer, more urgent work)
+    buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
+    delete_batch: int = attrs.field(default=200, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
+    orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
+    worker_id: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.concurrency, int) or self.concurrency > 1024:
+            raise InvalidInput("concurrency", f"{self.concurrency!r} must be an integer from 1 to 1024")
+        if self.poll_max < self.poll_min:
+            raise InvalidInput("poll_max", "must be >= poll_min")
+        if self.worker_id is not None and not keys.WORKER_ID.match(self.worker_id):
+            raise InvalidInput("worker_id", f"{self.worker_id!r} is not a worker id")
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_interval or self.lease_ttl / 3
+
+    @property
+    def listing(self) -> int:
+        return min(1000, self.list_limit or max(4 * self.concurrency, 32))
+
+
+@attrs.define
+class TaskContext:
+    """What a handler gets besides its input."""
+
+    task: Task
+    queue: Queue
+    worker: "Worker"
+    deadline: float
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+    @property
+    def attempt(self) -> int:
+        return self.task.attempt
+
+    def extend_lease(self, seconds: float) -> None:
+        """Let this attempt run ``seconds`` longer than its ``timeout_seconds``
+        (the lease itself is renewed by the worker's heartbeat while it runs)."""
+        self.deadline = max(self.deadline, self.queue.clock.now() + float(seconds))
+
+
+class Worker:
+    """Runs handlers for due tasks of ``queue``: ``await Worker(queue).run()``."""
+
+    def __init__(self, queue: Queue, concurrency: int | None = None, *,
+                 settings: WorkerSettings | None = None, **overrides: Any):
+        if concurrency is not None:
+            overrides["concurrency"] = concurrency
+        self.queue = queue
+        self.settings = attrs.evolve(settings or WorkerSettings(), **overrides)
+        self.registry = Registry()
+        self.worker_id = self.settings.worker_id or new_worker_id()
+        self.clock = queue.clock
+        self.store = queue.store
+        self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._stopping = asyncio.Event()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buffer: collections.deque[keys.Marker] = collections.deque()
+        self._buffer_at = 0.0
+        self._lease_ids: dict[str, str] = {}
+        self._taken: set[str] = set()
+        self._skip: dict[str, float] = {}
+        self._trash: list[str] = []
+        self._running: dict[str, asyncio.Task] = {}
+        self._poll = self.settings.poll_min
+        self._next_poll_at = 0.0
+        self._nothing_listed = False
+        self._active_workers = 1
+        self._feed_lock = asyncio.Lock()
+
+    # -- handlers -----------------------------------------------------------------
+
+    def handler(self, task_type: str | Callable | None = None) -> Callable:
+        """Decorator registering an async or plain function for ``task_type``."""
+        return self.registry.handler(task_type)
+
+    def add_handlers(self, registry: Registry) -> None:
+        for h in registry.handlers.values():
+            self.registry.add(h.task_type, h.fn)
+
+    def handles(self, task_type: str) -> bool:
+        return task_type in self.registry.handlers
+
+    # -- running ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks finish (or are handed back after shutdown_timeout)."""
+        self._stopping.set()
+
+    async def run(self, until_idle: bool = False) -> collections.Counter[str]:
+        """Run until stopped (SIGTERM/SIGINT, :meth:`stop`) or, with ``until_idle``, until no
+        task of a handled type is pending, delayed or running anywhere. Returns counters."""
+        if not self.registry.handlers:
+            raise InvalidInput("handlers", "this worker has no handlers registered")
+        self._stopping = asyncio.Event()
+        self._reset()
+        loop = asyncio.get_running_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="qo-handler")
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+                installed.append(sig)
+        slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
+        background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
+        if until_idle:
+            background.append(asyncio.create_task(self._watch_idle(), name="qo-idle"))
+        try:
+            await self._stopping.wait()
+            done, pending = await asyncio.wait(slots, timeout=self.settings.shutdown_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self._stopping.set()
+            for t in background + slots:
+                t.cancel()
+            await asyncio.gather(*background, *slots, return_exceptions=True)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            with contextlib.suppress(QoError):
+                await self.store.delete_markers(self._trash)
+                self._trash.clear()
+                for task_id in list(self._lease_ids):
+                    self.book.release(task_id)
+                if not self.book.leases:
+                    await self.book.remove()
+                else:
+                    await self.book.write()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        return self.stats
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep on the queue's clock, waking early when the worker stops."""
+        if self._stopping.is_set():
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    # -- the feed: one LIST for all slots -------------------------------------------
+
+    async def _slot(self) -> None:
+        while not self._stopping.is_set():
+            marker = await self._next_marker()
+            if marker is None:
+                continue
+            try:
+                await self._process(marker)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker %s: error processing %s", self.worker_id, marker.key)
+                self.stats["errors"] += 1
+                await self._sleep(self.settings.poll_min)
+            finally:
+                self._taken.discard(marker.key)
+
+    async def _next_marker(self) -> keys.Marker | None:
+        async with self._feed_lock:
+            while not self._stopping.is_set():
+                now = self.clock.now()
+                if self._buffer and now - self._buffer_at <= self.settings.buffer_max_age:
+                    m = self._buffer.popleft()
+                    if m.key in self._taken or self._skip.get(m.key, 0) > now:
+                        self._forget(m.task_id)
+                        continue
+                    self._taken.add(m.key)
+                    return m
+                while self._buffer:
+                    self._forget(self._buffer.popleft().task_id)
+                if now < self._next_poll_at:
+                    await self._sleep(self._next_poll_at - now)
+                    continue
+                try:
+                    found = await self._refill(now)
+                except QoError as exc:
+                    log.warning("worker %s: listing ready tasks failed: %s", self.worker_id, exc)
+                    found = False
+                if found:
+                    self._poll = self.settings.poll_min
+                    self._next_poll_at = now
+                else:
+                    self._next_poll_at = now + self._poll * random.uniform(0.8, 1.2)
+                    self._poll = min(self.settings.poll_max, self._poll * 2)
+        return None
+
+    def _forget(self, task_id: str) -> None:
+        if self._lease_ids.pop(task_id, None) is not None:
+            self.book.release(task_id)
+
+    async def _refill(self, now: float) -> bool:
+        await self._flush_trash()
+        self._skip = {k: t for k, t in self._skip.items() if t > now}
+        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=self.settings.listing)
+        markers = []
+        for e in entries:
+            m = keys.parse_marker(e.key)
+            if m and self.handles(m.task_type) and m.key not in self._taken and m.key not in self._skip:
+                markers.append(m)
+        self._nothing_listed = not markers
+        if not markers:
+            return False
+        if self._active_workers > 1:  # spread workers over the head of the index
+            window = markers[: self.settings.concurrency * self._active_workers]
+            random.shuffle(window)
+            markers[: len(window)] = window
+        leases = {m.task_id: os.urandom(8).hex() for m in markers}
+        await self.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
+        self._lease_ids.update(leases)
+        self._buffer.extend(markers)
+        self._buffer_at = self.clock.now()
+        return True
+
+    async def _flush_trash(self) -> None:
+        if self._trash:
+            batch, self._trash = self._trash, []
+            try:
+                await self.store.delete_markers(batch)
+            except QoError:
+                self._trash.extend(batch)
+                raise
+
+    # -- one task -----------------------------------------------------------------
+
+    async def _process(self, marker: keys.Marker) -> None:
+        lease_id = self._lease_ids.pop(marker.task_id, None)
+        if lease_id is None:
+            return
+        now = self.clock.now()
+        result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
+                             lease_ttl=self.settings.lease_ttl, now=now)
+        if not isinstance(result, Claimed):
+            self.book.release(marker.task_id)
+            self.stats["missed"] += 1
+            if result.stale:
+                if now - marker.due > self.settings.orphan_grace:
+                    self._trash.append(marker.key)  # old and wrong: drop it
+                else:  # maybe a producer still writing, or a claimer about to delete it
+                    self._skip[marker.key] = marker.due + self.settings.orphan_grace
+            return
+        self._trash.append(marker.key)
+        if len(self._trash) >= self.settings.delete_batch:
+            with contextlib.suppress(QoError):
+                await self._flush_trash()
+        self.stats["claimed"] += 1
+        try:
+            await self._execute(result.task, result.etag)
+        finally:
+            self.book.release(marker.task_id)
+
+    async def _execute(self, task: Task, etag: str) -> None:
+        handler = self.registry.handlers[task.task_type]
+        ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds)
+        emit(self.queue.plugins, "started", task)
+        run = asyncio.ensure_future(self._invoke(handler, task, ctx))
+        self._running[task.id] = run
+        try:
+            output, error = await self._watch(run, ctx)
+        except asyncio.CancelledError:  # shutdown: give the task back, uncounted
+            run.cancel()
+            now = self.clock.now()
+            with contextlib.suppress(QoError):
+                stored = await finish(self.store, task, etag, handed_back(now), now)
+                if stored is not None:
+                    await self.store.put_marker(stored[0].marker_key(self.queue.name, now))
+                    self.stats["handed_back"] += 1
+            raise
+        finally:
+            self._running.pop(task.id, None)
+        if error is None:
+            try:
+                output = check_input(output, "output")
+            except InvalidInput as exc:
+                error = Fail(f"handler returned an unusable output: {exc.message}")
+        now = self.clock.now()
+        if error is None:
+            stored = await finish(self.store, task, etag, completed(output, now), now)
+            if stored is None:
+                self.stats["lost_lease"] += 1
+                log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
+                return
+            self.stats["completed"] += 1
+            emit(self.queue.plugins, "succeeded", stored[0])
+            return
+        delay = self.queue.plugins.hook.qo_retry_delay(task=task, error=error)
+        stored = await finish(self.store, task, etag, failed(error, delay, now), now)
+        if stored is None:
+            self.stats["lost_lease"] += 1
+            return
+        final = stored[0]
+        if final.status == PENDING:
+            await self.store.put_marker(final.marker_key(self.queue.name, now))
+            self.stats["retried"] += 1
+            emit(self.queue.plugins, "retried", final)
+        else:
+            self.stats[final.status] += 1
+            emit(self.queue.plugins, "failed" if final.status == "failed" else final.status, final)
+
+    async def _watch(self, run: asyncio.Future, ctx: TaskContext) -> tuple[Any, BaseException | None]:
+        """Wait for the handler, enforcing the attempt's deadline on the queue's clock."""
+        while True:
+            remaining = ctx.deadline - self.clock.now()
+            if remaining <= 0:
+                run.cancel()
+                return None, TimeoutError(f"handler exceeded timeout_seconds={ctx.task.timeout_seconds}")
+            timer = asyncio.ensure_future(self.clock.sleep(remaining))
+            try:
+                await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if run.done():
+                if run.cancelled():
+                    return None, TimeoutError("handler was cancelled")
+                exc = run.exception()
+                return (None, exc) if exc is not None else (run.result(), None)
+
+    async def _invoke(self, handler: Handler, task: Task, ctx: TaskContext) -> Any:
+        args = (task.input, ctx) if handler.wants_ctx else (task.input,)
+        if handler.is_async:
+            return await handler.fn(*args)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool, functools.partial(handler.fn, *args))
+        if asyncio.iscoroutine(result):
+            return await result
+        return result
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        """Promote due delayed tasks, renew leases, recover dead workers, flush deletes."""
+        s = self.settings
+        next_promote = next_sweep = 0.0
+        while not self._stopping.is_set():
+            now = self.clock.now()
+            try:
+                if now >= next_promote:
+                    promotion = await promote_due(self.store, now)
+                    next_promote = now + max(s.poll_min, min(self._poll, s.poll_max))
+                    if promotion.next_due is not None:
+                        next_promote = min(next_promote, promotion.next_due)
+                    if promotion.promoted:
+                        self._next_poll_at = now  # new work: list again soon
+                        self._poll = s.poll_min
+                if self.book.leases and self.book.due(s.heartbeat):
+                    await self.book.write()
+                elif self.book.dirty and self.book.etag is not None:
+                    await self.book.write()  # say promptly that we hold nothing any more
+                if now >= next_sweep:
+                    report = await sweep(self.store, self.clock, self_id=self.worker_id,
+                                         emit=lambda ev, t: emit(self.queue.plugins, ev, t))
+                    self._active_workers = 1 + len(report.alive)
+                    self.stats["recovered"] += len(report.recovered)
+                    next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
+                if self._trash and not self._buffer:
+                    await self._flush_trash()
+            except QoError as exc:
+                log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
+            wake = min(next_promote, next_sweep, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
+            await self._sleep(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)))
+
+    async def _watch_idle(self) -> None:
+        """Stop once nothing of ours is pending, delayed or running anywhere."""
+        while not self._stopping.is_set():
+            await self._sleep(max(self.settings.poll_min, min(self._poll, 0.5)))
+            if self._running or self._taken or self._buffer or not self._nothing_listed:
+                continue
+            try:
+                if await self._queue_idle():
+                    self.stop()
+                    return
+            except QoError as exc:
+                log.warning("worker %s: idle check failed: %s", self.worker_id, exc)
+
+    async def _queue_idle(self) -> bool:
+        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=1000)
+        for e in entries:
+            m = keys.parse_marker(e.key)
+            if m and self.handles(m.task_type) and self._skip.get(m.key, 0) <= self.clock.now():
+                return False
+        promotion = await promote_due(self.store, self.clock.now())
+        if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
+            return False
+        report = await sweep(self.store, self.clock, self_id=self.worker_id,
+                             emit=lambda ev, t: emit(self.queue.plugins, ev, t))
+        if report.recovered:
+            return False
+        for record in report.alive.values():
+            if any(self.handles(lease.get("type", "")) for lease in (record.get("leases") or {}).values()):
+                return False
+        return not (self._running or self._taken or self._buffer)
