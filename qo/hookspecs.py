@@ -147,7 +147,8 @@ def qo_task_event(event: str, task: Task) -> None:
     """Observe a task's lifecycle: for metrics, logs and tracing. Broadcast.
 
     ``event`` is one of ``submitted``, ``started``, ``succeeded``, ``failed``,
-    ``retried``, ``cancelled``, ``recovered``, ``dead_lettered``. Called after the
+    ``retried``, ``cancelled``, ``recovered`` (``failed`` is final: the dead
+    letter; ``retried`` is a failed attempt that will run again). Called after the
     state change is stored. Must not block: hand slow work to a thread or a queue.
     An exception raised here is logged and does not affect the task.
 
