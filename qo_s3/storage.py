@@ -1,0 +1,461 @@
+"""S3 storage: the qo contract on PutObject's conditional writes, via s3fs/aiobotocore.
+
+- create-only is ``PutObject(IfNoneMatch="*")``; compare-and-swap is ``PutObject(IfMatch=etag)``.
+- The aiobotocore client comes from ``s3fs.S3FileSystem.set_session()`` (credentials,
+  region and endpoint resolution as s3fs users know them); the calls go straight to the
+  client because s3fs's high-level API has no conditional writes.
+- botocore retries are off: the engine retries ``StorageUnavailable``, not the plugin.
+
+URL: ``s3://bucket[/prefix][?endpoint_url=...&region=...&profile=...&addressing_style=...]``.
+Settings, most specific first: constructor options, URL query, ``QO_S3_*`` environment,
+then botocore's own chain (``AWS_*`` variables, profiles, instance roles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
+from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
+
+__all__ = ["S3Storage", "parse_url", "map_error"]
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+_ALIASES = {  # accepted spelling -> setting
+    "endpoint_url": "endpoint_url",
+    "endpoint": "endpoint_url",
+    "region": "region",
+    "region_name": "region",
+    "profile": "profile",
+    "addressing_style": "addressing_style",
+}
+_OPTION_ONLY = {"key", "secret", "token", "connect_timeout", "read_timeout"}  # never in a URL
+_ENV = {
+    "endpoint_url": "QO_S3_ENDPOINT_URL",
+    "region": "QO_S3_REGION",
+    "key": "QO_S3_ACCESS_KEY_ID",
+    "secret": "QO_S3_SECRET_ACCESS_KEY",
+    "token": "QO_S3_SESSION_TOKEN",
+    "profile": "QO_S3_PROFILE",
+}
+_MAX_DRIFT = 1e-4  # clocks drift apart by at most ~100 ppm: widen the offset bounds by that
+
+
+def parse_url(url: str) -> tuple[str, str, dict[str, str]]:
+    """Split ``s3://bucket/prefix?query`` into (bucket, prefix, settings); raise InvalidInput."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise InvalidInput("url", "malformed s3:// URL") from None
+    if parts.scheme.lower() != "s3":
+        raise InvalidInput("url", "not an s3:// URL")
+    if "@" in parts.netloc:
+        raise InvalidInput("url", "credentials do not belong in the URL: use QO_S3_ACCESS_KEY_ID etc.")
+    if parts.fragment:
+        raise InvalidInput("url", "an s3:// URL has no #fragment")
+    bucket = parts.netloc
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise InvalidInput("url", f"invalid bucket name {bucket!r} (3-63 of a-z 0-9 . - _)")
+    prefix = unquote(parts.path).strip("/")
+    if prefix:
+        validate_key(prefix, field="url")
+    settings: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise InvalidInput("url", "malformed query string") from None
+    for name, value in pairs:
+        if name not in _ALIASES:
+            known = ", ".join(sorted(_ALIASES))
+            raise InvalidInput("url", f"unknown query parameter {name!r} (known: {known})")
+        settings[_ALIASES[name]] = value
+    return bucket, prefix, settings
+
+
+# -- error mapping -------------------------------------------------------------
+
+_THROTTLED = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "RequestThrottled", "RequestThrottledException", "BandwidthLimitExceeded",
+}
+_TRANSIENT = {
+    "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException", "OperationAborted",
+}
+_NO_KEY = {"NoSuchKey", "NotFound", "404"}
+_HINTS = {
+    "NoSuchBucket": "bucket {bucket!r} does not exist",
+    "AccessDenied": "access denied: the credentials lack permission on bucket {bucket!r}",
+    "AllAccessDisabled": "all access to bucket {bucket!r} is disabled",
+    "InvalidAccessKeyId": "the access key id is not known to this S3 endpoint",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is malformed or invalid",
+    "RequestTimeTooSkewed": "the local clock is too far from the server's: synchronise it (NTP)",
+    "AuthorizationHeaderMalformed": "wrong region for bucket {bucket!r}: set region= in the URL",
+    "PermanentRedirect": "bucket {bucket!r} is in another region: set region= in the URL",
+    "NotImplemented": "the store does not implement this request (are conditional writes supported?)",
+}
+_CREDENTIALS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text[:300]
+
+
+def map_error(
+    exc: BaseException, *, key: str | None, op: str = "", bucket: str = "", secrets: tuple[str, ...] = ()
+) -> StorageError:
+    """The qo error for a botocore/aiohttp exception: names backend and key, never credentials.
+
+    Only the response's error code and message are used (scrubbed of ``secrets``), never
+    ``str(exc)``, which may echo request details.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    where = {"backend": "s3", "key": key}
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        error = response.get("Error") or {}
+        code = str(error.get("Code") or "")
+        status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        message = _scrub(str(error.get("Message") or ""), secrets)
+        detail = f"[{code or 'no code'}, HTTP {status}{', ' + op if op else ''}]"
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            return PreconditionFailed(f"condition not met {detail}", **where)
+        if status == 409 and op in ("put_object", "delete_object") and code != "OperationAborted":
+            return PreconditionFailed(f"conflicting conditional write {detail}", **where)
+        if code in _NO_KEY or (status == 404 and not code):
+            return NotFound(f"no such key {detail}", **where)
+        if code in _THROTTLED or status in (429, 503):
+            return StorageUnavailable(f"throttled: {message or 'slow down'} {detail}", **where)
+        if code in _TRANSIENT or (status >= 500 and code != "NotImplemented"):
+            return StorageUnavailable(f"server error: {message or code} {detail}", **where)
+        hint = _HINTS.get(code, "").format(bucket=bucket)
+        return StorageError(f"{hint or message or 'request failed'} {detail}", **where)
+    name = type(exc).__name__
+    if name in _CREDENTIALS_ERRORS:
+        return StorageError(
+            f"no usable S3 credentials ({name}): set QO_S3_ACCESS_KEY_ID and QO_S3_SECRET_ACCESS_KEY, "
+            "the AWS_* variables, or a profile", **where,
+        )
+    if name == "ProfileNotFound":
+        return StorageError("the configured AWS profile does not exist", **where)
+    if _is_transport(exc):
+        return StorageUnavailable(f"cannot reach the S3 endpoint ({name})", **where)
+    return StorageError(f"S3 client error ({name})", **where)
+
+
+def _is_transport(exc: BaseException) -> bool:
+    """Connection, timeout and streaming failures: worth retrying."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(exc, (HTTPClientError, BotoConnectionError, asyncio.TimeoutError, OSError)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiobotocore depends on aiohttp
+        return False
+    return isinstance(exc, aiohttp.ClientError)
+
+
+_TIMEOUTS = (("connect_timeout", 10.0), ("read_timeout", 30.0))
+
+
+def _seconds(settings: dict[str, Any], name: str, default: float) -> float:
+    try:
+        value = float(settings.get(name, default))
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise InvalidInput("options", f"{name} must be a positive number of seconds")
+    return value
+
+
+def _check_endpoint(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("url", "endpoint_url must be an http:// or https:// URL")
+    if parts.username or parts.password:
+        raise InvalidInput("url", "endpoint_url must not carry credentials")
+    return endpoint
+
+
+class S3Storage:
+    """Storage in an S3 bucket under an optional prefix; keys are relative to the prefix.
+
+    ``clock_offset`` (seconds, server minus local) is estimated from the ``Date`` header
+    of every response. The header has 1-second resolution, so one response only bounds
+    the offset: the server stamped ``D`` at some instant in ``[t0, t1]`` (request sent,
+    response received), so ``D - t1 <= offset < D + 1 - t0``. The storage keeps the
+    intersection of these intervals (widened by 100 ppm of elapsed time for drift) and
+    reports its midpoint; when a new interval contradicts it (the server clock jumped,
+    or another server answered) it restarts from that interval. The estimate is thus
+    within ``latency/2 + 0.5 s`` after one request and tightens to about the round-trip
+    time, without a slow response ever pulling it off.
+    """
+
+    name = "s3"
+    page_size = 1000  #: keys per ListObjectsV2 request (S3's maximum); tests lower it
+
+    def __init__(self, url: str, **options: Any):
+        self.bucket, self.prefix, settings = parse_url(url)
+        unknown = set(options) - set(_ALIASES) - _OPTION_ONLY
+        if unknown:
+            raise InvalidInput("options", f"unknown S3 options: {', '.join(sorted(unknown))}")
+        for name, value in options.items():
+            if value is not None:
+                settings[_ALIASES.get(name, name)] = value
+        for name, var in _ENV.items():
+            if name not in settings and os.environ.get(var):
+                settings[name] = os.environ[var]
+        if bool(settings.get("key")) != bool(settings.get("secret")):
+            raise ConfigurationError("S3 credentials need both an access key id and a secret access key")
+        endpoint = settings.get("endpoint_url")
+        self.endpoint_url: str | None = _check_endpoint(str(endpoint)) if endpoint else None
+        self.region: str | None = settings.get("region") or None
+        self._timeouts = tuple(_seconds(settings, name, default) for name, default in _TIMEOUTS)
+        self._settings = settings
+        self._secrets = tuple(str(settings[k]) for k in ("key", "secret", "token") if settings.get(k))
+        try:
+            import s3fs  # noqa: F401  (checked now so a missing extra fails at connect)
+        except ImportError:
+            raise ConfigurationError("s3:// needs: pip install 'qo[s3]'") from None
+        self._root = self.prefix + "/" if self.prefix else ""
+        self.clock_offset: float = 0.0
+        self._bounds: tuple[float, float, float] | None = None  # (low, high, local time)
+        self._fs: Any = None
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        endpoint = f", endpoint={self.endpoint_url!r}" if self.endpoint_url else ""
+        return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r}{endpoint})"
+
+    # -- the client ------------------------------------------------------------
+
+    def _new_fs(self) -> Any:
+        import s3fs
+
+        s = self._settings
+        style = s.get("addressing_style") or ("path" if self.endpoint_url else "auto")
+        config = {
+            "retries": {"total_max_attempts": 1, "mode": "standard"},  # one attempt, no retry
+            "connect_timeout": self._timeouts[0],
+            "read_timeout": self._timeouts[1],
+            "s3": {"addressing_style": style},
+            # checksums only where S3 requires them (DeleteObjects): S3-compatible stores differ
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+        }
+        kwargs: dict[str, Any] = {}
+        if s.get("profile"):
+            kwargs["profile"] = s["profile"]
+        fs = s3fs.S3FileSystem(
+            asynchronous=True,
+            skip_instance_cache=True,
+            endpoint_url=self.endpoint_url,
+            key=s.get("key"),
+            secret=s.get("secret"),
+            token=s.get("token"),
+            client_kwargs={"region_name": self.region} if self.region else None,
+            config_kwargs=config,
+            **kwargs,
+        )
+        fs.retries = 1
+        return fs
+
+    async def _s3(self, key: str | None) -> Any:
+        """The aiobotocore client for the running loop, created on first use."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop (e.g. asyncio.run per command)
+            self._abandon()
+            self._loop, self._lock = loop, asyncio.Lock()
+        if self._client is None:
+            assert self._lock is not None
+            async with self._lock:
+                if self._client is None:
+                    fs = self._new_fs()
+                    try:
+                        self._client = await fs.set_session()
+                    except Exception as exc:
+                        raise self._error(exc, key) from None
+                    self._fs = fs
+                    await self._learn_secrets(fs)
+        return self._client
+
+    async def _learn_secrets(self, fs: Any) -> None:
+        """Add the credentials botocore resolved (env, profile, role) to what errors scrub."""
+        try:
+            creds = await fs.session.get_credentials()
+            frozen = await creds.get_frozen_credentials() if creds is not None else None
+        except Exception:  # best effort: only used to scrub messages
+            return
+        if frozen is not None:
+            found = (frozen.access_key, frozen.secret_key, frozen.token)
+            self._secrets = tuple(dict.fromkeys(self._secrets + tuple(s for s in found if s)))
+
+    def _abandon(self) -> None:
+        """Forget a client made on another (finished) event loop, releasing its sockets.
+
+        aiohttp cannot close a session from another loop; marking its connectors closed
+        (best effort, private API) frees the sockets and avoids "Unclosed client session".
+        """
+        client, self._client, self._fs = self._client, None, None
+        http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+        for session in list((getattr(http, "_sessions", None) or {}).values()):
+            close = getattr(getattr(session, "connector", None), "_close", None)
+            if close is not None:
+                close()
+
+    async def close(self) -> None:
+        """Close the HTTP session; the storage reconnects if used again."""
+        if self._loop is not asyncio.get_running_loop():
+            self._abandon()
+            return
+        client, self._client, self._fs = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return self._root + validate_key(key)
+
+    def _error(self, exc: BaseException, key: str | None, *, op: str = "") -> StorageError:
+        return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets)
+
+    async def _call(self, op: str, key: str | None, **params: Any) -> dict[str, Any]:
+        """One client call: observes the server clock; raises the mapped error."""
+        client = await self._s3(key)
+        t0 = time.time()
+        try:
+            resp = await getattr(client, op)(Bucket=self.bucket, **params)
+        except Exception as exc:
+            self._observe(getattr(exc, "response", None), t0, time.time())
+            raise self._error(exc, key, op=op) from None
+        self._observe(resp, t0, time.time())
+        return resp
+
+    def _observe(self, resp: Any, t0: float, t1: float) -> None:
+        """Tighten the server-clock offset bounds with one response's Date header."""
+        try:
+            date = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
+            server = parsedate_to_datetime(date).timestamp()
+        except (KeyError, TypeError, ValueError, IndexError):
+            return
+        low, high = server - t1, server + 1.0 - t0
+        if self._bounds is not None:
+            old_low, old_high, at = self._bounds
+            slack = _MAX_DRIFT * max(0.0, t1 - at)
+            low, high = max(low, old_low - slack), min(high, old_high + slack)
+            if low > high:  # contradiction: the server clock moved; start over
+                low, high = server - t1, server + 1.0 - t0
+        self._bounds = (low, high, t1)
+        self.clock_offset = (low + high) / 2
+
+    # -- the contract -------------------------------------------------------------
+
+    async def get(self, key: str) -> Blob:
+        """The object's bytes and etag; ``NotFound`` if the key does not exist."""
+        s3key = self._key(key)
+        resp = await self._call("get_object", key, Key=s3key)
+        body = resp["Body"]
+        try:
+            async with body as stream:
+                data = await stream.read()
+        except Exception as exc:
+            raise self._error(exc, key, op="get_object") from None
+        return Blob(data, resp["ETag"])
+
+    async def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        """Write the object (create-only or CAS if asked); return the new ETag."""
+        s3key = self._key(key)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput("data", "must be bytes")
+        if if_match is not None and if_none_match:
+            raise InvalidInput("if_match", "cannot be combined with if_none_match")
+        params: dict[str, Any] = {"Key": s3key, "Body": bytes(data)}
+        if if_none_match:
+            params["IfNoneMatch"] = "*"
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        try:
+            resp = await self._call("put_object", key, **params)
+        except NotFound:
+            if if_match is None:
+                raise
+            raise PreconditionFailed("key does not exist", backend=self.name, key=key) from None
+        return resp["ETag"]
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete the key (only at ``if_match`` if given); a missing key is not an error."""
+        params: dict[str, Any] = {"Key": self._key(key)}
+        if if_match is not None:
+            params["IfMatch"] = if_match
+        try:
+            await self._call("delete_object", key, **params)
+        except NotFound:
+            pass
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete up to 1000 keys in one DeleteObjects request; missing keys are fine."""
+        keys = list(keys)
+        if len(keys) > 1000:
+            raise InvalidInput("keys", "at most 1000 keys per delete_many call")
+        if not keys:
+            return
+        objects = [{"Key": self._key(k)} for k in keys]
+        resp = await self._call("delete_objects", None, Delete={"Objects": objects, "Quiet": True})
+        for err in resp.get("Errors") or []:
+            if err.get("Code") == "NoSuchKey":
+                continue
+            key = str(err.get("Key", ""))[len(self._root) :] or None
+            status = 503 if err.get("Code") in ("SlowDown", "InternalError") else 400
+            response = {"Error": err, "ResponseMetadata": {"HTTPStatusCode": status}}
+            raise self._error(_ResponseError(response), key, op="delete_objects")
+
+    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
+        """Keys starting with ``prefix`` after ``start_after``, in UTF-8 byte order, at most ``limit``."""
+        validate_prefix(prefix)
+        if start_after is not None and not isinstance(start_after, str):
+            raise InvalidInput("start_after", "must be a string")
+        out: list[Entry] = []
+        params: dict[str, Any] = {"Prefix": self._root + prefix}
+        if start_after:
+            params["StartAfter"] = self._root + start_after
+        cut = len(self._root)
+        while len(out) < limit:
+            params["MaxKeys"] = min(self.page_size, limit - len(out))
+            resp = await self._call("list_objects_v2", prefix or None, **params)
+            for obj in resp.get("Contents") or []:
+                modified = obj.get("LastModified")
+                out.append(
+                    Entry(obj["Key"][cut:], obj.get("ETag", ""), int(obj.get("Size", 0)),
+                          modified.timestamp() if modified is not None else None)
+                )
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
+                break
+            params = {"Prefix": params["Prefix"], "ContinuationToken": token}
+        return out[:limit]
+
+
+class _ResponseError(Exception):
+    """A per-key DeleteObjects error, shaped like a botocore ClientError for ``map_error``."""
+
+    def __init__(self, response: dict[str, Any]):
+        super().__init__("DeleteObjects error")
+        self.response = response
