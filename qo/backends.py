@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,6 +12,9 @@ from .plugins import Plugins, get_plugins
 from .storage import Storage
 
 DEFAULT_URL = "./.qo"
+
+#: "s3//bucket", "s3:/bucket", "s3:bucket": a URL with a typo, not a relative path
+_LOOKS_LIKE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(//|:/?)(?!/)")
 
 #: Where a scheme qo knows of comes from, for the "not installed" hint.
 KNOWN_SCHEMES = {
@@ -32,6 +36,8 @@ def url_scheme(url: str) -> str:
     if "\x00" in url:
         raise InvalidInput("url", "must not contain NUL")
     if "://" not in url:
+        if _LOOKS_LIKE_URL.match(url):
+            raise InvalidInput("url", f"{redact_url(url)!r} looks like a malformed URL (expected scheme://...)")
         return ""
     scheme = urlsplit(url).scheme.lower()
     if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():

@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+import qo
+
 # moto accepts any credentials; subprocesses inherit these.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -38,3 +40,50 @@ def storage_url(backend, tmp_path, request) -> str:
         return str(tmp_path / "store")
     server = request.getfixturevalue("moto_server")
     return server.url(prefix=f"t-{uuid.uuid4().hex[:12]}")
+
+
+FAST = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.5, shutdown_timeout=5.0)
+
+
+@pytest.fixture
+def fast_settings():
+    """Worker settings that make tests quick: tight polling, frequent sweeps."""
+    from qo.worker import WorkerSettings
+
+    return WorkerSettings(**FAST)
+
+
+@pytest.fixture
+async def queue(storage_url):
+    """A queue on the backend under test."""
+    import qo
+
+    q = await qo.connect(storage_url, queue="q")
+    yield q
+    await q.close()
+
+
+class EventLog:
+    """A test plugin recording every qo_task_event."""
+
+    def __init__(self):
+        self.events = []
+
+    @qo.hookimpl
+    def qo_task_event(self, event, task):
+        self.events.append((event, task.id, task.status, task.attempt))
+
+    def of(self, task_id):
+        return [e[0] for e in self.events if e[1] == task_id]
+
+
+@pytest.fixture
+def events():
+    """Register an event-recording plugin for the test; unregistered in teardown."""
+    from qo.plugins import get_plugins
+
+    log = EventLog()
+    plugins = get_plugins()
+    plugins.register(log, name="test-events")
+    yield log
+    plugins.unregister("test-events")
