@@ -6,6 +6,8 @@ import click
 
 from ..plugins import get_plugins
 from .admin import doctor, plugins
+from .tasks import cancel, list_tasks, retry, status, submit
+from .worker import worker
 
 
 @click.group()
@@ -14,6 +16,12 @@ def cli() -> None:
     """qo: a distributed task queue that needs nothing but a bucket."""
 
 
+cli.add_command(submit)
+cli.add_command(status)
+cli.add_command(list_tasks)
+cli.add_command(cancel)
+cli.add_command(retry)
+cli.add_command(worker)
 cli.add_command(doctor)
 cli.add_command(plugins)
 

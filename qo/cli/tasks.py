@@ -1,0 +1,188 @@
+"""``qo submit``, ``qo status``, ``qo list``, ``qo cancel`` and ``qo retry``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..backends import redact_url
+from ..errors import TaskNotFound
+from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, iso
+from .common import echo_json, open_queue, queue_options, run
+from .parsing import delay_to_time, parse_duration, parse_json_input, parse_time
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the task as one JSON object.")
+
+
+@click.command()
+@click.argument("task_type", metavar="TYPE")
+@click.option("--input", "input_text", metavar="JSON|@FILE",
+              help="The task's input as JSON; @path reads a file, @- standard input.")
+@click.option("--priority", default="normal", show_default=True, metavar="N|NAME",
+              help=f"0-255 (higher runs first) or one of {', '.join(PRIORITY_LEVELS)}.")
+@click.option("--at", "at_text", metavar="TIME", help="Not before this ISO-8601 time (with Z or an offset), or 'now'.")
+@click.option("--delay", "delay_text", metavar="DURATION", help="Not before this long from now: 30, 10s, 5m, 2h, 1d.")
+@click.option("--max-retries", type=int, default=3, show_default=True, help="Retries after the first attempt.")
+@click.option("--timeout", "timeout_seconds", type=float, default=300.0, show_default=True,
+              help="Seconds an attempt may run.")
+@json_option
+@queue_options
+@run
+async def submit(task_type: str, input_text: str | None, priority: str, at_text: str | None,
+                 delay_text: str | None, max_retries: int, timeout_seconds: float, as_json: bool,
+                 url: str, queue_name: str) -> None:
+    """Submit a task of TYPE; prints its id."""
+    if at_text is not None and delay_text is not None:
+        raise click.UsageError("--at and --delay cannot be used together")
+    # Everything that can be checked offline is checked before connecting.
+    payload = parse_json_input(input_text, "--input")
+    at = parse_time(at_text, "--at") if at_text is not None else None
+    delay = parse_duration(delay_text, "--delay") if delay_text is not None else None
+    queue = await open_queue(url, queue_name)
+    try:
+        schedule_at = at if delay is None else delay_to_time(delay, queue.clock.now(), "--delay")
+        task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
+                                  max_retries=max_retries, timeout_seconds=timeout_seconds)
+    finally:
+        await queue.close()
+    if as_json:
+        echo_json(task.public_dict())
+    else:
+        click.echo(task.id)
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@json_option
+@queue_options
+@run
+async def status(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
+    """Show one task: state, attempts, times, last error and output."""
+    queue = await open_queue(url, queue_name)
+    try:
+        task = await queue.get(task_id)
+    except TaskNotFound as exc:
+        raise _not_here(exc, queue) from None
+    finally:
+        await queue.close()
+    if as_json:
+        echo_json(task.public_dict())
+        return
+    for label, value in describe(task):
+        click.echo(f"{label + ':':<11} {value}")
+
+
+def _not_here(exc: TaskNotFound, queue: Any) -> TaskNotFound:
+    """The same error, saying where qo looked (a wrong --queue or --url is the usual cause)."""
+    err = TaskNotFound(exc.task_id)
+    err.args = (f"{exc} in queue {queue.name!r} at {redact_url(queue.url)}",)
+    return err
+
+
+def describe(task: Task) -> list[tuple[str, str]]:
+    """The (label, value) lines of ``qo status`` for ``task``; unset fields are left out."""
+    state = task.status + (" (cancel requested)" if task.cancel_requested and task.status == RUNNING else "")
+    lines = [
+        ("id", task.id),
+        ("type", task.task_type),
+        ("status", state),
+        ("priority", str(task.priority)),
+        ("attempt", f"{task.attempt}/{task.max_retries + 1}"),
+        ("timeout", f"{task.timeout_seconds:g}s"),
+    ]
+    for label, ts in (("created", task.created_at), ("available", task.available_at),
+                      ("started", task.started_at), ("finished", task.finished_at)):
+        if ts is not None:
+            lines.append((label, iso(ts)))
+    if task.worker_id:
+        lines.append(("worker", task.worker_id))
+    if task.last_error:
+        err = task.last_error
+        where = f" (attempt {err['attempt']})" if err.get("attempt") is not None else ""
+        lines.append(("last error", f"{err.get('type', 'Error')}: {err.get('message', '')}{where}"))
+    if task.input is not None:
+        lines.append(("input", _compact(task.input)))
+    if task.output is not None or task.status == "completed":
+        lines.append(("output", _compact(task.output)))
+    return lines
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+@click.command("list")
+@click.option("--status", "status_filter", type=click.Choice(STATUSES), help="Only tasks in this state.")
+@click.option("--type", "task_type", metavar="T", help="Only tasks of this type.")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="At most N tasks (0: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@queue_options
+@run
+async def list_tasks(status_filter: str | None, task_type: str | None, limit: int, as_json: bool,
+                     url: str, queue_name: str) -> None:
+    """List tasks, oldest first."""
+    queue = await open_queue(url, queue_name)
+    rows: list[Task] = []
+    try:
+        async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
+            if as_json:
+                echo_json(task.public_dict())  # stream: a long listing shows progress
+            else:
+                rows.append(task)
+    finally:
+        await queue.close()
+    if as_json:
+        return
+    if not rows:
+        click.echo("no tasks", err=True)
+        return
+    table = [("ID", "TYPE", "STATUS", "PRIORITY", "ATTEMPT", "UPDATED")]
+    table += [(t.id, t.task_type, t.status, str(t.priority), f"{t.attempt}/{t.max_retries + 1}", iso(t.updated_at))
+              for t in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@json_option
+@queue_options
+@run
+async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
+    """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status."""
+    queue = await open_queue(url, queue_name)
+    try:
+        task = await queue.cancel(task_id)
+    except TaskNotFound as exc:
+        raise _not_here(exc, queue) from None
+    finally:
+        await queue.close()
+    if as_json:
+        echo_json(task.public_dict())
+    elif task.status == RUNNING:
+        click.echo(f"cancel requested: {task.id} is running; it ends cancelled unless this attempt completes")
+    else:
+        click.echo(task.status)
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@json_option
+@queue_options
+@run
+async def retry(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
+    """Put a failed (dead-lettered) or cancelled task back to pending. Prints the new status."""
+    queue = await open_queue(url, queue_name)
+    try:
+        task = await queue.retry(task_id)
+    except TaskNotFound as exc:
+        raise _not_here(exc, queue) from None
+    finally:
+        await queue.close()
+    if as_json:
+        echo_json(task.public_dict())
+    else:
+        click.echo(task.status)

@@ -1,0 +1,85 @@
+"""``qo worker``: run the handlers defined in some modules against a queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import click
+
+from ..backends import redact_url
+from ..errors import ConfigurationError, QoError
+from ..handlers import Registry, import_handlers
+from .common import open_queue, queue_options, run
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@click.command()
+@click.argument("modules", metavar="MODULE...", nargs=-1, required=True)
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Tasks run at once.")
+@click.option("--until-idle", is_flag=True,
+              help="Exit once no task of a handled type is pending, blocked or running (drain the queue).")
+@click.option("--poll-max", type=float, help="Longest pause between polls while idle, in seconds.")
+@click.option("--lease-ttl", type=float, help="Seconds after which a silent worker is presumed dead.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, help="Logging to stderr at this level.")
+@queue_options
+@run
+async def worker(modules: tuple[str, ...], concurrency: int, until_idle: bool, poll_max: float | None,
+                 lease_ttl: float | None, log_level: str, url: str, queue_name: str) -> None:
+    """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
+    from ..worker import Worker
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = load_registry(list(modules))
+    overrides: dict[str, Any] = {}
+    if poll_max is not None:
+        overrides["poll_max"] = poll_max
+    if lease_ttl is not None:
+        overrides["lease_ttl"] = lease_ttl
+    queue = await open_queue(url, queue_name)
+    try:
+        w = Worker(queue, concurrency=concurrency, **overrides)
+        w.add_handlers(registry)
+        logging.getLogger("qo.cli").info(
+            "worker %s on queue %r at %s: concurrency %d, handlers: %s%s", w.worker_id, queue.name,
+            redact_url(queue.url), w.settings.concurrency,
+            ", ".join(sorted(registry.handlers)), " (until idle)" if until_idle else "")
+        stats = await w.run(until_idle=until_idle)
+    finally:
+        await queue.close()
+    click.echo(summary(w.worker_id, stats), err=True)
+
+
+def load_registry(modules: list[str]) -> Registry:
+    """Import ``modules`` and return their handlers; an import failure or no handler is an error.
+
+    A ``.py`` file's directory goes on ``sys.path`` first (as ``python file.py`` does),
+    so it can import its sibling modules.
+    """
+    for name in modules:
+        if name.endswith(".py"):
+            folder = os.path.dirname(os.path.abspath(name))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+    try:
+        registry = import_handlers(modules)
+    except QoError:
+        raise
+    except (ImportError, OSError, SyntaxError) as exc:
+        raise ConfigurationError(f"cannot import handlers from {' '.join(modules)}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    if not registry.handlers:
+        raise ConfigurationError(f"no handlers found in {' '.join(modules)} (decorate functions with "
+                                 "@qo.handlers.handler(\"type\") or define a module-level qo.Worker)")
+    return registry
+
+
+def summary(worker_id: str, stats: Counter[str]) -> str:
+    """One line: what the worker did, busiest counters first."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.items(), key=lambda kv: (-kv[1], kv[0])) if v)
+    return f"worker {worker_id} stopped: {counts or 'nothing done'}"
