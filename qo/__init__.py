@@ -16,8 +16,11 @@ from .errors import (
     TaskNotFound,
     TaskStateError,
 )
+from .handlers import handler
 from .hookspecs import hookimpl
+from .model import Task
 from .queue import Queue, connect
+from .worker import TaskContext, Worker, WorkerSettings
 from .storage import Blob, Entry, Storage
 
 __version__ = "0.1.0"
@@ -41,6 +44,11 @@ __all__ = [
     "StorageUnavailable",
     "TaskNotFound",
     "TaskStateError",
+    "Task",
+    "TaskContext",
+    "Worker",
+    "WorkerSettings",
+    "handler",
     "connect",
     "hookimpl",
 ]

@@ -7,6 +7,7 @@ every task the worker may have been running, without scanning all tasks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ class LeaseBook:
         self.written_at = 0.0
         self.evictions = 0
         self.dirty = False
+        self._lock = asyncio.Lock()
 
     def record(self) -> dict[str, Any]:
         return {
@@ -68,9 +70,15 @@ class LeaseBook:
     async def write(self) -> None:
         """Store the record: CAS over our last version, or create it if we have none.
 
-        If the CAS fails, recovery took our record (we were presumed dead): our old
-        leases are void, their tasks requeued; we start a fresh record.
+        Writes are serialised (heartbeat and announce may race), and each builds its
+        record inside the lock, so the last write stored is the newest state. If the
+        CAS fails, recovery took our record (we were presumed dead): our old leases are
+        void, their tasks requeued; we start a fresh record.
         """
+        async with self._lock:
+            await self._write()
+
+    async def _write(self) -> None:
         data = dumps(self.record())
         now = self.clock.now()
         self.dirty = False

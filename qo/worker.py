@@ -416,10 +416,7 @@ class Worker:
                 elif self.book.dirty and self.book.etag is not None:
                     await self.book.write()  # say promptly that we hold nothing any more
                 if now >= next_sweep:
-                    report = await sweep(self.store, self.clock, self_id=self.worker_id,
-                                         emit=lambda ev, t: emit(self.queue.plugins, ev, t))
-                    self._active_workers = 1 + len(report.alive)
-                    self.stats["recovered"] += len(report.recovered)
+                    await self._sweep()
                     next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
                 if self._trash and not self._buffer:
                     await self._flush_trash()
@@ -427,6 +424,14 @@ class Worker:
                 log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
             wake = min(next_promote, next_sweep, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
             await self._sleep(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)))
+
+    async def _sweep(self):
+        """Recover the tasks of dead workers; learn how many workers are alive."""
+        report = await sweep(self.store, self.clock, self_id=self.worker_id,
+                             emit=lambda ev, t: emit(self.queue.plugins, ev, t))
+        self._active_workers = 1 + len(report.alive)
+        self.stats["recovered"] += len(report.recovered)
+        return report
 
     async def _watch_idle(self) -> None:
         """Stop once nothing of ours is pending, delayed or running anywhere."""
@@ -450,8 +455,7 @@ class Worker:
         promotion = await promote_due(self.store, self.clock.now())
         if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
             return False
-        report = await sweep(self.store, self.clock, self_id=self.worker_id,
-                             emit=lambda ev, t: emit(self.queue.plugins, ev, t))
+        report = await self._sweep()
         if report.recovered:
             return False
         for record in report.alive.values():

@@ -39,7 +39,7 @@ def storage_url(backend, tmp_path, request) -> str:
     if backend == "local":
         return str(tmp_path / "store")
     server = request.getfixturevalue("moto_server")
-    return server.url(prefix=f"t-{uuid.uuid4().hex[:12]}")
+    return server.new_bucket(prefix=f"t-{uuid.uuid4().hex[:8]}")
 
 
 FAST = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.5, shutdown_timeout=5.0)

@@ -10,6 +10,7 @@ moto keeps its state per process: two servers in one process share buckets and o
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
@@ -86,10 +87,20 @@ class MotoServer:
             raise RuntimeError("MotoServer is not started")
         return f"http://127.0.0.1:{self._port}"
 
-    def url(self, prefix: str = "") -> str:
-        """A qo storage URL for ``prefix`` in this server's bucket."""
+    def url(self, prefix: str = "", *, bucket: str | None = None) -> str:
+        """A qo storage URL for ``prefix`` in this server's bucket (or ``bucket``)."""
         endpoint = quote(self.endpoint_url, safe="")
-        return f"s3://{self.bucket}/{prefix}?endpoint_url={endpoint}&region=us-east-1"
+        return f"s3://{bucket or self.bucket}/{prefix}?endpoint_url={endpoint}&region=us-east-1"
+
+    def new_bucket(self, prefix: str = "") -> str:
+        """Create a fresh, uniquely named bucket and return its URL.
+
+        moto lists a bucket by scanning every key in it, so tests that share one
+        bucket get slower as the run goes on; a bucket per test keeps LIST cheap.
+        """
+        name = f"qo-{uuid.uuid4().hex[:20]}"
+        self._create_bucket(name)
+        return self.url(prefix, bucket=name)
 
     def start(self) -> None:
         """Start serving and create the bucket (an existing one is reused)."""
@@ -99,7 +110,7 @@ class MotoServer:
         self._port = self._server.get_host_and_port()[1]
         self._create_bucket()
 
-    def _create_bucket(self) -> None:
+    def _create_bucket(self, name: str | None = None) -> None:
         import boto3
         from botocore.exceptions import ClientError
 
@@ -111,7 +122,7 @@ class MotoServer:
             aws_secret_access_key="testing",
         )
         try:
-            client.create_bucket(Bucket=self.bucket)
+            client.create_bucket(Bucket=name or self.bucket)
         except ClientError as exc:  # moto state is per process: another server made it
             code = exc.response.get("Error", {}).get("Code")
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):

@@ -1,0 +1,92 @@
+"""Worker processes for multi-process tests (module-level so 'spawn' can pickle them)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+
+def _settings(**overrides):
+    from qo.worker import WorkerSettings
+
+    base = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.5, shutdown_timeout=5.0)
+    base.update(overrides)
+    return WorkerSettings(**base)
+
+
+def run_counting_worker(url: str, queue: str, log_dir: str, concurrency: int = 4) -> dict:
+    """Run a worker until idle; every execution appends '<task id>\\n' to a per-process log."""
+    import qo
+    from qo.worker import Worker
+
+    async def main() -> dict:
+        q = await qo.connect(url, queue=queue)
+        worker = Worker(q, settings=_settings(concurrency=concurrency))
+        path = os.path.join(log_dir, f"ran-{os.getpid()}.log")
+
+        @worker.handler("count")
+        async def count(input, ctx):
+            with open(path, "a") as f:
+                f.write(ctx.task.id + "\n")
+            return input
+
+        stats = await worker.run(until_idle=True)
+        await q.close()
+        return dict(stats)
+
+    return asyncio.run(main())
+
+
+def run_sleepy_worker(url: str, queue: str, marker_file: str, lease_ttl: float) -> None:
+    """A worker whose handler announces it started, then sleeps far longer than any test."""
+    import qo
+    from qo.worker import Worker
+
+    async def main() -> None:
+        q = await qo.connect(url, queue=queue)
+        worker = Worker(q, settings=_settings(concurrency=1, lease_ttl=lease_ttl))
+
+        @worker.handler("sleepy")
+        async def sleepy(input, ctx):
+            with open(marker_file, "w") as f:
+                f.write(f"{os.getpid()} {ctx.attempt}\n")
+            await asyncio.sleep(3600)
+
+        await worker.run()
+
+    asyncio.run(main())
+
+
+def run_until_signal(url: str, queue: str, started_file: str, handler_seconds: float) -> None:
+    """A worker run() until SIGTERM; its handler takes ``handler_seconds``."""
+    import qo
+    from qo.worker import Worker
+
+    async def main() -> None:
+        q = await qo.connect(url, queue=queue)
+        worker = Worker(q, settings=_settings(concurrency=2, shutdown_timeout=0.3))
+
+        @worker.handler("job")
+        async def job(input, ctx):
+            with open(started_file, "a") as f:
+                f.write(f"{ctx.task.id}\n")
+            await asyncio.sleep(handler_seconds)
+            return "done"
+
+        stats = await worker.run()
+        with open(started_file + ".stats", "w") as f:
+            f.write(repr(dict(stats)))
+        await q.close()
+
+    asyncio.run(main())
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path) as f:
+                return f.read()
+        time.sleep(0.02)
+    raise TimeoutError(path)
