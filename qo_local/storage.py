@@ -115,6 +115,20 @@ class LocalStorage:
         except (FileExistsError, NotADirectoryError):
             raise StorageError("a prefix of this key is itself a key", backend=self.name, key=key) from None
 
+    def _clear_empty_dir(self, path: str, key: str) -> None:
+        """Remove the empty directory that deleted keys below ``key`` left at ``path``
+        (it would make ``key`` look taken); StorageError if keys below it remain."""
+        if not os.path.isdir(path) or os.path.islink(path):
+            return
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise StorageError("a key below this one exists", backend=self.name, key=key) from None
+
     # -- the contract -------------------------------------------------------------
 
     async def get(self, key: str) -> Blob:
@@ -129,6 +143,14 @@ class LocalStorage:
             raise InvalidInput("data", "must be bytes")
         data = bytes(data)
         self._parent(path, key)
+        if if_match is None:  # CAS on an empty directory: "missing", PreconditionFailed below
+            self._clear_empty_dir(path, key)
+        try:
+            return self._put(path, key, data, if_match, if_none_match)
+        except (FileNotFoundError, NotADirectoryError):  # a concurrent put made our parent a key
+            raise StorageError("a prefix of this key is itself a key", backend=self.name, key=key) from None
+
+    def _put(self, path: str, key: str, data: bytes, if_match: str | None, if_none_match: bool) -> str:
         if not data and if_match is None and self._put_empty(path, key, if_none_match):
             return _EMPTY_ETAG
         tmp = self._write_temp(data)
