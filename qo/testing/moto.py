@@ -10,6 +10,7 @@ moto keeps its state per process: two servers in one process share buckets and o
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any, Callable, Iterable
 from urllib.parse import quote
@@ -47,6 +48,25 @@ def _no_app_server_header(app: _WSGIApp) -> _WSGIApp:
     return wrapped
 
 
+def _atomic_writes(app: _WSGIApp) -> _WSGIApp:
+    """WSGI middleware that runs writes one at a time.
+
+    moto checks If-Match / If-None-Match and then writes in two steps; under a threaded
+    server two conditional writes can interleave between them and both succeed (seen
+    as a lost update in the CAS race test). Real S3 is atomic here; so must be the
+    server we prove qo against. Reads stay concurrent.
+    """
+    lock = threading.Lock()
+
+    def wrapped(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return app(environ, start_response)
+        with lock:
+            return list(app(environ, start_response))
+
+    return wrapped
+
+
 class _Server(ThreadedMotoServer):
     """ThreadedMotoServer with an optional WSGI wrapper around moto's app."""
 
@@ -61,7 +81,7 @@ class _Server(ThreadedMotoServer):
             create_backend_app,
         )
 
-        app = _no_app_server_header(DomainDispatcherApplication(create_backend_app))
+        app = _atomic_writes(_no_app_server_header(DomainDispatcherApplication(create_backend_app)))
         if self._wrap is not None:
             app = self._wrap(app)
         self._server = make_server(
