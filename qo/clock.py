@@ -30,13 +30,22 @@ def utc(ts: float) -> datetime:
 
 
 class SystemClock:
-    """Local time corrected by ``offset_source.clock_offset`` (server minus local)."""
+    """Local time corrected by ``offset_source.clock_offset`` (server minus local).
+
+    Never goes backwards: when the offset estimate is refined downwards, the clock
+    holds still until real time catches up, so FIFO order and leases stay monotonic.
+    """
 
     def __init__(self, offset_source: Any = None):
         self._source = offset_source
+        self._last = 0.0
 
     def now(self) -> float:
-        return time.time() + float(getattr(self._source, "clock_offset", 0.0) or 0.0)
+        t = time.time() + float(getattr(self._source, "clock_offset", 0.0) or 0.0)
+        if t < self._last:
+            return self._last
+        self._last = t
+        return t
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

@@ -93,7 +93,7 @@ class Queue:
         now = self.clock.now()
         schedule_at = check_when(options.get("schedule_at"))
         return Task(
-            id=keys.new_task_id(now),
+            id=keys.new_task_id(),  # local time: ids sort by submission within a process
             task_type=check_task_type(task_type),
             input=check_input(input),
             status=PENDING,
