@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 
 import attrs
@@ -23,10 +24,26 @@ TASK_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}$")
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
-def new_task_id(now: float | None = None) -> str:
-    """24 hex chars: 12 of milliseconds (time-sortable), 12 random."""
-    ms = int((time.time() if now is None else now) * 1000)
-    return f"{ms:012x}{os.urandom(6).hex()}"
+_id_lock = threading.Lock()
+_id_last = [0, 0]  # last millisecond, sequence within it
+
+
+def new_task_id() -> str:
+    """24 hex chars: 12 of milliseconds, 4 of a per-process sequence, 8 random.
+
+    Ids of one process sort in submission order; ``tasks/`` lists oldest first.
+    """
+    ms_now = int(time.time() * 1000)
+    with _id_lock:
+        last, seq = _id_last
+        if ms_now <= last:
+            ms_now, seq = last, seq + 1
+            if seq > 0xFFFF:
+                ms_now, seq = last + 1, 0
+        else:
+            seq = 0
+        _id_last[:] = [ms_now, seq]
+    return f"{ms_now:012x}{seq:04x}{os.urandom(4).hex()}"
 
 
 def task(queue: str, task_id: str) -> str:

@@ -105,13 +105,13 @@ class LeaseBook:
         return self.clock.now() - self.written_at >= interval
 
     async def remove(self) -> None:
+        """Delete our record on a clean exit. Unconditional: only we write this key, and
+        a write cancelled mid-flight may have landed without telling us its etag."""
         if self.etag is None:
             return
-        try:
-            await self.store.backoff.call(lambda: self.store.storage.delete(self.key, if_match=self.etag))
-        except (PreconditionFailed, NotFound):
-            pass
-        self.etag = None
+        async with self._lock:
+            await self.store.backoff.call(lambda: self.store.storage.delete(self.key))
+            self.etag = None
 
 
 @attrs.frozen

@@ -447,18 +447,21 @@ class Worker:
                 log.warning("worker %s: idle check failed: %s", self.worker_id, exc)
 
     async def _queue_idle(self) -> bool:
-        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=1000)
-        for e in entries:
-            m = keys.parse_marker(e.key)
-            if m and self.handles(m.task_type) and self._skip.get(m.key, 0) <= self.clock.now():
-                return False
-        promotion = await promote_due(self.store, self.clock.now())
-        if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
-            return False
+        """Nothing of ours anywhere. Checked in the order tasks move: a task leaves a
+        worker's record only after its marker is written, and leaves delayed/ only after
+        its ready marker is written, so records, then delayed/, then ready/ misses none."""
         report = await self._sweep()
         if report.recovered:
             return False
         for record in report.alive.values():
             if any(self.handles(lease.get("type", "")) for lease in (record.get("leases") or {}).values()):
+                return False
+        promotion = await promote_due(self.store, self.clock.now())
+        if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
+            return False
+        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=1000)
+        for e in entries:
+            m = keys.parse_marker(e.key)
+            if m and self.handles(m.task_type) and self._skip.get(m.key, 0) <= self.clock.now():
                 return False
         return not (self._running or self._taken or self._buffer)

@@ -187,7 +187,7 @@ async def test_without_heartbeats_the_task_is_taken_over_and_the_late_result_dis
 
 async def test_orphan_marker_is_kept_while_young_and_dropped_when_old(clocked):
     q, clock = clocked
-    ghost_id = keys.new_task_id(clock.now())
+    ghost_id = keys.new_task_id()
     orphan = keys.ready(q.name, 128, clock.now(), ghost_id, "t")
     await q.storage.put(orphan, b"")  # a producer wrote its marker, then died
     real = await q.submit("t", None)
