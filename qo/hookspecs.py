@@ -138,6 +138,28 @@ def qo_on_dependency_failed(task: Task, dependency: Task) -> str | None:
 
 
 # ---------------------------------------------------------------------------
+# idempotency
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def qo_idempotency_namespace(scope: str, key: str, task_type: str, queue: str) -> str | None:
+    """The namespace an idempotency key lives in: the same key in two namespaces names
+    two tasks.
+
+    Stops at the first non-None result. The default maps ``task_type`` to
+    ``type.<task type>``, ``queue`` to ``queue`` and ``custom:<name>`` to
+    ``custom.<name>``. Return ``/``-separated segments of letters, digits, ``_ . : -``
+    (e.g. ``tenant.42/type.send_email`` to scope keys per tenant).
+
+    :param scope: the scope the caller asked for (``task_type``, ``queue``, ``custom:<name>``).
+    :param key: the idempotency key.
+    :param task_type: the submitted task's type.
+    :param queue: the queue name.
+    """
+
+
+# ---------------------------------------------------------------------------
 # events
 # ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ reading the task: priority, due time, id and task type.
     {q}/ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}    due: ascending LIST = most urgent first
     {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
+    {q}/idem/{namespace}/{sha256(key)}.json            idempotency record
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def workers_prefix(queue: str) -> str:
 
 def worker(queue: str, worker_id: str) -> str:
     return f"{queue}/workers/{worker_id}.json"
+
+
+def idem_prefix(queue: str) -> str:
+    return f"{queue}/idem/"
+
+
+def idem(queue: str, namespace: str, key_hash: str) -> str:
+    return f"{queue}/idem/{namespace}/{key_hash}.json"
 
 
 def ms(ts: float) -> int:

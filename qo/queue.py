@@ -29,6 +29,7 @@ from .model import (
     check_task_type,
     check_when,
 )
+from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .plugins import Plugins, get_plugins
 from .storage import Storage
 from .store import TaskStore
@@ -40,7 +41,10 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: own writes took longer than half of this, so a live producer never loses a task.
 ORPHAN_GRACE_SECONDS = 120.0
 
-SUBMIT_OPTIONS = ("priority", "schedule_at", "max_retries", "timeout_seconds")
+SUBMIT_OPTIONS = (
+    "priority", "schedule_at", "max_retries", "timeout_seconds",
+    "idempotency_key", "idempotency_scope", "idempotency_ttl_days",
+)
 
 
 def validate_queue_name(name: Any) -> str:
@@ -79,6 +83,7 @@ class Queue:
         self.clock = clock or SystemClock(storage)
         self.url = url
         self.store = TaskStore(storage, self.name)
+        self.idempotency = Idempotency(self)
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} on {self.storage!r}>"
@@ -87,12 +92,15 @@ class Queue:
 
     def build_task(self, task_type: str, input: Any = None, **options: Any) -> Task:
         """Validate everything and build the task, writing nothing."""
+        return self._prepare(task_type, input, options)[0]
+
+    def _prepare(self, task_type: str, input: Any, options: dict[str, Any]) -> tuple[Task, IdempotencyRequest | None]:
         unknown = sorted(set(options) - set(SUBMIT_OPTIONS))
         if unknown:
             raise InvalidInput(unknown[0], f"unknown task option (known: {', '.join(SUBMIT_OPTIONS)})")
         now = self.clock.now()
         schedule_at = check_when(options.get("schedule_at"))
-        return Task(
+        task = Task(
             id=keys.new_task_id(),  # local time: ids sort by submission within a process
             task_type=check_task_type(task_type),
             input=check_input(input),
@@ -104,6 +112,11 @@ class Queue:
             created_at=now,
             updated_at=now,
         )
+        request = check_request(options.get("idempotency_key"), options.get("idempotency_scope", "task_type"),
+                                options.get("idempotency_ttl_days", DEFAULT_TTL_DAYS))
+        if request is not None:
+            self.idempotency.namespace(request, task.task_type)  # a plugin's bad answer fails here
+        return task, request
 
     async def submit(
         self,
@@ -114,12 +127,24 @@ class Queue:
         schedule_at: datetime | None = None,
         max_retries: int = 3,
         timeout_seconds: float = 300.0,
+        idempotency_key: str | None = None,
+        idempotency_scope: str = "task_type",
+        idempotency_ttl_days: float = DEFAULT_TTL_DAYS,
     ) -> Task:
-        """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``."""
-        task = self.build_task(
-            task_type, input, priority=priority, schedule_at=schedule_at,
-            max_retries=max_retries, timeout_seconds=timeout_seconds,
-        )
+        """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``.
+
+        With ``idempotency_key``, the same key in the same scope returns the existing task
+        (same id) for ``idempotency_ttl_days`` instead of creating another.
+        """
+        options = dict(priority=priority, schedule_at=schedule_at, max_retries=max_retries,
+                       timeout_seconds=timeout_seconds, idempotency_key=idempotency_key,
+                       idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days)
+        task, request = self._prepare(task_type, input, options)
+        return await self._submit(task, request)
+
+    async def _submit(self, task: Task, request: IdempotencyRequest | None) -> Task:
+        if request is not None:
+            return await self.idempotency.submit(task, request)
         await self._write_new(task)
         return task
 
@@ -130,8 +155,12 @@ class Queue:
         concurrency: int = 32,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Task]:
-        """Submit many ``(type, input[, options])`` tuples; all are validated before any is written."""
-        tasks: list[Task] = []
+        """Submit many ``(type, input[, options])`` tuples; all are validated before any is written.
+
+        ``options`` takes the keyword arguments of :meth:`submit`. Returns the tasks in
+        order (for an idempotency key already used: the existing task).
+        """
+        prepared: list[tuple[Task, IdempotencyRequest | None]] = []
         for i, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
                 raise InvalidInput(f"items[{i}]", "must be (task_type, input) or (task_type, input, options)")
@@ -139,19 +168,20 @@ class Queue:
             if not isinstance(options, dict):
                 raise InvalidInput(f"items[{i}].options", "must be a dict")
             try:
-                tasks.append(self.build_task(item[0], item[1] if len(item) > 1 else None, **options))
+                prepared.append(self._prepare(item[0], item[1] if len(item) > 1 else None, options))
             except InvalidInput as exc:
                 raise InvalidInput(f"items[{i}].{exc.field}", exc.message) from None
         check_non_negative_int(concurrency, "concurrency", 1024)
+        tasks: list[Task] = [t for t, _ in prepared]
         sem = asyncio.Semaphore(max(1, concurrency))
         done = 0
         errors: list[tuple[int, BaseException]] = []
 
-        async def one(i: int, task: Task) -> None:
+        async def one(i: int, task: Task, request: IdempotencyRequest | None) -> None:
             nonlocal done
             async with sem:
                 try:
-                    await self._write_new(task)
+                    tasks[i] = await self._submit(task, request)
                 except QoError as exc:
                     errors.append((i, exc))
                     return
@@ -159,7 +189,7 @@ class Queue:
             if progress is not None:
                 progress(done, len(tasks))
 
-        await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks)))
+        await asyncio.gather(*(one(i, t, r) for i, (t, r) in enumerate(prepared)))
         if errors:
             failed = {i for i, _ in errors}
             raise BulkSubmitError([None if i in failed else t for i, t in enumerate(tasks)], sorted(errors, key=lambda e: e[0]))

@@ -24,6 +24,7 @@ from . import keys
 from .errors import Fail, InvalidInput, QoError
 from .events import emit
 from .handlers import Handler, Registry
+from .idempotency import sweep_expired
 from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, Task, check_input
 from .promotion import promote_due
@@ -57,6 +58,8 @@ class WorkerSettings:
     #: listed candidates older than this are listed again (newer, more urgent work)
     buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
     delete_batch: int = attrs.field(default=200, validator=_positive)
+    #: how often this worker deletes a page (100) of expired idempotency records
+    idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
     shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
     orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
     worker_id: str | None = None
@@ -400,6 +403,8 @@ class Worker:
         """Promote due delayed tasks, renew leases, recover dead workers, flush deletes."""
         s = self.settings
         next_promote = next_sweep = 0.0
+        next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
+        idem_cursor: str | None = None
         while not self._stopping.is_set():
             now = self.clock.now()
             try:
@@ -418,6 +423,9 @@ class Worker:
                 if now >= next_sweep:
                     await self._sweep()
                     next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
+                if now >= next_idem:
+                    idem_cursor = await sweep_expired(self.queue, idem_cursor)
+                    next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
                 if self._trash and not self._buffer:
                     await self._flush_trash()
             except QoError as exc:

@@ -27,12 +27,19 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
 @click.option("--max-retries", type=int, default=3, show_default=True, help="Retries after the first attempt.")
 @click.option("--timeout", "timeout_seconds", type=float, default=300.0, show_default=True,
               help="Seconds an attempt may run.")
+@click.option("--idempotency-key", metavar="KEY",
+              help="Submitting the same key again (in its scope) returns the same task.")
+@click.option("--idempotency-scope", default="task_type", show_default=True, metavar="SCOPE",
+              help="task_type, queue or custom:NAME.")
+@click.option("--idempotency-ttl-days", type=float, default=7.0, show_default=True,
+              help="How long the key names its task.")
 @json_option
 @queue_options
 @run
 async def submit(task_type: str, input_text: str | None, priority: str, at_text: str | None,
-                 delay_text: str | None, max_retries: int, timeout_seconds: float, as_json: bool,
-                 url: str, queue_name: str) -> None:
+                 delay_text: str | None, max_retries: int, timeout_seconds: float,
+                 idempotency_key: str | None, idempotency_scope: str, idempotency_ttl_days: float,
+                 as_json: bool, url: str, queue_name: str) -> None:
     """Submit a task of TYPE; prints its id."""
     if at_text is not None and delay_text is not None:
         raise click.UsageError("--at and --delay cannot be used together")
@@ -44,7 +51,9 @@ async def submit(task_type: str, input_text: str | None, priority: str, at_text:
     try:
         schedule_at = at if delay is None else delay_to_time(delay, queue.clock.now(), "--delay")
         task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
-                                  max_retries=max_retries, timeout_seconds=timeout_seconds)
+                                  max_retries=max_retries, timeout_seconds=timeout_seconds,
+                                  idempotency_key=idempotency_key, idempotency_scope=idempotency_scope,
+                                  idempotency_ttl_days=idempotency_ttl_days)
     finally:
         await queue.close()
     if as_json:

@@ -1,0 +1,181 @@
+"""Idempotency keys: the same key in the same scope names the same task until it expires.
+
+Write order (docs/architecture.md, "Idempotency"): the record ``idem/{namespace}/
+{sha256(key)}.json`` is created first, create-only, naming the id the task *will* have.
+Whoever wins that race writes the task; whoever loses reads the record and returns the
+task it names. If that task does not exist yet (its producer is slow or died between
+its writes), the loser writes it itself under the recorded id, create-only: the id is
+the record's, so at most one task can ever exist for the key, and a dead producer
+never leaves the key stuck until its TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import attrs
+
+from . import keys
+from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, TaskNotFound
+from .model import Task, dumps
+
+SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+MAX_KEY_CHARS = 1024
+DEFAULT_TTL_DAYS = 7.0
+
+
+@attrs.frozen
+class IdempotencyRequest:
+    key: str
+    scope: str
+    ttl_days: float
+
+
+def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | None:
+    """Validate the three idempotency arguments; ``None`` when no key is given."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key:
+        raise InvalidInput("idempotency_key", f"must be a non-empty string of at most {MAX_KEY_CHARS} "
+                           "characters without NUL")
+    if not isinstance(scope, str) or not (
+        scope in ("task_type", "queue") or (scope.startswith("custom:") and SCOPE_NAME.match(scope[7:]))
+    ):
+        raise InvalidInput("idempotency_scope", f"{scope!r} is not 'task_type', 'queue' or 'custom:<name>' "
+                           "(name: letters, digits, _ . : -)")
+    if isinstance(ttl_days, bool) or not isinstance(ttl_days, (int, float)) or not 0 < ttl_days <= 3650:
+        raise InvalidInput("idempotency_ttl_days", f"{ttl_days!r} is not a number of days in (0, 3650]")
+    return IdempotencyRequest(key, scope, float(ttl_days))
+
+
+def input_hash(input: Any) -> str:
+    """Canonical hash of the input: key order and whitespace do not matter."""
+    return hashlib.sha256(dumps(input)).hexdigest()
+
+
+def default_namespace(scope: str, task_type: str) -> str:
+    """``task_type`` -> ``type.<type>``; ``queue`` -> ``queue``; ``custom:<n>`` -> ``custom.<n>``."""
+    if scope == "task_type":
+        return f"type.{task_type}"
+    if scope == "queue":
+        return "queue"
+    return "custom." + scope[len("custom:"):]
+
+
+def record_key(queue: str, namespace: str, key: str) -> str:
+    return keys.idem(queue, namespace, hashlib.sha256(key.encode("utf-8")).hexdigest())
+
+
+class Idempotency:
+    """Submits a task at most once per (namespace, key) while the key lives."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def namespace(self, request: IdempotencyRequest, task_type: str) -> str:
+        ns = self.queue.plugins.hook.qo_idempotency_namespace(
+            scope=request.scope, key=request.key, task_type=task_type, queue=self.queue.name)
+        ns = ns if ns is not None else default_namespace(request.scope, task_type)
+        if not isinstance(ns, str) or not all(SCOPE_NAME.match(p) for p in ns.split("/")):
+            raise InvalidInput("idempotency_scope", f"a plugin returned the unusable namespace {ns!r}")
+        return ns
+
+    def record(self, task: Task, request: IdempotencyRequest, namespace: str) -> dict[str, Any]:
+        now = self.queue.clock.now()
+        return {
+            "key": request.key,
+            "scope": request.scope,
+            "namespace": namespace,
+            "task_id": task.id,
+            "task_type": task.task_type,
+            "input_hash": input_hash(task.input),
+            "created_at": now,
+            "expires_at": now + request.ttl_days * 86400,
+        }
+
+    async def submit(self, task: Task, request: IdempotencyRequest) -> Task:
+        """The task for this key: ``task`` if it is the first, else the existing one."""
+        store = self.queue.store
+        namespace = self.namespace(request, task.task_type)
+        key = record_key(self.queue.name, namespace, request.key)
+        mine = self.record(task, request, namespace)
+        data = dumps(mine)
+        for _ in range(16):
+            try:
+                await self._create(key, data, task.id)
+                return await self._write_task(task)
+            except PreconditionFailed:
+                pass
+            try:
+                blob = await store.backoff.call(lambda: store.storage.get(key))
+            except NotFound:
+                continue  # expired and cleaned up in between: try to create again
+            existing = json.loads(blob.data)
+            if existing.get("expires_at", 0) <= self.queue.clock.now():
+                try:  # expired: the key may name a new task now
+                    await store.backoff.call(lambda: store.storage.put(key, data, if_match=blob.etag))
+                except PreconditionFailed:
+                    continue
+                return await self._write_task(task)
+            self._check_conflict(existing, mine, request)
+            try:
+                return await self.queue.get(existing["task_id"])
+            except TaskNotFound:
+                # its producer is slow or died between its writes: write the task under the
+                # recorded id; create-only, so a late producer and we make one task
+                task.id = existing["task_id"]
+                return await self._write_task(task)
+        raise PreconditionFailed("idempotency record keeps changing", backend=store.storage.name, key=key)
+
+    async def _create(self, key: str, data: bytes, task_id: str) -> None:
+        """Create-only; a lost response whose write landed is recognised by the task id."""
+        store = self.queue.store
+        try:
+            await store.backoff.call(lambda: store.storage.put(key, data, if_none_match=True))
+        except PreconditionFailed:
+            try:
+                blob = await store.backoff.call(lambda: store.storage.get(key))
+            except NotFound:
+                raise PreconditionFailed("record vanished", backend=store.storage.name, key=key) from None
+            if json.loads(blob.data).get("task_id") != task_id:
+                raise
+
+    async def _write_task(self, task: Task) -> Task:
+        try:
+            await self.queue._write_new(task)
+        except PreconditionFailed:  # somebody wrote it under this id first
+            return await self.queue.get(task.id)
+        return task
+
+    def _check_conflict(self, existing: dict[str, Any], mine: dict[str, Any], request: IdempotencyRequest) -> None:
+        if existing.get("task_type") != mine["task_type"]:
+            raise IdempotencyConflict(
+                f"idempotency key {request.key!r} ({request.scope}) names task {existing.get('task_id')} "
+                f"of type {existing.get('task_type')!r}, not {mine['task_type']!r}")
+        if existing.get("input_hash") != mine["input_hash"]:
+            raise IdempotencyConflict(
+                f"idempotency key {request.key!r} ({request.scope}) names task {existing.get('task_id')} "
+                "with a different input")
+
+
+async def sweep_expired(queue: Any, cursor: str | None, *, limit: int = 100) -> str | None:
+    """Delete up to ``limit`` expired records after ``cursor``; returns the next cursor
+    (``None`` once the end is reached, so the next sweep starts over)."""
+    store = queue.store
+    entries = await store.list(keys.idem_prefix(queue.name), start_after=cursor, limit=limit)
+    now = queue.clock.now()
+    for entry in entries:
+        try:
+            blob = await store.backoff.call(lambda: store.storage.get(entry.key))
+            expires_at = json.loads(blob.data).get("expires_at", 0)
+        except (NotFound, ValueError):
+            continue
+        if expires_at <= now:
+            try:  # only the version judged expired: a fresh replacement stays
+                await store.backoff.call(lambda: store.storage.delete(entry.key, if_match=blob.etag))
+            except (PreconditionFailed, NotFound):
+                pass
+    return entries[-1].key if len(entries) >= limit else None

@@ -1,0 +1,194 @@
+"""Idempotency keys on both backends: duplicates, scopes, conflicts, TTL, races, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from click.testing import CliRunner
+
+import qo
+from qo import keys
+from qo.clock import FakeClock
+from qo.errors import StorageUnavailable
+from qo.idempotency import sweep_expired
+
+CTX = multiprocessing.get_context("spawn")
+
+
+async def task_ids(queue) -> list[str]:
+    return [t.id async for t in queue.list(limit=None)]
+
+
+async def test_the_same_key_returns_the_same_task(queue):
+    first = await queue.submit("email", {"to": "a", "n": 1}, idempotency_key="order-1")
+    again = await queue.submit("email", {"n": 1, "to": "a"}, idempotency_key="order-1")  # key order differs
+    assert again.id == first.id
+    assert await task_ids(queue) == [first.id]
+    assert len(await queue.storage.list(keys.ready_prefix(queue.name))) == 1
+
+
+async def test_scopes_are_separate(queue):
+    a = await queue.submit("email", 1, idempotency_key="k")
+    b = await queue.submit("sms", 1, idempotency_key="k")  # task_type scope: another type, another task
+    c = await queue.submit("email", 1, idempotency_key="k", idempotency_scope="queue")
+    d = await queue.submit("email", 1, idempotency_key="k", idempotency_scope="custom:billing")
+    e = await queue.submit("email", 1, idempotency_key="k", idempotency_scope="custom:shipping")
+    assert len({a.id, b.id, c.id, d.id, e.id}) == 5
+    assert (await queue.submit("email", 1, idempotency_key="k", idempotency_scope="custom:billing")).id == d.id
+
+
+async def test_a_different_input_or_type_is_a_conflict_naming_key_and_task(queue):
+    first = await queue.submit("email", {"to": "a"}, idempotency_key="order-7")
+    with pytest.raises(qo.IdempotencyConflict) as err:
+        await queue.submit("email", {"to": "b"}, idempotency_key="order-7")
+    assert "order-7" in str(err.value) and first.id in str(err.value)
+    await queue.submit("email", 1, idempotency_key="shared", idempotency_scope="queue")
+    with pytest.raises(qo.IdempotencyConflict) as err:
+        await queue.submit("sms", 1, idempotency_key="shared", idempotency_scope="queue")
+    assert "'email'" in str(err.value) and "'sms'" in str(err.value)
+    assert len(await task_ids(queue)) == 2
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"idempotency_key": ""}, "idempotency_key"),
+    ({"idempotency_key": "x" * 2000}, "idempotency_key"),
+    ({"idempotency_key": "k", "idempotency_scope": "everything"}, "idempotency_scope"),
+    ({"idempotency_key": "k", "idempotency_scope": "custom:../x"}, "idempotency_scope"),
+    ({"idempotency_key": "k", "idempotency_ttl_days": 0}, "idempotency_ttl_days"),
+    ({"idempotency_key": "k", "idempotency_ttl_days": "7"}, "idempotency_ttl_days"),
+])
+async def test_bad_idempotency_arguments_write_nothing(queue, kwargs, field):
+    with pytest.raises(qo.InvalidInput) as err:
+        await queue.submit("email", 1, **kwargs)
+    assert err.value.field == field
+    assert await queue.storage.list(f"{queue.name}/") == []
+
+
+async def test_the_key_expires_after_its_ttl_and_records_are_swept(storage_url):
+    clock = FakeClock()
+    q = await qo.connect(storage_url, queue="ttl", clock=clock)
+    first = await q.submit("email", 1, idempotency_key="k", idempotency_ttl_days=1)
+    clock.advance(86400 - 10)
+    assert (await q.submit("email", 1, idempotency_key="k", idempotency_ttl_days=1)).id == first.id
+    other = await q.submit("email", 2, idempotency_key="other", idempotency_ttl_days=30)
+    clock.advance(20)  # past the first key's TTL
+    fresh = await q.submit("email", 2, idempotency_key="k", idempotency_ttl_days=1)  # may even differ now
+    assert fresh.id != first.id
+    clock.advance(86400 + 1)  # the renewed "k" expires too; "other" lives on
+    assert await sweep_expired(q, None) is None
+    remaining = [json.loads((await q.storage.get(e.key)).data)["key"]
+                 for e in await q.storage.list(keys.idem_prefix("ttl"))]
+    assert remaining == ["other"]
+    assert (await q.submit("email", 2, idempotency_key="other", idempotency_ttl_days=30)).id == other.id
+    await q.close()
+
+
+def submit_once(url: str, barrier, input: dict) -> str:
+    async def main() -> str:
+        q = await qo.connect(url, queue="race")
+        barrier.wait()
+        task = await q.submit("email", input, idempotency_key="the-key")
+        await q.close()
+        return task.id
+
+    return asyncio.run(main())
+
+
+async def test_eight_processes_submitting_one_key_make_one_task(storage_url):
+    manager = CTX.Manager()
+    barrier = manager.Barrier(8)
+    loop = asyncio.get_running_loop()
+    with CTX.Pool(8) as pool:
+        results = [pool.apply_async(submit_once, (storage_url, barrier, {"same": True})) for _ in range(8)]
+        ids = await loop.run_in_executor(None, lambda: [r.get(timeout=120) for r in results])
+    manager.shutdown()
+    q = await qo.connect(storage_url, queue="race")
+    assert len(set(ids)) == 1
+    assert await task_ids(q) == [ids[0]]
+    await q.close()
+
+
+class CrashAfterRecord:
+    """Storage whose task writes fail: a producer dying between the record and the task."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def put(self, key, data, **kw):
+        if "/tasks/" in key:
+            raise StorageUnavailable("injected crash", backend=self.name, key=key)
+        return await self.inner.put(key, data, **kw)
+
+
+async def test_a_producer_dying_between_its_writes_leaves_no_stuck_key_and_no_duplicate(storage_url):
+    crashing = await qo.connect(storage_url, queue="crash", wrap_storage=CrashAfterRecord)
+    crashing.store.backoff.attempts = 2
+    with pytest.raises(StorageUnavailable):
+        await crashing.submit("email", {"to": "a"}, idempotency_key="once")
+    await crashing.close()
+    q = await qo.connect(storage_url, queue="crash")
+    assert await task_ids(q) == []  # the record exists, the task does not
+    record = json.loads((await q.storage.get((await q.storage.list(keys.idem_prefix("crash")))[0].key)).data)
+    # the retry does not wait for the TTL: it writes the task under the recorded id
+    task = await q.submit("email", {"to": "a"}, idempotency_key="once")
+    assert task.id == record["task_id"]
+    again = await q.submit("email", {"to": "a"}, idempotency_key="once")
+    assert again.id == task.id and await task_ids(q) == [task.id]
+    await q.close()
+
+
+async def test_works_with_submit_many_and_schedule_at(queue):
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    tasks = await queue.submit_many([
+        ("email", 1, {"idempotency_key": "a", "schedule_at": later}),
+        ("email", 2, {"idempotency_key": "b"}),
+        ("email", 1, {"idempotency_key": "a", "schedule_at": later}),
+    ])
+    assert tasks[0].id == tasks[2].id != tasks[1].id
+    assert len(await task_ids(queue)) == 2
+    again = await queue.submit("email", 1, idempotency_key="a", schedule_at=later)
+    assert again.id == tasks[0].id and again.available_at == pytest.approx(later.timestamp(), abs=0.01)
+
+
+async def test_a_plugin_can_change_how_keys_are_scoped(queue):
+    from qo.plugins import get_plugins
+
+    class PerTenant:
+        @qo.hookimpl
+        def qo_idempotency_namespace(self, scope, key, task_type):
+            return "tenant." + key.split(":", 1)[0] if ":" in key else None
+
+    plugins = get_plugins()
+    plugins.register(PerTenant(), name="per-tenant")
+    try:
+        await queue.submit("email", 1, idempotency_key="acme:1")
+        assert [e.key.split("/")[2] for e in await queue.storage.list(keys.idem_prefix(queue.name))] == ["tenant.acme"]
+        with pytest.raises(qo.IdempotencyConflict):  # one namespace per tenant, whatever the type
+            await queue.submit("sms", 1, idempotency_key="acme:1")
+        other = await queue.submit("sms", 1, idempotency_key="plain")  # the plugin passes: default scoping
+        assert other.task_type == "sms"
+    finally:
+        plugins.unregister("per-tenant")
+
+
+def test_cli_idempotency_options(storage_url):
+    from qo.cli import cli
+
+    runner = CliRunner()
+    args = ["submit", "email", "--input", '{"to": "a"}', "--idempotency-key", "cli-1", "--url", storage_url]
+    first = runner.invoke(cli, args)
+    second = runner.invoke(cli, args + ["--idempotency-ttl-days", "1"])
+    assert first.exit_code == 0 and second.exit_code == 0
+    assert first.output == second.output
+    conflict = runner.invoke(cli, ["submit", "email", "--input", '{"to": "b"}', "--idempotency-key", "cli-1",
+                                   "--url", storage_url])
+    assert conflict.exit_code == 1 and "cli-1" in conflict.output
+    bad = runner.invoke(cli, args + ["--idempotency-scope", "nope"])
+    assert bad.exit_code == 1 and "idempotency_scope" in bad.output
