@@ -62,8 +62,9 @@ class Task:
         return self.status in TERMINAL
 
     def marker_key(self, queue: str, now: float) -> str:
-        """The ready or delayed marker that projects this pending task."""
-        if self.available_at <= now:
+        """The ready or delayed marker that projects this pending task (due within a few
+        milliseconds counts as due: a requeue bumps the due time by one)."""
+        if self.available_at <= now + 0.005:
             return keys.ready(queue, self.priority, self.available_at, self.id, self.task_type)
         return keys.delayed(queue, self.priority, self.available_at, self.id, self.task_type)
 

@@ -33,6 +33,7 @@ from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, chec
 from .plugins import Plugins, get_plugins
 from .storage import Storage
 from .store import TaskStore
+from .transitions import requeued_at
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -297,7 +298,8 @@ class Queue:
             if task.status not in (FAILED, CANCELLED):
                 raise TaskStateError(f"task {task_id} is {task.status}; only failed or cancelled tasks can be retried")
             now = self.clock.now()
-            task.status, task.attempt, task.available_at, task.updated_at = PENDING, 0, now, now
+            task.status, task.attempt, task.updated_at = PENDING, 0, now
+            task.available_at = requeued_at(task, now)
             task.finished_at = task.lease_id = task.lease_deadline = task.worker_id = None
             task.cancel_requested = False
             marker = task.marker_key(self.name, now)

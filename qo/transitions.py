@@ -84,6 +84,15 @@ async def finish(store: TaskStore, task: Task, etag: str, change: Any, now: floa
                 return None
 
 
+def requeued_at(task: Task, when: float) -> float:
+    """The due time of a task going back to pending: never its previous one.
+
+    Markers are named by due time; a new state must get a new marker key, or the
+    batched delete of the old marker (same key) could remove the new one.
+    """
+    return max(when, task.available_at + 0.001)
+
+
 def completed(output: Any, now: float):
     def change(task: Task) -> None:
         task.status, task.output, task.finished_at = COMPLETED, output, now
@@ -106,7 +115,7 @@ def failed(error: BaseException, delay: float | None, now: float):
         if delay is None or delay < 0 or isinstance(error, Fail) or task.cancel_requested:
             task.status, task.finished_at = (FAILED if not task.cancel_requested else "cancelled"), now
         else:
-            task.status, task.available_at = PENDING, now + delay
+            task.status, task.available_at = PENDING, requeued_at(task, now + delay)
             task.worker_id = None
     return change
 
@@ -115,7 +124,7 @@ def handed_back(now: float):
     """A graceful shutdown returns the task without counting the interrupted attempt."""
 
     def change(task: Task) -> None:
-        task.status, task.available_at = PENDING, now
+        task.status, task.available_at = PENDING, requeued_at(task, now)
         task.attempt = max(0, task.attempt - 1)
         task.lease_id = task.lease_deadline = task.worker_id = None
     return change
@@ -131,5 +140,5 @@ def abandoned(reason: str, now: float):
         if task.attempt > task.max_retries or task.cancel_requested:
             task.status, task.finished_at = (FAILED if not task.cancel_requested else "cancelled"), now
         else:
-            task.status, task.available_at = PENDING, now
+            task.status, task.available_at = PENDING, requeued_at(task, now)
     return change

@@ -133,7 +133,9 @@ class Worker:
         self._poll = self.settings.poll_min
         self._next_poll_at = 0.0
         self._nothing_listed = False
-        self._active_workers = 1
+        self._peers: set[str] = set()
+        self._deleting: set[str] = set()
+        self._flushed_at = 0.0
         self._feed_lock = asyncio.Lock()
 
     # -- handlers -----------------------------------------------------------------
@@ -265,18 +267,17 @@ class Worker:
         await self._flush_trash()
         self._skip = {k: t for k, t in self._skip.items() if t > now}
         entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=self.settings.listing)
+        done = set(self._trash) | self._deleting  # claimed by us; their delete is pending
         markers = []
         for e in entries:
             m = keys.parse_marker(e.key)
-            if m and self.handles(m.task_type) and m.key not in self._taken and m.key not in self._skip:
+            if m and self.handles(m.task_type) and m.key not in self._taken and m.key not in self._skip \
+                    and m.key not in done:
                 markers.append(m)
         self._nothing_listed = not markers
         if not markers:
             return False
-        if self._active_workers > 1:  # spread workers over the head of the index
-            window = markers[: self.settings.concurrency * self._active_workers]
-            random.shuffle(window)
-            markers[: len(window)] = window
+        markers = self._own_share_first(markers)
         leases = {m.task_id: os.urandom(8).hex() for m in markers}
         await self.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
         self._lease_ids.update(leases)
@@ -284,14 +285,30 @@ class Worker:
         self._buffer_at = self.clock.now()
         return True
 
+    def _own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:
+        """Live workers split the listing by task id, each taking its own share first and
+        the others' only after, so they do not all fight for the head of the index."""
+        peers = sorted(self._peers | {self.worker_id})
+        if len(peers) == 1:
+            return markers
+        rank, n = peers.index(self.worker_id), len(peers)
+        mine = [m for m in markers if int(m.task_id[-8:], 16) % n == rank]
+        rest = [m for m in markers if int(m.task_id[-8:], 16) % n != rank]
+        random.shuffle(rest)
+        return mine + rest
+
     async def _flush_trash(self) -> None:
         if self._trash:
             batch, self._trash = self._trash, []
+            self._deleting.update(batch)
             try:
                 await self.store.delete_markers(batch)
             except QoError:
                 self._trash.extend(batch)
                 raise
+            finally:
+                self._deleting.difference_update(batch)
+            self._flushed_at = self.clock.now()
 
     # -- one task -----------------------------------------------------------------
 
@@ -426,7 +443,7 @@ class Worker:
                 if now >= next_idem:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
-                if self._trash and not self._buffer:
+                if self._trash and (not self._buffer or now - self._flushed_at >= 0.25):
                     await self._flush_trash()
             except QoError as exc:
                 log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
@@ -437,7 +454,7 @@ class Worker:
         """Recover the tasks of dead workers; learn how many workers are alive."""
         report = await sweep(self.store, self.clock, self_id=self.worker_id,
                              emit=lambda ev, t: emit(self.queue.plugins, ev, t))
-        self._active_workers = 1 + len(report.alive)
+        self._peers = set(report.alive)
         self.stats["recovered"] += len(report.recovered)
         return report
 

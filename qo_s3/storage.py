@@ -253,6 +253,8 @@ class S3Storage:
             "retries": {"total_max_attempts": 1, "mode": "standard"},  # one attempt, no retry
             "connect_timeout": self._timeouts[0],
             "read_timeout": self._timeouts[1],
+            # a worker runs many slots at once: botocore's default pool of 10 queues them
+            "max_pool_connections": 64,
             "s3": {"addressing_style": style},
             # checksums only where S3 requires them (DeleteObjects): S3-compatible stores differ
             "request_checksum_calculation": "when_required",

@@ -230,3 +230,20 @@ async def test_a_producer_failing_between_its_writes_leaves_no_task_and_no_dupli
     assert [t async for t in broken.list()] == []
     assert len(await broken.storage.list(keys.ready_prefix("crash"))) == 1  # only the orphan marker
     await broken.close()
+
+
+async def test_a_requeued_task_never_reuses_its_old_marker_key(storage_url):
+    """With the clock standing still (an S3 offset refined downwards holds the clock),
+    a retry at once must not land on the marker key that the claim's batched delete
+    is about to remove."""
+    clock = FakeClock()
+    q = await qo.connect(storage_url, queue="frozen", clock=clock)
+    task = await q.submit("t", None)
+    old_marker = task.marker_key(q.name, clock.now())
+    got = await claim_as(q, LeaseBook(q.store, "w", clock, lease_ttl=10), task)
+    now = clock.now()  # no time has passed
+    stored, _ = await finish(q.store, got.task, got.etag, failed(RuntimeError("x"), 0.0, now), now)
+    new_marker = stored.marker_key(q.name, now)
+    assert stored.status == PENDING and stored.available_at > task.available_at
+    assert new_marker != old_marker and new_marker.startswith(keys.ready_prefix(q.name))
+    await q.close()
