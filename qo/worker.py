@@ -286,16 +286,18 @@ class Worker:
         return True
 
     def _own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:
-        """Live workers split the listing by task id, each taking its own share first and
-        the others' only after, so they do not all fight for the head of the index."""
+        """Live workers split the listing by task id: each takes only its own share while
+        the listing has some, and helps with the others' (shuffled) when it has none, so
+        workers do not all fight for the head of the index."""
         peers = sorted(self._peers | {self.worker_id})
         if len(peers) == 1:
             return markers
         rank, n = peers.index(self.worker_id), len(peers)
         mine = [m for m in markers if int(m.task_id[-8:], 16) % n == rank]
-        rest = [m for m in markers if int(m.task_id[-8:], 16) % n != rank]
-        random.shuffle(rest)
-        return mine + rest
+        if mine:
+            return mine
+        random.shuffle(markers)  # nothing of our share listed: help the others
+        return markers
 
     async def _flush_trash(self) -> None:
         if self._trash:
@@ -422,6 +424,9 @@ class Worker:
         next_promote = next_sweep = 0.0
         next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
         idem_cursor: str | None = None
+        # workers started together only see each other once their records exist: look
+        # again soon after our first record write, so the listing is split early
+        startup_sweeps: list[float] = [0.0, 0.25, 0.5, 1.0]  # 0.0: waiting for our first record
         while not self._stopping.is_set():
             now = self.clock.now()
             try:
@@ -437,9 +442,15 @@ class Worker:
                     await self.book.write()
                 elif self.book.dirty and self.book.etag is not None:
                     await self.book.write()  # say promptly that we hold nothing any more
+                if startup_sweeps and self.book.etag is not None and not startup_sweeps[0]:
+                    startup_sweeps.pop(0)  # our record exists now: sweep soon, a few times
+                    next_sweep = min(next_sweep, now + startup_sweeps[0])
                 if now >= next_sweep:
                     await self._sweep()
-                    next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
+                    if startup_sweeps and startup_sweeps[0]:
+                        next_sweep = now + startup_sweeps.pop(0)
+                    else:
+                        next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
                 if now >= next_idem:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
