@@ -21,6 +21,7 @@ from typing import Any, Callable
 import attrs
 
 from . import keys
+from .aging import AgingSettings, age_ready, to_aging_settings
 from .errors import Fail, InvalidInput, QoError
 from .events import emit
 from .handlers import Handler, Registry
@@ -60,6 +61,8 @@ class WorkerSettings:
     delete_batch: int = attrs.field(default=200, validator=_positive)
     #: how often this worker deletes a page (100) of expired idempotency records
     idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
+    #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off
+    aging: AgingSettings = attrs.field(factory=AgingSettings.from_env, converter=to_aging_settings)
     shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
     orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
     worker_id: str | None = None
@@ -424,6 +427,7 @@ class Worker:
         next_promote = next_sweep = 0.0
         next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
         idem_cursor: str | None = None
+        next_aging = self.clock.now() + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf")
         # workers started together only see each other once their records exist: look
         # again soon after our first record write, so the listing is split early
         startup_sweeps: list[float] = [0.0, 0.25, 0.5, 1.0]  # 0.0: waiting for our first record
@@ -454,11 +458,14 @@ class Worker:
                 if now >= next_idem:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
+                if now >= next_aging:  # about one pass per interval on the queue, whatever the workers
+                    next_aging = now + s.aging.interval * len(self._peers | {self.worker_id}) * random.uniform(0.5, 1.5)
+                    self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, now)).moved
                 if self._trash and (not self._buffer or now - self._flushed_at >= 0.25):
                     await self._flush_trash()
             except QoError as exc:
                 log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
-            wake = min(next_promote, next_sweep, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
+            wake = min(next_promote, next_sweep, next_aging, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
             await self._sleep(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)))
 
     async def _sweep(self):
