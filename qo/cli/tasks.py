@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..aging import task_effective_priority
 from ..backends import redact_url
 from ..errors import TaskNotFound
 from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, iso
@@ -72,14 +73,15 @@ async def status(task_id: str, as_json: bool, url: str, queue_name: str) -> None
     queue = await open_queue(url, queue_name)
     try:
         task = await queue.get(task_id)
+        effective = task_effective_priority(queue.plugins, task, queue.clock.now())
     except TaskNotFound as exc:
         raise _not_here(exc, queue) from None
     finally:
         await queue.close()
     if as_json:
-        echo_json(task.public_dict())
+        echo_json({**task.public_dict(), "effective_priority": effective})
         return
-    for label, value in describe(task):
+    for label, value in describe(task, effective):
         click.echo(f"{label + ':':<11} {value}")
 
 
@@ -90,14 +92,16 @@ def _not_here(exc: TaskNotFound, queue: Any) -> TaskNotFound:
     return err
 
 
-def describe(task: Task) -> list[tuple[str, str]]:
-    """The (label, value) lines of ``qo status`` for ``task``; unset fields are left out."""
+def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
+    """The (label, value) lines of ``qo status`` for ``task``; unset fields are left out.
+    ``effective``: the priority a pending task competes at now (after aging)."""
     state = task.status + (" (cancel requested)" if task.cancel_requested and task.status == RUNNING else "")
     lines = [
         ("id", task.id),
         ("type", task.task_type),
         ("status", state),
-        ("priority", str(task.priority)),
+        ("priority", str(task.priority) + (f" (effective {effective})"
+                                           if effective is not None and task.status == "pending" else "")),
         ("attempt", f"{task.attempt}/{task.max_retries + 1}"),
         ("timeout", f"{task.timeout_seconds:g}s"),
     ]
@@ -133,13 +137,14 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
                      url: str, queue_name: str) -> None:
     """List tasks, oldest first."""
     queue = await open_queue(url, queue_name)
-    rows: list[Task] = []
+    rows: list[tuple[Task, int]] = []
     try:
         async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
-            if as_json:
-                echo_json(task.public_dict())  # stream: a long listing shows progress
+            effective = task_effective_priority(queue.plugins, task, queue.clock.now())
+            if as_json:  # stream: a long listing shows progress
+                echo_json({**task.public_dict(), "effective_priority": effective})
             else:
-                rows.append(task)
+                rows.append((task, effective))
     finally:
         await queue.close()
     if as_json:
@@ -148,8 +153,9 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
         click.echo("no tasks", err=True)
         return
     table = [("ID", "TYPE", "STATUS", "PRIORITY", "ATTEMPT", "UPDATED")]
-    table += [(t.id, t.task_type, t.status, str(t.priority), f"{t.attempt}/{t.max_retries + 1}", iso(t.updated_at))
-              for t in rows]
+    # PRIORITY: the task's own; "0->160" when aging has it competing higher now
+    table += [(t.id, t.task_type, t.status, str(t.priority) + (f"->{e}" if e != t.priority else ""),
+               f"{t.attempt}/{t.max_retries + 1}", iso(t.updated_at)) for t, e in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
