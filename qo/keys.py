@@ -9,6 +9,7 @@ reading the task: priority, due time, id and task type.
     {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
     {q}/idem/{namespace}/{sha256(key)}.json            idempotency record
+    {q}/deps/{parent_id}/{child_id}-{child_type}       dependency edge: whom to wake
 """
 
 from __future__ import annotations
@@ -77,6 +78,29 @@ def idem_prefix(queue: str) -> str:
 
 def idem(queue: str, namespace: str, key_hash: str) -> str:
     return f"{queue}/idem/{namespace}/{key_hash}.json"
+
+
+def deps_root(queue: str) -> str:
+    return f"{queue}/deps/"
+
+
+def deps_prefix(queue: str, parent_id: str) -> str:
+    return f"{queue}/deps/{parent_id}/"
+
+
+def dep(queue: str, parent_id: str, child_id: str, child_type: str) -> str:
+    return f"{queue}/deps/{parent_id}/{child_id}-{child_type}"
+
+
+def parse_dep(key: str) -> tuple[str, str, str] | None:
+    """(parent id, child id, child type) of an edge key, or None."""
+    parts = key.rsplit("/", 2)
+    if len(parts) != 3:
+        return None
+    child_id, _, child_type = parts[2].partition("-")
+    if not (TASK_ID.match(parts[1]) and TASK_ID.match(child_id) and TASK_TYPE.match(child_type)):
+        return None
+    return parts[1], child_id, child_type
 
 
 def ms(ts: float) -> int:

@@ -122,7 +122,7 @@ class SweepReport:
 
 
 async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int = 20,
-                emit: Any = None) -> SweepReport:
+                emit: Any = None, on_end: Any = None) -> SweepReport:
     """Find workers whose heartbeat is older than their lease and recover their tasks.
 
     Bounded: reads at most ``max_records`` records (chosen at random when there are
@@ -145,7 +145,7 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
         if now <= float(record.get("heartbeat_at", 0)) + ttl:
             alive[record.get("worker_id", entry.key)] = record
             continue
-        recovered += await recover_record(store, clock, record, emit=emit)
+        recovered += await recover_record(store, clock, record, emit=emit, on_end=on_end)
         try:  # only the version we judged: a worker that came back keeps its record
             await store.backoff.call(lambda: store.storage.delete(entry.key, if_match=blob.etag))
         except (PreconditionFailed, NotFound):
@@ -153,7 +153,8 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
     return SweepReport(len(entries), alive, recovered)
 
 
-async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *, emit: Any = None) -> list[str]:
+async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *, emit: Any = None,
+                         on_end: Any = None) -> list[str]:
     """Requeue (or dead-letter) every task a dead worker held; re-mark its pending ones."""
     worker_id = record.get("worker_id")
     out: list[str] = []
@@ -172,6 +173,8 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
             out.append(task_id)
             if emit:
                 emit("recovered" if task.status == PENDING else "failed", task)
+            if task.status != PENDING and on_end is not None:
+                await on_end(task)  # dead-lettered: its dependents learn of it
         if task.status == PENDING:
             # the worker may have died between the task write and its marker write
             await store.put_marker(task.marker_key(store.queue, clock.now()))

@@ -52,6 +52,9 @@ class Task:
     output: Any = None
     last_error: dict[str, Any] | None = None
     cancel_requested: bool = False
+    depends_on: list[str] = attrs.field(factory=list)
+    waiting_on: list[str] = attrs.field(factory=list)  # dependencies not yet completed
+    on_dependency_failure: str = "fail"
     rev: str = ""
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged

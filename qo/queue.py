@@ -11,10 +11,13 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 from . import keys
 from .backends import default_url, open_storage
 from .clock import Clock, SystemClock
-from .errors import InvalidInput, PreconditionFailed, QoError, TaskStateError
+from .errors import DependencyError, InvalidInput, PreconditionFailed, QoError, TaskStateError
+from .dependencies import Dependencies, check_depends_on, check_policy, find_cycle, topological
 from .events import emit
 from .model import (
+    BLOCKED,
     CANCELLED,
+    COMPLETED,
     FAILED,
     PENDING,
     RUNNING,
@@ -35,6 +38,7 @@ from .storage import Storage
 from .store import TaskStore
 from .transitions import requeued_at
 
+GRAPH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 #: A marker whose task cannot be read (not yet written, or its producer died) is left
@@ -45,6 +49,7 @@ ORPHAN_GRACE_SECONDS = 120.0
 SUBMIT_OPTIONS = (
     "priority", "schedule_at", "max_retries", "timeout_seconds",
     "idempotency_key", "idempotency_scope", "idempotency_ttl_days",
+    "depends_on", "on_dependency_failure",
 )
 
 
@@ -85,9 +90,19 @@ class Queue:
         self.url = url
         self.store = TaskStore(storage, self.name)
         self.idempotency = Idempotency(self)
+        self.dependencies = Dependencies(self)
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} on {self.storage!r}>"
+
+    @property
+    def schedules(self) -> "Schedules":
+        """The recurring schedules of this queue (``qo/schedules.py``), created on first use."""
+        from .schedules import Schedules
+
+        if getattr(self, "_schedules", None) is None:
+            self._schedules = Schedules(self)
+        return self._schedules
 
     # -- submit -------------------------------------------------------------------
 
@@ -112,6 +127,8 @@ class Queue:
             available_at=max(now, schedule_at) if schedule_at is not None else now,
             created_at=now,
             updated_at=now,
+            depends_on=check_depends_on(options.get("depends_on")),
+            on_dependency_failure=check_policy(options.get("on_dependency_failure", "fail")),
         )
         request = check_request(options.get("idempotency_key"), options.get("idempotency_scope", "task_type"),
                                 options.get("idempotency_ttl_days", DEFAULT_TTL_DAYS))
@@ -131,23 +148,33 @@ class Queue:
         idempotency_key: str | None = None,
         idempotency_scope: str = "task_type",
         idempotency_ttl_days: float = DEFAULT_TTL_DAYS,
+        depends_on: Iterable[str] | None = None,
+        on_dependency_failure: str = "fail",
     ) -> Task:
         """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``.
 
         With ``idempotency_key``, the same key in the same scope returns the existing task
-        (same id) for ``idempotency_ttl_days`` instead of creating another.
+        (same id) for ``idempotency_ttl_days`` instead of creating another. With
+        ``depends_on``, the task is ``blocked`` until every listed task has completed;
+        ``on_dependency_failure`` ("fail", "skip", "run") says what a failed or cancelled
+        dependency does to it.
         """
         options = dict(priority=priority, schedule_at=schedule_at, max_retries=max_retries,
                        timeout_seconds=timeout_seconds, idempotency_key=idempotency_key,
-                       idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days)
+                       idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days,
+                       depends_on=depends_on, on_dependency_failure=on_dependency_failure)
         task, request = self._prepare(task_type, input, options)
         return await self._submit(task, request)
 
-    async def _submit(self, task: Task, request: IdempotencyRequest | None) -> Task:
+    async def _submit(self, task: Task, request: IdempotencyRequest | None, known: Iterable[str] = ()) -> Task:
+        if task.depends_on:
+            parents = await self.dependencies.check_parents(task.depends_on, known)
+            task.waiting_on = [p for p in task.depends_on if p not in parents or parents[p].status != COMPLETED]
+            if task.waiting_on:
+                task.status = BLOCKED
         if request is not None:
             return await self.idempotency.submit(task, request)
-        await self._write_new(task)
-        return task
+        return await self._write_new(task)
 
     async def submit_many(
         self,
@@ -196,9 +223,56 @@ class Queue:
             raise BulkSubmitError([None if i in failed else t for i, t in enumerate(tasks)], sorted(errors, key=lambda e: e[0]))
         return tasks
 
-    async def _write_new(self, task: Task) -> None:
+    async def submit_graph(self, nodes: dict[str, dict[str, Any]]) -> dict[str, Task]:
+        """Submit tasks that depend on each other by local names; returns name -> Task.
+
+        ``nodes`` maps a name to ``{"task_type": ..., "input": ..., "depends_on": [names or
+        existing task ids], **submit options}``. A cycle (spelled out), a self-reference, a
+        dangling name or an unknown id is a ``DependencyError`` before anything is written.
+        """
+        if not isinstance(nodes, dict) or not nodes:
+            raise InvalidInput("nodes", "must be a non-empty dict of name -> task spec")
+        graph: dict[str, list[str]] = {}
+        for name, spec in nodes.items():
+            if not isinstance(name, str) or not GRAPH_NAME.match(name):
+                raise InvalidInput("nodes", f"{name!r} is not a node name (letters, digits, _ . : -)")
+            if not isinstance(spec, dict) or "task_type" not in spec:
+                raise InvalidInput(f"nodes[{name}]", "must be a dict with at least 'task_type'")
+            deps = spec.get("depends_on") or []
+            if isinstance(deps, str) or not isinstance(deps, (list, tuple)):
+                raise InvalidInput(f"nodes[{name}].depends_on", "must be a list of node names or task ids")
+            for d in deps:
+                if d not in nodes and not (isinstance(d, str) and keys.TASK_ID.match(d)):
+                    raise DependencyError(f"node {name!r} depends on {d!r}, which is neither a node of the "
+                                          "graph nor a task id")
+            graph[name] = list(deps)
+        cycle = find_cycle(graph)
+        if cycle:
+            raise DependencyError("cycle: " + " -> ".join(cycle))
+        prepared: dict[str, tuple[Task, IdempotencyRequest | None]] = {}
+        for name in graph:
+            spec = {k: v for k, v in nodes[name].items() if k not in ("task_type", "input", "depends_on")}
+            try:
+                prepared[name] = self._prepare(nodes[name]["task_type"], nodes[name].get("input"), spec)
+            except InvalidInput as exc:
+                raise InvalidInput(f"nodes[{name}].{exc.field}", exc.message) from None
+        for name, (task, _) in prepared.items():
+            task.depends_on = [prepared[d][0].id if d in prepared else d for d in graph[name]]
+        outside = sorted({d for deps in graph.values() for d in deps if d not in graph})
+        await self.dependencies.check_parents(outside)
+        ours = {t.id for t, _ in prepared.values()}
+        out: dict[str, Task] = {}
+        for name in topological(graph):  # parents first: a child's re-read sees them
+            task, request = prepared[name]
+            out[name] = await self._submit(task, request, known=ours)
+        return {name: out[name] for name in nodes}
+
+    async def _write_new(self, task: Task) -> Task:
         """Marker first, then the task: a marker without its task is an orphan workers
-        drop after ORPHAN_GRACE_SECONDS; a task is never without its marker."""
+        drop after ORPHAN_GRACE_SECONDS; a task is never without its marker.
+        A blocked task has edges instead of a marker (qo/dependencies.py)."""
+        if task.status == BLOCKED:
+            return await self.dependencies.write_blocked(task)
         started = self.clock.now()
         marker = task.marker_key(self.name, started)
         await self.store.put_marker(marker)
@@ -206,6 +280,7 @@ class Queue:
         if self.clock.now() - started > ORPHAN_GRACE_SECONDS / 2:
             await self.store.put_marker(marker)  # a worker may have dropped it as an orphan
         emit(self.plugins, "submitted", task)
+        return task
 
     # -- inspect ------------------------------------------------------------------
 
@@ -288,6 +363,7 @@ class Queue:
             if task.status == CANCELLED:
                 await self.store.delete_markers(old_markers)
                 emit(self.plugins, "cancelled", task)
+                await self.dependencies.release(task)  # a cancelled dependency counts as failed
             return task
 
     async def retry(self, task_id: str) -> Task:

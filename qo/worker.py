@@ -59,6 +59,8 @@ class WorkerSettings:
     #: listed candidates older than this are listed again (newer, more urgent work)
     buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
     delete_batch: int = attrs.field(default=200, validator=_positive)
+    #: how often this worker looks for dependents whose wake-up was lost (a page of edges)
+    dependency_sweep_interval: float = attrs.field(default=60.0, validator=_positive)
     #: how often this worker deletes a page (100) of expired idempotency records
     idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
     #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off
@@ -92,6 +94,8 @@ class TaskContext:
     queue: Queue
     worker: "Worker"
     deadline: float
+    #: each dependency's {"status", "output", "task_type"}, by task id
+    dependencies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     @property
     def task_id(self) -> str:
@@ -346,6 +350,8 @@ class Worker:
     async def _execute(self, task: Task, etag: str) -> None:
         handler = self.registry.handlers[task.task_type]
         ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds)
+        if task.depends_on:
+            ctx.dependencies = await self.queue.dependencies.results(task)
         emit(self.queue.plugins, "started", task)
         run = asyncio.ensure_future(self._invoke(handler, task, ctx))
         self._running[task.id] = run
@@ -376,6 +382,7 @@ class Worker:
                 return
             self.stats["completed"] += 1
             emit(self.queue.plugins, "succeeded", stored[0])
+            await self._release(stored[0])
             return
         delay = self.queue.plugins.hook.qo_retry_delay(task=task, error=error)
         stored = await finish(self.store, task, etag, failed(error, delay, now), now)
@@ -390,6 +397,15 @@ class Worker:
         else:
             self.stats[final.status] += 1
             emit(self.queue.plugins, "failed" if final.status == "failed" else final.status, final)
+            await self._release(final)
+
+    async def _release(self, task: Task) -> None:
+        """Wake (or fail, or skip) the dependents of a task that just ended. A failure
+        here is repaired by the dependency sweep: the edges stay until processed."""
+        try:
+            self.stats["released"] += await self.queue.dependencies.release(task)
+        except QoError as exc:
+            log.warning("task %s: releasing dependents failed (the sweep will retry): %s", task.id, exc)
 
     async def _watch(self, run: asyncio.Future, ctx: TaskContext) -> tuple[Any, BaseException | None]:
         """Wait for the handler, enforcing the attempt's deadline on the queue's clock."""
@@ -428,6 +444,8 @@ class Worker:
         next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
         idem_cursor: str | None = None
         next_aging = self.clock.now() + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf")
+        next_deps = self.clock.now() + s.dependency_sweep_interval * random.uniform(0.1, 1.0)
+        deps_cursor: str | None = None
         # workers started together only see each other once their records exist: look
         # again soon after our first record write, so the listing is split early
         startup_sweeps: list[float] = [0.0, 0.25, 0.5, 1.0]  # 0.0: waiting for our first record
@@ -455,6 +473,9 @@ class Worker:
                         next_sweep = now + startup_sweeps.pop(0)
                     else:
                         next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
+                if now >= next_deps:
+                    deps_cursor = await self.queue.dependencies.sweep(deps_cursor)
+                    next_deps = now + s.dependency_sweep_interval * random.uniform(0.5, 1.5)
                 if now >= next_idem:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
@@ -471,7 +492,7 @@ class Worker:
     async def _sweep(self):
         """Recover the tasks of dead workers; learn how many workers are alive."""
         report = await sweep(self.store, self.clock, self_id=self.worker_id,
-                             emit=lambda ev, t: emit(self.queue.plugins, ev, t))
+                             emit=lambda ev, t: emit(self.queue.plugins, ev, t), on_end=self._release)
         self._peers = set(report.alive)
         self.stats["recovered"] += len(report.recovered)
         return report
@@ -491,14 +512,17 @@ class Worker:
 
     async def _queue_idle(self) -> bool:
         """Nothing of ours anywhere. Checked in the order tasks move: a task leaves a
-        worker's record only after its marker is written, and leaves delayed/ only after
-        its ready marker is written, so records, then delayed/, then ready/ misses none."""
+        worker's record only after its marker is written, its edges (blocked) only after
+        its marker is written, and delayed/ only after its ready marker is written, so
+        records, then edges, then delayed/, then ready/ misses none."""
         report = await self._sweep()
         if report.recovered:
             return False
         for record in report.alive.values():
             if any(self.handles(lease.get("type", "")) for lease in (record.get("leases") or {}).values()):
                 return False
+        if any(self.handles(t) for t in await self.queue.dependencies.blocked_types()):
+            return False
         promotion = await promote_due(self.store, self.clock.now())
         if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
             return False

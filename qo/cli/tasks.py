@@ -34,12 +34,18 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
               help="task_type, queue or custom:NAME.")
 @click.option("--idempotency-ttl-days", type=float, default=7.0, show_default=True,
               help="How long the key names its task.")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="ID",
+              help="Run only after this task completed (repeatable).")
+@click.option("--on-dependency-failure", default="fail", show_default=True,
+              type=click.Choice(["fail", "skip", "run"]),
+              help="What a failed or cancelled dependency does to this task.")
 @json_option
 @queue_options
 @run
 async def submit(task_type: str, input_text: str | None, priority: str, at_text: str | None,
                  delay_text: str | None, max_retries: int, timeout_seconds: float,
                  idempotency_key: str | None, idempotency_scope: str, idempotency_ttl_days: float,
+                 depends_on: tuple[str, ...], on_dependency_failure: str,
                  as_json: bool, url: str, queue_name: str) -> None:
     """Submit a task of TYPE; prints its id."""
     if at_text is not None and delay_text is not None:
@@ -54,7 +60,8 @@ async def submit(task_type: str, input_text: str | None, priority: str, at_text:
         task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
                                   max_retries=max_retries, timeout_seconds=timeout_seconds,
                                   idempotency_key=idempotency_key, idempotency_scope=idempotency_scope,
-                                  idempotency_ttl_days=idempotency_ttl_days)
+                                  idempotency_ttl_days=idempotency_ttl_days,
+                                  depends_on=list(depends_on), on_dependency_failure=on_dependency_failure)
     finally:
         await queue.close()
     if as_json:
@@ -111,6 +118,10 @@ def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
             lines.append((label, iso(ts)))
     if task.worker_id:
         lines.append(("worker", task.worker_id))
+    if task.depends_on:
+        lines.append(("depends on", ", ".join(task.depends_on) + f" (if one fails: {task.on_dependency_failure})"))
+    if task.status == "blocked":
+        lines.append(("waiting on", ", ".join(task.waiting_on)))
     if task.last_error:
         err = task.last_error
         where = f" (attempt {err['attempt']})" if err.get("attempt") is not None else ""

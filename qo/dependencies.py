@@ -1,0 +1,229 @@
+"""Task dependencies: blocked tasks, pushed wake-ups, failure policies, graphs.
+
+Objects: an edge ``deps/{parent}/{child}-{child type}`` per dependency (empty), written
+before the child. Write order (docs/architecture.md, "Dependencies"):
+
+- submit: edges, then the child (``blocked``, waiting on its unfinished parents), then
+  a re-read of every parent: a parent that ended meanwhile is applied by the submitter.
+- a parent ends: whoever ended it lists its edges and applies the outcome to each child
+  by CAS (completed: one less to wait for; failed/cancelled/skipped: the child's
+  policy), then deletes the edges.
+
+Either the parent's ending happens before the submitter's re-read (the submitter sees
+it), or after it, and then after the edge exists (the ender's LIST sees it): a child is
+never left blocked by a race. Applying an outcome twice is harmless (the parent is no
+longer in ``waiting_on``). A crash between a parent's end and its releases leaves the
+edges; a bounded sweep finds them and finishes the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Iterable
+
+from . import keys
+from .errors import DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
+from .events import emit
+from .model import BLOCKED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, check_task_id
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("fail", "skip", "run")
+MAX_DEPENDENCIES = 1000
+
+
+def check_policy(value: Any, field: str = "on_dependency_failure") -> str:
+    if value not in POLICIES:
+        raise InvalidInput(field, f"{value!r} is not one of {', '.join(POLICIES)}")
+    return value
+
+
+def check_depends_on(value: Any, field: str = "depends_on") -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidInput(field, "must be a list of task ids")
+    ids = list(dict.fromkeys(value))  # de-duplicated, order kept
+    if len(ids) > MAX_DEPENDENCIES:
+        raise InvalidInput(field, f"at most {MAX_DEPENDENCIES} dependencies")
+    for i, task_id in enumerate(ids):
+        check_task_id(task_id, f"{field}[{i}]")
+    return ids
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """A cycle in ``name -> [names it depends on]`` as ``[a, b, ..., a]``, or None."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = dict.fromkeys(graph, WHITE)
+    for start in graph:
+        if colour[start] != WHITE:
+            continue
+        stack: list[tuple[str, int]] = [(start, 0)]
+        path: list[str] = [start]
+        colour[start] = GREY
+        while stack:
+            node, i = stack[-1]
+            edges = graph[node]
+            if i < len(edges):
+                stack[-1] = (node, i + 1)
+                nxt = edges[i]
+                if nxt not in colour:
+                    continue  # an existing task id, not a node of the graph
+                if colour[nxt] == GREY:
+                    return path[path.index(nxt):] + [nxt]
+                if colour[nxt] == WHITE:
+                    colour[nxt] = GREY
+                    stack.append((nxt, 0))
+                    path.append(nxt)
+            else:
+                colour[node] = BLACK
+                stack.pop()
+                path.pop()
+    return None
+
+
+def topological(graph: dict[str, list[str]]) -> list[str]:
+    """Graph nodes, dependencies first (the graph must be acyclic)."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in seen:
+            return
+        seen.add(n)
+        for d in graph[n]:
+            if d in graph:
+                visit(d)
+        out.append(n)
+
+    for n in graph:
+        visit(n)
+    return out
+
+
+class Dependencies:
+    """Blocking, releasing and sweeping the dependents of a queue's tasks."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+        self.store = queue.store
+
+    def edge(self, parent: str, child: Task) -> str:
+        return keys.dep(self.queue.name, parent, child.id, child.task_type)
+
+    async def check_parents(self, ids: list[str], known: Iterable[str] = ()) -> dict[str, Task]:
+        """Read every parent not in ``known``; unknown ids are one DependencyError naming them."""
+        todo = [i for i in ids if i not in set(known)]
+        results = await asyncio.gather(*(self._maybe(i) for i in todo))
+        missing = [i for i, t in zip(todo, results) if t is None]
+        if missing:
+            raise DependencyError(f"unknown dependency ids: {', '.join(missing)}")
+        return {t.id: t for t in results if t is not None}
+
+    async def _maybe(self, task_id: str) -> Task | None:
+        try:
+            return (await self.store.load(task_id))[0]
+        except TaskNotFound:
+            return None
+
+    async def write_blocked(self, task: Task) -> Task:
+        """Edges, then the blocked task, then a re-read of its parents (see module doc)."""
+        await asyncio.gather(*(self.store.put_marker(self.edge(p, task)) for p in task.depends_on))
+        await self.store.create(task)
+        emit(self.queue.plugins, "submitted", task)
+        parents = await asyncio.gather(*(self._maybe(p) for p in task.depends_on))
+        for parent in parents:
+            if parent is not None and parent.status in TERMINAL:
+                task = await self.apply(task.id, parent) or task
+        return task
+
+    async def apply(self, child_id: str, parent: Task) -> Task | None:
+        """Apply ``parent``'s end to one child by CAS; returns the child as stored."""
+        while True:
+            try:
+                child, etag = await self.store.load(child_id)
+            except TaskNotFound:
+                return None  # its submitter has not written it yet; it re-reads us itself
+            if child.status != BLOCKED or parent.id not in child.waiting_on:
+                return child
+            now = self.queue.clock.now()
+            decision = "run"
+            if parent.status != COMPLETED:
+                decision = self.queue.plugins.hook.qo_on_dependency_failed(task=child, dependency=parent)
+                decision = check_policy(decision if decision is not None else child.on_dependency_failure,
+                                        "qo_on_dependency_failed")
+            marker = None
+            if decision == "run":
+                child.waiting_on = [p for p in child.waiting_on if p != parent.id]
+                if not child.waiting_on:
+                    child.status = PENDING
+                    child.available_at = max(now, child.available_at)
+                    marker = child.marker_key(self.queue.name, now)
+            else:
+                child.status = FAILED if decision == "fail" else SKIPPED
+                child.finished_at = now
+                child.last_error = {
+                    "type": "DependencyFailed", "attempt": child.attempt, "traceback": "",
+                    "message": f"dependency {parent.id} ({parent.task_type}) ended {parent.status}",
+                }
+            child.updated_at = now
+            if marker is not None:
+                await self.store.put_marker(marker)  # marker first, as in submit
+            try:
+                await self.store.replace(child, etag)
+            except PreconditionFailed:
+                continue
+            if child.status in TERMINAL:
+                emit(self.queue.plugins, "failed" if child.status == FAILED else child.status, child)
+            return child
+
+    async def release(self, parent: Task) -> int:
+        """Apply a terminal ``parent`` to all its dependents, and theirs in turn."""
+        if parent.status not in TERMINAL:
+            return 0
+        done = 0
+        todo = [parent]
+        while todo:
+            p = todo.pop()
+            prefix = keys.deps_prefix(self.queue.name, p.id)
+            while True:
+                edges = await self.store.list(prefix, limit=1000)
+                if not edges:
+                    break
+                children = [keys.parse_dep(e.key) for e in edges]
+                results = await asyncio.gather(*(self.apply(c[1], p) for c in children if c))
+                for child in results:
+                    if child is not None and child.status in (FAILED, SKIPPED):
+                        todo.append(child)  # propagate down the graph
+                done += len(edges)
+                await self.store.delete_markers([e.key for e in edges])
+        return done
+
+    async def sweep(self, cursor: str | None, *, limit: int = 200) -> str | None:
+        """Repair lost wake-ups: edges whose parent already ended. Returns the next cursor."""
+        edges = await self.store.list(keys.deps_root(self.queue.name), start_after=cursor, limit=limit)
+        parents = {keys.parse_dep(e.key)[0] for e in edges if keys.parse_dep(e.key)}
+        for parent_id in parents:
+            parent = await self._maybe(parent_id)
+            if parent is None or parent.status in TERMINAL:
+                if parent is None:  # a dependency cannot vanish; drop its edges
+                    await self.store.delete_markers(
+                        [e.key for e in await self.store.list(keys.deps_prefix(self.queue.name, parent_id))])
+                else:
+                    await self.release(parent)
+        return edges[-1].key if len(edges) >= limit else None
+
+    async def blocked_types(self) -> set[str]:
+        """Task types that have a blocked task waiting somewhere (from the edges)."""
+        edges = await self.store.list(keys.deps_root(self.queue.name), limit=1000)
+        return {d[2] for d in (keys.parse_dep(e.key) for e in edges) if d}
+
+    async def results(self, task: Task) -> dict[str, dict[str, Any]]:
+        """Each dependency's status and output, for a handler's ``ctx.dependencies``."""
+        parents = await asyncio.gather(*(self._maybe(p) for p in task.depends_on))
+        return {
+            pid: ({"status": p.status, "output": p.output, "task_type": p.task_type} if p else
+                  {"status": "missing", "output": None, "task_type": None})
+            for pid, p in zip(task.depends_on, parents)
+        }
