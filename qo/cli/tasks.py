@@ -212,3 +212,27 @@ async def retry(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
         echo_json(task.public_dict())
     else:
         click.echo(task.status)
+
+
+@click.command("submit-graph")
+@click.argument("graph_text", metavar="JSON|@FILE")
+@json_option
+@queue_options
+@run
+async def submit_graph(graph_text: str, as_json: bool, url: str, queue_name: str) -> None:
+    """Submit tasks that depend on each other by local names; prints 'name id' lines.
+
+    The graph is a JSON object: {"name": {"task_type": "...", "input": ..., "depends_on":
+    ["other name or task id", ...], "priority": ...}, ...}. A cycle is refused, spelled out.
+    """
+    nodes = parse_json_input(graph_text, "JSON")
+    queue = await open_queue(url, queue_name)
+    try:
+        tasks = await queue.submit_graph(nodes)
+    finally:
+        await queue.close()
+    if as_json:
+        echo_json({name: t.public_dict() for name, t in tasks.items()})
+    else:
+        for name, t in tasks.items():
+            click.echo(f"{name} {t.id} {t.status}")
