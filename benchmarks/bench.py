@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --backend local|s3|both --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
+        [--priorities uniform|mixed]
 
 Prints one JSON object per backend run (see benchmarks/README.md for every figure).
 Progress goes to stderr; ``--json-only`` silences it.
@@ -25,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import random
 import shutil
 import subprocess
 import sys
@@ -44,6 +46,8 @@ from qo.counting import OPS, CountingStorage, LatencyStorage
 QUEUE = "bench"
 TASK_TYPE = "noop"
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: --priorities mixed: each task's priority drawn (fixed seed) from these levels
+PRIORITY_MIX = (0, 64, 128, 192, 255)
 #: a worker waits this long for the submit to end (the parent terminates it on failure)
 GO_WAIT_SECONDS = 6 * 3600.0
 
@@ -220,11 +224,13 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
     counter = q.storage
     assert isinstance(counter, CountingStorage)
     waits: list[float] = []
+    starts: list[tuple[float, int]] = []  # (start time, priority): the start order by level
     worker = Worker(q, concurrency=concurrency)
 
     @worker.handler(TASK_TYPE)
     async def noop(payload: Any, ctx: Any) -> None:
         waits.append(time.time() - ctx.task.created_at)
+        starts.append((time.time(), ctx.task.priority))
 
     try:
         await counter.list(f"{QUEUE}/workers/", limit=1)  # open the connection before timing
@@ -245,6 +251,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
             "failures": counter.failures(),
             "stats": dict(stats),
             "waits": waits,
+            "starts": starts,
             "started": started,
             "last_completion": completions.last,
             "ended": ended,
@@ -256,7 +263,8 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
 # -- one backend run ----------------------------------------------------------------
 
 
-async def submit(url: str, n: int, latency_s: float, before: Any = None) -> tuple[float, dict[str, int], dict[str, int]]:
+async def submit(url: str, n: int, latency_s: float, before: Any = None,
+                 priorities: str = "uniform") -> tuple[float, dict[str, int], dict[str, int]]:
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
     counter = q.storage
     assert isinstance(counter, CountingStorage)
@@ -266,7 +274,12 @@ async def submit(url: str, n: int, latency_s: float, before: Any = None) -> tupl
         if before is not None:
             before()
         t0 = time.perf_counter()
-        await q.submit_many([(TASK_TYPE, {"i": i}) for i in range(n)], concurrency=32)
+        if priorities == "mixed":
+            rng = random.Random(6)
+            items = [(TASK_TYPE, {"i": i}, {"priority": rng.choice(PRIORITY_MIX)}) for i in range(n)]
+        else:
+            items = [(TASK_TYPE, {"i": i}) for i in range(n)]
+        await q.submit_many(items, concurrency=32)
         elapsed = time.perf_counter() - t0
         return elapsed, counter.counts(), counter.failures()
     finally:
@@ -343,6 +356,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     server: S3Server | None = None
     tmp: str | None = None
     result: dict[str, Any] = {"backend": backend, "tasks": n, "workers": w, "concurrency": c,
+                              "priorities": args.priorities,
                               "latency_ms": latency_ms}
     load_before = load_average()
     if backend == "s3":
@@ -377,7 +391,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         # submit
         log(args, f"{backend}: submitting {n} tasks")
         reset_server = (lambda: server.stats(reset=True)) if server else None
-        submit_s, submit_counts, submit_failures = asyncio.run(submit(url, n, client_latency, reset_server))
+        submit_s, submit_counts, submit_failures = asyncio.run(submit(url, n, client_latency, reset_server,
+                                                                         args.priorities))
         server_submit = server.stats(reset=True) if server else None
         result["submit_tasks_per_s"] = round(n / submit_s, 1)
 
@@ -410,6 +425,13 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         result["drain_wall_s"] = round(max(o["ended"] for o in outs) - t_go, 2)
         waits = [x for o in outs for x in o["waits"]]
         result["latency_submit_to_start_ms"] = percentiles(waits)
+        if args.priorities == "mixed":  # 0 = started first, 1 = started last
+            order = sorted(x for o in outs for x in o["starts"])
+            ranks: dict[int, list[int]] = {}
+            for rank, (_, prio) in enumerate(order):
+                ranks.setdefault(prio, []).append(rank)
+            result["median_start_position_by_priority"] = {
+                str(p): round(sorted(r)[len(r) // 2] / max(1, len(order) - 1), 3) for p, r in sorted(ranks.items())}
 
         drain_counts = add_counts(*(o["counts"] for o in outs))
         total = add_counts(submit_counts, drain_counts)
@@ -483,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tmpdir", default=None, help="parent directory of the local store (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the local store directory")
     p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
+    p.add_argument("--priorities", choices=("uniform", "mixed"), default="uniform",
+                   help="uniform: every task at 128; mixed: drawn from 0/64/128/192/255 (fixed seed)")
     args = p.parse_args(argv)
     if args.tasks < 1 or args.workers < 1 or not 1 <= args.concurrency <= 1024:
         p.error("--tasks and --workers must be >= 1, --concurrency 1..1024")
