@@ -146,6 +146,9 @@ class Dependencies:
             except TaskNotFound:
                 return None  # its submitter has not written it yet; it re-reads us itself
             if child.status != BLOCKED or parent.id not in child.waiting_on:
+                if child.status == PENDING and parent.id in child.depends_on:
+                    # applied before; the applier may have died before writing the marker
+                    await self.store.put_marker(child.marker_key(self.queue.name, self.queue.clock.now()))
                 return child
             now = self.queue.clock.now()
             decision = "run"
@@ -168,12 +171,12 @@ class Dependencies:
                     "message": f"dependency {parent.id} ({parent.task_type}) ended {parent.status}",
                 }
             child.updated_at = now
-            if marker is not None:
-                await self.store.put_marker(marker)  # marker first, as in submit
             try:
                 await self.store.replace(child, etag)
             except PreconditionFailed:
                 continue
+            if marker is not None:  # after the task: the edge still points here until then
+                await self.store.put_marker(marker)
             if child.status in TERMINAL:
                 emit(self.queue.plugins, "failed" if child.status == FAILED else child.status, child)
             return child

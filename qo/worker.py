@@ -135,6 +135,7 @@ class Worker:
         self._lease_ids: dict[str, str] = {}
         self._taken: set[str] = set()
         self._skip: dict[str, float] = {}
+        self._misses: dict[str, int] = {}
         self._trash: list[str] = []
         self._running: dict[str, asyncio.Task] = {}
         self._poll = self.settings.poll_min
@@ -273,6 +274,9 @@ class Worker:
     async def _refill(self, now: float) -> bool:
         await self._flush_trash()
         self._skip = {k: t for k, t in self._skip.items() if t > now}
+        self._misses = {k: n for k, n in self._misses.items() if k in self._skip or n < 16}
+        if len(self._misses) > 10000:
+            self._misses.clear()
         entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=self.settings.listing)
         done = set(self._trash) | self._deleting  # claimed by us; their delete is pending
         markers = []
@@ -334,8 +338,12 @@ class Worker:
             if result.stale:
                 if now - marker.due > self.settings.orphan_grace:
                     self._trash.append(marker.key)  # old and wrong: drop it
-                else:  # maybe a producer still writing, or a claimer about to delete it
-                    self._skip[marker.key] = marker.due + self.settings.orphan_grace
+                else:  # maybe a producer still writing, or a claimer about to delete it:
+                    # look again soon, then less and less often, until it is old
+                    misses = self._misses.get(marker.key, 0) + 1
+                    self._misses[marker.key] = misses
+                    self._skip[marker.key] = min(marker.due + self.settings.orphan_grace,
+                                                 now + self.settings.poll_min * 2 ** min(misses, 12))
             return
         self._trash.append(marker.key)
         if len(self._trash) >= self.settings.delete_batch:
@@ -529,6 +537,15 @@ class Worker:
         entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=1000)
         for e in entries:
             m = keys.parse_marker(e.key)
-            if m and self.handles(m.task_type) and self._skip.get(m.key, 0) <= self.clock.now():
+            if not m or not self.handles(m.task_type):
+                continue
+            if m.key not in self._skip:
+                return False
+            try:  # a marker we skip may have become claimable since: look at its task
+                task, _ = await self.store.load(m.task_id)
+            except QoError:
+                continue
+            if task.status == PENDING and keys.ms(task.available_at) == keys.ms(m.due):
+                self._skip.pop(m.key, None)
                 return False
         return not (self._running or self._taken or self._buffer)
