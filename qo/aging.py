@@ -284,7 +284,12 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
         if more or len(entries) < page:
             break
         last = keys.parse_marker(entries[-1].key)
-        cursor = level_end(prefix, stopped) if last is not None and last.priority == stopped else entries[-1].key
+        if last is not None and last.priority == stopped:
+            if stopped == 0:
+                break  # the lowest level: nothing sorts after it
+            cursor = level_end(prefix, stopped)
+        else:
+            cursor = entries[-1].key
     await _apply(store, moves)
     return AgingPass(len(moves), lists, examined, more)
 
