@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qo"
 #: Built-ins the engine cannot work without; configuration cannot block these.
-ESSENTIAL = frozenset({"retry"})
+ESSENTIAL = frozenset({"retry", "cron"})
 
 
 @attrs.define
