@@ -1,0 +1,190 @@
+"""``queue.schedules``: add, list, get, remove, pause, resume and trigger recurring schedules.
+
+A schedule lives in one object (``qo/schedule_model.py``); the scheduler daemon
+(``qo/scheduler.py``) fires it. Everything here validates before it writes: a bad cron
+expression, an unknown timezone, a duplicate name or an unknown catch-up policy is an
+``InvalidInput`` naming the field, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+from .clock import utc
+from .errors import IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
+from .idempotency import IdempotencyRequest, record_key
+from .model import Task, check_non_negative_int, check_seconds
+from .schedule_model import (
+    TASK_OPTIONS,
+    Schedule,
+    ScheduleNotFound,
+    ScheduleStore,
+    check_catch_up,
+    check_name,
+    check_timezone,
+    name_of,
+)
+
+__all__ = ["Schedules", "Schedule", "ScheduleNotFound", "IDEMPOTENCY_SCOPE", "MAX_LATENESS_SECONDS"]
+
+#: Fire times are submitted with idempotency keys in this scope (``Schedule.fire_key``).
+IDEMPOTENCY_SCOPE = "custom:schedule"
+#: No fire time later than this is ever submitted, whatever the catch-up policy ...
+MAX_LATENESS_SECONDS = 7 * 86400.0
+#: ... and its idempotency key lives twice as long, so a fire time submitted again (by a
+#: scheduler that found the schedule not yet advanced) always finds its first task.
+IDEMPOTENCY_TTL_DAYS = 2 * MAX_LATENESS_SECONDS / 86400
+
+
+class Schedules:
+    """The recurring schedules of one queue: ``queue.schedules``."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+        self.store = ScheduleStore(queue.storage, queue.name, queue.store.backoff)
+
+    # -- fire times ----------------------------------------------------------------
+
+    def next_after(self, schedule: Schedule, ts: float) -> float:
+        """The first fire time strictly after ``ts`` (epoch), through ``qo_next_fire``.
+
+        ``InvalidInput`` when no plugin understands the schedule's ``cron`` (or the cron
+        plugin finds it malformed, or never firing)."""
+        answer = self.queue.plugins.hook.qo_next_fire(schedule=schedule, after=utc(ts))
+        if answer is None:
+            raise InvalidInput("cron", f"{schedule.cron!r} is neither a cron expression (5 fields, or 6 with "
+                               "seconds last) nor a kind of schedule a plugin understands")
+        if not isinstance(answer, datetime) or answer.tzinfo is None or answer.utcoffset() is None:
+            raise PluginError(f"qo_next_fire returned {answer!r} for schedule {schedule.name!r}; "
+                              "expected an aware datetime")
+        return answer.timestamp()
+
+    async def submit_fire(self, schedule: Schedule, fire_at: float) -> Task:
+        """Submit the task of fire time ``fire_at``, at most once however often it is called:
+        the idempotency key is the schedule's and the fire time's (``Schedule.fire_key``)."""
+        return await self._submit(schedule, schedule.fire_key(fire_at))
+
+    async def _submit(self, schedule: Schedule, key: str) -> Task:
+        try:
+            return await self.queue.submit(schedule.task_type, schedule.input, **schedule.task_options(),
+                                           idempotency_key=key, idempotency_scope=IDEMPOTENCY_SCOPE,
+                                           idempotency_ttl_days=IDEMPOTENCY_TTL_DAYS)
+        except IdempotencyConflict:
+            # the key names a task with another input (the record was edited between a
+            # fire and its advance): that task is this fire time's one task
+            request = IdempotencyRequest(key, IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_DAYS)
+            rk = record_key(self.queue.name, self.queue.idempotency.namespace(request, schedule.task_type), key)
+            blob = await self.queue.store.backoff.call(lambda: self.queue.storage.get(rk))
+            return await self.queue.get(json.loads(blob.data)["task_id"])
+
+    # -- the API ---------------------------------------------------------------------
+
+    async def add(
+        self,
+        name: str,
+        *,
+        cron: str,
+        task_type: str,
+        input: Any = None,
+        timezone: str = "UTC",
+        catch_up: str = "latest",
+        max_catch_up: int = 100,
+        grace_seconds: float = 60.0,
+        priority: int | str = 128,
+        max_retries: int = 3,
+        timeout_seconds: float = 300.0,
+        enabled: bool = True,
+    ) -> Schedule:
+        """Create schedule ``name``: every fire time of ``cron`` in ``timezone`` submits
+        ``task_type`` with ``input`` and the task options.
+
+        ``catch_up`` decides what fires after the schedulers were down: ``skip`` only
+        fire times at most ``grace_seconds`` late, ``latest`` those and the most recent
+        missed time once, ``all`` every missed time (the most recent ``max_catch_up``,
+        none older than 7 days). A duplicate name is ``InvalidInput("name")``.
+        """
+        check_name(name)
+        if not isinstance(cron, str):
+            raise InvalidInput("cron", "must be a string such as '*/5 * * * *'")
+        check_timezone(timezone)
+        check_catch_up(catch_up)
+        check_non_negative_int(max_catch_up, "max_catch_up", 10_000)
+        check_seconds(grace_seconds, "grace_seconds", minimum=0.0, maximum=86400.0)
+        if not isinstance(enabled, bool):
+            raise InvalidInput("enabled", "must be True or False")
+        task = self.queue.build_task(task_type, input, priority=priority, max_retries=max_retries,
+                                     timeout_seconds=timeout_seconds)  # the submit validators
+        now = self.queue.clock.now()
+        schedule = Schedule(
+            name=name, cron=" ".join(cron.split()), task_type=task.task_type, timezone=timezone,
+            input=task.input, options={k: getattr(task, k) for k in TASK_OPTIONS}, enabled=enabled,
+            catch_up=catch_up, max_catch_up=max_catch_up, grace_seconds=float(grace_seconds),
+            created_at=now, updated_at=now,
+        )
+        schedule.next_fire_at = self.next_after(schedule, now)
+        try:
+            await self.store.create(schedule)
+        except PreconditionFailed:
+            raise InvalidInput("name", f"a schedule named {name!r} already exists in queue "
+                               f"{self.queue.name!r}") from None
+        return schedule
+
+    async def get(self, name: str) -> Schedule:
+        """The schedule as stored; ``ScheduleNotFound`` if there is none."""
+        return (await self.store.load(check_name(name)))[0]
+
+    async def list(self) -> list[Schedule]:
+        """Every schedule of the queue, by name (one LIST, then one GET each)."""
+        entries = await self.store.entries()
+        sem = asyncio.Semaphore(16)
+
+        async def load(name: str) -> Schedule | None:
+            async with sem:
+                try:
+                    return (await self.store.load(name))[0]
+                except ScheduleNotFound:
+                    return None  # removed since the listing
+
+        loaded = await asyncio.gather(*(load(name_of(e.key)) for e in entries))
+        return [s for s in loaded if s is not None]
+
+    async def remove(self, name: str) -> Schedule:
+        """Delete the schedule; returns it as it was. A fire in flight may still finish."""
+        schedule, _ = await self.store.load(check_name(name))
+        await self.store.delete(name)
+        return schedule
+
+    async def pause(self, name: str) -> Schedule:
+        """Stop firing (fire times while paused are never fired). Idempotent."""
+        return await self._change(name, enabled=False)
+
+    async def resume(self, name: str) -> Schedule:
+        """Fire again, from the next fire time after now (not the ones missed while paused)."""
+        return await self._change(name, enabled=True)
+
+    async def _change(self, name: str, *, enabled: bool) -> Schedule:
+        check_name(name)
+        while True:
+            schedule, etag = await self.store.load(name)
+            if schedule.enabled == enabled:
+                return schedule
+            now = self.queue.clock.now()
+            schedule.enabled, schedule.updated_at = enabled, now
+            if enabled:
+                schedule.next_fire_at = self.next_after(schedule, now)
+                schedule.last_error = None
+            try:
+                await self.store.replace(schedule, etag)
+                return schedule
+            except PreconditionFailed:
+                continue  # changed (a scheduler fired it) or removed: look again
+
+    async def trigger(self, name: str) -> Task:
+        """Fire once now, outside the cron times: a new task each call; the schedule's
+        fire state (``next_fire_at``) is not touched. Works on a paused schedule too."""
+        schedule, _ = await self.store.load(check_name(name))
+        return await self._submit(schedule, f"{schedule.name}@trigger-{os.urandom(8).hex()}#{schedule.uid}")
