@@ -6,6 +6,7 @@ import click
 
 from ..plugins import get_plugins
 from .admin import doctor, plugins
+from .schedule import schedule
 from .tasks import cancel, list_tasks, retry, status, submit
 from .worker import worker
 
@@ -22,6 +23,7 @@ cli.add_command(list_tasks)
 cli.add_command(cancel)
 cli.add_command(retry)
 cli.add_command(worker)
+cli.add_command(schedule)
 cli.add_command(doctor)
 cli.add_command(plugins)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -27,11 +28,14 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 @click.option("--lease-ttl", type=float, help="Seconds after which a silent worker is presumed dead.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, help="Logging to stderr at this level.")
+@click.option("--with-scheduler", is_flag=True,
+              help="Also fire the queue's recurring schedules (as `qo schedule run` does), stopping with the worker.")
 @queue_options
 @run
 async def worker(modules: tuple[str, ...], concurrency: int, until_idle: bool, poll_max: float | None,
-                 lease_ttl: float | None, log_level: str, url: str, queue_name: str) -> None:
+                 lease_ttl: float | None, log_level: str, with_scheduler: bool, url: str, queue_name: str) -> None:
     """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
+    from ..scheduler import Scheduler
     from ..worker import Worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,7 +53,14 @@ async def worker(modules: tuple[str, ...], concurrency: int, until_idle: bool, p
             "worker %s on queue %r at %s: concurrency %d, handlers: %s%s", w.worker_id, queue.name,
             redact_url(queue.url), w.settings.concurrency,
             ", ".join(sorted(registry.handlers)), " (until idle)" if until_idle else "")
-        stats = await w.run(until_idle=until_idle)
+        stop_scheduler = asyncio.Event()
+        scheduling = asyncio.ensure_future(Scheduler(queue).run(stop_scheduler)) if with_scheduler else None
+        try:
+            stats = await w.run(until_idle=until_idle)
+        finally:
+            stop_scheduler.set()  # the worker stopped (signal, idle or error): so does its scheduler
+            if scheduling is not None:
+                await scheduling
     finally:
         await queue.close()
     click.echo(summary(w.worker_id, stats), err=True)
