@@ -129,14 +129,34 @@ class Dependencies:
 
     async def write_blocked(self, task: Task) -> Task:
         """Edges, then the blocked task, then a re-read of its parents (see module doc)."""
-        await asyncio.gather(*(self.store.put_marker(self.edge(p, task)) for p in task.depends_on))
+        waiting = list(task.waiting_on)  # completed parents need no edge
+        await asyncio.gather(*(self.store.put_marker(self.edge(p, task)) for p in waiting))
+        await asyncio.gather(*(self._mark_parent(p) for p in waiting))
         await self.store.create(task)
         emit(self.queue.plugins, "submitted", task)
-        parents = await asyncio.gather(*(self._maybe(p) for p in task.depends_on))
+        parents = await asyncio.gather(*(self._maybe(p) for p in waiting))
         for parent in parents:
             if parent is not None and parent.status in TERMINAL:
                 task = await self.apply(task.id, parent) or task
         return task
+
+    async def _mark_parent(self, parent_id: str) -> None:
+        """Flag the parent as having dependents, so its ender reads its edges. The ender's
+        final CAS is made over the latest version: if our flag came first, it sees it; if
+        the ending came first, our re-read of the parent after writing the child sees that."""
+        while True:
+            try:
+                parent, etag = await self.store.load(parent_id)
+            except TaskNotFound:
+                return
+            if parent.has_dependents:
+                return
+            parent.has_dependents = True
+            try:
+                await self.store.replace(parent, etag)
+                return
+            except PreconditionFailed:
+                continue
 
     async def apply(self, child_id: str, parent: Task) -> Task | None:
         """Apply ``parent``'s end to one child by CAS; returns the child as stored."""
@@ -183,8 +203,8 @@ class Dependencies:
 
     async def release(self, parent: Task) -> int:
         """Apply a terminal ``parent`` to all its dependents, and theirs in turn."""
-        if parent.status not in TERMINAL:
-            return 0
+        if parent.status not in TERMINAL or not parent.has_dependents:
+            return 0  # no dependent was ever written: no edges to read (no LIST per task)
         done = 0
         todo = [parent]
         while todo:
@@ -209,6 +229,8 @@ class Dependencies:
         parents = {keys.parse_dep(e.key)[0] for e in edges if keys.parse_dep(e.key)}
         for parent_id in parents:
             parent = await self._maybe(parent_id)
+            if parent is not None and parent.status in TERMINAL and not parent.has_dependents:
+                parent.has_dependents = True  # edges without the flag: a submitter died between
             if parent is None or parent.status in TERMINAL:
                 if parent is None:  # a dependency cannot vanish; drop its edges
                     await self.store.delete_markers(

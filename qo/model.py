@@ -55,6 +55,9 @@ class Task:
     depends_on: list[str] = attrs.field(factory=list)
     waiting_on: list[str] = attrs.field(factory=list)  # dependencies not yet completed
     on_dependency_failure: str = "fail"
+    rate_limit_key: str | None = None
+    #: set (by CAS) before a dependent is written: only then has an ending task edges to read
+    has_dependents: bool = False
     rev: str = ""
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged
