@@ -103,3 +103,18 @@ class FakeClock:
 def _resolve(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+class ScaledClock:
+    """Real time sped up ``speed`` times from a shared origin: processes that build it
+    with the same ``origin`` and ``real_origin`` agree on the time (multi-process tests
+    of rate limits and leases, without waiting real minutes)."""
+
+    def __init__(self, speed: float, origin: float, real_origin: float):
+        self.speed, self.origin, self.real_origin = float(speed), float(origin), float(real_origin)
+
+    def now(self) -> float:
+        return self.origin + (time.time() - self.real_origin) * self.speed
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self.speed)

@@ -32,6 +32,7 @@ from .model import (
     check_task_type,
     check_when,
 )
+from .limits import Limits, check_rate_limit_key
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .plugins import Plugins, get_plugins
 from .storage import Storage
@@ -49,7 +50,7 @@ ORPHAN_GRACE_SECONDS = 120.0
 SUBMIT_OPTIONS = (
     "priority", "schedule_at", "max_retries", "timeout_seconds",
     "idempotency_key", "idempotency_scope", "idempotency_ttl_days",
-    "depends_on", "on_dependency_failure",
+    "depends_on", "on_dependency_failure", "rate_limit_key",
 )
 
 
@@ -129,6 +130,7 @@ class Queue:
             updated_at=now,
             depends_on=check_depends_on(options.get("depends_on")),
             on_dependency_failure=check_policy(options.get("on_dependency_failure", "fail")),
+            rate_limit_key=check_rate_limit_key(options.get("rate_limit_key")),
         )
         request = check_request(options.get("idempotency_key"), options.get("idempotency_scope", "task_type"),
                                 options.get("idempotency_ttl_days", DEFAULT_TTL_DAYS))
@@ -150,6 +152,7 @@ class Queue:
         idempotency_ttl_days: float = DEFAULT_TTL_DAYS,
         depends_on: Iterable[str] | None = None,
         on_dependency_failure: str = "fail",
+        rate_limit_key: str | None = None,
     ) -> Task:
         """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``.
 
@@ -157,12 +160,14 @@ class Queue:
         (same id) for ``idempotency_ttl_days`` instead of creating another. With
         ``depends_on``, the task is ``blocked`` until every listed task has completed;
         ``on_dependency_failure`` ("fail", "skip", "run") says what a failed or cancelled
-        dependency does to it.
+        dependency does to it. ``rate_limit_key`` puts the task under the ``key:<key>``
+        (or ``key:*``) limit.
         """
         options = dict(priority=priority, schedule_at=schedule_at, max_retries=max_retries,
                        timeout_seconds=timeout_seconds, idempotency_key=idempotency_key,
                        idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days,
-                       depends_on=depends_on, on_dependency_failure=on_dependency_failure)
+                       depends_on=depends_on, on_dependency_failure=on_dependency_failure,
+                       rate_limit_key=rate_limit_key)
         task, request = self._prepare(task_type, input, options)
         return await self._submit(task, request)
 
@@ -390,6 +395,11 @@ class Queue:
             return task
 
     # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """Rate and concurrency limits of this queue (``queue.limits.set(...)``)."""
+        return Limits(self)
 
     async def close(self) -> None:
         await self.storage.close()

@@ -9,7 +9,7 @@ writes the marker (see docs/architecture.md, "write order").
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import attrs
 
@@ -37,9 +37,14 @@ class Missed:
 
 
 async def claim(
-    store: TaskStore, marker: Marker, *, worker_id: str, lease_id: str, lease_ttl: float, now: float
+    store: TaskStore, marker: Marker, *, worker_id: str, lease_id: str, lease_ttl: float, now: float,
+    gate: Callable[[Task, str], Awaitable[Missed | None]] | None = None,
 ) -> Claimed | Missed:
-    """Claim the task behind ``marker`` by CAS: pending -> running under ``lease_id``."""
+    """Claim the task behind ``marker`` by CAS: pending -> running under ``lease_id``.
+
+    ``gate(task, etag)`` runs between the read and the CAS (rate limits): a Missed it
+    returns is the outcome.
+    """
     try:
         task, etag = await store.load(marker.task_id)
     except TaskNotFound:
@@ -50,6 +55,10 @@ async def claim(
         # the ready marker is the statement "due" (made on its writer's clock); one
         # that names another due time is left over from an earlier state
         return Missed("marker does not match the task's due time", stale=True)
+    if gate is not None:
+        refused = await gate(task, etag)
+        if refused is not None:
+            return refused
     task.status = RUNNING
     task.attempt += 1
     task.lease_id = lease_id

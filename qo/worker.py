@@ -22,7 +22,7 @@ import attrs
 
 from . import keys
 from .aging import AgingSettings, age_ready, to_aging_settings
-from .errors import Fail, InvalidInput, QoError
+from .errors import Fail, InvalidInput, PreconditionFailed, QoError
 from .events import emit
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired
@@ -30,7 +30,7 @@ from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, Task, check_input
 from .promotion import promote_due
 from .queue import ORPHAN_GRACE_SECONDS, Queue
-from .transitions import Claimed, claim, completed, failed, finish, handed_back
+from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class WorkerSettings:
     #: listed candidates older than this are listed again (newer, more urgent work)
     buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
     delete_batch: int = attrs.field(default=200, validator=_positive)
+    #: backpressure "wait" sleeps a slot at most this long for a token (else: delay)
+    rate_limit_max_wait: float = attrs.field(default=2.0, validator=_positive)
+    #: how often limit definitions are re-read
+    limits_refresh: float = attrs.field(default=5.0, validator=_positive)
     #: how often this worker looks for dependents whose wake-up was lost (a page of edges)
     dependency_sweep_interval: float = attrs.field(default=60.0, validator=_positive)
     #: how often this worker deletes a page (100) of expired idempotency records
@@ -111,6 +115,24 @@ class TaskContext:
         self.deadline = max(self.deadline, self.queue.clock.now() + float(seconds))
 
 
+class NoLimits:
+    """The limiter when no plugin provides one: grants everything."""
+
+    limits: dict = {}
+
+    async def refresh(self, force: bool = False) -> None:
+        return None
+
+    async def acquire(self, task: Task) -> Any:
+        raise AssertionError("not called without limits")
+
+    async def release(self, task_id: str) -> None:
+        return None
+
+    async def renew(self) -> None:
+        return None
+
+
 class Worker:
     """Runs handlers for due tasks of ``queue``: ``await Worker(queue).run()``."""
 
@@ -126,6 +148,9 @@ class Worker:
         self.store = queue.store
         self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
         self.stats: collections.Counter[str] = collections.Counter()
+        self.limiter = queue.plugins.hook.qo_rate_limiter(
+            storage=queue.storage, config={"queue": queue, "lease_ttl": self.settings.lease_ttl,
+                                           "refresh_interval": self.settings.limits_refresh}) or NoLimits()
         self._stopping = asyncio.Event()
         self._reset()
 
@@ -145,6 +170,7 @@ class Worker:
         self._deleting: set[str] = set()
         self._flushed_at = 0.0
         self._feed_lock = asyncio.Lock()
+        self._waiting = 0
 
     # -- handlers -----------------------------------------------------------------
 
@@ -179,6 +205,7 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.stop)
                 installed.append(sig)
+        await self.limiter.refresh(force=True)  # no claim before the limits are known
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
         if until_idle:
@@ -330,10 +357,23 @@ class Worker:
         if lease_id is None:
             return
         now = self.clock.now()
+        granted: list[str] = []
+
+        async def gate(task: Task, etag: str) -> Missed | None:
+            refused = await self._rate_gate(marker, task, etag)
+            if refused is None:
+                granted.append(task.id)
+            return refused
+
         result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
-                             lease_ttl=self.settings.lease_ttl, now=now)
+                             lease_ttl=self.settings.lease_ttl, now=now,
+                             gate=gate if self.limiter.limits else None)
         if not isinstance(result, Claimed):
             self.book.release(marker.task_id)
+            if granted:  # granted, then lost the race: give the concurrency slots back
+                await self.limiter.release(marker.task_id)
+            if result.reason.startswith("rate limited"):
+                return
             self.stats["missed"] += 1
             if result.stale:
                 if now - marker.due > self.settings.orphan_grace:
@@ -354,6 +394,42 @@ class Worker:
             await self._execute(result.task, result.etag)
         finally:
             self.book.release(marker.task_id)
+            if granted:
+                with contextlib.suppress(QoError):
+                    await self.limiter.release(marker.task_id)
+
+    async def _rate_gate(self, marker: keys.Marker, task: Task, etag: str) -> Missed | None:
+        """Pass every limit that applies to ``task``, or apply the limit's backpressure."""
+        for _ in range(10):
+            decision = await self.limiter.acquire(task)
+            if decision.granted:
+                return None
+            now = self.clock.now()
+            retry_at = decision.retry_at or now + 1.0
+            mode = decision.limit.backpressure if decision.limit else "delay"
+            self.stats["throttled"] += 1
+            if mode == "wait" and retry_at - now <= self.settings.rate_limit_max_wait \
+                    and self._waiting < max(1, self.settings.concurrency // 2):
+                self._waiting += 1  # never more than half the slots wait on limits
+                try:
+                    await self._sleep(retry_at - now)
+                finally:
+                    self._waiting -= 1
+                continue
+            if mode == "skip":  # leave it for later; other work goes on
+                self._skip[marker.key] = retry_at
+                return Missed("rate limited: skipped", stale=False)
+            break
+        # delay: back to delayed until the next token; not an attempt, priority kept
+        task.available_at = requeued_at(task, retry_at)
+        task.updated_at = self.clock.now()
+        try:
+            await self.store.replace(task, etag)
+        except PreconditionFailed:
+            return Missed("lost the race", stale=False)
+        await self.store.put_marker(task.marker_key(self.queue.name, self.clock.now()))
+        self._trash.append(marker.key)
+        return Missed("rate limited: delayed", stale=False)
 
     async def _execute(self, task: Task, etag: str) -> None:
         handler = self.registry.handlers[task.task_type]
@@ -468,8 +544,10 @@ class Worker:
                     if promotion.promoted:
                         self._next_poll_at = now  # new work: list again soon
                         self._poll = s.poll_min
+                await self.limiter.refresh()
                 if self.book.leases and self.book.due(s.heartbeat):
                     await self.book.write()
+                    await self.limiter.renew()  # concurrency slots live as long as leases
                 elif self.book.dirty and self.book.etag is not None:
                     await self.book.write()  # say promptly that we hold nothing any more
                 if startup_sweeps and self.book.etag is not None and not startup_sweeps[0]:
@@ -502,6 +580,7 @@ class Worker:
         report = await sweep(self.store, self.clock, self_id=self.worker_id,
                              emit=lambda ev, t: emit(self.queue.plugins, ev, t), on_end=self._release)
         self._peers = set(report.alive)
+        self.limiter.workers = len(self._peers) + 1
         self.stats["recovered"] += len(report.recovered)
         return report
 

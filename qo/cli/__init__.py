@@ -6,8 +6,9 @@ import click
 
 from ..plugins import get_plugins
 from .admin import doctor, plugins
+from .limits import limit
 from .schedule import schedule
-from .tasks import cancel, list_tasks, retry, status, submit
+from .tasks import cancel, list_tasks, retry, status, submit, submit_graph
 from .worker import worker
 
 
@@ -18,12 +19,14 @@ def cli() -> None:
 
 
 cli.add_command(submit)
+cli.add_command(submit_graph)
 cli.add_command(status)
 cli.add_command(list_tasks)
 cli.add_command(cancel)
 cli.add_command(retry)
 cli.add_command(worker)
 cli.add_command(schedule)
+cli.add_command(limit)
 cli.add_command(doctor)
 cli.add_command(plugins)
 

@@ -34,6 +34,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
               help="task_type, queue or custom:NAME.")
 @click.option("--idempotency-ttl-days", type=float, default=7.0, show_default=True,
               help="How long the key names its task.")
+@click.option("--rate-limit-key", metavar="KEY", help="Put the task under the key:KEY (or key:*) limit.")
 @click.option("--depends-on", "depends_on", multiple=True, metavar="ID",
               help="Run only after this task completed (repeatable).")
 @click.option("--on-dependency-failure", default="fail", show_default=True,
@@ -45,7 +46,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
 async def submit(task_type: str, input_text: str | None, priority: str, at_text: str | None,
                  delay_text: str | None, max_retries: int, timeout_seconds: float,
                  idempotency_key: str | None, idempotency_scope: str, idempotency_ttl_days: float,
-                 depends_on: tuple[str, ...], on_dependency_failure: str,
+                 rate_limit_key: str | None, depends_on: tuple[str, ...], on_dependency_failure: str,
                  as_json: bool, url: str, queue_name: str) -> None:
     """Submit a task of TYPE; prints its id."""
     if at_text is not None and delay_text is not None:
@@ -61,7 +62,8 @@ async def submit(task_type: str, input_text: str | None, priority: str, at_text:
                                   max_retries=max_retries, timeout_seconds=timeout_seconds,
                                   idempotency_key=idempotency_key, idempotency_scope=idempotency_scope,
                                   idempotency_ttl_days=idempotency_ttl_days,
-                                  depends_on=list(depends_on), on_dependency_failure=on_dependency_failure)
+                                  depends_on=list(depends_on), on_dependency_failure=on_dependency_failure,
+                                  rate_limit_key=rate_limit_key)
     finally:
         await queue.close()
     if as_json:

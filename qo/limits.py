@@ -1,0 +1,182 @@
+"""Rate and concurrency limits: definitions stored in the queue, ``queue.limits``.
+
+A limit's scope is ``global``, ``task_type:<type>``, ``key:<key>`` or ``key:*`` (every
+``rate_limit_key`` value gets its own bucket). A limit has a token-bucket rate
+(``rate`` starts per ``per`` seconds, ``burst`` at once) and/or a ``concurrency`` cap
+(at most N running at once), and a ``backpressure`` for a task that finds no token:
+``delay`` (back to delayed until the next token, not an attempt), ``wait`` (the slot
+waits, for short waits) or ``skip`` (the worker moves on and comes back).
+
+    {q}/limits/defs/{scope id}.json     the definition
+    {q}/limits/state/{bucket id}.json   tokens, their time, and the running set
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import attrs
+
+from .errors import InvalidInput, NotFound
+from .model import check_task_type, dumps
+
+BACKPRESSURE = ("delay", "wait", "skip")
+
+
+@attrs.frozen
+class Limit:
+    scope: str
+    rate: float | None = None  # starts per `per` seconds
+    per: float = 1.0
+    burst: float | None = None  # default: max(1, rate)
+    concurrency: int | None = None
+    backpressure: str = "delay"
+
+    @property
+    def per_second(self) -> float | None:
+        return None if self.rate is None else self.rate / self.per
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst if self.burst is not None else max(1.0, self.rate or 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def check_scope(scope: Any) -> str:
+    if not isinstance(scope, str):
+        raise InvalidInput("scope", "must be a string")
+    if scope in ("global", "key:*"):
+        return scope
+    kind, sep, name = scope.partition(":")
+    if sep and kind == "task_type":
+        check_task_type(name, "scope")
+        return scope
+    if sep and kind == "key" and name and len(name) <= 256 and "\x00" not in name:
+        return scope
+    raise InvalidInput("scope", f"{scope!r} is not 'global', 'task_type:<type>', 'key:<key>' or 'key:*'")
+
+
+def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, backpressure: Any) -> Limit:
+    """Validate a definition, naming the bad field; nothing is written before this passes."""
+    scope = check_scope(scope)
+    if rate is None and concurrency is None:
+        raise InvalidInput("rate", "give a rate, a concurrency, or both")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                             or not math.isfinite(rate) or rate <= 0):
+        raise InvalidInput("rate", f"{rate!r} must be a positive number")
+    if isinstance(per, bool) or not isinstance(per, (int, float)) or not math.isfinite(per) or per <= 0:
+        raise InvalidInput("per", f"{per!r} must be a positive number of seconds")
+    if burst is not None and (isinstance(burst, bool) or not isinstance(burst, (int, float))
+                              or not math.isfinite(burst) or burst < 1):
+        raise InvalidInput("burst", f"{burst!r} must be a number >= 1")
+    if burst is not None and rate is None:
+        raise InvalidInput("burst", "needs a rate")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or not 1 <= concurrency <= 100000):
+        raise InvalidInput("concurrency", f"{concurrency!r} must be an integer from 1")
+    if backpressure not in BACKPRESSURE:
+        raise InvalidInput("backpressure", f"{backpressure!r} is not one of {', '.join(BACKPRESSURE)}")
+    return Limit(scope, None if rate is None else float(rate), float(per),
+                 None if burst is None else float(burst), concurrency, backpressure)
+
+
+def check_rate_limit_key(value: Any, field: str = "rate_limit_key") -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 256 or "\x00" in value:
+        raise InvalidInput(field, "must be a non-empty string of at most 256 characters without NUL")
+    return value
+
+
+def scope_id(scope: str) -> str:
+    """A key-safe name for a scope (keys are hashed: any string may be a rate-limit key)."""
+    if scope == "global":
+        return "global"
+    if scope == "key:*":
+        return "key-any"
+    kind, _, name = scope.partition(":")
+    if kind == "task_type":
+        return f"type.{name}"
+    return "key." + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def bucket_id(limit: Limit, rate_limit_key: str | None) -> str:
+    """The state object a task uses under ``limit`` (one per key for ``key:*``)."""
+    if limit.scope == "key:*":
+        return "keyed." + hashlib.sha256((rate_limit_key or "").encode()).hexdigest()[:40]
+    return scope_id(limit.scope)
+
+
+def defs_prefix(queue: str) -> str:
+    return f"{queue}/limits/defs/"
+
+
+def def_key(queue: str, scope: str) -> str:
+    return f"{queue}/limits/defs/{scope_id(scope)}.json"
+
+
+def state_prefix(queue: str) -> str:
+    return f"{queue}/limits/state/"
+
+
+def state_key(queue: str, bucket: str) -> str:
+    return f"{queue}/limits/state/{bucket}.json"
+
+
+class Limits:
+    """``queue.limits``: define, list and remove limits."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    async def set(self, scope: str, rate: float | None = None, per: float = 1.0, burst: float | None = None, *,
+                  concurrency: int | None = None, backpressure: str = "delay") -> Limit:
+        """Create or replace the limit of ``scope``; takes effect within a worker's refresh."""
+        limit = check_limit(scope, rate, per, burst, concurrency, backpressure)
+        store = self.queue.store
+        data = dumps(limit.to_dict())
+        await store.backoff.call(lambda: store.storage.put(def_key(self.queue.name, limit.scope), data))
+        return limit
+
+    async def remove(self, scope: str) -> None:
+        scope = check_scope(scope)
+        store = self.queue.store
+        try:
+            await store.backoff.call(lambda: store.storage.get(def_key(self.queue.name, scope)))
+        except NotFound:
+            raise InvalidInput("scope", f"no limit is set for {scope!r}") from None
+        await store.backoff.call(lambda: store.storage.delete(def_key(self.queue.name, scope)))
+
+    async def definitions(self) -> list[Limit]:
+        store = self.queue.store
+        out = []
+        for entry in await store.list(defs_prefix(self.queue.name)):
+            try:
+                blob = await store.backoff.call(lambda: store.storage.get(entry.key))
+                out.append(Limit(**json.loads(blob.data)))
+            except (NotFound, TypeError, ValueError):
+                continue
+        return sorted(out, key=lambda l: l.scope)
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Each limit with its current tokens and running count (``key:*``: its buckets)."""
+        from .ratelimit import read_state
+
+        now = self.queue.clock.now()
+        out = []
+        for limit in await self.definitions():
+            row: dict[str, Any] = {**limit.to_dict()}
+            if limit.scope == "key:*":
+                keyed = [e for e in await self.queue.store.list(state_prefix(self.queue.name) + "keyed.")]
+                row["buckets"] = len(keyed)
+            else:
+                state = await read_state(self.queue, state_key(self.queue.name, scope_id(limit.scope)), limit, now)
+                row["tokens"] = None if limit.rate is None else round(state.tokens, 2)
+                row["running"] = len(state.live_running(now))
+            out.append(row)
+        return out
