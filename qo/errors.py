@@ -24,6 +24,14 @@ class TaskNotFound(QoError, LookupError):
         super().__init__(f"task {task_id!r} not found")
 
 
+class ScheduleNotFound(QoError, LookupError):
+    """No schedule with this name in this queue."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"schedule {name!r} not found")
+
+
 class TaskStateError(QoError):
     """The operation does not apply to the task in its current state."""
 

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 
-from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageUnavailable
+from .errors import ScheduleNotFound, InvalidInput, NotFound, PreconditionFailed, QoError, StorageUnavailable
 from .model import _short, dumps, iso, new_rev
 from .store import Backoff
 
@@ -30,14 +30,6 @@ CATCH_UP_POLICIES = ("skip", "latest", "all")
 SCHEMA_VERSION = 1
 #: The task options a schedule passes to every task it fires.
 TASK_OPTIONS = ("priority", "max_retries", "timeout_seconds")
-
-
-class ScheduleNotFound(QoError, LookupError):
-    """No schedule with this name in this queue."""
-
-    def __init__(self, name: str):
-        self.name = name
-        super().__init__(f"schedule {name!r} not found")
 
 
 def schedules_prefix(queue: str) -> str:

@@ -170,6 +170,7 @@ class Worker:
         self._deleting: set[str] = set()
         self._flushed_at = 0.0
         self._feed_lock = asyncio.Lock()
+        self._new_work = asyncio.Event()  # set when promotion made tasks due: wakes the feed
         self._waiting = 0
 
     # -- handlers -----------------------------------------------------------------
@@ -235,17 +236,18 @@ class Worker:
             self._pool.shutdown(wait=False, cancel_futures=True)
         return self.stats
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep on the queue's clock, waking early when the worker stops."""
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """Sleep on the queue's clock, waking early when the worker stops (or ``wake`` is set)."""
         if self._stopping.is_set():
             return
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        stopper = asyncio.ensure_future(self._stopping.wait())
+        waiters = {asyncio.ensure_future(self.clock.sleep(seconds)), asyncio.ensure_future(self._stopping.wait())}
+        if wake is not None:
+            waiters.add(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            stopper.cancel()
+            for w in waiters:
+                w.cancel()
 
     # -- the feed: one LIST for all slots -------------------------------------------
 
@@ -279,7 +281,8 @@ class Worker:
                 while self._buffer:
                     self._forget(self._buffer.popleft().task_id)
                 if now < self._next_poll_at:
-                    await self._sleep(self._next_poll_at - now)
+                    await self._sleep(self._next_poll_at - now, wake=self._new_work)
+                    self._new_work.clear()
                     continue
                 try:
                     found = await self._refill(now)
@@ -542,8 +545,9 @@ class Worker:
                     if promotion.next_due is not None:
                         next_promote = min(next_promote, promotion.next_due)
                     if promotion.promoted:
-                        self._next_poll_at = now  # new work: list again soon
+                        self._next_poll_at = now  # new work: list again now
                         self._poll = s.poll_min
+                        self._new_work.set()
                 await self.limiter.refresh()
                 if self.book.leases and self.book.due(s.heartbeat):
                     await self.book.write()
