@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from . import keys
 from .errors import DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
 from .events import emit
-from .model import BLOCKED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, check_task_id
+from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, check_task_id
 
 log = logging.getLogger(__name__)
 

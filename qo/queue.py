@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
 from . import keys
 from .backends import default_url, open_storage
@@ -40,6 +40,9 @@ from .store import TaskStore
 from .transitions import requeued_at
 
 GRAPH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+if TYPE_CHECKING:  # pragma: no cover
+    from .schedules import Schedules
+
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 #: A marker whose task cannot be read (not yet written, or its producer died) is left

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 
-from .errors import ScheduleNotFound, InvalidInput, NotFound, PreconditionFailed, QoError, StorageUnavailable
+from .errors import InvalidInput, NotFound, PreconditionFailed, ScheduleNotFound, StorageUnavailable
 from .model import _short, dumps, iso, new_rev
 from .store import Backoff
 

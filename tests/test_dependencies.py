@@ -179,7 +179,6 @@ def submit_child(url: str, parent_id: str, barrier) -> str:
 
 
 def complete_parent(url: str, parent_id: str, barrier) -> None:
-    from qo.leases import LeaseBook
     from qo.transitions import claim, completed, finish
 
     async def main() -> None:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import random
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qo
+from clocks import ticking_queue
 from qo import keys
 from qo.aging import (
     AgingSettings,
@@ -62,20 +63,8 @@ def _no_aging_environment(monkeypatch):
 async def clocked(storage_url):
     """A queue on a fake clock that a background task moves 2x faster than real time
     (slow enough that moto's round trips stay small against the test's seconds)."""
-    clock = FakeClock()
-    q = await qo.connect(storage_url, queue="prio", clock=clock)
-
-    async def tick():
-        while True:
-            await asyncio.sleep(0.005)
-            clock.advance(0.01)
-
-    ticker = asyncio.create_task(tick())
-    yield q, clock
-    ticker.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await ticker
-    await q.close()
+    async with ticking_queue(storage_url, "prio", speed=2.0) as (q, clock):
+        yield q, clock
 
 
 async def ready_keys(q) -> list[str]:

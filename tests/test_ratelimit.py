@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import qo
+from clocks import ticking_queue
 from qo.clock import ScaledClock
 from qo.counting import CountingStorage
 
@@ -92,20 +93,8 @@ async def test_a_concurrency_limit_of_two_holds_under_eight_workers(storage_url,
 @pytest.fixture
 async def ticking(storage_url):
     """A queue whose clock runs at 10x in this process."""
-    from qo.clock import FakeClock
-
-    clock = FakeClock(1_900_000_000.0)
-    q = await qo.connect(storage_url, queue="tick", clock=clock)
-
-    async def tick():
-        while True:
-            await asyncio.sleep(0.005)
-            clock.advance(0.05)
-
-    ticker = asyncio.create_task(tick())
-    yield q, clock
-    ticker.cancel()
-    await q.close()
+    async with ticking_queue(storage_url, "tick", speed=10.0, start=1_900_000_000.0) as (q, clock):
+        yield q, clock
 
 
 def recording_worker(q, clock, rows, **settings):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
 import qo
+from clocks import ticking_queue
 from qo import keys
 from qo.clock import FakeClock
 from qo.errors import StorageUnavailable
@@ -20,20 +20,8 @@ from qo.worker import Worker
 @pytest.fixture
 async def clocked(storage_url):
     """A queue on a fake clock that a background task moves 10x faster than real time."""
-    clock = FakeClock()
-    q = await qo.connect(storage_url, queue="rec", clock=clock)
-
-    async def tick():
-        while True:
-            await asyncio.sleep(0.005)
-            clock.advance(0.05)
-
-    ticker = asyncio.create_task(tick())
-    yield q, clock
-    ticker.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await ticker
-    await q.close()
+    async with ticking_queue(storage_url, "rec", speed=10.0) as (q, clock):
+        yield q, clock
 
 
 async def claim_as(q, book: LeaseBook, task) -> Claimed:

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import signal
 
-import pytest
 
 import qo
 from qo import keys
