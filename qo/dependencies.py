@@ -108,6 +108,7 @@ class Dependencies:
     def __init__(self, queue: Any):
         self.queue = queue
         self.store = queue.store
+        self._seen: dict[str, tuple[Task, str]] = {}  # parents read by check_parents
 
     def edge(self, parent: str, child: Task) -> str:
         return keys.dep(self.queue.name, parent, child.id, child.task_type)
@@ -115,17 +116,22 @@ class Dependencies:
     async def check_parents(self, ids: list[str], known: Iterable[str] = ()) -> dict[str, Task]:
         """Read every parent not in ``known``; unknown ids are one DependencyError naming them."""
         todo = [i for i in ids if i not in set(known)]
-        results = await asyncio.gather(*(self._maybe(i) for i in todo))
+        results = await asyncio.gather(*(self._maybe(i, remember=True) for i in todo))
         missing = [i for i, t in zip(todo, results) if t is None]
         if missing:
             raise DependencyError(f"unknown dependency ids: {', '.join(missing)}")
         return {t.id: t for t in results if t is not None}
 
-    async def _maybe(self, task_id: str) -> Task | None:
+    async def _maybe(self, task_id: str, remember: bool = False) -> Task | None:
         try:
-            return (await self.store.load(task_id))[0]
+            task, etag = await self.store.load(task_id)
         except TaskNotFound:
             return None
+        if remember:  # _mark_parent can CAS this version without reading it again
+            if len(self._seen) > 10000:
+                self._seen.clear()
+            self._seen[task_id] = (task, etag)
+        return task
 
     async def write_blocked(self, task: Task) -> Task:
         """Edges, then the blocked task, then a re-read of its parents (see module doc)."""
@@ -144,11 +150,15 @@ class Dependencies:
         """Flag the parent as having dependents, so its ender reads its edges. The ender's
         final CAS is made over the latest version: if our flag came first, it sees it; if
         the ending came first, our re-read of the parent after writing the child sees that."""
+        seen = self._seen.pop(parent_id, None)
         while True:
-            try:
-                parent, etag = await self.store.load(parent_id)
-            except TaskNotFound:
-                return
+            if seen is not None:
+                (parent, etag), seen = seen, None
+            else:
+                try:
+                    parent, etag = await self.store.load(parent_id)
+                except TaskNotFound:
+                    return
             if parent.has_dependents:
                 return
             parent.has_dependents = True

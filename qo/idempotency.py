@@ -11,15 +11,17 @@ never leaves the key stuck until its TTL.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import random
 import re
 from typing import Any
 
 import attrs
 
 from . import keys
-from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, TaskNotFound
+from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
 from .model import Task, dumps
 
 SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
@@ -131,17 +133,29 @@ class Idempotency:
         raise PreconditionFailed("idempotency record keeps changing", backend=store.storage.name, key=key)
 
     async def _create(self, key: str, data: bytes, task_id: str) -> None:
-        """Create-only; a lost response whose write landed is recognised by the task id."""
+        """Create-only. Only after a failure whose outcome is unknown does a refusal need
+        a read: the record may be our own, landed with its response lost."""
         store = self.queue.store
-        try:
-            await store.backoff.call(lambda: store.storage.put(key, data, if_none_match=True))
-        except PreconditionFailed:
+        uncertain = False
+        for attempt in range(1, store.backoff.attempts + 1):
             try:
-                blob = await store.backoff.call(lambda: store.storage.get(key))
-            except NotFound:
-                raise PreconditionFailed("record vanished", backend=store.storage.name, key=key) from None
-            if json.loads(blob.data).get("task_id") != task_id:
-                raise
+                await store.storage.put(key, data, if_none_match=True)
+                return
+            except StorageUnavailable:
+                uncertain = True
+                if attempt == store.backoff.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(store.backoff.cap, store.backoff.base * 2 ** attempt)))
+            except PreconditionFailed:
+                if not uncertain:
+                    raise
+                try:
+                    blob = await store.backoff.call(lambda: store.storage.get(key))
+                except NotFound:
+                    raise PreconditionFailed("record vanished", backend=store.storage.name, key=key) from None
+                if json.loads(blob.data).get("task_id") != task_id:
+                    raise
+                return
 
     async def _write_task(self, task: Task) -> Task:
         try:
