@@ -318,6 +318,7 @@ class Worker:
         self._nothing_listed = not markers
         if not markers:
             return False
+        await self.limiter.refresh()  # only when there is work: an idle worker reads no limits
         markers = self._own_share_first(markers)
         leases = {m.task_id: os.urandom(8).hex() for m in markers}
         await self.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
@@ -548,7 +549,6 @@ class Worker:
                         self._next_poll_at = now  # new work: list again now
                         self._poll = s.poll_min
                         self._new_work.set()
-                await self.limiter.refresh()
                 if self.book.leases and self.book.due(s.heartbeat):
                     await self.book.write()
                     await self.limiter.renew()  # concurrency slots live as long as leases
