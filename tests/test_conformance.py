@@ -9,10 +9,8 @@ import pytest
 
 pytest.register_assert_rewrite("qo.testing.conformance")
 
-import memory_backend  # noqa: E402  (tests/ is on sys.path: a plugin as a third party writes it)
-
 import qo  # noqa: E402
-from qo.plugins import get_plugins  # noqa: E402
+from qo.plugins import Plugins  # noqa: E402
 from qo.testing import ConformanceTests, StorageFixtures  # noqa: E402
 
 
@@ -25,35 +23,26 @@ class TestBuiltinBackends(StorageFixtures, ConformanceTests):
         return storage_url
 
 
-@pytest.fixture
-def memory_plugin() -> Iterator[None]:
-    """The memory backend, registered under a name and unregistered in teardown."""
-    plugins = get_plugins()
-    plugins.register(memory_backend, name="memory-test")
-    try:
-        yield
-    finally:
-        plugins.unregister("memory-test")
-
-
 class TestMemoryBackend(StorageFixtures, ConformanceTests):
-    """A backend found through the ``qo_storage`` hook, its state in this process only."""
+    """The qo-memory distribution (plugins/qo-memory), found through its ``qo`` entry
+    point as a third-party backend is; its state lives in this process only."""
 
     multiprocess = False
 
     @pytest.fixture
-    def storage_url(self, memory_plugin: None) -> Iterator[str]:
+    def storage_url(self) -> Iterator[str]:
+        qo_memory = pytest.importorskip("qo_memory", reason="plugins/qo-memory is not installed")
         name = f"t-{uuid.uuid4().hex[:12]}"
         yield f"memory://{name}"
-        memory_backend.forget(name)
+        qo_memory.forget(name)
 
 
 async def test_memory_url_without_the_plugin_is_a_configuration_error() -> None:
-    plugins = get_plugins()
-    if "memory" in plugins.schemes():
-        pytest.skip("a memory:// backend is installed in this environment")
+    plugins = Plugins(disabled=["memory"])  # as if qo-memory were not installed
+    plugins.load_entry_points()
+    assert "memory" not in plugins.schemes()
     with pytest.raises(qo.ConfigurationError) as info:
-        await qo.connect("memory://x")
+        await qo.connect("memory://x", plugins=plugins)
     message = str(info.value)
     assert "memory://" in message
     assert "installed:" in message and "file://" in message
