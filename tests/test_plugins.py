@@ -21,7 +21,7 @@ def test_builtins_load_through_the_entry_point_group():
     assert {"local", "s3", "retry"} <= set(info)
     assert info["local"].status == "loaded" and info["local"].distribution == "qo"
     assert "qo_storage" in info["local"].hooks
-    assert plugins.schemes() == ["", "file", "s3"]
+    assert {"", "file", "s3"} <= set(plugins.schemes())  # third-party backends may add more
 
 
 def test_a_plugin_can_be_blocked_by_name_but_not_an_essential_one(monkeypatch):
