@@ -25,8 +25,10 @@ KNOWN_SCHEMES = {
 
 
 def default_url() -> str:
-    """``QO_URL`` if set, else the embedded local default ``./.qo``."""
-    return os.environ.get("QO_URL") or DEFAULT_URL
+    """``QO_URL``, else ``url`` from qo.toml / ``[tool.qo]``, else the local default ``./.qo``."""
+    from .config import load
+
+    return load()["url"]
 
 
 def url_scheme(url: str) -> str:

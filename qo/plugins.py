@@ -40,8 +40,12 @@ class PluginInfo:
 
 
 def disabled_from_env(value: str | None = None) -> frozenset[str]:
-    """Plugin names listed in ``QO_DISABLE_PLUGINS`` (comma or space separated)."""
-    value = os.environ.get("QO_DISABLE_PLUGINS", "") if value is None else value
+    """Plugins not to load: ``value``, else ``QO_DISABLE_PLUGINS`` (comma or space
+    separated), else ``disable_plugins`` from qo.toml / ``[tool.qo]``."""
+    if value is None:
+        from .config import load
+
+        return frozenset(load()["disable_plugins"])
     return frozenset(n.strip() for n in value.replace(",", " ").split() if n.strip())
 
 

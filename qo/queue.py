@@ -428,7 +428,11 @@ async def connect(
     ``wrap_storage`` wraps the backend (request counting, fault injection).
     """
     url = default_url() if url is None else url
-    name = validate_queue_name(queue or os.environ.get("QO_QUEUE") or "default")
+    if queue is None:
+        from .config import load
+
+        queue = load()["queue"]
+    name = validate_queue_name(queue)
     plugins = plugins or get_plugins()
     storage = open_storage(url, options, plugins)
     if wrap_storage is not None:

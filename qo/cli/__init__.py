@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from ..errors import QoError
 from ..plugins import get_plugins
-from .admin import doctor, plugins
+from .admin import config, doctor, plugins
 from .limits import limit
 from .schedule import schedule
 from .tasks import cancel, list_tasks, retry, status, submit, submit_graph
@@ -29,6 +30,7 @@ cli.add_command(schedule)
 cli.add_command(limit)
 cli.add_command(doctor)
 cli.add_command(plugins)
+cli.add_command(config)
 
 
 def build_cli() -> click.Group:
@@ -38,4 +40,9 @@ def build_cli() -> click.Group:
 
 
 def main() -> None:
-    build_cli()(prog_name="qo")
+    try:
+        root = build_cli()
+    except QoError as exc:  # e.g. a typo in qo.toml: one line, exit 1
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    root(prog_name="qo")

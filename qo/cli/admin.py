@@ -55,3 +55,26 @@ def plugins(as_json: bool) -> None:
             click.echo(f"{'':<14} error: {i.error}")
     schemes = ", ".join(f"{s}://" if s else "bare paths" for s in loaded.schemes())
     click.echo(f"storage schemes: {schemes}")
+
+
+@click.command("config")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
+@click.option("--url", default=None, help="Show the effect of this flag too.")
+@click.option("--queue", "queue_name", default=None, help="Show the effect of this flag too.")
+def config(as_json: bool, url: str | None, queue_name: str | None) -> None:
+    """Every setting, its value and where it came from (default < pyproject.toml
+    [tool.qo] < qo.toml < environment < flags). The URL is shown redacted."""
+    from ..config import load
+    from ..errors import QoError
+
+    try:
+        rows = load().with_flags(url=url, queue=queue_name).rows()
+    except QoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    for row in rows:
+        if as_json:
+            echo_json(row)
+        else:
+            value = ", ".join(row["value"]) if isinstance(row["value"], list) else row["value"]
+            click.echo(f"{row['name']:<16} {str(value):<40} ({row['source']})")

@@ -14,11 +14,13 @@ from ..errors import QoError
 
 
 def queue_options(fn: Callable) -> Callable:
-    """Add ``--url`` (QO_URL, else ./.qo) and ``--queue`` (QO_QUEUE, else default)."""
-    fn = click.option("--queue", "queue_name", envvar="QO_QUEUE", default="default", show_default=True,
-                      help="Queue name (QO_QUEUE).")(fn)
-    fn = click.option("--url", envvar="QO_URL", default="./.qo", show_default=True,
-                      help="Storage URL: s3://bucket/prefix, file:///path or a path (QO_URL).")(fn)
+    """Add ``--url`` and ``--queue``; when absent: QO_URL / QO_QUEUE, then qo.toml or
+    ``[tool.qo]``, then ``./.qo`` and ``default`` (see ``qo config``)."""
+    fn = click.option("--queue", "queue_name", default=None,
+                      help="Queue name (default: QO_QUEUE, qo.toml, else 'default').")(fn)
+    fn = click.option("--url", default=None,
+                      help="Storage URL: s3://bucket/prefix, file:///path or a path "
+                           "(default: QO_URL, qo.toml, else ./.qo).")(fn)
     return fn
 
 

@@ -14,6 +14,7 @@ import click
 from ..backends import redact_url
 from ..errors import ConfigurationError, QoError
 from ..handlers import Registry, import_handlers
+from ..config import load as load_config
 from .common import open_queue, queue_options, run
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -21,7 +22,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 @click.command()
 @click.argument("modules", metavar="MODULE...", nargs=-1, required=True)
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Tasks run at once.")
+@click.option("--concurrency", type=int, help="Tasks run at once (default: QO_CONCURRENCY, qo.toml, else 8).")
 @click.option("--until-idle", is_flag=True,
               help="Exit once no task of a handled type is pending, blocked or running (drain the queue).")
 @click.option("--poll-max", type=float, help="Longest pause between polls while idle, in seconds.")
@@ -32,7 +33,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
               help="Also fire the queue's recurring schedules (as `qo schedule run` does), stopping with the worker.")
 @queue_options
 @run
-async def worker(modules: tuple[str, ...], concurrency: int, until_idle: bool, poll_max: float | None,
+async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: bool, poll_max: float | None,
                  lease_ttl: float | None, log_level: str, with_scheduler: bool, url: str, queue_name: str) -> None:
     """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
     from ..scheduler import Scheduler
@@ -40,11 +41,9 @@ async def worker(modules: tuple[str, ...], concurrency: int, until_idle: bool, p
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(list(modules))
-    overrides: dict[str, Any] = {}
-    if poll_max is not None:
-        overrides["poll_max"] = poll_max
-    if lease_ttl is not None:
-        overrides["lease_ttl"] = lease_ttl
+    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl)
+    concurrency = config["concurrency"]
+    overrides: dict[str, Any] = {"poll_max": config["poll_max"], "lease_ttl": config["lease_ttl"]}
     queue = await open_queue(url, queue_name)
     try:
         w = Worker(queue, concurrency=concurrency, **overrides)
