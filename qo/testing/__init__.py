@@ -4,6 +4,7 @@
   backend runs with one import (``class TestMine(StorageFixtures, ConformanceTests)``).
 - :class:`MotoServer`: a moto S3 server on a free loopback port.
 - :class:`FakeClock`: a clock tests move by hand.
+- :class:`FaultyStorage`: a Storage wrapper injecting errors, latency, lost responses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ _LAZY = {
     "ConformanceTests": ".conformance",
     "StorageFixtures": ".conformance",
     "MotoServer": ".moto",
+    "FaultyStorage": ".faults",
     "FakeClock": "qo.clock",
 }
 
