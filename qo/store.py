@@ -99,7 +99,11 @@ class TaskStore:
                     continue  # did not land: try again
                 if Task.from_json(blob.data).rev == task.rev:
                     return blob.etag  # landed; only the response was lost
-                raise PreconditionFailed("changed by another writer", backend=self.storage.name, key=key)
+                exc = PreconditionFailed("changed by another writer", backend=self.storage.name, key=key)
+                # our write may have landed and been overwritten since: the caller may
+                # know better (a claim's fresh lease id on the task says it landed)
+                exc.uncertain = True
+                raise exc
         raise AssertionError("unreachable")
 
     async def put_marker(self, key: str) -> None:

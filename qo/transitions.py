@@ -67,8 +67,19 @@ async def claim(
     task.started_at = task.updated_at = now
     try:
         etag = await store.replace(task, etag)
-    except PreconditionFailed:
-        return Missed("lost the race", stale=False)
+    except PreconditionFailed as exc:
+        if not getattr(exc, "uncertain", False):
+            return Missed("lost the race", stale=False)
+        # the CAS may have landed with its response lost, and another writer (a
+        # dependent's submitter setting has_dependents, a cancel) changed the task
+        # since: our fresh lease id on a running task says the claim is ours
+        try:
+            current, etag = await store.load(task.id)
+        except TaskNotFound:
+            return Missed("lost the race", stale=False)
+        if current.status != RUNNING or current.lease_id != lease_id:
+            return Missed("lost the race", stale=False)
+        return Claimed(current, etag)
     return Claimed(task, etag)
 
 

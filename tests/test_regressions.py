@@ -1,0 +1,69 @@
+"""Regressions found by the chaos test (tests/test_chaos.py), one focused test each."""
+
+from __future__ import annotations
+
+import asyncio
+
+import qo
+from qo import keys
+from qo.errors import StorageUnavailable
+from qo.model import Task, new_rev
+from qo.transitions import Claimed, claim
+from qo.worker import Worker
+
+
+class ClaimLandsThenFlagged:
+    """The claim's CAS lands, another writer changes the task (a dependent's submitter
+    setting ``has_dependents``), then the claim's response is lost."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.armed = inner, inner.name, True
+
+    async def get(self, key):
+        return await self.inner.get(key)
+
+    async def put(self, key, data, *, if_match=None, if_none_match=False):
+        etag = await self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
+        if self.armed and if_match and "/tasks/" in key and Task.from_json(data).status == "running":
+            self.armed = False
+            other = Task.from_json(data)
+            other.has_dependents, other.rev = True, new_rev()
+            await self.inner.put(key, other.to_json(), if_match=etag)
+            raise StorageUnavailable("injected: response lost", backend=self.name, key=key)
+        return etag
+
+    async def delete(self, key, *, if_match=None):
+        await self.inner.delete(key, if_match=if_match)
+
+    async def list(self, prefix, *, start_after=None, limit=1000):
+        return await self.inner.list(prefix, start_after=start_after, limit=limit)
+
+    async def close(self):
+        await self.inner.close()
+
+
+async def test_claim_whose_response_was_lost_is_ours_even_if_the_task_changed_since(storage_url):
+    # Found by chaos: the claim CAS landed, its response was lost, and a submitter set
+    # has_dependents before the claimer re-read. The claimer took it for a lost race and
+    # dropped the lease from its record: the task stayed `running` under a lease nobody
+    # held or could recover, and its dependents stayed blocked for ever.
+    q = await qo.connect(storage_url, queue="reg", wrap_storage=ClaimLandsThenFlagged)
+    task = await q.submit("t", 1)
+    marker = keys.parse_marker((await q.storage.list(keys.ready_prefix("reg")))[0].key)
+    got = await claim(q.store, marker, worker_id="w1", lease_id="lease-1", lease_ttl=30, now=q.clock.now())
+    assert isinstance(got, Claimed), got
+    stored = await q.get(task.id)
+    assert stored.status == "running" and stored.lease_id == "lease-1" and stored.has_dependents
+    assert got.task.rev == stored.rev  # the etag returned is the current version's
+    await q.close()
+
+
+async def test_worker_runs_a_task_whose_claim_response_was_lost(storage_url, fast_settings):
+    q = await qo.connect(storage_url, queue="reg2", wrap_storage=ClaimLandsThenFlagged)
+    task = await q.submit("t", 1)
+    worker = Worker(q, settings=fast_settings)
+    worker.handler("t")(lambda input: input + 1)
+    await asyncio.wait_for(worker.run(until_idle=True), 20)
+    done = await q.get(task.id)
+    assert done.status == "completed" and done.output == 2 and done.attempt == 1
+    await q.close()
