@@ -22,7 +22,7 @@ import attrs
 
 from . import keys
 from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import Task, dumps
+from .model import Task, dumps, is_utf8
 
 SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
 MAX_KEY_CHARS = 1024
@@ -40,9 +40,9 @@ def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | N
     """Validate the three idempotency arguments; ``None`` when no key is given."""
     if key is None:
         return None
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key or not is_utf8(key):
         raise InvalidInput("idempotency_key", f"must be a non-empty string of at most {MAX_KEY_CHARS} "
-                           "characters without NUL")
+                           "characters without NUL or lone surrogates")
     if not isinstance(scope, str) or not (
         scope in ("task_type", "queue") or (scope.startswith("custom:") and SCOPE_NAME.match(scope[7:]))
     ):

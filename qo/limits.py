@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from .errors import InvalidInput, NotFound
-from .model import check_task_type, dumps
+from .model import check_task_type, dumps, is_utf8
 
 BACKPRESSURE = ("delay", "wait", "skip")
 
@@ -56,7 +56,7 @@ def check_scope(scope: Any) -> str:
     if sep and kind == "task_type":
         check_task_type(name, "scope")
         return scope
-    if sep and kind == "key" and name and len(name) <= 256 and "\x00" not in name:
+    if sep and kind == "key" and name and len(name) <= 256 and "\x00" not in name and is_utf8(name):
         return scope
     raise InvalidInput("scope", f"{scope!r} is not 'global', 'task_type:<type>', 'key:<key>' or 'key:*'")
 
@@ -88,8 +88,8 @@ def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, b
 def check_rate_limit_key(value: Any, field: str = "rate_limit_key") -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > 256 or "\x00" in value:
-        raise InvalidInput(field, "must be a non-empty string of at most 256 characters without NUL")
+    if not isinstance(value, str) or not value or len(value) > 256 or "\x00" in value or not is_utf8(value):
+        raise InvalidInput(field, "must be a non-empty string of at most 256 characters without NUL or lone surrogates")
     return value
 
 

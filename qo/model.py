@@ -127,6 +127,8 @@ def check_input(value: Any, field: str = "input") -> Any:
         encoded = dumps(value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(field, f"must be JSON-serialisable with finite numbers ({exc})") from None
+    except RecursionError:
+        raise InvalidInput(field, "is nested too deeply to encode as JSON") from None
     if len(encoded) > MAX_INPUT_BYTES:
         raise InvalidInput(field, f"is {len(encoded)} bytes encoded; the limit is {MAX_INPUT_BYTES}")
     return json.loads(encoded)  # a detached copy: later mutation by the caller changes nothing
@@ -179,6 +181,15 @@ def check_task_id(value: Any, field: str = "task_id") -> str:
     if not isinstance(value, str) or not keys.TASK_ID.match(value):
         raise InvalidInput(field, f"{_short(value)} is not a task id (24 lowercase hex characters)")
     return value
+
+
+def is_utf8(value: str) -> bool:
+    """False for a string that cannot be stored: one with lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _short(value: Any) -> str:
