@@ -44,6 +44,9 @@ def check_depends_on(value: Any, field: str = "depends_on") -> list[str]:
         return []
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise InvalidInput(field, "must be a list of task ids")
+    value = list(value)
+    for i, task_id in enumerate(value):
+        check_task_id(task_id, f"{field}[{i}]")
     ids = list(dict.fromkeys(value))  # de-duplicated, order kept
     if len(ids) > MAX_DEPENDENCIES:
         raise InvalidInput(field, f"at most {MAX_DEPENDENCIES} dependencies")

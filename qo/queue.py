@@ -197,6 +197,8 @@ class Queue:
         order (for an idempotency key already used: the existing task).
         """
         prepared: list[tuple[Task, IdempotencyRequest | None]] = []
+        if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+            raise InvalidInput("items", "must be a list of (task_type, input[, options]) tuples")
         for i, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
                 raise InvalidInput(f"items[{i}]", "must be (task_type, input) or (task_type, input, options)")
@@ -250,6 +252,8 @@ class Queue:
             if isinstance(deps, str) or not isinstance(deps, (list, tuple)):
                 raise InvalidInput(f"nodes[{name}].depends_on", "must be a list of node names or task ids")
             for d in deps:
+                if not isinstance(d, str):
+                    raise InvalidInput(f"nodes[{name}].depends_on", f"{d!r} is not a node name or task id")
                 if d not in nodes and not (isinstance(d, str) and keys.TASK_ID.match(d)):
                     raise DependencyError(f"node {name!r} depends on {d!r}, which is neither a node of the "
                                           "graph nor a task id")
@@ -319,6 +323,8 @@ class Queue:
             raise InvalidInput("status", f"{status!r} is not one of {', '.join(STATUSES)}")
         if task_type is not None:
             check_task_type(task_type)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidInput("limit", f"{limit!r} is not None or an integer >= 0")
         cursor: str | None = None
         found = 0
         while True:
