@@ -8,6 +8,7 @@ URL is shown with its query values and userinfo redacted.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -41,8 +42,8 @@ def _positive_int(v: Any) -> int:
 
 def _positive(v: Any) -> float:
     v = float(v) if isinstance(v, str) else v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        raise ValueError("must be a positive number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ValueError("must be a positive, finite number")
     return float(v)
 
 

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def _positive(instance: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidInput(attribute.name, f"{value!r} must be a positive number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise InvalidInput(attribute.name, f"{value!r} must be a positive, finite number")
 
 
 @attrs.define
@@ -51,11 +52,11 @@ class WorkerSettings:
     #: a worker whose record is older than this is presumed dead; its tasks are requeued
     lease_ttl: float = attrs.field(default=30.0, validator=_positive)
     #: default lease_ttl / 3
-    heartbeat_interval: float | None = None
+    heartbeat_interval: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     #: how often this worker looks for dead workers (jittered 0.5x-1.5x)
     sweep_interval: float = attrs.field(default=10.0, validator=_positive)
     #: ready markers per LIST; default max(4 * concurrency, 32)
-    list_limit: int | None = None
+    list_limit: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     #: listed candidates older than this are listed again (newer, more urgent work)
     buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
     delete_batch: int = attrs.field(default=200, validator=_positive)
@@ -74,6 +75,8 @@ class WorkerSettings:
     worker_id: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.list_limit is not None and not isinstance(self.list_limit, int):
+            raise InvalidInput("list_limit", f"{self.list_limit!r} must be a positive integer")
         if not isinstance(self.concurrency, int) or self.concurrency > 1024:
             raise InvalidInput("concurrency", f"{self.concurrency!r} must be an integer from 1 to 1024")
         if self.poll_max < self.poll_min:
@@ -141,6 +144,11 @@ class Worker:
         if concurrency is not None:
             overrides["concurrency"] = concurrency
         self.queue = queue
+        if settings is not None and not isinstance(settings, WorkerSettings):
+            raise InvalidInput("settings", f"{settings!r} is not a qo.WorkerSettings")
+        unknown = sorted(set(overrides) - {f.name for f in attrs.fields(WorkerSettings)})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown worker setting (see qo.WorkerSettings)")
         self.settings = attrs.evolve(settings or WorkerSettings(), **overrides)
         self.registry = Registry()
         self.worker_id = self.settings.worker_id or new_worker_id()
