@@ -38,10 +38,13 @@ def url_scheme(url: str) -> str:
     if "\x00" in url:
         raise InvalidInput("url", "must not contain NUL")
     if "://" not in url:
-        if _LOOKS_LIKE_URL.match(url):
+        if _LOOKS_LIKE_URL.match(url) or url.startswith(":"):
             raise InvalidInput("url", f"{redact_url(url)!r} looks like a malformed URL (expected scheme://...)")
         return ""
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise InvalidInput("url", f"malformed URL {redact_url(url)!r}") from None
     if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         raise InvalidInput("url", f"malformed URL scheme in {redact_url(url)!r}")
     return scheme
@@ -54,7 +57,8 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable url>"
     netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "&".join(p.split("=", 1)[0] + "=..." for p in parts.query.split("&") if p)
+    # only parameter names survive; a bare token (no '=') may itself be a secret
+    query = "&".join((p.split("=", 1)[0] if "=" in p else "") + "=..." for p in parts.query.split("&") if p)
     out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
     return out + (f"?{query}" if query else "")
 

@@ -41,7 +41,9 @@ class LocalStorage:
             raise InvalidInput("url", "a local path must be non-empty and contain no NUL")
         self.root = os.path.abspath(os.path.expanduser(root))
         self.fsync = fsync in (True, "1", "true", "yes")
-        self.lock_stripes = int(lock_stripes)
+        if isinstance(lock_stripes, bool) or not isinstance(lock_stripes, int) or not 1 <= lock_stripes <= 65536:
+            raise InvalidInput("lock_stripes", f"{lock_stripes!r} is not an integer from 1 to 65536")
+        self.lock_stripes = lock_stripes
         self._fds: dict[int, int] = {}
         self._fds_pid = os.getpid()
         self._thread_locks = [threading.Lock() for _ in range(64)]
