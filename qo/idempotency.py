@@ -24,7 +24,7 @@ from . import keys
 from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
 from .model import Task, dumps, is_utf8
 
-SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 MAX_KEY_CHARS = 1024
 DEFAULT_TTL_DAYS = 7.0
 

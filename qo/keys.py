@@ -21,9 +21,9 @@ import time
 
 import attrs
 
-TASK_ID = re.compile(r"^[0-9a-f]{24}$")
-TASK_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}$")
-WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+TASK_ID = re.compile(r"^[0-9a-f]{24}\Z")
+TASK_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}\Z")
+WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 
 
 _id_lock = threading.Lock()

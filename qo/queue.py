@@ -39,11 +39,11 @@ from .storage import Storage
 from .store import TaskStore
 from .transitions import requeued_at
 
-GRAPH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+GRAPH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 if TYPE_CHECKING:  # pragma: no cover
     from .schedules import Schedules
 
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 #: A marker whose task cannot be read (not yet written, or its producer died) is left
 #: alone this long before a worker drops it. A producer re-writes its marker when its

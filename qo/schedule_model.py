@@ -25,7 +25,7 @@ from .errors import InvalidInput, NotFound, PreconditionFailed, ScheduleNotFound
 from .model import _short, dumps, iso, new_rev
 from .store import Backoff
 
-SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}\Z")
 CATCH_UP_POLICIES = ("skip", "latest", "all")
 SCHEMA_VERSION = 1
 #: The task options a schedule passes to every task it fires.

@@ -26,7 +26,7 @@ from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, 
 
 __all__ = ["S3Storage", "parse_url", "map_error"]
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]\Z")
 _ALIASES = {  # accepted spelling -> setting
     "endpoint_url": "endpoint_url",
     "endpoint": "endpoint_url",
