@@ -75,10 +75,20 @@ class TaskStore:
             except PreconditionFailed:
                 if uncertain:  # maybe our own earlier attempt landed
                     current, etag = await self.load(task.id)
-                    if current.rev == task.rev:
+                    # ours, possibly changed since (a worker claimed it through its
+                    # marker before we re-read): rev alone would call that a loss
+                    if current.rev == task.rev or self._same_creation(current, task):
                         return etag
                 raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _same_creation(current: Task, ours: Task) -> bool:
+        """The stored task is the one we created: creation time (our clock, to the
+        microsecond), type and input match. Another producer creating under the same
+        id (idempotency) built its own task at its own time."""
+        return (current.created_at == ours.created_at and current.task_type == ours.task_type
+                and current.input == ours.input)
 
     async def replace(self, task: Task, etag: str) -> str:
         """Compare-and-swap ``task`` over version ``etag``; ``PreconditionFailed`` if it changed."""

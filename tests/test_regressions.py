@@ -67,3 +67,54 @@ async def test_worker_runs_a_task_whose_claim_response_was_lost(storage_url, fas
     done = await q.get(task.id)
     assert done.status == "completed" and done.output == 2 and done.attempt == 1
     await q.close()
+
+
+class CreateLandsThenClaimed:
+    """A task's create-only write lands, a worker claims the task (its marker was written
+    first), then the create's response is lost."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.armed = inner, inner.name, True
+
+    async def get(self, key):
+        return await self.inner.get(key)
+
+    async def put(self, key, data, *, if_match=None, if_none_match=False):
+        etag = await self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
+        if self.armed and if_none_match and "/tasks/" in key:
+            self.armed = False
+            other = Task.from_json(data)
+            other.status, other.attempt, other.lease_id, other.rev = "running", 1, "lease-x", new_rev()
+            await self.inner.put(key, other.to_json(), if_match=etag)
+            raise StorageUnavailable("injected: response lost", backend=self.name, key=key)
+        return etag
+
+    async def delete(self, key, *, if_match=None):
+        await self.inner.delete(key, if_match=if_match)
+
+    async def list(self, prefix, *, start_after=None, limit=1000):
+        return await self.inner.list(prefix, start_after=start_after, limit=limit)
+
+    async def close(self):
+        await self.inner.close()
+
+
+async def test_submit_whose_create_response_was_lost_succeeds_even_if_claimed_since(storage_url):
+    # Found by chaos: the create landed, its response was lost, a worker claimed the
+    # task before the producer re-read; the rev no longer matched, so submit raised
+    # PreconditionFailed for a task that existed and ran (a producer retrying the
+    # submit would then run the work twice).
+    q = await qo.connect(storage_url, queue="reg3", wrap_storage=CreateLandsThenClaimed)
+    task = await q.submit("t", {"n": 1})
+    stored = await q.get(task.id)
+    assert stored.status == "running" and stored.input == {"n": 1}
+    assert [t.id async for t in q.list(limit=None)] == [task.id]
+    await q.close()
+
+
+async def test_submit_graph_whose_create_response_was_lost_succeeds(storage_url):
+    q = await qo.connect(storage_url, queue="reg4", wrap_storage=CreateLandsThenClaimed)
+    got = await q.submit_graph({"a": {"task_type": "t"}, "b": {"task_type": "t", "depends_on": ["a"]}})
+    assert (await q.get(got["a"].id)).status == "running"
+    assert (await q.get(got["b"].id)).status == "blocked"
+    await q.close()
