@@ -317,11 +317,15 @@ class Worker:
             self._misses.clear()
         entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=self.settings.listing)
         done = set(self._trash) | self._deleting  # claimed by us; their delete is pending
+        # tasks we are claiming or running: another marker of one (an aging leftover, a
+        # promotion's duplicate) must not re-announce it, or its lease in our record would
+        # be replaced and then released on the miss, leaving a running task unnamed
+        holding = self.book.leases.keys() - self._lease_ids.keys()
         markers = []
         for e in entries:
             m = keys.parse_marker(e.key)
             if m and self.handles(m.task_type) and m.key not in self._taken and m.key not in self._skip \
-                    and m.key not in done:
+                    and m.key not in done and m.task_id not in holding:
                 markers.append(m)
         self._nothing_listed = not markers
         if not markers:

@@ -461,3 +461,50 @@ def test_state_machine_s3(moto_server):
     run_state_machine_as_test(S3Machine, settings=settings(
         max_examples=6, stateful_step_count=20, deadline=None, database=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+
+
+# -- regressions found by the machine -------------------------------------------------
+
+
+async def test_a_second_marker_of_a_task_we_run_does_not_unname_it_in_our_record(tmp_path):
+    """A worker running T listed another ready marker of T (an aging leftover: same due
+    time at another level), re-announced T under a fresh lease (replacing the running
+    attempt's lease in its record), missed the claim and released T: its record no
+    longer named T. Had it died then, no sweep could find T: running forever."""
+    import json
+
+    from clocks import ticking_queue
+    from qo.worker import Worker
+
+    async with ticking_queue(str(tmp_path / "s"), "stale", speed=1.0) as (q, clock):
+        task = await q.submit("t", None)
+        started, release = asyncio.Event(), asyncio.Event()
+        w = Worker(q, concurrency=2, poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.1)
+
+        @w.handler("t")
+        async def t(input, ctx):
+            started.set()
+            await release.wait()
+
+        run = asyncio.create_task(w.run())
+        await asyncio.wait_for(started.wait(), 10)
+        await q.storage.put(keys.ready(q.name, 255, task.available_at, task.id, task.task_type), b"")
+        listings = 0
+        refill = w._refill
+
+        async def counted(now):
+            nonlocal listings
+            listings += 1
+            return await refill(now)
+
+        w._refill = counted
+        while listings < 5:  # the leftover is listed again and again
+            await asyncio.sleep(0.01)
+        await w.book.write()
+        record = json.loads((await q.storage.get(w.book.key)).data)
+        running = await q.get(task.id)
+        assert running.status == RUNNING
+        assert record["leases"].get(task.id, {}).get("lease") == running.lease_id
+        release.set()
+        w.stop()
+        await run
