@@ -22,7 +22,7 @@ import attrs
 
 from . import keys
 from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import Task, dumps, is_utf8
+from .model import Task, _short, dumps, is_utf8
 
 SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 MAX_KEY_CHARS = 1024
@@ -37,19 +37,20 @@ class IdempotencyRequest:
 
 
 def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | None:
-    """Validate the three idempotency arguments; ``None`` when no key is given."""
-    if key is None:
-        return None
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key or not is_utf8(key):
+    """Validate the three idempotency arguments (all three, even without a key: a bad scope
+    or TTL is a mistake either way); ``None`` when no key is given."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key or not is_utf8(key)):
         raise InvalidInput("idempotency_key", f"must be a non-empty string of at most {MAX_KEY_CHARS} "
                            "characters without NUL or lone surrogates")
     if not isinstance(scope, str) or not (
         scope in ("task_type", "queue") or (scope.startswith("custom:") and SCOPE_NAME.match(scope[7:]))
     ):
-        raise InvalidInput("idempotency_scope", f"{scope!r} is not 'task_type', 'queue' or 'custom:<name>' "
+        raise InvalidInput("idempotency_scope", f"{_short(scope)} is not 'task_type', 'queue' or 'custom:<name>' "
                            "(name: letters, digits, _ . : -)")
     if isinstance(ttl_days, bool) or not isinstance(ttl_days, (int, float)) or not 0 < ttl_days <= 3650:
         raise InvalidInput("idempotency_ttl_days", f"{ttl_days!r} is not a number of days in (0, 3650]")
+    if key is None:
+        return None
     return IdempotencyRequest(key, scope, float(ttl_days))
 
 

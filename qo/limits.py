@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from .errors import InvalidInput, NotFound
-from .model import check_task_type, dumps, is_utf8
+from .model import _short, check_task_type, dumps, is_utf8
 
 BACKPRESSURE = ("delay", "wait", "skip")
 
@@ -58,7 +58,7 @@ def check_scope(scope: Any) -> str:
         return scope
     if sep and kind == "key" and name and len(name) <= 256 and "\x00" not in name and is_utf8(name):
         return scope
-    raise InvalidInput("scope", f"{scope!r} is not 'global', 'task_type:<type>', 'key:<key>' or 'key:*'")
+    raise InvalidInput("scope", f"{_short(scope)} is not 'global', 'task_type:<type>', 'key:<key>' or 'key:*'")
 
 
 def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, backpressure: Any) -> Limit:

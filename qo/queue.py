@@ -31,6 +31,7 @@ from .model import (
     check_task_id,
     check_task_type,
     check_when,
+    _short,
 )
 from .limits import Limits, check_rate_limit_key
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
@@ -60,7 +61,7 @@ SUBMIT_OPTIONS = (
 def validate_queue_name(name: Any) -> str:
     if not isinstance(name, str) or not QUEUE_NAME.match(name) or ".." in name:
         raise InvalidInput(
-            "queue", f"{name!r} is not a queue name (1-64 of A-Z a-z 0-9 _ . -, starting alphanumeric)"
+            "queue", f"{_short(name)} is not a queue name (1-64 of A-Z a-z 0-9 _ . -, starting alphanumeric)"
         )
     return name
 
@@ -245,7 +246,7 @@ class Queue:
         graph: dict[str, list[str]] = {}
         for name, spec in nodes.items():
             if not isinstance(name, str) or not GRAPH_NAME.match(name):
-                raise InvalidInput("nodes", f"{name!r} is not a node name (letters, digits, _ . : -)")
+                raise InvalidInput("nodes", f"{_short(name)} is not a node name (letters, digits, _ . : -)")
             if not isinstance(spec, dict) or "task_type" not in spec:
                 raise InvalidInput(f"nodes[{name}]", "must be a dict with at least 'task_type'")
             deps = spec.get("depends_on") or []

@@ -17,7 +17,7 @@ from typing import Any
 from .clock import utc
 from .errors import IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
 from .idempotency import IdempotencyRequest, record_key
-from .model import Task, check_non_negative_int, check_seconds
+from .model import Task, _short, check_non_negative_int, check_seconds
 from .schedule_model import (
     TASK_OPTIONS,
     Schedule,
@@ -56,7 +56,7 @@ class Schedules:
         plugin finds it malformed, or never firing)."""
         answer = self.queue.plugins.hook.qo_next_fire(schedule=schedule, after=utc(ts))
         if answer is None:
-            raise InvalidInput("cron", f"{schedule.cron!r} is neither a cron expression (5 fields, or 6 with "
+            raise InvalidInput("cron", f"{_short(schedule.cron)} is neither a cron expression (5 fields, or 6 with "
                                "seconds last) nor a kind of schedule a plugin understands")
         if not isinstance(answer, datetime) or answer.tzinfo is None or answer.utcoffset() is None:
             raise PluginError(f"qo_next_fire returned {answer!r} for schedule {schedule.name!r}; "

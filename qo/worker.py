@@ -28,7 +28,7 @@ from .events import emit
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired
 from .leases import LeaseBook, new_worker_id, sweep
-from .model import PENDING, Task, check_input
+from .model import PENDING, Task, _short, check_input
 from .promotion import promote_due
 from .queue import ORPHAN_GRACE_SECONDS, Queue
 from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
@@ -81,8 +81,9 @@ class WorkerSettings:
             raise InvalidInput("concurrency", f"{self.concurrency!r} must be an integer from 1 to 1024")
         if self.poll_max < self.poll_min:
             raise InvalidInput("poll_max", "must be >= poll_min")
-        if self.worker_id is not None and not keys.WORKER_ID.match(self.worker_id):
-            raise InvalidInput("worker_id", f"{self.worker_id!r} is not a worker id")
+        if self.worker_id is not None and (not isinstance(self.worker_id, str)
+                                           or not keys.WORKER_ID.match(self.worker_id)):
+            raise InvalidInput("worker_id", f"{_short(self.worker_id)} is not a worker id")
 
     @property
     def heartbeat(self) -> float:

@@ -80,7 +80,7 @@ def load_registry(modules: list[str]) -> Registry:
         registry = import_handlers(modules)
     except QoError:
         raise
-    except (ImportError, OSError, SyntaxError) as exc:
+    except (ImportError, OSError, SyntaxError, TypeError, ValueError) as exc:
         raise ConfigurationError(f"cannot import handlers from {' '.join(modules)}: "
                                  f"{type(exc).__name__}: {exc}") from exc
     if not registry.handlers:

@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 from croniter import CroniterBadDateError, CroniterError, croniter
 
 from qo.errors import InvalidInput
+from qo.model import _short
 from qo.hookspecs import hookimpl
 from qo.schedule_model import check_timezone
 
@@ -66,16 +67,16 @@ def check_cron(expr: Any, field: str = "cron") -> str:
         raise InvalidInput(field, "must be a cron expression such as '*/5 * * * *' or '0 3 * * *'")
     text = " ".join(expr.split())
     if text.startswith("@") and text.lower() not in ALIASES:
-        raise InvalidInput(field, f"{expr!r} is not a known alias (known: {', '.join(ALIASES)})")
+        raise InvalidInput(field, f"{_short(expr)} is not a known alias (known: {', '.join(ALIASES)})")
     text = ALIASES.get(text.lower(), text)
     fields = text.split(" ")
     if len(fields) not in (5, 6):
-        raise InvalidInput(field, f"{expr!r} has {len(fields)} fields; expected 5 (minute hour day month "
+        raise InvalidInput(field, f"{_short(expr)} has {len(fields)} fields; expected 5 (minute hour day month "
                            "weekday) or 6 (the same, then seconds)")
     try:
         croniter(text)
     except (CroniterError, ValueError, KeyError) as exc:
-        raise InvalidInput(field, f"{expr!r} is not a valid cron expression: {_diagnose(fields, exc)}") from None
+        raise InvalidInput(field, f"{_short(expr)} is not a valid cron expression: {_diagnose(fields, exc)}") from None
     return text
 
 
@@ -124,7 +125,7 @@ def next_fire(expr: str, tz: ZoneInfo, after: datetime) -> datetime | None:
         try:
             candidate = it.get_next(datetime)
         except CroniterBadDateError:
-            raise InvalidInput("cron", f"{expr!r} never fires (no such date)") from None
+            raise InvalidInput("cron", f"{_short(expr)} never fires (no such date)") from None
         instant = candidate.astimezone(timezone.utc)
         if instant <= after:
             continue  # never trust an iterator across a transition blindly
@@ -134,7 +135,7 @@ def next_fire(expr: str, tz: ZoneInfo, after: datetime) -> datetime | None:
         if interval and _after_gap(instant, tz) and not croniter.match(expr, local.replace(tzinfo=None)):
             continue  # croniter moved a wall time out of the gap; real time never had it
         return local
-    raise InvalidInput("cron", f"{expr!r}: no fire time found after {after.isoformat()}")
+    raise InvalidInput("cron", f"{_short(expr)}: no fire time found after {after.isoformat()}")
 
 
 @hookimpl
