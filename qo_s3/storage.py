@@ -14,6 +14,7 @@ then botocore's own chain (``AWS_*`` variables, profiles, instance roles).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -45,6 +46,34 @@ _ENV = {
     "profile": "QO_S3_PROFILE",
 }
 _MAX_DRIFT = 1e-4  # clocks drift apart by at most ~100 ppm: widen the offset bounds by that
+
+
+class _ScrubSecrets(logging.Filter):
+    """botocore logs whole requests at DEBUG (headers with the session token, the
+    canonical request): replace every credential an S3Storage knows with ``***``."""
+
+    secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed record is not ours to fix
+                return True
+            if any(s in message for s in self.secrets):
+                record.msg, record.args = _scrub(message, tuple(self.secrets), limit=None), ()
+        return True
+
+
+_SCRUBBER = _ScrubSecrets()
+for _name in ("botocore", "botocore.auth", "botocore.endpoint", "botocore.hooks", "botocore.httpsession",
+              "botocore.parsers", "botocore.credentials", "botocore.retryhandler", "botocore.utils",
+              "botocore.client", "aiobotocore", "aiobotocore.endpoint", "aiobotocore.credentials", "s3fs"):
+    logging.getLogger(_name).addFilter(_SCRUBBER)
+
+
+def _remember_secrets(secrets: tuple[str, ...]) -> None:
+    _SCRUBBER.secrets.update(s for s in secrets if s and len(s) >= 4)
 
 
 def parse_url(url: str) -> tuple[str, str, dict[str, str]]:
@@ -104,11 +133,11 @@ _HINTS = {
 _CREDENTIALS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
 
 
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+def _scrub(text: str, secrets: tuple[str, ...], limit: int | None = 300) -> str:
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    return text[:300]
+    return text[:limit]
 
 
 def map_error(
@@ -226,6 +255,7 @@ class S3Storage:
         self._timeouts = tuple(_seconds(settings, name, default) for name, default in _TIMEOUTS)
         self._settings = settings
         self._secrets = tuple(str(settings[k]) for k in ("key", "secret", "token") if settings.get(k))
+        _remember_secrets(self._secrets)
         try:
             import s3fs  # noqa: F401  (checked now so a missing extra fails at connect)
         except ImportError:
@@ -306,6 +336,7 @@ class S3Storage:
         if frozen is not None:
             found = (frozen.access_key, frozen.secret_key, frozen.token)
             self._secrets = tuple(dict.fromkeys(self._secrets + tuple(s for s in found if s)))
+            _remember_secrets(self._secrets)
 
     def _abandon(self) -> None:
         """Forget a client made on another (finished) event loop, releasing its sockets.
