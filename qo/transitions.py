@@ -141,12 +141,16 @@ def failed(error: BaseException, delay: float | None, now: float):
 
 
 def handed_back(now: float):
-    """A graceful shutdown returns the task without counting the interrupted attempt."""
+    """A graceful shutdown returns the task without counting the interrupted attempt;
+    a task whose cancel was requested while it ran ends ``cancelled`` instead."""
 
     def change(task: Task) -> None:
+        task.lease_id = task.lease_deadline = task.worker_id = None
+        if task.cancel_requested:
+            task.status, task.finished_at = "cancelled", now
+            return
         task.status, task.available_at = PENDING, requeued_at(task, now)
         task.attempt = max(0, task.attempt - 1)
-        task.lease_id = task.lease_deadline = task.worker_id = None
     return change
 
 

@@ -463,9 +463,13 @@ class Worker:
             now = self.clock.now()
             with contextlib.suppress(QoError):
                 stored = await finish(self.store, task, etag, handed_back(now), now)
-                if stored is not None:
+                if stored is not None and stored[0].status == PENDING:
                     await self.store.put_marker(stored[0].marker_key(self.queue.name, now))
                     self.stats["handed_back"] += 1
+                elif stored is not None:  # its cancel was requested: it ends here
+                    self.stats[stored[0].status] += 1
+                    emit(self.queue.plugins, stored[0].status, stored[0])
+                    await self._release(stored[0])
             raise
         finally:
             self._running.pop(task.id, None)

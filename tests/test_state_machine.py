@@ -328,7 +328,10 @@ class StateMachine(RuleBasedStateMachine):
         stored = self.run(self._end(w, task, etag, handed_back(self.clock.now()), write_marker=not crash))
         if stored is None:
             return
-        assert stored.status == PENDING and stored.attempt == attempt - 1
+        if stored.cancel_requested:  # a cancel asked while it ran: it ends here
+            assert stored.status == CANCELLED and stored.attempt == attempt
+        else:
+            assert stored.status == PENDING and stored.attempt == attempt - 1
         self._expect(stored, allow_handback=True)
         if crash:
             self._crash(slot)
@@ -429,6 +432,7 @@ class StateMachine(RuleBasedStateMachine):
                 assert (task.worker_id, task.lease_id) in named.get(tid, []), \
                     f"running {tid} ({task.worker_id}, {task.lease_id}) is named by no worker record: {named.get(tid)}"
             if task.status == PENDING:
+                assert not task.cancel_requested, f"pending {tid} still carries a cancel request"
                 assert set(self._marker_keys(task)) & markers or tid in named, \
                     f"pending {tid} has no marker and no worker record names it"
             if task.status == FAILED:
@@ -508,3 +512,29 @@ async def test_a_second_marker_of_a_task_we_run_does_not_unname_it_in_our_record
         release.set()
         w.stop()
         await run
+
+
+async def test_a_task_handed_back_after_its_cancel_was_requested_ends_cancelled(tmp_path):
+    """A graceful shutdown handed a running task back to pending although its cancel was
+    requested: the cancelled task ran again (and pending carried cancel_requested)."""
+    from clocks import ticking_queue
+    from qo.worker import Worker
+
+    async with ticking_queue(str(tmp_path / "s"), "cxl", speed=1.0) as (q, clock):
+        task = await q.submit("t", None)
+        started = asyncio.Event()
+        w = Worker(q, concurrency=1, poll_min=0.01, poll_max=0.05, sweep_interval=0.2, shutdown_timeout=0.05)
+
+        @w.handler("t")
+        async def t(input, ctx):
+            started.set()
+            await asyncio.Event().wait()  # never ends by itself
+
+        run = asyncio.create_task(w.run())
+        await asyncio.wait_for(started.wait(), 10)
+        assert (await q.cancel(task.id)).cancel_requested
+        w.stop()
+        await run
+        done = await q.get(task.id)
+        assert done.status == CANCELLED and not w.stats["handed_back"]
+        assert await q.storage.list(keys.ready_prefix(q.name)) == []
