@@ -37,8 +37,12 @@ class LocalStorage:
     name = "local"
 
     def __init__(self, root: str, *, fsync: bool | str = False, lock_stripes: int = 1024):
-        if not root or "\x00" in root:
+        if not isinstance(root, str) or not root or "\x00" in root:
             raise InvalidInput("url", "a local path must be non-empty and contain no NUL")
+        try:
+            os.fsencode(root)
+        except UnicodeEncodeError:
+            raise InvalidInput("url", "a local path must be encodable (no lone surrogates)") from None
         self.root = os.path.abspath(os.path.expanduser(root))
         self.fsync = fsync in (True, "1", "true", "yes")
         if isinstance(lock_stripes, bool) or not isinstance(lock_stripes, int) or not 1 <= lock_stripes <= 65536:

@@ -383,6 +383,12 @@ def _cli_cases(tmp_path) -> list[list[str]]:
         ("--idempotency-scope", "custom:../x"), ("--idempotency-ttl-days", "nan"), ("--rate-limit-key", "a\x00"),
         ("--depends-on", "../x"), ("--depends-on", "0" * 24), ("--on-dependency-failure", "bogus"),
         ("--queue", "a/b"), ("--queue", ".."), ("--queue", ""), ("--queue", "q\n")]]
+    fresh = str(tmp_path / "fresh")  # a store that does not exist yet must not be created
+    out += [["submit", "../x", "--url", fresh], ["status", "../x", "--url", fresh], ["cancel", "..", "--url", fresh],
+            ["retry", "/abs", "--url", fresh], ["schedule", "add", "../s", "--cron", "* * * * *", "--type", "t",
+                                                "--url", fresh], ["schedule", "remove", "../s", "--url", fresh],
+            ["limit", "set", "../global", "--rate", "1", "--url", fresh], ["limit", "remove", "..", "--url", fresh],
+            ["submit", "t", "--url", str(tmp_path / "fresh\ud800")]]
     out += [["submit", "t", "--url", u] for u in ["s3://", "s3:///x", "s3://bad_bucket!", "file://host/x",
                                                   "http://x", "::", " "]]
     out += [[cmd, i] for cmd in ("status", "cancel", "retry") for i in ids]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import InvalidInput
+from ..limits import check_scope
 from .common import echo_json, open_queue, queue_options, run
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -40,6 +41,7 @@ async def set_limit(scope: str, rate_text: str | None, burst: float | None, conc
                     backpressure: str, url: str, queue_name: str) -> None:
     """Set the limit of SCOPE: global, task_type:TYPE, key:KEY or key:* (each key its own bucket)."""
     rate, per = parse_rate(rate_text) if rate_text is not None else (None, 1.0)
+    check_scope(scope)  # before connecting: a fresh --url is not even created
     queue = await open_queue(url, queue_name)
     try:
         lim = await queue.limits.set(scope, rate, per, burst, concurrency=concurrency, backpressure=backpressure)
@@ -81,6 +83,7 @@ async def list_limits(as_json: bool, url: str, queue_name: str) -> None:
 @run
 async def remove_limit(scope: str, url: str, queue_name: str) -> None:
     """Remove the limit of SCOPE."""
+    check_scope(scope)
     queue = await open_queue(url, queue_name)
     try:
         await queue.limits.remove(scope)

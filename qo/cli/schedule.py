@@ -14,7 +14,7 @@ import click
 from ..backends import redact_url
 from ..errors import InvalidInput
 from ..model import PRIORITY_LEVELS, iso
-from ..schedule_model import CATCH_UP_POLICIES, Schedule
+from ..schedule_model import CATCH_UP_POLICIES, Schedule, check_name
 from .common import echo_json, open_queue, queue_options, run
 from .parsing import parse_json_input
 
@@ -59,6 +59,7 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
               paused: bool, as_json: bool, url: str, queue_name: str) -> None:
     """Add schedule NAME; prints its next fire time."""
     payload = parse_json_input(input_text, "--input")
+    check_name(name)  # before connecting: a fresh --url is not even created
     queue = await open_queue(url, queue_name)
     try:
         s = await queue.schedules.add(
@@ -149,6 +150,7 @@ def _simple(verb: str, method: str, help_text: str) -> click.Command:
     @queue_options
     @run
     async def command(name: str, as_json: bool, url: str, queue_name: str) -> None:
+        check_name(name)
         queue = await open_queue(url, queue_name)
         try:
             s = await getattr(queue.schedules, method)(name)

@@ -10,7 +10,7 @@ import click
 from ..aging import task_effective_priority
 from ..backends import redact_url
 from ..errors import TaskNotFound
-from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, iso
+from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id, check_task_type, iso
 from .common import echo_json, open_queue, queue_options, run
 from .parsing import delay_to_time, parse_duration, parse_json_input, parse_time
 
@@ -55,6 +55,7 @@ async def submit(task_type: str, input_text: str | None, priority: str, at_text:
     payload = parse_json_input(input_text, "--input")
     at = parse_time(at_text, "--at") if at_text is not None else None
     delay = parse_duration(delay_text, "--delay") if delay_text is not None else None
+    check_task_type(task_type)  # before connecting: a fresh --url is not even created
     queue = await open_queue(url, queue_name)
     try:
         schedule_at = at if delay is None else delay_to_time(delay, queue.clock.now(), "--delay")
@@ -79,6 +80,7 @@ async def submit(task_type: str, input_text: str | None, priority: str, at_text:
 @run
 async def status(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Show one task: state, attempts, times, last error and output."""
+    check_task_id(task_id)
     queue = await open_queue(url, queue_name)
     try:
         task = await queue.get(task_id)
@@ -181,6 +183,7 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
 @run
 async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status."""
+    check_task_id(task_id)
     queue = await open_queue(url, queue_name)
     try:
         task = await queue.cancel(task_id)
@@ -203,6 +206,7 @@ async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None
 @run
 async def retry(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Put a failed (dead-lettered) or cancelled task back to pending. Prints the new status."""
+    check_task_id(task_id)
     queue = await open_queue(url, queue_name)
     try:
         task = await queue.retry(task_id)
