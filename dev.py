@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
-        args = [str(BIN / "pytest"), *rest] if rest else [str(BIN / "pytest"), "-q", "tests", *(str(d) for d in PLUGIN_DIRS)]
+        args = [str(BIN / "pytest"), *rest] if rest else [
+            str(BIN / "pytest"), "-q", "-n", "2", "tests", *(str(d) for d in PLUGIN_DIRS)]
     elif cmd == "demo":
         args = [str(BIN / "python"), "-m", "qo.demo", *rest]
     else:

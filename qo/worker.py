@@ -179,6 +179,7 @@ class Worker:
         self._deleting: set[str] = set()
         self._flushed_at = 0.0
         self._feed_lock = asyncio.Lock()
+        self._unsettled: set[str] = set()  # handed back without success: left to recovery
         self._new_work = asyncio.Event()  # set when promotion made tasks due: wakes the feed
         self._waiting = 0
 
@@ -236,11 +237,12 @@ class Worker:
             with contextlib.suppress(QoError):
                 await self.store.delete_markers(self._trash)
                 self._trash.clear()
-                for task_id in list(self._lease_ids):
-                    self.book.release(task_id)
+            for task_id in list(self._lease_ids):
+                self.book.release(task_id)
+            with contextlib.suppress(QoError):
                 if not self.book.leases:
                     await self.book.remove()
-                else:
+                else:  # tasks we could not settle: our record names them for recovery
                     await self.book.write()
             self._pool.shutdown(wait=False, cancel_futures=True)
         return self.stats
@@ -410,7 +412,8 @@ class Worker:
         try:
             await self._execute(result.task, result.etag)
         finally:
-            self.book.release(marker.task_id)
+            if marker.task_id not in self._unsettled:
+                self.book.release(marker.task_id)
             if granted:
                 with contextlib.suppress(QoError):
                     await self.limiter.release(marker.task_id)
@@ -460,16 +463,24 @@ class Worker:
             output, error = await self._watch(run, ctx)
         except asyncio.CancelledError:  # shutdown: give the task back, uncounted
             run.cancel()
+            current = asyncio.current_task()
+            if current is not None:  # we handle this cancellation: let the I/O below run
+                current.uncancel()   # (timeouts inside a cancelling task misfire otherwise)
             now = self.clock.now()
+            self._unsettled.add(task.id)  # until the hand-back is stored, the record keeps it
             with contextlib.suppress(QoError):
                 stored = await finish(self.store, task, etag, handed_back(now), now)
                 if stored is not None and stored[0].status == PENDING:
                     await self.store.put_marker(stored[0].marker_key(self.queue.name, now))
                     self.stats["handed_back"] += 1
+                    self._unsettled.discard(task.id)
                 elif stored is not None:  # its cancel was requested: it ends here
+                    self._unsettled.discard(task.id)
                     self.stats[stored[0].status] += 1
                     emit(self.queue.plugins, stored[0].status, stored[0])
                     await self._release(stored[0])
+                else:
+                    self._unsettled.discard(task.id)  # taken over: not ours any more
             raise
         finally:
             self._running.pop(task.id, None)
