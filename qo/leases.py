@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from . import keys
-from .errors import NotFound, PreconditionFailed, QoError, TaskNotFound
+from .errors import NotFound, PreconditionFailed, QoError, StorageUnavailable, TaskNotFound
 from .model import PENDING, RUNNING, dumps
 from .store import TaskStore
 from .transitions import abandoned, finish
@@ -79,13 +79,13 @@ class LeaseBook:
             await self._write()
 
     async def _write(self) -> None:
-        data = dumps(self.record())
+        rev = os.urandom(8).hex()  # tells our own landed write from somebody else's
+        data = dumps({**self.record(), "rev": rev})
         now = self.clock.now()
         self.dirty = False
         if self.etag is not None:
             try:
-                self.etag = await self.store.backoff.call(
-                    lambda: self.store.storage.put(self.key, data, if_match=self.etag))
+                self.etag = await self._put(data, rev, if_match=self.etag)
                 self.written_at = now
                 return
             except PreconditionFailed:
@@ -93,13 +93,36 @@ class LeaseBook:
                 log.log(logging.WARNING if self.leases else logging.DEBUG,
                         "worker %s: record was taken over by recovery", self.worker_id)
         try:
-            self.etag = await self.store.backoff.call(
-                lambda: self.store.storage.put(self.key, data, if_none_match=True))
+            self.etag = await self._put(data, rev, if_none_match=True)
         except PreconditionFailed:  # a stale copy of ours is there: take it over by CAS
             blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
-            self.etag = await self.store.backoff.call(
-                lambda: self.store.storage.put(self.key, data, if_match=blob.etag))
+            self.etag = await self._put(data, rev, if_match=blob.etag)
         self.written_at = now
+
+    async def _put(self, data: bytes, rev: str, **condition: Any) -> str:
+        """A conditional write of our record. A refusal after a failure whose outcome
+        was unknown is checked against the stored record: our own landed write (its
+        response lost) is a success, not an eviction."""
+        uncertain = False
+        for attempt in range(1, self.store.backoff.attempts + 1):
+            try:
+                return await self.store.storage.put(self.key, data, **condition)
+            except StorageUnavailable:
+                uncertain = True
+                if attempt == self.store.backoff.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(self.store.backoff.cap, self.store.backoff.base * 2**attempt)))
+            except PreconditionFailed:
+                if uncertain:
+                    try:
+                        blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
+                    except NotFound:
+                        raise PreconditionFailed("record vanished", backend=self.store.storage.name,
+                                                 key=self.key) from None
+                    if json.loads(blob.data).get("rev") == rev:
+                        return blob.etag
+                raise
+        raise AssertionError("unreachable")
 
     def due(self, interval: float) -> bool:
         return self.clock.now() - self.written_at >= interval

@@ -118,3 +118,40 @@ async def test_submit_graph_whose_create_response_was_lost_succeeds(storage_url)
     assert (await q.get(got["a"].id)).status == "running"
     assert (await q.get(got["b"].id)).status == "blocked"
     await q.close()
+
+
+class RecordWriteLandsResponseLost:
+    """The first conditional write of a worker record lands, but its response is lost."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.lost = inner, inner.name, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def put(self, key, data, **kw):
+        etag = await self.inner.put(key, data, **kw)
+        if "/workers/" in key and kw.get("if_match") and not self.lost:
+            self.lost += 1
+            raise qo.StorageUnavailable("response lost", backend=self.name, key=key)
+        return etag
+
+
+async def test_a_lost_response_to_our_own_record_write_is_not_an_eviction(storage_url):
+    # Found by chaos: the retried CAS of a worker record whose first attempt landed was
+    # refused, and the worker took its own write for recovery's takeover (a false
+    # eviction, extra requests, and a re-created record).
+    from qo.clock import FakeClock
+    from qo.leases import LeaseBook
+
+    q = await qo.connect(storage_url, queue="reg5", wrap_storage=RecordWriteLandsResponseLost, clock=FakeClock())
+    book = LeaseBook(q.store, "w1", q.clock, lease_ttl=30)
+    await book.announce({"0" * 24: {"lease": "L", "type": "t"}})
+    q.clock.advance(5)
+    await book.write()  # lands, response lost, retried: must be recognised as ours
+    assert q.storage.lost == 1 and book.evictions == 0
+    stored = await q.storage.get(book.key)
+    assert stored.etag == book.etag
+    await book.write()  # and the next write goes through with that etag
+    assert book.evictions == 0
+    await q.close()
