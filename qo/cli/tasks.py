@@ -176,6 +176,18 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
+async def _change(task_id: str, url: str, queue_name: str, action: str) -> Task:
+    """Run ``queue.cancel`` or ``queue.retry`` on one task, saying where qo looked if it is not there."""
+    check_task_id(task_id)
+    queue = await open_queue(url, queue_name)
+    try:
+        return await getattr(queue, action)(task_id)
+    except TaskNotFound as exc:
+        raise _not_here(exc, queue) from None
+    finally:
+        await queue.close()
+
+
 @click.command()
 @click.argument("task_id", metavar="ID")
 @json_option
@@ -183,14 +195,7 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
 @run
 async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status."""
-    check_task_id(task_id)
-    queue = await open_queue(url, queue_name)
-    try:
-        task = await queue.cancel(task_id)
-    except TaskNotFound as exc:
-        raise _not_here(exc, queue) from None
-    finally:
-        await queue.close()
+    task = await _change(task_id, url, queue_name, "cancel")
     if as_json:
         echo_json(task.public_dict())
     elif task.status == RUNNING:
@@ -206,14 +211,7 @@ async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None
 @run
 async def retry(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Put a failed (dead-lettered) or cancelled task back to pending. Prints the new status."""
-    check_task_id(task_id)
-    queue = await open_queue(url, queue_name)
-    try:
-        task = await queue.retry(task_id)
-    except TaskNotFound as exc:
-        raise _not_here(exc, queue) from None
-    finally:
-        await queue.close()
+    task = await _change(task_id, url, queue_name, "retry")
     if as_json:
         echo_json(task.public_dict())
     else:
