@@ -29,8 +29,31 @@ def new_rev() -> str:
     return os.urandom(8).hex()
 
 
+class StoredRecord:
+    """JSON (de)serialisation for attrs records kept in storage. Fields written by a
+    newer release land in ``extra`` and are written back unchanged."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = {f.name for f in attrs.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Any:
+        return cls.from_dict(json.loads(data))
+
+
 @attrs.define
-class Task:
+class Task(StoredRecord):
     """A task as stored in ``{queue}/tasks/{id}.json``. Times are epoch seconds."""
 
     id: str
@@ -74,24 +97,6 @@ class Task:
             return keys.ready(queue, self.priority, self.available_at, self.id, self.task_type)
         return keys.delayed(queue, self.priority, self.available_at, self.id, self.task_type)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
-        extra = d.pop("extra")
-        return {**extra, **d}
-
-    def to_json(self) -> bytes:
-        return dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Task":
-        names = {f.name for f in attrs.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**known, extra=extra)
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Task":
-        return cls.from_dict(json.loads(data))
 
     def public_dict(self) -> dict[str, Any]:
         """What ``--json`` output shows: the stored fields with ISO times."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import random
 import re
@@ -22,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import attrs
 
 from .errors import InvalidInput, NotFound, PreconditionFailed, ScheduleNotFound, StorageUnavailable
-from .model import _short, dumps, iso, new_rev
+from .model import StoredRecord, _short, iso, new_rev
 from .store import Backoff
 
 SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}\Z")
@@ -83,7 +82,7 @@ def check_catch_up(value: Any, field: str = "catch_up") -> str:
 
 
 @attrs.define
-class Schedule:
+class Schedule(StoredRecord):
     """A recurring schedule as stored. Times are epoch seconds (UTC)."""
 
     name: str
@@ -130,21 +129,6 @@ class Schedule:
         except InvalidInput:
             tz = timezone.utc
         return datetime.fromtimestamp(ts, tz=tz).isoformat(timespec="seconds")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
-        extra = d.pop("extra")
-        return {**extra, **d}
-
-    def to_json(self) -> bytes:
-        return dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Schedule":
-        d = json.loads(data)
-        names = {f.name for f in attrs.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   extra={k: v for k, v in d.items() if k not in names})
 
     def public_dict(self) -> dict[str, Any]:
         """What ``--json`` shows: stored fields, UTC ISO times, and the fire times in the
