@@ -35,6 +35,7 @@ from .model import (
 from .limits import Limits, check_rate_limit_key
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .plugins import Plugins, get_plugins
+from .queue_settings import TASK_DEFAULTS, QueueSettings
 from .storage import Storage
 from .store import TaskStore
 from .transitions import requeued_at
@@ -95,6 +96,8 @@ class Queue:
         self.store = TaskStore(storage, self.name)
         self.idempotency = Idempotency(self)
         self.dependencies = Dependencies(self)
+        #: the queue's shared settings in the bucket (``qo/queue_settings.py``)
+        self.settings = QueueSettings(self)
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} on {self.storage!r}>"
@@ -111,13 +114,18 @@ class Queue:
     # -- submit -------------------------------------------------------------------
 
     def build_task(self, task_type: str, input: Any = None, **options: Any) -> Task:
-        """Validate everything and build the task, writing nothing."""
-        return self._prepare(task_type, input, options)[0]
+        """Validate everything and build the task, writing nothing. Options not given take
+        the queue's settings as last read (``queue.settings``), else the built-in defaults."""
+        defaults = {**TASK_DEFAULTS, **{k: v for k, v in self.settings.cached.items() if k in TASK_DEFAULTS}}
+        return self._prepare(task_type, input, options, defaults)[0]
 
-    def _prepare(self, task_type: str, input: Any, options: dict[str, Any]) -> tuple[Task, IdempotencyRequest | None]:
+    def _prepare(self, task_type: str, input: Any, options: dict[str, Any],
+                 defaults: dict[str, Any]) -> tuple[Task, IdempotencyRequest | None]:
         unknown = sorted(set(options) - set(SUBMIT_OPTIONS))
         if unknown:
             raise InvalidInput(unknown[0], f"unknown task option (known: {', '.join(SUBMIT_OPTIONS)})")
+        # an option not given (or None) takes the queue's default
+        options = {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
         now = self.clock.now()
         schedule_at = check_when(options.get("schedule_at"))
         task = Task(
@@ -125,9 +133,9 @@ class Queue:
             task_type=check_task_type(task_type),
             input=check_input(input),
             status=PENDING,
-            priority=check_priority(options.get("priority", 128)),
-            max_retries=check_non_negative_int(options.get("max_retries", 3), "max_retries"),
-            timeout_seconds=check_seconds(options.get("timeout_seconds", 300.0), "timeout_seconds"),
+            priority=check_priority(options["priority"]),
+            max_retries=check_non_negative_int(options["max_retries"], "max_retries"),
+            timeout_seconds=check_seconds(options["timeout_seconds"], "timeout_seconds"),
             available_at=max(now, schedule_at) if schedule_at is not None else now,
             created_at=now,
             updated_at=now,
@@ -146,10 +154,10 @@ class Queue:
         task_type: str,
         input: Any = None,
         *,
-        priority: int | str = 128,
+        priority: int | str | None = None,
         schedule_at: datetime | None = None,
-        max_retries: int = 3,
-        timeout_seconds: float = 300.0,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
         idempotency_key: str | None = None,
         idempotency_scope: str = "task_type",
         idempotency_ttl_days: float = DEFAULT_TTL_DAYS,
@@ -164,14 +172,15 @@ class Queue:
         ``depends_on``, the task is ``blocked`` until every listed task has completed;
         ``on_dependency_failure`` ("fail", "skip", "run") says what a failed or cancelled
         dependency does to it. ``rate_limit_key`` puts the task under the ``key:<key>``
-        (or ``key:*``) limit.
+        (or ``key:*``) limit. ``priority`` (128), ``max_retries`` (3) and
+        ``timeout_seconds`` (300) not given take the queue's settings (``queue.settings``).
         """
         options = dict(priority=priority, schedule_at=schedule_at, max_retries=max_retries,
                        timeout_seconds=timeout_seconds, idempotency_key=idempotency_key,
                        idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days,
                        depends_on=depends_on, on_dependency_failure=on_dependency_failure,
                        rate_limit_key=rate_limit_key)
-        task, request = self._prepare(task_type, input, options)
+        task, request = self._prepare(task_type, input, options, await self.settings.task_defaults())
         return await self._submit(task, request)
 
     async def _submit(self, task: Task, request: IdempotencyRequest | None, known: Iterable[str] = ()) -> Task:
@@ -199,6 +208,7 @@ class Queue:
         prepared: list[tuple[Task, IdempotencyRequest | None]] = []
         if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
             raise InvalidInput("items", "must be a list of (task_type, input[, options]) tuples")
+        defaults = await self.settings.task_defaults()
         for i, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or not 1 <= len(item) <= 3:
                 raise InvalidInput(f"items[{i}]", "must be (task_type, input) or (task_type, input, options)")
@@ -206,7 +216,7 @@ class Queue:
             if not isinstance(options, dict):
                 raise InvalidInput(f"items[{i}].options", "must be a dict")
             try:
-                prepared.append(self._prepare(item[0], item[1] if len(item) > 1 else None, options))
+                prepared.append(self._prepare(item[0], item[1] if len(item) > 1 else None, options, defaults))
             except InvalidInput as exc:
                 raise InvalidInput(f"items[{i}].{exc.field}", exc.message) from None
         check_non_negative_int(concurrency, "concurrency", 1024)
@@ -261,11 +271,12 @@ class Queue:
         cycle = find_cycle(graph)
         if cycle:
             raise DependencyError("cycle: " + " -> ".join(cycle))
+        defaults = await self.settings.task_defaults()
         prepared: dict[str, tuple[Task, IdempotencyRequest | None]] = {}
         for name in graph:
             spec = {k: v for k, v in nodes[name].items() if k not in ("task_type", "input", "depends_on")}
             try:
-                prepared[name] = self._prepare(nodes[name]["task_type"], nodes[name].get("input"), spec)
+                prepared[name] = self._prepare(nodes[name]["task_type"], nodes[name].get("input"), spec, defaults)
             except InvalidInput as exc:
                 raise InvalidInput(f"nodes[{name}].{exc.field}", exc.message) from None
         for name, (task, _) in prepared.items():

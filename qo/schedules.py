@@ -94,9 +94,9 @@ class Schedules:
         catch_up: str = "latest",
         max_catch_up: int = 100,
         grace_seconds: float = 60.0,
-        priority: int | str = 128,
-        max_retries: int = 3,
-        timeout_seconds: float = 300.0,
+        priority: int | str | None = None,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
         enabled: bool = True,
     ) -> Schedule:
         """Create schedule ``name``: every fire time of ``cron`` in ``timezone`` submits
@@ -105,7 +105,8 @@ class Schedules:
         ``catch_up`` decides what fires after the schedulers were down: ``skip`` only
         fire times at most ``grace_seconds`` late, ``latest`` those and the most recent
         missed time once, ``all`` every missed time (the most recent ``max_catch_up``,
-        none older than 7 days). A duplicate name is ``InvalidInput("name")``.
+        none older than 7 days). A duplicate name is ``InvalidInput("name")``. Task options
+        not given are not stored: each fire takes the queue's settings of that time.
         """
         check_name(name)
         if not isinstance(cron, str):
@@ -116,12 +117,13 @@ class Schedules:
         check_seconds(grace_seconds, "grace_seconds", minimum=0.0, maximum=86400.0)
         if not isinstance(enabled, bool):
             raise InvalidInput("enabled", "must be True or False")
-        task = self.queue.build_task(task_type, input, priority=priority, max_retries=max_retries,
-                                     timeout_seconds=timeout_seconds)  # the submit validators
+        given = {"priority": priority, "max_retries": max_retries, "timeout_seconds": timeout_seconds}
+        task = self.queue.build_task(task_type, input, **given)  # the submit validators
         now = self.queue.clock.now()
         schedule = Schedule(
             name=name, cron=" ".join(cron.split()), task_type=task.task_type, timezone=timezone,
-            input=task.input, options={k: getattr(task, k) for k in TASK_OPTIONS}, enabled=enabled,
+            input=task.input, options={k: getattr(task, k) for k in TASK_OPTIONS if given[k] is not None},
+            enabled=enabled,
             catch_up=catch_up, max_catch_up=max_catch_up, grace_seconds=float(grace_seconds),
             created_at=now, updated_at=now,
         )

@@ -31,6 +31,7 @@ from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, Task, _short, check_input
 from .promotion import promote_due
 from .queue import ORPHAN_GRACE_SECONDS, Queue
+from .queue_settings import REFRESH_SECONDS, TASK_DEFAULTS, overlay
 from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class WorkerSettings:
     dependency_sweep_interval: float = attrs.field(default=60.0, validator=_positive)
     #: how often this worker deletes a page (100) of expired idempotency records
     idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
+    #: how often the queue's shared settings (qo.queue_settings) are read again
+    queue_settings_refresh: float = attrs.field(default=REFRESH_SECONDS, validator=_positive)
     #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off
     aging: AgingSettings = attrs.field(factory=AgingSettings.from_env, converter=to_aging_settings)
     shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
@@ -150,7 +153,9 @@ class Worker:
         unknown = sorted(set(overrides) - {f.name for f in attrs.fields(WorkerSettings)})
         if unknown:
             raise InvalidInput(unknown[0], "unknown worker setting (see qo.WorkerSettings)")
-        self.settings = attrs.evolve(settings or WorkerSettings(), **overrides)
+        #: this worker's own settings; ``settings`` is them under the queue's (qo/queue_settings.py)
+        self.own_settings = attrs.evolve(settings or WorkerSettings(), **overrides)
+        self.settings = self.own_settings
         self.registry = Registry()
         self.worker_id = self.settings.worker_id or new_worker_id()
         self.clock = queue.clock
@@ -217,6 +222,8 @@ class Worker:
                 loop.add_signal_handler(sig, self.stop)
                 installed.append(sig)
         await self.limiter.refresh(force=True)  # no claim before the limits are known
+        await self._apply_queue_settings()
+        self._poll = self.settings.poll_min
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
         if until_idle:
@@ -553,10 +560,28 @@ class Worker:
 
     # -- housekeeping ---------------------------------------------------------------
 
+    async def _apply_queue_settings(self) -> None:
+        """Read the queue's settings (one GET) and put them over this worker's own; a
+        failure keeps the settings in effect (they are read again at the next refresh)."""
+        try:
+            values = await self.queue.settings.get(refresh=True)
+        except QoError as exc:
+            log.warning("worker %s: queue settings could not be read, keeping those in effect: %s",
+                        self.worker_id, exc)
+            return
+        new = overlay(self.own_settings, values)
+        if new != self.settings:
+            differs = [f"{k}={v}" for k, v in sorted(values.items()) if k not in TASK_DEFAULTS]
+            log.info("worker %s: queue settings in effect: %s", self.worker_id, ", ".join(differs) or "none")
+            self.settings = new
+            self._poll = min(max(self._poll, new.poll_min), new.poll_max)
+
     async def _maintenance(self) -> None:
-        """Promote due delayed tasks, renew leases, recover dead workers, flush deletes."""
+        """Promote due delayed tasks, renew leases, recover dead workers, flush deletes,
+        re-read the queue's settings."""
         s = self.settings
         next_promote = next_sweep = 0.0
+        next_settings = self.clock.now() + s.queue_settings_refresh * random.uniform(0.8, 1.2)
         next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
         idem_cursor: str | None = None
         next_aging = self.clock.now() + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf")
@@ -568,6 +593,13 @@ class Worker:
         while not self._stopping.is_set():
             now = self.clock.now()
             try:
+                if now >= next_settings:
+                    next_settings = now + s.queue_settings_refresh * random.uniform(0.8, 1.2)
+                    await self._apply_queue_settings()
+                    if s.aging != self.settings.aging:  # switched on or off, or a new interval
+                        next_aging = (now + self.settings.aging.interval * random.uniform(0.1, 1.0)
+                                      if self.settings.aging.enabled else float("inf"))
+                    s = self.settings
                 if now >= next_promote:
                     promotion = await promote_due(self.store, now)
                     next_promote = now + max(s.poll_min, min(self._poll, s.poll_max))
@@ -597,7 +629,7 @@ class Worker:
                 if now >= next_idem:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
-                if now >= next_aging:  # about one pass per interval on the queue, whatever the workers
+                if now >= next_aging and s.aging.enabled:  # about one pass per interval on the queue
                     next_aging = now + s.aging.interval * len(self._peers | {self.worker_id}) * random.uniform(0.5, 1.5)
                     self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, now)).moved
                 if self._trash and (not self._buffer or now - self._flushed_at >= 0.25):

@@ -166,11 +166,11 @@ API_CASES = [
     ("submit.task_type", lambda q, v: q.submit(v, {}), "task_type", PATHISH + [None]),
     ("submit.input", lambda q, v: q.submit("t", v), "input", BAD_INPUTS),
     ("submit.priority", lambda q, v: q.submit("t", priority=v), "priority",
-     [-1, 256, 1.5, True, False, "urgent", None, NAN, "", "300", 10**100, "-1", b"1"]),
+     [-1, 256, 1.5, True, False, "urgent", NAN, "", "300", 10**100, "-1", b"1"]),  # None: the default
     ("submit.timeout_seconds", lambda q, v: q.submit("t", timeout_seconds=v), "timeout_seconds",
-     [-1, 0, -0.0, 1e12, NAN, INF, -INF, True, "10", None]),
+     [-1, 0, -0.0, 1e12, NAN, INF, -INF, True, "10"]),
     ("submit.max_retries", lambda q, v: q.submit("t", max_retries=v), "max_retries",
-     [-1, 1.5, True, 10**9, "3", None, NAN]),
+     [-1, 1.5, True, 10**9, "3", NAN]),
     ("submit.schedule_at", lambda q, v: q.submit("t", schedule_at=v), "schedule_at",
      [dt.datetime(2030, 1, 1), dt.datetime.now(), "2030-01-01T00:00:00Z", 0, 1e10, dt.date(2030, 1, 1)]),
     ("submit.idempotency_key", lambda q, v: q.submit("t", idempotency_key=v), "idempotency_key",
@@ -246,6 +246,17 @@ API_CASES = [
      ["bogus", None, ""]),
     ("limits.remove", lambda q, v: q.limits.remove(v), "scope",
      ["task_type:../x", "key:\ud800", "key:" + LONG, "../global", "", None, 5, "global\n"]),
+    ("settings.set.name", lambda q, v: q.settings.set({v: 1}), "settings",
+     [n for n in PATHISH if not isinstance(n, list)] + [None, 5, "aging.cap"]),
+    ("settings.set.max_retries", lambda q, v: q.settings.set(max_retries=v), "settings.max_retries",
+     [-1, 1.5, True, 10**9, "x", NAN, None]),
+    ("settings.set.poll_max", lambda q, v: q.settings.set(poll_max=v), "settings.poll_max",
+     [NAN, INF, -1, 0, "nan", True, None, 1e9]),
+    ("settings.set.aging", lambda q, v: q.settings.set(aging=v), "settings.aging", ["maybe", 2, None, ""]),
+    ("settings.set.aging_cap", lambda q, v: q.settings.set(aging_cap=v), "settings.aging_cap",
+     [-1, 256, 1.5, "x", NAN]),
+    ("settings.set.values", lambda q, v: q.settings.set(v), "settings", ["x", 5, [("a", 1)], {}]),
+    ("settings.unset", lambda q, v: q.settings.unset(v), "settings", PATHISH + [None, 5]),
     ("Worker.concurrency", lambda q, v: _worker(q, concurrency=v), "concurrency", [0, -1, 1.5, True, 10**6, "8", NAN]),
     ("Worker.lease_ttl", lambda q, v: _worker(q, lease_ttl=v), "lease_ttl", [NAN, INF, -1, 0, "30", True, None]),
     ("Worker.poll_max", lambda q, v: _worker(q, poll_max=v), "poll_max", [NAN, INF, -1, 0, "5", None]),
@@ -402,6 +413,11 @@ def _cli_cases(tmp_path) -> list[list[str]]:
     out += [["schedule", cmd, n] for cmd in ("show", "pause", "resume", "trigger", "remove") for n in names[:4]]
     out += [["limit", "set", s, "--rate", "1"] for s in scopes]
     out += [["limit", "set", "global", "--rate", r] for r in ["nan/s", "10/x", "-1", "inf", "1e400/s", ""]]
+    out += [["settings", "set", a] for a in ["bogus=1", "max_retries", "=1", "max_retries=-1", "poll_max=nan",
+                                            "aging=maybe", "aging_cap=256", "a\x00b=1", "max_retries=\ud800"]]
+    out += [["settings", "set", "poll_min=5", "poll_max=1"], ["settings", "unset", "../x"],
+            ["settings", "unset", "a\nb"], ["settings", "set", "bogus=1", "--url", fresh],
+            ["settings", "unset", "..", "--url", fresh]]
     out += [["limit", "set", "global", "--concurrency", "0"], ["limit", "remove", "../global"],
             ["limit", "remove", "key:\ud800"]]
     out += [["worker", m, "--until-idle"] for m in ["../nonexistent.py", "/abs/x.py", "a\x00b", "..", ".x", "a..b"]]

@@ -101,7 +101,7 @@ def test_an_invalid_priority_names_the_field(bad):
 
 
 async def test_invalid_priorities_are_rejected_before_anything_is_written(queue):
-    for bad in BAD_PRIORITIES:
+    for bad in [b for b in BAD_PRIORITIES if b is not None]:  # None: the queue's default
         with pytest.raises(qo.InvalidInput) as exc:
             await queue.submit("t", {"x": 1}, priority=bad)
         assert exc.value.field == "priority"

@@ -9,6 +9,7 @@ from ..plugins import get_plugins
 from .admin import config, doctor, plugins
 from .limits import limit
 from .schedule import schedule
+from .settings import settings
 from .tasks import cancel, list_tasks, retry, status, submit, submit_graph
 from .worker import worker
 
@@ -28,6 +29,7 @@ cli.add_command(retry)
 cli.add_command(worker)
 cli.add_command(schedule)
 cli.add_command(limit)
+cli.add_command(settings)
 cli.add_command(doctor)
 cli.add_command(plugins)
 cli.add_command(config)

@@ -45,17 +45,19 @@ def schedule() -> None:
 @click.option("--max-catch-up", type=int, default=100, show_default=True, help="Bound of --catch-up all.")
 @click.option("--grace", "grace_seconds", type=float, default=60.0, show_default=True,
               help="Seconds late a fire time still counts as on time (fires whatever the policy).")
-@click.option("--priority", default="normal", show_default=True, metavar="N|NAME",
-              help=f"0-255 or one of {', '.join(PRIORITY_LEVELS)}.")
-@click.option("--max-retries", type=int, default=3, show_default=True, help="Retries of each task.")
-@click.option("--timeout", "timeout_seconds", type=float, default=300.0, show_default=True,
-              help="Seconds an attempt may run.")
+@click.option("--priority", default=None, metavar="N|NAME",
+              help=f"0-255 or one of {', '.join(PRIORITY_LEVELS)} [default: the queue's setting, else normal].")
+@click.option("--max-retries", type=int, default=None,
+              help="Retries of each task [default: the queue's setting, else 3].")
+@click.option("--timeout", "timeout_seconds", type=float, default=None,
+              help="Seconds an attempt may run [default: the queue's setting, else 300].")
 @click.option("--paused", is_flag=True, help="Create it paused (resume to start firing).")
 @json_option
 @queue_options
 @run
 async def add(name: str, cron: str, task_type: str, input_text: str | None, timezone: str, catch_up: str,
-              max_catch_up: int, grace_seconds: float, priority: str, max_retries: int, timeout_seconds: float,
+              max_catch_up: int, grace_seconds: float, priority: str | None, max_retries: int | None,
+              timeout_seconds: float | None,
               paused: bool, as_json: bool, url: str, queue_name: str) -> None:
     """Add schedule NAME; prints its next fire time."""
     payload = parse_json_input(input_text, "--input")

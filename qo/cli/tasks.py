@@ -21,13 +21,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
 @click.argument("task_type", metavar="TYPE")
 @click.option("--input", "input_text", metavar="JSON|@FILE",
               help="The task's input as JSON; @path reads a file, @- standard input.")
-@click.option("--priority", default="normal", show_default=True, metavar="N|NAME",
-              help=f"0-255 (higher runs first) or one of {', '.join(PRIORITY_LEVELS)}.")
+@click.option("--priority", default=None, metavar="N|NAME",
+              help=f"0-255 (higher runs first) or one of {', '.join(PRIORITY_LEVELS)} "
+                   "[default: the queue's setting, else normal].")
 @click.option("--at", "at_text", metavar="TIME", help="Not before this ISO-8601 time (with Z or an offset), or 'now'.")
 @click.option("--delay", "delay_text", metavar="DURATION", help="Not before this long from now: 30, 10s, 5m, 2h, 1d.")
-@click.option("--max-retries", type=int, default=3, show_default=True, help="Retries after the first attempt.")
-@click.option("--timeout", "timeout_seconds", type=float, default=300.0, show_default=True,
-              help="Seconds an attempt may run.")
+@click.option("--max-retries", type=int, default=None,
+              help="Retries after the first attempt [default: the queue's setting, else 3].")
+@click.option("--timeout", "timeout_seconds", type=float, default=None,
+              help="Seconds an attempt may run [default: the queue's setting, else 300].")
 @click.option("--idempotency-key", metavar="KEY",
               help="Submitting the same key again (in its scope) returns the same task.")
 @click.option("--idempotency-scope", default="task_type", show_default=True, metavar="SCOPE",
@@ -43,8 +45,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
 @json_option
 @queue_options
 @run
-async def submit(task_type: str, input_text: str | None, priority: str, at_text: str | None,
-                 delay_text: str | None, max_retries: int, timeout_seconds: float,
+async def submit(task_type: str, input_text: str | None, priority: str | None, at_text: str | None,
+                 delay_text: str | None, max_retries: int | None, timeout_seconds: float | None,
                  idempotency_key: str | None, idempotency_scope: str, idempotency_ttl_days: float,
                  rate_limit_key: str | None, depends_on: tuple[str, ...], on_dependency_failure: str,
                  as_json: bool, url: str, queue_name: str) -> None:
