@@ -63,7 +63,10 @@ def plugins(as_json: bool) -> None:
 @click.option("--queue", "queue_name", default=None, help="Show the effect of this flag too.")
 def config(as_json: bool, url: str | None, queue_name: str | None) -> None:
     """Every setting, its value and where it came from (default < pyproject.toml
-    [tool.qo] < qo.toml < environment < flags). The URL is shown redacted."""
+    [tool.qo] < qo.toml < environment < flags). The URL is shown redacted.
+
+    The settings a whole queue shares (task defaults, polling, aging) are kept in its
+    bucket instead: see ``qo settings``."""
     from ..config import load
     from ..errors import QoError
 
