@@ -3,7 +3,7 @@ stored in the bucket so every worker and producer of the queue uses the same one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import click
 
@@ -47,48 +47,46 @@ def settings(ctx: click.Context, as_json: bool, url: str | None, queue_name: str
         ctx.invoke(show, as_json=as_json, url=url, queue_name=queue_name)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
+
+
+async def _on_queue(url: str | None, queue_name: str | None, as_json: bool,
+                    change: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
+    """Open the queue, apply ``change`` to its settings, show what they are now."""
+    queue = await open_queue(url, queue_name)
+    try:
+        values = await change(queue.settings)
+    finally:
+        await queue.close()
+    _show(values, as_json)
+
+
 @settings.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
+@json_option
 @queue_options
 @run
 async def show(as_json: bool = False, url: str | None = None, queue_name: str | None = None) -> None:
     """Every queue setting: its value and whether the queue sets it."""
-    queue = await open_queue(url, queue_name)
-    try:
-        values = await queue.settings.get(refresh=True)
-    finally:
-        await queue.close()
-    _show(values, as_json)
+    await _on_queue(url, queue_name, as_json, lambda s: s.get(refresh=True))
 
 
 @settings.command("set")
 @click.argument("assignments", nargs=-1, required=True, metavar="NAME=VALUE...")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
+@json_option
 @queue_options
 @run
 async def set_settings(assignments: tuple[str, ...], as_json: bool, url: str | None, queue_name: str | None) -> None:
-    """Set settings, e.g. ``max_retries=5 poll_max=2 aging_cap=200 aging=off``; others are kept."""
-    changes = dict(parse_assignment(a) for a in assignments)
-    check_settings(changes)  # together (poll_min <= poll_max), before connecting
-    queue = await open_queue(url, queue_name)
-    try:
-        values = await queue.settings.set(changes)
-    finally:
-        await queue.close()
-    _show(values, as_json)
+    """Set settings, e.g. max_retries=5 poll_max=2 aging_cap=200 aging=off; others are kept."""
+    changes = check_settings(dict(parse_assignment(a) for a in assignments))  # together, before connecting
+    await _on_queue(url, queue_name, as_json, lambda s: s.set(changes))
 
 
 @settings.command("unset")
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
+@json_option
 @queue_options
 @run
 async def unset_settings(names: tuple[str, ...], as_json: bool, url: str | None, queue_name: str | None) -> None:
     """Remove settings from the queue: each worker's own value (or the built-in) applies again."""
     check_names(names)  # before connecting
-    queue = await open_queue(url, queue_name)
-    try:
-        values = await queue.settings.unset(*names)
-    finally:
-        await queue.close()
-    _show(values, as_json)
+    await _on_queue(url, queue_name, as_json, lambda s: s.unset(*names))
