@@ -1,4 +1,11 @@
-"""``qo doctor``: prove a store's conditional-write semantics before trusting it."""
+"""``qo doctor``: prove a store's conditional-write semantics before trusting it.
+
+After the checks, a capabilities section (checks named ``capability: ...``, never
+required) says what the backend offers beyond the contract's minimum, read from the
+Storage object itself (the engine names no backend): batch deletes (``delete_many``),
+a server clock estimate (``clock_offset``), the keys per LIST request (``page_size``),
+and a summary of which conditional operations the checks above proved.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,44 @@ class Check:
     ok: bool
     detail: str
     required: bool = True
+
+
+CAPABILITY = "capability: "  #: name prefix of the informational capability lines
+
+
+def capabilities(storage: Storage, checks: list[Check]) -> list[Check]:
+    """What ``storage`` offers, from its attributes and from ``checks`` (already run).
+
+    Informational: never required, ``ok`` unless a proof above failed.
+    """
+    proved = {c.name: c.ok for c in checks}
+    out: list[Check] = []
+
+    def add(name: str, detail: str, ok: bool = True) -> None:
+        out.append(Check(CAPABILITY + name, ok, detail, required=False))
+
+    writes = [n for n in ("create-only", "compare-and-swap") if proved.get(n)]
+    add("conditional writes", (" and ".join(writes) + " (proven above)") if writes else "none proven",
+        ok=len(writes) == 2)
+    if "conditional delete" in proved:
+        add("conditional delete", "yes (proven above)" if proved["conditional delete"]
+            else "no: a delete ignores If-Match (qo does not rely on it)")
+    if callable(getattr(storage, "delete_many", None)):
+        add("batch delete", "yes: delete_many removes many keys in one request (markers are cleared in batches)")
+    else:
+        add("batch delete", "no: one request per deleted key")
+    page = getattr(storage, "page_size", None)
+    if isinstance(page, int) and page > 0:
+        add("listing page size", f"{page} keys per LIST request")
+    else:
+        add("listing page size", "not stated by the backend (one request per list call)")
+    offset = getattr(storage, "clock_offset", None)
+    if isinstance(offset, (int, float)):
+        add("server clock", f"yes: offset {offset:+.1f}s, estimated from the server's responses (clock_offset); "
+            "leases and due times follow the server")
+    else:
+        add("server clock", "no: the local clock is used as is")
+    return out
 
 
 async def run_checks(storage: Storage, *, base: str = "_doctor") -> list[Check]:
@@ -103,9 +148,7 @@ async def run_checks(storage: Storage, *, base: str = "_doctor") -> list[Check]:
         await step("compare-and-swap", cas)
         await step("list", listing)
         await step("conditional delete", conditional_delete, required=False)
-    offset = getattr(storage, "clock_offset", None)
-    if offset is not None:
-        checks.append(Check("clock", True, f"server clock offset {offset:+.1f}s", required=False))
+    checks += capabilities(storage, checks)
     try:
         await delete_many(storage, written)
     except StorageError as exc:
