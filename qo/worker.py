@@ -13,8 +13,6 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import math
-import os
 import random
 import signal
 from typing import Any, Callable
@@ -22,104 +20,24 @@ from typing import Any, Callable
 import attrs
 
 from . import keys
-from .aging import AgingSettings, age_ready, to_aging_settings
+from .aging import age_ready
+from .context import TaskContext
 from .errors import Fail, InvalidInput, PreconditionFailed, QoError
 from .events import emit
+from .feed import Feed
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired
 from .leases import LeaseBook, new_worker_id, sweep
-from .model import PENDING, Task, _short, check_input
+from .model import PENDING, Task, check_input
 from .promotion import promote_due
-from .queue import ORPHAN_GRACE_SECONDS, Queue
-from .queue_settings import REFRESH_SECONDS, TASK_DEFAULTS, overlay
+from .queue import Queue
+from .queue_settings import TASK_DEFAULTS, overlay
 from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
+from .worker_settings import WorkerSettings
+
+__all__ = ["Worker", "WorkerSettings", "TaskContext"]
 
 log = logging.getLogger(__name__)
-
-
-def _positive(instance: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise InvalidInput(attribute.name, f"{value!r} must be a positive, finite number")
-
-
-@attrs.define
-class WorkerSettings:
-    """How a worker polls, leases and shuts down. Every interval is in seconds."""
-
-    concurrency: int = attrs.field(default=8, validator=_positive)
-    #: idle polling backs off from poll_min to poll_max (with jitter) while nothing is due
-    poll_min: float = attrs.field(default=0.05, validator=_positive)
-    poll_max: float = attrs.field(default=5.0, validator=_positive)
-    #: a worker whose record is older than this is presumed dead; its tasks are requeued
-    lease_ttl: float = attrs.field(default=30.0, validator=_positive)
-    #: default lease_ttl / 3
-    heartbeat_interval: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    #: how often this worker looks for dead workers (jittered 0.5x-1.5x)
-    sweep_interval: float = attrs.field(default=10.0, validator=_positive)
-    #: ready markers per LIST; default max(4 * concurrency, 32)
-    list_limit: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    #: listed candidates older than this are listed again (newer, more urgent work)
-    buffer_max_age: float = attrs.field(default=2.0, validator=_positive)
-    delete_batch: int = attrs.field(default=200, validator=_positive)
-    #: backpressure "wait" sleeps a slot at most this long for a token (else: delay)
-    rate_limit_max_wait: float = attrs.field(default=2.0, validator=_positive)
-    #: how often limit definitions are re-read
-    limits_refresh: float = attrs.field(default=5.0, validator=_positive)
-    #: how often this worker looks for dependents whose wake-up was lost (a page of edges)
-    dependency_sweep_interval: float = attrs.field(default=60.0, validator=_positive)
-    #: how often this worker deletes a page (100) of expired idempotency records
-    idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
-    #: how often the queue's shared settings (qo.queue_settings) are read again
-    queue_settings_refresh: float = attrs.field(default=REFRESH_SECONDS, validator=_positive)
-    #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off
-    aging: AgingSettings = attrs.field(factory=AgingSettings.from_env, converter=to_aging_settings)
-    shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
-    orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
-    worker_id: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.list_limit is not None and not isinstance(self.list_limit, int):
-            raise InvalidInput("list_limit", f"{self.list_limit!r} must be a positive integer")
-        if not isinstance(self.concurrency, int) or self.concurrency > 1024:
-            raise InvalidInput("concurrency", f"{self.concurrency!r} must be an integer from 1 to 1024")
-        if self.poll_max < self.poll_min:
-            raise InvalidInput("poll_max", "must be >= poll_min")
-        if self.worker_id is not None and (not isinstance(self.worker_id, str)
-                                           or not keys.WORKER_ID.match(self.worker_id)):
-            raise InvalidInput("worker_id", f"{_short(self.worker_id)} is not a worker id")
-
-    @property
-    def heartbeat(self) -> float:
-        return self.heartbeat_interval or self.lease_ttl / 3
-
-    @property
-    def listing(self) -> int:
-        return min(1000, self.list_limit or max(4 * self.concurrency, 32))
-
-
-@attrs.define
-class TaskContext:
-    """What a handler gets besides its input."""
-
-    task: Task
-    queue: Queue
-    worker: "Worker"
-    deadline: float
-    #: each dependency's {"status", "output", "task_type"}, by task id
-    dependencies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-
-    @property
-    def task_id(self) -> str:
-        return self.task.id
-
-    @property
-    def attempt(self) -> int:
-        return self.task.attempt
-
-    def extend_lease(self, seconds: float) -> None:
-        """Let this attempt run ``seconds`` longer than its ``timeout_seconds``
-        (the lease itself is renewed by the worker's heartbeat while it runs)."""
-        self.deadline = max(self.deadline, self.queue.clock.now() + float(seconds))
 
 
 class NoLimits:
@@ -169,23 +87,9 @@ class Worker:
         self._reset()
 
     def _reset(self) -> None:
-        self._buffer: collections.deque[keys.Marker] = collections.deque()
-        self._buffer_at = 0.0
-        self._lease_ids: dict[str, str] = {}
-        self._taken: set[str] = set()
-        self._skip: dict[str, float] = {}
-        self._misses: dict[str, int] = {}
-        self._trash: list[str] = []
+        self.feed = Feed(self)
         self._running: dict[str, asyncio.Task] = {}
-        self._poll = self.settings.poll_min
-        self._next_poll_at = 0.0
-        self._nothing_listed = False
-        self._peers: set[str] = set()
-        self._deleting: set[str] = set()
-        self._flushed_at = 0.0
-        self._feed_lock = asyncio.Lock()
         self._unsettled: set[str] = set()  # handed back without success: left to recovery
-        self._new_work = asyncio.Event()  # set when promotion made tasks due: wakes the feed
         self._waiting = 0
 
     # -- handlers -----------------------------------------------------------------
@@ -223,7 +127,7 @@ class Worker:
                 installed.append(sig)
         await self.limiter.refresh(force=True)  # no claim before the limits are known
         await self._apply_queue_settings()
-        self._poll = self.settings.poll_min
+        self.feed.poll = self.settings.poll_min
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
         if until_idle:
@@ -242,10 +146,8 @@ class Worker:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(QoError):
-                await self.store.delete_markers(self._trash)
-                self._trash.clear()
-            for task_id in list(self._lease_ids):
-                self.book.release(task_id)
+                await self.feed.flush()
+            self.feed.forget_all()
             with contextlib.suppress(QoError):
                 if not self.book.leases:
                     await self.book.remove()
@@ -267,11 +169,11 @@ class Worker:
             for w in waiters:
                 w.cancel()
 
-    # -- the feed: one LIST for all slots -------------------------------------------
+    # -- slots ----------------------------------------------------------------------
 
     async def _slot(self) -> None:
         while not self._stopping.is_set():
-            marker = await self._next_marker()
+            marker = await self.feed.next()
             if marker is None:
                 continue
             try:
@@ -283,103 +185,12 @@ class Worker:
                 self.stats["errors"] += 1
                 await self._sleep(self.settings.poll_min)
             finally:
-                self._taken.discard(marker.key)
-
-    async def _next_marker(self) -> keys.Marker | None:
-        async with self._feed_lock:
-            while not self._stopping.is_set():
-                now = self.clock.now()
-                if self._buffer and now - self._buffer_at <= self.settings.buffer_max_age:
-                    m = self._buffer.popleft()
-                    if m.key in self._taken or self._skip.get(m.key, 0) > now:
-                        self._forget(m.task_id)
-                        continue
-                    self._taken.add(m.key)
-                    return m
-                while self._buffer:
-                    self._forget(self._buffer.popleft().task_id)
-                if now < self._next_poll_at:
-                    await self._sleep(self._next_poll_at - now, wake=self._new_work)
-                    self._new_work.clear()
-                    continue
-                try:
-                    found = await self._refill(now)
-                except QoError as exc:
-                    log.warning("worker %s: listing ready tasks failed: %s", self.worker_id, exc)
-                    found = False
-                if found:
-                    self._poll = self.settings.poll_min
-                    self._next_poll_at = now
-                else:
-                    self._next_poll_at = now + self._poll * random.uniform(0.8, 1.2)
-                    self._poll = min(self.settings.poll_max, self._poll * 2)
-        return None
-
-    def _forget(self, task_id: str) -> None:
-        if self._lease_ids.pop(task_id, None) is not None:
-            self.book.release(task_id)
-
-    async def _refill(self, now: float) -> bool:
-        await self._flush_trash()
-        self._skip = {k: t for k, t in self._skip.items() if t > now}
-        self._misses = {k: n for k, n in self._misses.items() if k in self._skip or n < 16}
-        if len(self._misses) > 10000:
-            self._misses.clear()
-        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=self.settings.listing)
-        done = set(self._trash) | self._deleting  # claimed by us; their delete is pending
-        # tasks we are claiming or running: another marker of one (an aging leftover, a
-        # promotion's duplicate) must not re-announce it, or its lease in our record would
-        # be replaced and then released on the miss, leaving a running task unnamed
-        holding = self.book.leases.keys() - self._lease_ids.keys()
-        markers = []
-        for e in entries:
-            m = keys.parse_marker(e.key)
-            if m and self.handles(m.task_type) and m.key not in self._taken and m.key not in self._skip \
-                    and m.key not in done and m.task_id not in holding:
-                markers.append(m)
-        self._nothing_listed = not markers
-        if not markers:
-            return False
-        await self.limiter.refresh()  # only when there is work: an idle worker reads no limits
-        markers = self._own_share_first(markers)
-        leases = {m.task_id: os.urandom(8).hex() for m in markers}
-        await self.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
-        self._lease_ids.update(leases)
-        self._buffer.extend(markers)
-        self._buffer_at = self.clock.now()
-        return True
-
-    def _own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:
-        """Live workers split the listing by task id: each takes only its own share while
-        the listing has some, and helps with the others' (shuffled) when it has none, so
-        workers do not all fight for the head of the index."""
-        peers = sorted(self._peers | {self.worker_id})
-        if len(peers) == 1:
-            return markers
-        rank, n = peers.index(self.worker_id), len(peers)
-        mine = [m for m in markers if int(m.task_id[-8:], 16) % n == rank]
-        if mine:
-            return mine
-        random.shuffle(markers)  # nothing of our share listed: help the others
-        return markers
-
-    async def _flush_trash(self) -> None:
-        if self._trash:
-            batch, self._trash = self._trash, []
-            self._deleting.update(batch)
-            try:
-                await self.store.delete_markers(batch)
-            except QoError:
-                self._trash.extend(batch)
-                raise
-            finally:
-                self._deleting.difference_update(batch)
-            self._flushed_at = self.clock.now()
+                self.feed.done(marker)
 
     # -- one task -----------------------------------------------------------------
 
     async def _process(self, marker: keys.Marker) -> None:
-        lease_id = self._lease_ids.pop(marker.task_id, None)
+        lease_id = self.feed.take_lease(marker.task_id)
         if lease_id is None:
             return
         now = self.clock.now()
@@ -402,19 +213,9 @@ class Worker:
                 return
             self.stats["missed"] += 1
             if result.stale:
-                if now - marker.due > self.settings.orphan_grace:
-                    self._trash.append(marker.key)  # old and wrong: drop it
-                else:  # maybe a producer still writing, or a claimer about to delete it:
-                    # look again soon, then less and less often, until it is old
-                    misses = self._misses.get(marker.key, 0) + 1
-                    self._misses[marker.key] = misses
-                    self._skip[marker.key] = min(marker.due + self.settings.orphan_grace,
-                                                 now + self.settings.poll_min * 2 ** min(misses, 12))
+                self.feed.look_again_later(marker, now)
             return
-        self._trash.append(marker.key)
-        if len(self._trash) >= self.settings.delete_batch:
-            with contextlib.suppress(QoError):
-                await self._flush_trash()
+        await self.feed.drop(marker.key)
         self.stats["claimed"] += 1
         try:
             await self._execute(result.task, result.etag)
@@ -444,7 +245,7 @@ class Worker:
                     self._waiting -= 1
                 continue
             if mode == "skip":  # leave it for later; other work goes on
-                self._skip[marker.key] = retry_at
+                self.feed.skip_until(marker.key, retry_at)
                 return Missed("rate limited: skipped", stale=False)
             break
         # delay: back to delayed until the next token; not an attempt, priority kept
@@ -455,7 +256,7 @@ class Worker:
         except PreconditionFailed:
             return Missed("lost the race", stale=False)
         await self.store.put_marker(task.marker_key(self.queue.name, self.clock.now()))
-        self._trash.append(marker.key)
+        self.feed.drop_later(marker.key)
         return Missed("rate limited: delayed", stale=False)
 
     async def _execute(self, task: Task, etag: str) -> None:
@@ -574,7 +375,7 @@ class Worker:
             differs = [f"{k}={v}" for k, v in sorted(values.items()) if k not in TASK_DEFAULTS]
             log.info("worker %s: queue settings in effect: %s", self.worker_id, ", ".join(differs) or "none")
             self.settings = new
-            self._poll = min(max(self._poll, new.poll_min), new.poll_max)
+            self.feed.settings_changed()
 
     async def _maintenance(self) -> None:
         """Promote due delayed tasks, renew leases, recover dead workers, flush deletes,
@@ -602,13 +403,11 @@ class Worker:
                     s = self.settings
                 if now >= next_promote:
                     promotion = await promote_due(self.store, now)
-                    next_promote = now + max(s.poll_min, min(self._poll, s.poll_max))
+                    next_promote = now + max(s.poll_min, min(self.feed.poll, s.poll_max))
                     if promotion.next_due is not None:
                         next_promote = min(next_promote, promotion.next_due)
                     if promotion.promoted:
-                        self._next_poll_at = now  # new work: list again now
-                        self._poll = s.poll_min
-                        self._new_work.set()
+                        self.feed.wake(now)
                 if self.book.leases and self.book.due(s.heartbeat):
                     await self.book.write()
                     await self.limiter.renew()  # concurrency slots live as long as leases
@@ -630,10 +429,11 @@ class Worker:
                     idem_cursor = await sweep_expired(self.queue, idem_cursor)
                     next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
                 if now >= next_aging and s.aging.enabled:  # about one pass per interval on the queue
-                    next_aging = now + s.aging.interval * len(self._peers | {self.worker_id}) * random.uniform(0.5, 1.5)
+                    next_aging = now + s.aging.interval * len(self.feed.peers | {self.worker_id}) * random.uniform(0.5, 1.5)
                     self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, now)).moved
-                if self._trash and (not self._buffer or now - self._flushed_at >= 0.25):
-                    await self._flush_trash()
+                feed = self.feed
+                if feed.trash and (not feed.buffer or now - feed.flushed_at >= 0.25):
+                    await feed.flush()
             except QoError as exc:
                 log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
             wake = min(next_promote, next_sweep, next_aging, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
@@ -643,16 +443,16 @@ class Worker:
         """Recover the tasks of dead workers; learn how many workers are alive."""
         report = await sweep(self.store, self.clock, self_id=self.worker_id,
                              emit=lambda ev, t: emit(self.queue.plugins, ev, t), on_end=self._release)
-        self._peers = set(report.alive)
-        self.limiter.workers = len(self._peers) + 1
+        self.feed.peers = set(report.alive)
+        self.limiter.workers = len(self.feed.peers) + 1
         self.stats["recovered"] += len(report.recovered)
         return report
 
     async def _watch_idle(self) -> None:
         """Stop once nothing of ours is pending, delayed or running anywhere."""
         while not self._stopping.is_set():
-            await self._sleep(max(self.settings.poll_min, min(self._poll, 0.5)))
-            if self._running or self._taken or self._buffer or not self._nothing_listed:
+            await self._sleep(max(self.settings.poll_min, min(self.feed.poll, 0.5)))
+            if self._running or not self.feed.empty:
                 continue
             try:
                 if await self._queue_idle():
@@ -682,13 +482,13 @@ class Worker:
             m = keys.parse_marker(e.key)
             if not m or not self.handles(m.task_type):
                 continue
-            if m.key not in self._skip:
+            if m.key not in self.feed.skip:
                 return False
             try:  # a marker we skip may have become claimable since: look at its task
                 task, _ = await self.store.load(m.task_id)
             except QoError:
                 continue
             if task.status == PENDING and keys.ms(task.available_at) == keys.ms(m.due):
-                self._skip.pop(m.key, None)
+                self.feed.skip.pop(m.key, None)
                 return False
-        return not (self._running or self._taken or self._buffer)
+        return not (self._running or self.feed.taken or self.feed.buffer)

@@ -8,7 +8,8 @@ import os
 
 def run_limited_worker(url: str, queue: str, clock_args: tuple, log_path: str, hold: float = 0.0,
                        concurrency: int = 4) -> dict:
-    """Run until idle; log '<task id> <type> <start> <end>' per execution (clock time)."""
+    """Run until idle; log '<task id> <type> <start> <end> <pid> <claimed>' per execution
+    (clock time; claimed: the claim's time, before the task's token was taken)."""
     import qo
     from qo.clock import ScaledClock
     from qo.worker import Worker
@@ -24,7 +25,8 @@ def run_limited_worker(url: str, queue: str, clock_args: tuple, log_path: str, h
             if hold:
                 await clock.sleep(hold)
             with open(log_path, "a") as f:
-                f.write(f"{ctx.task.id} {ctx.task.task_type} {start:.4f} {clock.now():.4f} {os.getpid()}\n")
+                f.write(f"{ctx.task.id} {ctx.task.task_type} {start:.4f} {clock.now():.4f} {os.getpid()} "
+                        f"{ctx.task.started_at:.4f}\n")
 
         for t in ("limited", "free", "a", "b"):
             worker.handler(t)(handler)

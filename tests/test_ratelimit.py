@@ -25,9 +25,22 @@ def read_log(path) -> list[tuple[str, str, float, float]]:
     rows = []
     for line in path.read_text().split("\n"):
         if line:
-            task_id, task_type, start, end, _pid = line.split()
+            task_id, task_type, start, end, _pid, _claimed = line.split()
             rows.append((task_id, task_type, float(start), float(end)))
     return rows
+
+
+def read_spans(path) -> list[tuple[float, float]]:
+    """(claimed, started) per execution: its token was taken between the two."""
+    return [(float(line.split()[5]), float(line.split()[2])) for line in path.read_text().split("\n") if line]
+
+
+def max_surely_in_window(spans: list[tuple[float, float]], window: float) -> int:
+    """The most executions whose token was surely taken within one window: a token is
+    taken between the claim and the handler's start, so a span inside the window puts
+    its token there, however late a loaded machine started the handler. (Counting
+    handler starts instead lets scheduling delays on a busy machine bunch them up.)"""
+    return max((sum(1 for s, e in spans if t <= s and e < t + window) for t, _ in spans), default=0)
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -69,7 +82,7 @@ async def test_four_workers_hold_a_rate_limit_over_every_sliding_second(storage_
     rows = read_log(log)
     assert sorted(r[0] for r in rows) == sorted({r[0] for r in rows}) and len(rows) == 200
     starts = [r[2] for r in rows]
-    assert max_in_window(starts, 1.0) <= 10  # rate x 1 s + burst
+    assert max_surely_in_window(read_spans(log), 1.0) <= 10  # rate x 1 s + burst
     assert max(starts) - min(starts) >= (200 - 5) / 5 - 1  # the rate, not the workers, set the pace
     assert sum(s.get("throttled", 0) for s in stats) > 0
     statuses = collections.Counter([t.status async for t in q.list(limit=None)])

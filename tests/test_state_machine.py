@@ -494,14 +494,14 @@ async def test_a_second_marker_of_a_task_we_run_does_not_unname_it_in_our_record
         await asyncio.wait_for(started.wait(), 10)
         await q.storage.put(keys.ready(q.name, 255, task.available_at, task.id, task.task_type), b"")
         listings = 0
-        refill = w._refill
+        refill = w.feed.refill
 
         async def counted(now):
             nonlocal listings
             listings += 1
             return await refill(now)
 
-        w._refill = counted
+        w.feed.refill = counted
         while listings < 5:  # the leftover is listed again and again
             await asyncio.sleep(0.01)
         await w.book.write()

@@ -1,0 +1,206 @@
+"""The feed: the ready index as a worker's slots see it. One LIST serves every slot.
+
+Before any listed candidate is claimed, the worker's record names it with a fresh lease
+id (one write for the whole listing), so a claim that lands while the worker dies is
+found by recovery. Claimed markers are deleted in batches (``trash``). Live workers
+split a listing by task id so they do not all fight for its head. An idle feed backs
+off from ``poll_min`` to ``poll_max`` (jittered) and is woken early by promotion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+from typing import TYPE_CHECKING
+
+from . import keys
+from .errors import QoError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Feed:
+    """The listed candidates of one worker and what it knows about the ready index."""
+
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+        self.buffer: collections.deque[keys.Marker] = collections.deque()
+        self.buffer_at = 0.0
+        #: task id -> the lease id announced in the record for a listed candidate
+        self.lease_ids: dict[str, str] = {}
+        #: marker keys a slot is processing
+        self.taken: set[str] = set()
+        #: marker key -> not before (a stale marker looked at again later, a skipped task)
+        self.skip: dict[str, float] = {}
+        self.misses: dict[str, int] = {}
+        #: claimed (or dropped) markers, deleted in batches; ``deleting``: in flight
+        self.trash: list[str] = []
+        self.deleting: set[str] = set()
+        self.flushed_at = 0.0
+        self.poll = worker.settings.poll_min
+        self.next_poll_at = 0.0
+        self.nothing_listed = False
+        #: live workers other than this one (from the last sweep)
+        self.peers: set[str] = set()
+        self.lock = asyncio.Lock()
+        self.new_work = asyncio.Event()  # set when promotion made tasks due
+
+    @property
+    def empty(self) -> bool:
+        """No candidate listed or taken, and the last listing found nothing of ours."""
+        return not self.taken and not self.buffer and self.nothing_listed
+
+    async def next(self) -> keys.Marker | None:
+        """The next candidate for a slot, listing again when the buffer is empty or old;
+        None once the worker stops."""
+        w = self.worker
+        async with self.lock:
+            while not w._stopping.is_set():
+                now = w.clock.now()
+                if self.buffer and now - self.buffer_at <= w.settings.buffer_max_age:
+                    m = self.buffer.popleft()
+                    if m.key in self.taken or self.skip.get(m.key, 0) > now:
+                        self.forget(m.task_id)
+                        continue
+                    self.taken.add(m.key)
+                    return m
+                while self.buffer:
+                    self.forget(self.buffer.popleft().task_id)
+                if now < self.next_poll_at:
+                    await w._sleep(self.next_poll_at - now, wake=self.new_work)
+                    self.new_work.clear()
+                    continue
+                try:
+                    found = await self.refill(now)
+                except QoError as exc:
+                    log.warning("worker %s: listing ready tasks failed: %s", w.worker_id, exc)
+                    found = False
+                if found:
+                    self.poll = w.settings.poll_min
+                    self.next_poll_at = now
+                else:
+                    self.next_poll_at = now + self.poll * random.uniform(0.8, 1.2)
+                    self.poll = min(w.settings.poll_max, self.poll * 2)
+        return None
+
+    def done(self, marker: keys.Marker) -> None:
+        """A slot finished with ``marker`` (whatever became of it)."""
+        self.taken.discard(marker.key)
+
+    def take_lease(self, task_id: str) -> str | None:
+        """The lease id announced for a listed candidate; None if it was forgotten."""
+        return self.lease_ids.pop(task_id, None)
+
+    def forget(self, task_id: str) -> None:
+        """A listed candidate will not be claimed: its announced lease leaves the record."""
+        if self.lease_ids.pop(task_id, None) is not None:
+            self.worker.book.release(task_id)
+
+    def forget_all(self) -> None:
+        for task_id in list(self.lease_ids):
+            self.forget(task_id)
+
+    def wake(self, now: float) -> None:
+        """New work is due (promotion): list again now."""
+        self.next_poll_at = now
+        self.poll = self.worker.settings.poll_min
+        self.new_work.set()
+
+    def settings_changed(self) -> None:
+        s = self.worker.settings
+        self.poll = min(max(self.poll, s.poll_min), s.poll_max)
+
+    async def drop(self, key: str) -> None:
+        """Delete a claimed (or dead) marker with the next batch; flush a full batch now."""
+        self.trash.append(key)
+        if len(self.trash) >= self.worker.settings.delete_batch:
+            with contextlib.suppress(QoError):  # kept in trash: the next flush tries again
+                await self.flush()
+
+    def drop_later(self, key: str) -> None:
+        """Delete with the next batch (no I/O here)."""
+        self.trash.append(key)
+
+    def look_again_later(self, marker: keys.Marker, now: float) -> None:
+        """A marker whose task could not be claimed and looks stale: maybe its producer is
+        still writing, or a claimer is about to delete it. Look again soon, then less
+        and less often; once older than ``orphan_grace``, drop it."""
+        s = self.worker.settings
+        if now - marker.due > s.orphan_grace:
+            self.drop_later(marker.key)  # old and wrong
+            return
+        misses = self.misses.get(marker.key, 0) + 1
+        self.misses[marker.key] = misses
+        self.skip[marker.key] = min(marker.due + s.orphan_grace, now + s.poll_min * 2 ** min(misses, 12))
+
+    def skip_until(self, key: str, when: float) -> None:
+        self.skip[key] = when
+
+    async def flush(self) -> None:
+        """Delete the batch of claimed markers (one DeleteObjects per 1000)."""
+        if self.trash:
+            batch, self.trash = self.trash, []
+            self.deleting.update(batch)
+            try:
+                await self.worker.store.delete_markers(batch)
+            except QoError:
+                self.trash.extend(batch)
+                raise
+            finally:
+                self.deleting.difference_update(batch)
+            self.flushed_at = self.worker.clock.now()
+
+    async def refill(self, now: float) -> bool:
+        """LIST the ready index, keep what this worker can run and is not already
+        handling, announce the candidates in the record, buffer them."""
+        w = self.worker
+        await self.flush()
+        self.skip = {k: t for k, t in self.skip.items() if t > now}
+        self.misses = {k: n for k, n in self.misses.items() if k in self.skip or n < 16}
+        if len(self.misses) > 10000:
+            self.misses.clear()
+        entries = await w.store.list(keys.ready_prefix(w.queue.name), limit=w.settings.listing)
+        done = set(self.trash) | self.deleting  # claimed by us; their delete is pending
+        # tasks we are claiming or running: another marker of one (an aging leftover, a
+        # promotion's duplicate) must not re-announce it, or its lease in our record would
+        # be replaced and then released on the miss, leaving a running task unnamed
+        holding = w.book.leases.keys() - self.lease_ids.keys()
+        markers = []
+        for e in entries:
+            m = keys.parse_marker(e.key)
+            if m and w.handles(m.task_type) and m.key not in self.taken and m.key not in self.skip \
+                    and m.key not in done and m.task_id not in holding:
+                markers.append(m)
+        self.nothing_listed = not markers
+        if not markers:
+            return False
+        await w.limiter.refresh()  # only when there is work: an idle worker reads no limits
+        markers = self.own_share_first(markers)
+        leases = {m.task_id: os.urandom(8).hex() for m in markers}
+        await w.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
+        self.lease_ids.update(leases)
+        self.buffer.extend(markers)
+        self.buffer_at = w.clock.now()
+        return True
+
+    def own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:
+        """Live workers split the listing by task id: each takes only its own share while
+        the listing has some, and helps with the others' (shuffled) when it has none, so
+        workers do not all fight for the head of the index."""
+        me = self.worker.worker_id
+        peers = sorted(self.peers | {me})
+        if len(peers) == 1:
+            return markers
+        rank, n = peers.index(me), len(peers)
+        mine = [m for m in markers if int(m.task_id[-8:], 16) % n == rank]
+        if mine:
+            return mine
+        random.shuffle(markers)  # nothing of our share listed: help the others
+        return markers
