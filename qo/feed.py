@@ -128,12 +128,12 @@ class Feed:
         """Delete with the next batch (no I/O here)."""
         self.trash.append(key)
 
-    def look_again_later(self, marker: keys.Marker, now: float) -> None:
+    def look_again_later(self, marker: keys.Marker, now: float, dead: bool = False) -> None:
         """A marker whose task could not be claimed and looks stale: maybe its producer is
         still writing, or a claimer is about to delete it. Look again soon, then less
-        and less often; once older than ``orphan_grace``, drop it."""
+        and less often; once older than ``orphan_grace`` (or ``dead``), drop it."""
         s = self.worker.settings
-        if now - marker.due > s.orphan_grace:
+        if dead or now - marker.due > s.orphan_grace:
             self.drop_later(marker.key)  # old and wrong
             return
         misses = self.misses.get(marker.key, 0) + 1

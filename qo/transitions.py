@@ -16,7 +16,7 @@ import attrs
 from . import keys
 from .errors import Fail, PreconditionFailed, TaskNotFound
 from .keys import Marker
-from .model import COMPLETED, FAILED, PENDING, RUNNING, Task
+from .model import COMPLETED, FAILED, PENDING, RUNNING, TERMINAL, Task
 from .store import TaskStore
 
 
@@ -29,11 +29,14 @@ class Claimed:
 @attrs.frozen
 class Missed:
     """A marker that did not yield a claim. ``stale``: the marker no longer projects a
-    claimable task (the task ended, runs elsewhere, or does not exist)."""
+    claimable task (the task ended, runs elsewhere, or does not exist). ``dead``: it
+    never will again (its task ended at the marker's own due time, and every way back to
+    pending moves the due time: ``requeued_at``), so it can be deleted at once."""
 
     reason: str
     stale: bool
     missing: bool = False
+    dead: bool = False
 
 
 async def claim(
@@ -50,7 +53,11 @@ async def claim(
     except TaskNotFound:
         return Missed("task not found", stale=True, missing=True)
     if task.status != PENDING:
-        return Missed(f"task is {task.status}", stale=True)
+        # e.g. a marker that aging moved, left behind by a cancel (which deletes the
+        # marker at the task's own level); a marker written ahead of a retry's CAS
+        # names a later due time and is not dead
+        dead = task.status in TERMINAL and keys.ms(task.available_at) == keys.ms(marker.due)
+        return Missed(f"task is {task.status}", stale=True, dead=dead)
     if keys.ms(task.available_at) != keys.ms(marker.due):
         # the ready marker is the statement "due" (made on its writer's clock); one
         # that names another due time is left over from an earlier state

@@ -213,7 +213,7 @@ class Worker:
                 return
             self.stats["missed"] += 1
             if result.stale:
-                self.feed.look_again_later(marker, now)
+                self.feed.look_again_later(marker, now, dead=result.dead)
             return
         await self.feed.drop(marker.key)
         self.stats["claimed"] += 1

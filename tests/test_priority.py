@@ -516,3 +516,23 @@ def test_status_and_list_show_the_effective_priority(storage_url, monkeypatch):
     monkeypatch.setenv("QO_AGING", "off")
     assert json.loads(cli("status", old, "--json"))["effective_priority"] == 0
     assert {line.split()[0]: line.split()[3] for line in cli("list").splitlines()[1:]}[old] == "0"
+
+
+async def test_a_cancelled_tasks_aged_marker_is_deleted_on_first_sight(storage_url, fast_settings):
+    """Cancel deletes the marker at the task's own level; one that aging moved up stays.
+    A worker that lists it deletes it at once (the task ended at the marker's own due
+    time, so no way back to pending can reuse it), not after the orphan grace."""
+    async with ticking_queue(storage_url, "aged", speed=1.0) as (q, clock):
+        task = await q.submit("t", None, priority=0)
+        own = task.marker_key(q.name, clock.now())
+        aged = moved(own, q, 255)
+        await q.storage.put(aged, b"")  # what an aging pass does: PUT the new, DELETE the old
+        await q.storage.delete(own)
+        await q.cancel(task.id)
+        assert await ready_keys(q) == [aged]
+        w = Worker(q, settings=fast_settings)
+        w.handler("t")(lambda input: None)
+        stats = await asyncio.wait_for(w.run(until_idle=True), 30)
+        assert await ready_keys(q) == []
+        assert clock.now() - task.available_at < fast_settings.orphan_grace
+        assert stats["completed"] == 0 and (await q.get(task.id)).status == "cancelled"
