@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import math
 import os
 import socket
 from urllib.parse import urlsplit, urlunsplit

@@ -30,7 +30,6 @@ import tempfile
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
