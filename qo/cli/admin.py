@@ -17,11 +17,8 @@ from .common import echo_json, open_queue, queue_options, run
 @run
 async def doctor(url: str, queue_name: str, as_json: bool) -> None:
     """Check the backend's CAS semantics and permissions."""
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         checks = await run_checks(queue.storage, base=f"{queue.name}/_doctor")
-    finally:
-        await queue.close()
     healthy = all(c.ok for c in checks if c.required)
     if as_json:
         echo_json({"backend": queue.storage.name, "ok": healthy,

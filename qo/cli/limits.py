@@ -42,11 +42,8 @@ async def set_limit(scope: str, rate_text: str | None, burst: float | None, conc
     """Set the limit of SCOPE: global, task_type:TYPE, key:KEY or key:* (each key its own bucket)."""
     rate, per = parse_rate(rate_text) if rate_text is not None else (None, 1.0)
     check_scope(scope)  # before connecting: a fresh --url is not even created
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         lim = await queue.limits.set(scope, rate, per, burst, concurrency=concurrency, backpressure=backpressure)
-    finally:
-        await queue.close()
     click.echo(f"{lim.scope}: {describe(lim.to_dict())}")
 
 
@@ -56,11 +53,8 @@ async def set_limit(scope: str, rate_text: str | None, burst: float | None, conc
 @run
 async def list_limits(as_json: bool, url: str, queue_name: str) -> None:
     """Every limit with its current tokens and running count."""
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         rows = await queue.limits.list()
-    finally:
-        await queue.close()
     if not rows:
         click.echo("no limits", err=True)
     for row in rows:
@@ -84,11 +78,8 @@ async def list_limits(as_json: bool, url: str, queue_name: str) -> None:
 async def remove_limit(scope: str, url: str, queue_name: str) -> None:
     """Remove the limit of SCOPE."""
     check_scope(scope)
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         await queue.limits.remove(scope)
-    finally:
-        await queue.close()
     click.echo(f"removed {scope}")
 
 

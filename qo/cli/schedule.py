@@ -62,16 +62,14 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
     """Add schedule NAME; prints its next fire time."""
     payload = parse_json_input(input_text, "--input")
     check_name(name)  # before connecting: a fresh --url is not even created
-    queue = await open_queue(url, queue_name)
-    try:
-        s = await queue.schedules.add(
-            name, cron=cron, task_type=task_type, input=payload, timezone=timezone, catch_up=catch_up,
-            max_catch_up=max_catch_up, grace_seconds=grace_seconds, priority=priority,
-            max_retries=max_retries, timeout_seconds=timeout_seconds, enabled=not paused)
-    except InvalidInput as exc:
-        raise InvalidInput(OPTION_OF.get(exc.field, exc.field), exc.message) from None
-    finally:
-        await queue.close()
+    async with await open_queue(url, queue_name) as queue:
+        try:
+            s = await queue.schedules.add(
+                name, cron=cron, task_type=task_type, input=payload, timezone=timezone, catch_up=catch_up,
+                max_catch_up=max_catch_up, grace_seconds=grace_seconds, priority=priority,
+                max_retries=max_retries, timeout_seconds=timeout_seconds, enabled=not paused)
+        except InvalidInput as exc:
+            raise InvalidInput(OPTION_OF.get(exc.field, exc.field), exc.message) from None
     if as_json:
         echo_json(s.public_dict())
     else:
@@ -85,11 +83,8 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
 @run
 async def list_schedules(as_json: bool, url: str, queue_name: str) -> None:
     """List schedules; next fire times in each schedule's timezone, then in UTC."""
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         schedules = await queue.schedules.list()
-    finally:
-        await queue.close()
     if as_json:
         for s in schedules:
             echo_json(s.public_dict())
@@ -117,11 +112,8 @@ def _state(s: Schedule) -> str:
 @run
 async def show(name: str, as_json: bool, url: str, queue_name: str) -> None:
     """Show one schedule: definition and fire state."""
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         s = await queue.schedules.get(name)
-    finally:
-        await queue.close()
     if as_json:
         echo_json(s.public_dict())
         return
@@ -153,11 +145,8 @@ def _simple(verb: str, method: str, help_text: str) -> click.Command:
     @run
     async def command(name: str, as_json: bool, url: str, queue_name: str) -> None:
         check_name(name)
-        queue = await open_queue(url, queue_name)
-        try:
+        async with await open_queue(url, queue_name) as queue:
             s = await getattr(queue.schedules, method)(name)
-        finally:
-            await queue.close()
         if as_json:
             echo_json(s.public_dict())
         elif verb == "trigger":

@@ -53,11 +53,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="One JSON obj
 async def _on_queue(url: str | None, queue_name: str | None, as_json: bool,
                     change: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
     """Open the queue, apply ``change`` to its settings, show what they are now."""
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         values = await change(queue.settings)
-    finally:
-        await queue.close()
     _show(values, as_json)
 
 

@@ -58,8 +58,7 @@ async def submit(task_type: str, input_text: str | None, priority: str | None, a
     at = parse_time(at_text, "--at") if at_text is not None else None
     delay = parse_duration(delay_text, "--delay") if delay_text is not None else None
     check_task_type(task_type)  # before connecting: a fresh --url is not even created
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         schedule_at = at if delay is None else delay_to_time(delay, queue.clock.now(), "--delay")
         task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
                                   max_retries=max_retries, timeout_seconds=timeout_seconds,
@@ -67,8 +66,6 @@ async def submit(task_type: str, input_text: str | None, priority: str | None, a
                                   idempotency_ttl_days=idempotency_ttl_days,
                                   depends_on=list(depends_on), on_dependency_failure=on_dependency_failure,
                                   rate_limit_key=rate_limit_key)
-    finally:
-        await queue.close()
     if as_json:
         echo_json(task.public_dict())
     else:
@@ -83,14 +80,12 @@ async def submit(task_type: str, input_text: str | None, priority: str | None, a
 async def status(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
     """Show one task: state, attempts, times, last error and output."""
     check_task_id(task_id)
-    queue = await open_queue(url, queue_name)
-    try:
-        task = await queue.get(task_id)
+    async with await open_queue(url, queue_name) as queue:
+        try:
+            task = await queue.get(task_id)
+        except TaskNotFound as exc:
+            raise _not_here(exc, queue) from None
         effective = task_effective_priority(queue.plugins, task, queue.clock.now())
-    except TaskNotFound as exc:
-        raise _not_here(exc, queue) from None
-    finally:
-        await queue.close()
     if as_json:
         echo_json({**task.public_dict(), "effective_priority": effective})
         return
@@ -153,17 +148,14 @@ def _compact(value: Any) -> str:
 async def list_tasks(status_filter: str | None, task_type: str | None, limit: int, as_json: bool,
                      url: str, queue_name: str) -> None:
     """List tasks, oldest first."""
-    queue = await open_queue(url, queue_name)
     rows: list[tuple[Task, int]] = []
-    try:
+    async with await open_queue(url, queue_name) as queue:
         async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
             effective = task_effective_priority(queue.plugins, task, queue.clock.now())
             if as_json:  # stream: a long listing shows progress
                 echo_json({**task.public_dict(), "effective_priority": effective})
             else:
                 rows.append((task, effective))
-    finally:
-        await queue.close()
     if as_json:
         return
     if not rows:
@@ -181,13 +173,11 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
 async def _change(task_id: str, url: str, queue_name: str, action: str) -> Task:
     """Run ``queue.cancel`` or ``queue.retry`` on one task, saying where qo looked if it is not there."""
     check_task_id(task_id)
-    queue = await open_queue(url, queue_name)
-    try:
-        return await getattr(queue, action)(task_id)
-    except TaskNotFound as exc:
-        raise _not_here(exc, queue) from None
-    finally:
-        await queue.close()
+    async with await open_queue(url, queue_name) as queue:
+        try:
+            return await getattr(queue, action)(task_id)
+        except TaskNotFound as exc:
+            raise _not_here(exc, queue) from None
 
 
 @click.command()
@@ -232,11 +222,8 @@ async def submit_graph(graph_text: str, as_json: bool, url: str, queue_name: str
     ["other name or task id", ...], "priority": ...}, ...}. A cycle is refused, spelled out.
     """
     nodes = parse_json_input(graph_text, "JSON")
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         tasks = await queue.submit_graph(nodes)
-    finally:
-        await queue.close()
     if as_json:
         echo_json({name: t.public_dict() for name, t in tasks.items()})
     else:

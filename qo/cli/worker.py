@@ -44,8 +44,7 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
     config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl)
     concurrency = config["concurrency"]
     overrides: dict[str, Any] = {"poll_max": config["poll_max"], "lease_ttl": config["lease_ttl"]}
-    queue = await open_queue(url, queue_name)
-    try:
+    async with await open_queue(url, queue_name) as queue:
         w = Worker(queue, concurrency=concurrency, **overrides)
         w.add_handlers(registry)
         logging.getLogger("qo.cli").info(
@@ -60,8 +59,6 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
             stop_scheduler.set()  # the worker stopped (signal, idle or error): so does its scheduler
             if scheduling is not None:
                 await scheduling
-    finally:
-        await queue.close()
     click.echo(summary(w.worker_id, stats), err=True)
 
 
