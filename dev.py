@@ -4,12 +4,17 @@
     python3 dev.py demo     create .venv if missing, then run the demo on ./.qo
     python3 dev.py test     create .venv if missing, then run the whole test suite
     python3 dev.py bench    create .venv if missing, then run the benchmark
+
+Each also installs Azurite (the Azure Storage emulator, for the az:// tests and the
+benchmark) with npm into .azurite/ when it is missing; without npm the Azure tests are
+skipped, saying why.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -19,6 +24,8 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("QO_VENV", ROOT / ".venv"))
 BIN = VENV / "bin"
 PLUGIN_DIRS = sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+AZURITE_VERSION = "3.37.0"  # the Azure Storage emulator: List Blobs startFrom, blob batch
+AZURITE_DIR = ROOT / ".azurite"
 
 
 def _fingerprint() -> str:
@@ -29,7 +36,8 @@ def _fingerprint() -> str:
 
 
 def ensure_venv() -> None:
-    """Create the virtualenv and install qo (editable, with test extras) and plugins/."""
+    """Create the virtualenv and install qo (editable, with test extras) and plugins/; Azurite."""
+    ensure_azurite()
     stamp = VENV / ".qo-installed"
     if stamp.exists() and stamp.read_text() == _fingerprint():
         return
@@ -40,6 +48,30 @@ def ensure_venv() -> None:
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", str(d)))], check=True)
     stamp.write_text(_fingerprint())
+
+
+def ensure_azurite() -> None:
+    """Install Azurite with npm into .azurite/ (pinned; re-installed when the pin changes).
+
+    Without npm, say so and go on: the az:// tests skip with that reason.
+    """
+    stamp = AZURITE_DIR / ".qo-installed"
+    binary = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+    if stamp.exists() and stamp.read_text() == AZURITE_VERSION and binary.exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        print("npm not found: Azurite (the Azure Storage emulator) is not installed, so the az:// "
+              "tests will be skipped. Install Node.js and npm to run them.", flush=True)
+        return
+    print(f"installing Azurite {AZURITE_VERSION} into {AZURITE_DIR} (npm)", flush=True)
+    AZURITE_DIR.mkdir(exist_ok=True)
+    done = subprocess.run([npm, "install", "--prefix", str(AZURITE_DIR), f"azurite@{AZURITE_VERSION}",
+                           "--no-audit", "--no-fund", "--loglevel=error"])
+    if done.returncode != 0 or not binary.exists():
+        print("npm could not install Azurite: the az:// tests will be skipped.", flush=True)
+        return
+    stamp.write_text(AZURITE_VERSION)
 
 
 def main(argv: list[str]) -> int:
