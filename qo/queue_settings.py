@@ -278,3 +278,15 @@ def overlay(settings: Any, values: Mapping[str, Any]) -> Any:
     if aging:
         changes["aging"] = attrs.evolve(settings.aging, **aging)
     return attrs.evolve(settings, **changes) if changes else settings
+
+
+def replaced(own: Any, effective: Any) -> list[str]:
+    """What the queue's settings changed in a worker's own, as 'name value (own value)'."""
+    out = []
+    for name, field in WORKER_FIELDS.items():
+        if getattr(own, field) != getattr(effective, field):
+            out.append(f"{name} {getattr(effective, field)} (own {getattr(own, field)})")
+    for name, field in AGING_FIELDS.items():
+        if getattr(own.aging, field) != getattr(effective.aging, field):
+            out.append(f"{name} {getattr(effective.aging, field)} (own {getattr(own.aging, field)})")
+    return out

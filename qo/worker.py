@@ -31,7 +31,7 @@ from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, Task, check_input
 from .promotion import promote_due
 from .queue import Queue
-from .queue_settings import TASK_DEFAULTS, overlay
+from .queue_settings import overlay, replaced
 from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
 from .worker_settings import WorkerSettings
 
@@ -372,8 +372,8 @@ class Worker:
             return
         new = overlay(self.own_settings, values)
         if new != self.settings:
-            differs = [f"{k}={v}" for k, v in sorted(values.items()) if k not in TASK_DEFAULTS]
-            log.info("worker %s: queue settings in effect: %s", self.worker_id, ", ".join(differs) or "none")
+            log.info("worker %s: the queue's settings in effect: %s", self.worker_id,
+                     ", ".join(replaced(self.own_settings, new)) or "none over this worker's own")
             self.settings = new
             self.feed.settings_changed()
 

@@ -27,7 +27,15 @@ from qo.cli import build_cli
 from qo.clock import FakeClock
 from qo.counting import CountingStorage
 from qo.errors import InvalidInput, NotFound, StorageUnavailable
-from qo.queue_settings import REFRESH_SECONDS, SPECS, check_settings, overlay, parse_assignment, settings_key
+from qo.queue_settings import (
+    REFRESH_SECONDS,
+    SPECS,
+    check_settings,
+    overlay,
+    parse_assignment,
+    replaced,
+    settings_key,
+)
 from qo.store import Backoff
 from qo.worker import Worker, WorkerSettings
 
@@ -257,6 +265,8 @@ def test_the_queues_settings_go_over_a_workers_own():
     s = overlay(own, {"poll_max": 0.2, "aging": True, "aging_step_seconds": 7, "max_retries": 3})
     assert (s.poll_min, s.poll_max) == (0.2, 0.2)  # the own poll_min moved down to meet it
     assert s.aging == AgingSettings(enabled=True, cap=100, step_seconds=7.0)
+    assert replaced(own, s) == ["poll_min 0.2 (own 0.5)", "poll_max 0.2 (own 5.0)", "aging True (own False)",
+                                "aging_step_seconds 7 (own 60.0)"]
     s = overlay(own, {"poll_min": 9})
     assert (s.poll_min, s.poll_max) == (9, 9)
     assert parse_assignment("aging_interval=2.5") == ("aging_interval", 2.5)
