@@ -62,7 +62,7 @@ async def test_delete_many_is_one_request_per_thousand_keys(counted: CountingSto
     assert await counted.list("m/") == []
 
 
-async def test_snapshot_reset_and_passthrough(counted: CountingStorage, storage_url: str) -> None:
+async def test_snapshot_reset_and_passthrough(counted: CountingStorage, backend: str) -> None:
     await counted.put("s/x", b"x")
     snap = counted.snapshot()
     assert list(snap["counts"])[: len(OPS)] == list(OPS)
@@ -72,7 +72,7 @@ async def test_snapshot_reset_and_passthrough(counted: CountingStorage, storage_
     assert counted.counts() == {"PUT": 1}
     counted.reset()
     assert counted.counts() == {} and counted.snapshot()["total"] == 0
-    assert counted.name == counted.inner.name == ("local" if "://" not in storage_url else "s3")
+    assert counted.name == counted.inner.name == backend
     assert counted.clock_offset == float(getattr(counted.inner, "clock_offset", 0.0) or 0.0)
     assert repr(counted.inner) in repr(counted)
     assert isinstance(counted, qo.Storage)
