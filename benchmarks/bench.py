@@ -1,6 +1,6 @@
 """qo's benchmark: submit N noop tasks, drain them with W worker processes, count requests.
 
-    python benchmarks/bench.py --backend local|s3|both --tasks 1000 --workers 1 --concurrency 32
+    python benchmarks/bench.py --backend local|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
         [--priorities uniform|mixed]
 
@@ -9,12 +9,16 @@ Progress goes to stderr; ``--json-only`` silences it.
 
 - s3: a moto server (benchmarks/s3_server.py) in a subprocess on a free loopback port,
   adding ``--latency-ms`` (default 25) to every request, for every worker process.
+- azure: Azurite (qo-azure's ``qo_azure.testing.Azurite``, the Azure Storage emulator)
+  on a free loopback port, a fresh container; ``--latency-ms`` (default 25) is added in
+  each process by ``qo.counting.LatencyStorage`` (Azurite has no latency option).
 - local: a fresh temporary directory; ``--latency-ms`` (default 0) is added in each
   process by ``qo.counting.LatencyStorage``.
 
 Requests are counted by ``qo.counting.CountingStorage`` in every process (the submitter's
 counts are the submit part, the workers' summed counts the drain part); the S3 server
-counts them too, as a cross-check.
+counts them too, and on azure the backend counts the HTTP responses it receives, as
+cross-checks.
 """
 
 from __future__ import annotations
@@ -64,6 +68,16 @@ class BenchError(RuntimeError):
 def log(args: argparse.Namespace, msg: str) -> None:
     if not args.json_only:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def http_requests(storage: Any) -> int | None:
+    """The HTTP requests the backend under the wrappers counted (qo-azure does), if any."""
+    while storage is not None:
+        count = getattr(storage, "http_requests", None)
+        if isinstance(count, int):
+            return count
+        storage = getattr(storage, "inner", None)
+    return None
 
 
 def wrapper(latency_s: float):
@@ -235,6 +249,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
     try:
         await counter.list(f"{QUEUE}/workers/", limit=1)  # open the connection before timing
         counter.reset()
+        http_before = http_requests(counter)
         ready.put(index)
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, go.wait, GO_WAIT_SECONDS):
@@ -245,8 +260,10 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
         except asyncio.TimeoutError:
             raise BenchError(f"worker {index} had not gone idle after {timeout:.0f}s") from None
         ended = time.time()
+        http_after = http_requests(counter)
         return {
             "index": index,
+            "http_requests": None if http_before is None else http_after - http_before,
             "counts": counter.counts(),
             "failures": counter.failures(),
             "stats": dict(stats),
@@ -264,13 +281,14 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
 
 
 async def submit(url: str, n: int, latency_s: float, before: Any = None,
-                 priorities: str = "uniform") -> tuple[float, dict[str, int], dict[str, int]]:
+                 priorities: str = "uniform") -> tuple[float, dict[str, int], dict[str, int], int | None]:
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
     counter = q.storage
     assert isinstance(counter, CountingStorage)
     try:
         await counter.list(f"{QUEUE}/ready/", limit=1)  # open the connection before timing
         counter.reset()
+        http_before = http_requests(counter)
         if before is not None:
             before()
         t0 = time.perf_counter()
@@ -281,7 +299,9 @@ async def submit(url: str, n: int, latency_s: float, before: Any = None,
             items = [(TASK_TYPE, {"i": i}) for i in range(n)]
         await q.submit_many(items, concurrency=32)
         elapsed = time.perf_counter() - t0
-        return elapsed, counter.counts(), counter.failures()
+        http_after = http_requests(counter)
+        http = None if http_before is None or http_after is None else http_after - http_before
+        return elapsed, counter.counts(), counter.failures(), http
     finally:
         await q.close()
 
@@ -352,8 +372,9 @@ async def trickle_latency(url: str, n: int, interval: float, concurrency: int, l
 
 def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     n, w, c = args.tasks, args.workers, args.concurrency
-    latency_ms = args.latency_ms if args.latency_ms is not None else (25.0 if backend == "s3" else 0.0)
+    latency_ms = args.latency_ms if args.latency_ms is not None else (0.0 if backend == "local" else 25.0)
     server: S3Server | None = None
+    azurite: Any = None
     tmp: str | None = None
     result: dict[str, Any] = {"backend": backend, "tasks": n, "workers": w, "concurrency": c,
                               "priorities": args.priorities,
@@ -366,6 +387,11 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         server.start()
         url = server.url(f"bench-{uuid.uuid4().hex[:8]}")
         result["latency_injection"] = "server (moto, every request)"
+    elif backend == "azure":
+        client_latency = latency_ms / 1000
+        azurite = start_azurite(args)
+        url = azurite.new_container(prefix=f"bench-{uuid.uuid4().hex[:8]}")
+        result["latency_injection"] = "LatencyStorage (client side, every call)" if latency_ms else "none"
     else:
         client_latency = latency_ms / 1000
         tmp = tempfile.mkdtemp(prefix="qo-bench-", dir=args.tmpdir)
@@ -391,8 +417,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         # submit
         log(args, f"{backend}: submitting {n} tasks")
         reset_server = (lambda: server.stats(reset=True)) if server else None
-        submit_s, submit_counts, submit_failures = asyncio.run(submit(url, n, client_latency, reset_server,
-                                                                         args.priorities))
+        submit_s, submit_counts, submit_failures, submit_http = asyncio.run(
+            submit(url, n, client_latency, reset_server, args.priorities))
         server_submit = server.stats(reset=True) if server else None
         result["submit_tasks_per_s"] = round(n / submit_s, 1)
 
@@ -443,6 +469,12 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         result["failed_requests"] = failures
         result["worker_stats"] = add_counts(*(o["stats"] for o in outs))
         result["tasks_per_worker"] = [len(o["waits"]) for o in sorted(outs, key=lambda o: o["index"])]
+        if submit_http is not None and all(o.get("http_requests") is not None for o in outs):
+            drain_http = sum(o["http_requests"] for o in outs)
+            result["backend_counted_http_requests"] = {
+                "submit": submit_http, "drain": drain_http, "client_counted": sum(total.values()),
+                "per_task": round((submit_http + drain_http) / n, 3),
+            }
         if server_submit is not None and server_drain is not None:
             result["server_counted_requests"] = {
                 "submit": sum(server_submit.values()), "drain": sum(server_drain.values()),
@@ -484,18 +516,36 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 p.join(5)
         if server:
             server.stop()
+        if azurite is not None:
+            azurite.stop()
         if tmp and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_azurite(args: argparse.Namespace) -> Any:
+    """Azurite on a free loopback port, its connection string exported for the workers."""
+    try:
+        from qo_azure.testing import MISSING, Azurite, find_azurite
+    except ImportError:
+        raise BenchError("--backend azure needs plugins/qo-azure: pip install -e plugins/qo-azure") from None
+    if find_azurite() is None:
+        raise BenchError(MISSING)
+    log(args, "azure: starting Azurite")
+    server = Azurite()
+    server.start()
+    server.export_env()  # spawned workers inherit AZURE_STORAGE_CONNECTION_STRING
+    return server
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="qo benchmark: submit N noop tasks, drain with W worker processes.")
-    p.add_argument("--backend", choices=("local", "s3", "both"), default="both")
+    p.add_argument("--backend", choices=("local", "s3", "azure", "both", "all"), default="both",
+                   help="both: local then s3; all: local, s3, then azure (Azurite)")
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--concurrency", type=int, default=32, help="slots per worker")
     p.add_argument("--latency-ms", type=float, default=None,
-                   help="per-request latency (default: 25 for s3, 0 for local)")
+                   help="per-request latency (default: 25 for s3 and azure, 0 for local)")
     p.add_argument("--idle-seconds", type=float, default=10.0,
                    help="measure an idle worker's requests for this long (0: skip)")
     p.add_argument("--trickle-tasks", type=int, default=20,
@@ -517,7 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backends = ["local", "s3"] if args.backend == "both" else [args.backend]
+    backends = {"both": ["local", "s3"], "all": ["local", "s3", "azure"]}.get(args.backend, [args.backend])
     status = 0
     for backend in backends:
         try:
