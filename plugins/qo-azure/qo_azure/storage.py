@@ -279,9 +279,11 @@ class AzureStorage:
         while True:
             last: str | None = None
             want = limit - len(chosen) if len(chosen) < limit else limit
+            # a continuation marker says where to go on: startFrom only starts a listing
+            where = kwargs if token is None else {"name_starts_with": kwargs["name_starts_with"]}
             try:
                 pages = self._container_client().list_blobs(
-                    results_per_page=min(self.page_size, want + (1 if start_after else 0)), **kwargs
+                    results_per_page=min(self.page_size, want + (1 if start_after else 0)), **where
                 ).by_page(continuation_token=token)
                 page = await pages.__anext__()
                 async for item in page:
