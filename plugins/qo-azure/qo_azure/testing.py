@@ -87,7 +87,7 @@ class Azurite:
     def __init__(self, binary: str | None = None):
         self.binary = binary or find_azurite()
         self._proc: subprocess.Popen | None = None
-        self._workdir: str | None = None
+        self._log: Any = None  # an unlinked temp file: the server's output, gone with the process
         self._port: int | None = None
 
     @property
@@ -111,21 +111,21 @@ class Azurite:
         """Start the server on a free loopback port and wait until it answers."""
         if not self.binary:
             raise RuntimeError(MISSING)
-        self._workdir = tempfile.mkdtemp(prefix="qo-azurite-")
         for _attempt in range(3):  # a free port can be taken between choosing and binding it
             self._port = _free_port()
-            with open(os.path.join(self._workdir, "azurite.log"), "wb") as log:
-                self._proc = subprocess.Popen(
-                    [self.binary, "--blobHost", "127.0.0.1", "--blobPort", str(self._port),
-                     "--inMemoryPersistence", "--silent",  # no --location: nothing on disk
-                     "--skipApiVersionCheck",  # the SDK may speak a newer API version than Azurite
-                     # idle connections live longer than aiohttp keeps them (15 s): with
-                     # Azurite's 5 s, a request could go out on a socket being closed
-                     "--blobKeepAliveTimeout", "60",
-                     "--disableTelemetry"],
-                    stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent if os.name == "posix" else None,
-                )
+            self._close_log()
+            self._log = tempfile.TemporaryFile()
+            self._proc = subprocess.Popen(
+                [self.binary, "--blobHost", "127.0.0.1", "--blobPort", str(self._port),
+                 "--inMemoryPersistence", "--silent",  # no --location: nothing on disk
+                 "--skipApiVersionCheck",  # the SDK may speak a newer API version than Azurite
+                 # idle connections live longer than aiohttp keeps them (15 s): with
+                 # Azurite's 5 s, a request could go out on a socket being closed
+                 "--blobKeepAliveTimeout", "60",
+                 "--disableTelemetry"],
+                stdout=self._log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if os.name == "posix" else None,
+            )
             if self._wait_ready(timeout):
                 return
             self._kill()
@@ -146,11 +146,15 @@ class Azurite:
         return False
 
     def _stderr(self) -> str:
-        try:
-            with open(os.path.join(self._workdir or "", "azurite.log"), "rb") as log:
-                return log.read().decode("utf-8", "replace")[-500:] or "no output"
-        except OSError:
+        if self._log is None:
             return "no output"
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")[-500:] or "no output"
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
 
     def url(self, container: str, prefix: str = "") -> str:
         """An ``az://`` URL for ``prefix`` in ``container`` of this server."""
@@ -185,12 +189,10 @@ class Azurite:
             proc.wait()
 
     def stop(self) -> None:
-        """Stop the server and remove its working directory."""
+        """Stop the server (its data was in memory: nothing is left behind)."""
         self._kill()
         self._port = None
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        self._close_log()
 
     def __enter__(self) -> Azurite:
         self.start()
