@@ -31,11 +31,6 @@ AZURE_SKIPS = {
         "heavy (8 processes, 500 tasks, ~35 s on Azurite): exactly-once rests on create-only and CAS, "
         "proven on az:// by the conformance kit's 8-process races; the SIGKILL and SIGTERM worker-process "
         "tests do run on az://"),
-    "tests/test_ratelimit.py::test_four_workers_hold_a_rate_limit_over_every_sliding_second": (
-        "its 'throttled > 0' check needs 4 workers to start more than 25 tasks a second (5 per second "
-        "on a 5x clock); on Azurite with the suite's load (2 cores, node and 4 worker processes) they "
-        "reach ~14, so the limit is never hit and the check fails though the limit holds (it passes "
-        "alone: ~20 s); the other rate-limit tests, the 8-worker concurrency limit included, run on az://"),
     "tests/test_schedules.py::test_three_schedulers_over_24_hours_fire_288_tasks": (
         "heavy (~15 s of three racing schedulers); the scheduler-race tests with processes killed at "
         "random do run on az://"),
