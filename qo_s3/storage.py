@@ -14,14 +14,13 @@ then botocore's own chain (``AWS_*`` variables, profiles, instance roles).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import time
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from qo.backend_kit import SecretScrubber, ServerClock, scrub
 from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
 from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
 
@@ -45,35 +44,14 @@ _ENV = {
     "token": "QO_S3_SESSION_TOKEN",
     "profile": "QO_S3_PROFILE",
 }
-_MAX_DRIFT = 1e-4  # clocks drift apart by at most ~100 ppm: widen the offset bounds by that
 
 
-class _ScrubSecrets(logging.Filter):
-    """botocore logs whole requests at DEBUG (headers with the session token, the
-    canonical request): replace every credential an S3Storage knows with ``***``."""
-
-    secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            try:
-                message = record.getMessage()
-            except Exception:  # a malformed record is not ours to fix
-                return True
-            if any(s in message for s in self.secrets):
-                record.msg, record.args = _scrub(message, tuple(self.secrets), limit=None), ()
-        return True
-
-
-_SCRUBBER = _ScrubSecrets()
-for _name in ("botocore", "botocore.auth", "botocore.endpoint", "botocore.hooks", "botocore.httpsession",
-              "botocore.parsers", "botocore.credentials", "botocore.retryhandler", "botocore.utils",
-              "botocore.client", "aiobotocore", "aiobotocore.endpoint", "aiobotocore.credentials", "s3fs"):
-    logging.getLogger(_name).addFilter(_SCRUBBER)
-
-
-def _remember_secrets(secrets: tuple[str, ...]) -> None:
-    _SCRUBBER.secrets.update(s for s in secrets if s and len(s) >= 4)
+#: botocore logs whole requests at DEBUG (headers with the session token, the canonical
+#: request): every credential an S3Storage knows is replaced with ``***`` there
+_SCRUBBER = SecretScrubber().install([
+    "botocore", "botocore.auth", "botocore.endpoint", "botocore.hooks", "botocore.httpsession",
+    "botocore.parsers", "botocore.credentials", "botocore.retryhandler", "botocore.utils",
+    "botocore.client", "aiobotocore", "aiobotocore.endpoint", "aiobotocore.credentials", "s3fs"])
 
 
 def parse_url(url: str) -> tuple[str, str, dict[str, str]]:
@@ -133,13 +111,6 @@ _HINTS = {
 _CREDENTIALS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
 
 
-def _scrub(text: str, secrets: tuple[str, ...], limit: int | None = 300) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text[:limit]
-
-
 def map_error(
     exc: BaseException, *, key: str | None, op: str = "", bucket: str = "", secrets: tuple[str, ...] = ()
 ) -> StorageError:
@@ -156,7 +127,7 @@ def map_error(
         error = response.get("Error") or {}
         code = str(error.get("Code") or "")
         status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-        message = _scrub(str(error.get("Message") or ""), secrets)
+        message = scrub(str(error.get("Message") or ""), secrets)
         detail = f"[{code or 'no code'}, HTTP {status}{', ' + op if op else ''}]"
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
             return PreconditionFailed(f"condition not met {detail}", **where)
@@ -223,14 +194,8 @@ class S3Storage:
     """Storage in an S3 bucket under an optional prefix; keys are relative to the prefix.
 
     ``clock_offset`` (seconds, server minus local) is estimated from the ``Date`` header
-    of every response. The header has 1-second resolution, so one response only bounds
-    the offset: the server stamped ``D`` at some instant in ``[t0, t1]`` (request sent,
-    response received), so ``D - t1 <= offset < D + 1 - t0``. The storage keeps the
-    intersection of these intervals (widened by 100 ppm of elapsed time for drift) and
-    reports its midpoint; when a new interval contradicts it (the server clock jumped,
-    or another server answered) it restarts from that interval. The estimate is thus
-    within ``latency/2 + 0.5 s`` after one request and tightens to about the round-trip
-    time, without a slow response ever pulling it off.
+    of every response (:class:`qo.backend_kit.ServerClock`): within ``latency/2 + 0.5 s``
+    after one request, tightening to about the round-trip time.
     """
 
     name = "s3"
@@ -255,14 +220,13 @@ class S3Storage:
         self._timeouts = tuple(_seconds(settings, name, default) for name, default in _TIMEOUTS)
         self._settings = settings
         self._secrets = tuple(str(settings[k]) for k in ("key", "secret", "token") if settings.get(k))
-        _remember_secrets(self._secrets)
+        _SCRUBBER.remember(self._secrets)
         try:
             import s3fs  # noqa: F401  (checked now so a missing extra fails at connect)
         except ImportError:
             raise ConfigurationError("s3:// needs: pip install 'qo[s3]'") from None
         self._root = self.prefix + "/" if self.prefix else ""
-        self.clock_offset: float = 0.0
-        self._bounds: tuple[float, float, float] | None = None  # (low, high, local time)
+        self._server_clock = ServerClock()
         self._fs: Any = None
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -336,7 +300,7 @@ class S3Storage:
         if frozen is not None:
             found = (frozen.access_key, frozen.secret_key, frozen.token)
             self._secrets = tuple(dict.fromkeys(self._secrets + tuple(s for s in found if s)))
-            _remember_secrets(self._secrets)
+            _SCRUBBER.remember(self._secrets)
 
     def _abandon(self) -> None:
         """Forget a client made on another (finished) event loop, releasing its sockets.
@@ -380,22 +344,18 @@ class S3Storage:
         self._observe(resp, t0, time.time())
         return resp
 
+    @property
+    def clock_offset(self) -> float:
+        """Server minus local clock, seconds."""
+        return self._server_clock.offset
+
     def _observe(self, resp: Any, t0: float, t1: float) -> None:
-        """Tighten the server-clock offset bounds with one response's Date header."""
+        """Tighten the server-clock estimate with one response's Date header."""
         try:
             date = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
-            server = parsedate_to_datetime(date).timestamp()
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError):
             return
-        low, high = server - t1, server + 1.0 - t0
-        if self._bounds is not None:
-            old_low, old_high, at = self._bounds
-            slack = _MAX_DRIFT * max(0.0, t1 - at)
-            low, high = max(low, old_low - slack), min(high, old_high + slack)
-            if low > high:  # contradiction: the server clock moved; start over
-                low, high = server - t1, server + 1.0 - t0
-        self._bounds = (low, high, t1)
-        self.clock_offset = (low + high) / 2
+        self._server_clock.observe(date, t0, t1)
 
     # -- the contract -------------------------------------------------------------
 

@@ -329,7 +329,7 @@ async def test_clock_offset_is_near_zero_against_moto(storage):
     for i in range(3):
         await storage.put(f"c{i}", b"")
     assert abs(storage.clock_offset) < 1.0
-    assert storage._bounds is not None
+    assert storage._server_clock.bounds is not None
 
 
 def test_clock_offset_follows_a_skewed_server_and_a_jump():

@@ -9,9 +9,9 @@ signed.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
+from qo.backend_kit import SecretScrubber, scrub
 from qo.errors import StorageUnavailable
 from qo.storage import NotFound, PreconditionFailed, StorageError
 
@@ -42,25 +42,9 @@ _HINTS = {
 _CREDENTIAL_ERRORS = ("ClientAuthenticationError", "CredentialUnavailableError")
 
 
-class _ScrubSecrets(logging.Filter):
-    """The SDK logs requests (URLs, headers) at INFO/DEBUG; it redacts what it knows to
-    be sensitive. This filter replaces every credential an AzureStorage knows as well."""
-
-    secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            try:
-                message = record.getMessage()
-            except Exception:  # a malformed record is not ours to fix
-                return True
-            if any(s in message for s in self.secrets):
-                record.msg, record.args = scrub(message, tuple(self.secrets), limit=None), ()
-        return True
-
-
-_SCRUBBER = _ScrubSecrets()
-for _name in (
+#: the SDK logs requests (URLs, headers) at INFO/DEBUG and redacts what it knows to be
+#: sensitive; every credential an AzureStorage knows is replaced with ``***`` as well
+SCRUBBER = SecretScrubber().install([
     "azure", "azure.core", "azure.core.pipeline.policies.http_logging_policy", "azure.core.pipeline._base",
     "azure.core.pipeline.policies._universal", "azure.core.pipeline.policies._retry",
     "azure.core.pipeline.policies._retry_async", "azure.core.pipeline.transport._aiohttp",
@@ -69,22 +53,12 @@ for _name in (
     "azure.storage.blob._shared.policies_async", "azure.storage.blob._shared.authentication",
     "azure.storage.blob._shared.base_client", "azure.storage.blob._shared.base_client_async",
     "azure.storage.blob._shared.request_handlers", "azure.storage.blob._shared.response_handlers",
-    "azure.identity", "azure.identity.aio", "aiohttp.client", "aiohttp.access",
-):
-    logging.getLogger(_name).addFilter(_SCRUBBER)
+    "azure.identity", "azure.identity.aio", "aiohttp.client", "aiohttp.access"])
 
 
 def remember_secrets(secrets: tuple[str, ...]) -> None:
     """Have the log filter scrub these (strings of at least 4 characters)."""
-    _SCRUBBER.secrets.update(s for s in secrets if s and len(s) >= 4)
-
-
-def scrub(text: str, secrets: tuple[str, ...], limit: int | None = 300) -> str:
-    """``text`` with every secret replaced by ``***``, cut to ``limit`` characters."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text[:limit]
+    SCRUBBER.remember(secrets)
 
 
 def is_transport(exc: BaseException) -> bool:

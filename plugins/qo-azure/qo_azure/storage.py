@@ -24,11 +24,11 @@ from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob.aio import ContainerClient
 
+from qo.backend_kit import ServerClock
 from qo.errors import InvalidInput, StorageUnavailable
 from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
 
 from . import listing
-from .clock import OffsetEstimator
 from .errors import BACKEND, map_error, remember_secrets
 from .settings import AzureSettings, check_blob_name, resolve
 
@@ -48,7 +48,7 @@ class AzureStorage:
     """Storage in an Azure blob container under an optional prefix; keys are relative to it.
 
     ``clock_offset`` (seconds, server minus local) is estimated from every response's
-    ``Date`` header (:class:`qo_azure.clock.OffsetEstimator`). ``http_requests`` counts
+    ``Date`` header (:class:`qo.backend_kit.ServerClock`). ``http_requests`` counts
     the HTTP responses received, so a benchmark can check the engine's call counts.
     """
 
@@ -62,7 +62,7 @@ class AzureStorage:
         self._secrets = self.settings.secrets
         remember_secrets(self._secrets)
         self._root = self.prefix + "/" if self.prefix else ""
-        self._clock = OffsetEstimator()
+        self._clock = ServerClock()
         self.http_requests = 0
         self._batch_ok = True
         self._client: Any = None

@@ -32,8 +32,8 @@ import qo
 from qo.storage import NotFound, PreconditionFailed, StorageError, StorageUnavailable
 from qo_azure import AzureStorage, plugin
 from qo_azure import listing
-from qo_azure.clock import OffsetEstimator
 from qo_azure.errors import map_error
+from qo.backend_kit import ServerClock
 from qo_azure.settings import DEVSTORE_KEY, parse_url, resolve
 
 SECRET_KEY = "c2VjcmV0LWtleS0" + uuid.uuid4().hex + "=="
@@ -427,7 +427,7 @@ async def test_clock_offset_is_near_zero_against_azurite(storage):
 
 
 def test_clock_offset_follows_a_skewed_server_and_a_jump():
-    clock = OffsetEstimator()
+    clock = ServerClock()
 
     def observe(server: float, t0: float, t1: float) -> None:
         clock.observe(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(server)), t0, t1)
