@@ -23,10 +23,6 @@ AZURE_SKIPS = {
     "tests/test_conformance.py::TestBuiltinBackends": (
         "the same conformance kit runs on az:// in plugins/qo-azure/tests/test_azure_conformance.py "
         "(against the same Azurite); running it twice would cost ~40 s"),
-    "tests/test_chaos.py::test_chaos_producers_and_killed_workers_under_storage_faults": (
-        "heavy multi-process chaos (30 s of SIGKILLed workers and injected faults) kept to local and s3; "
-        "on az:// the races of the conformance kit and the worker-process, recovery and scheduler-race "
-        "tests cover what it relies on"),
     "tests/test_worker_processes.py::test_eight_worker_processes_run_each_of_500_tasks_exactly_once": (
         "heavy (8 processes, 500 tasks, ~35 s on Azurite): exactly-once rests on create-only and CAS, "
         "proven on az:// by the conformance kit's 8-process races; the SIGKILL and SIGTERM worker-process "
