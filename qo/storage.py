@@ -23,6 +23,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "validate_key",
+    "check_put",
     "delete_many",
     "MAX_KEY_BYTES",
 ]
@@ -115,6 +116,16 @@ def validate_prefix(prefix: str, *, field: str = "prefix") -> str:
         return prefix
     validate_key(prefix.rstrip("/") + "/x" if prefix.endswith("/") else prefix, field=field)
     return prefix
+
+
+def check_put(data: object, if_match: str | None, if_none_match: bool) -> bytes:
+    """The checks of ``put``'s arguments every backend makes before any I/O; returns the
+    data as ``bytes``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInput("data", "must be bytes")
+    if if_match is not None and if_none_match:
+        raise InvalidInput("if_match", "cannot be combined with if_none_match")
+    return bytes(data)
 
 
 async def delete_many(storage: Storage, keys: Iterable[str]) -> None:

@@ -21,7 +21,16 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from qo.errors import InvalidInput
-from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
+from qo.storage import (
+    Blob,
+    Entry,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    check_put,
+    validate_key,
+    validate_prefix,
+)
 
 _RESERVED = ".qo-"  # root-level names of our own (temp files, locks): not keys
 _EMPTY_ETAG = '"' + hashlib.md5(b"").hexdigest() + '"'
@@ -145,9 +154,7 @@ class LocalStorage:
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
     ) -> str:
         path = self._path(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput("data", "must be bytes")
-        data = bytes(data)
+        data = check_put(data, if_match, if_none_match)
         self._parent(path, key)
         if if_match is None:  # CAS on an empty directory: "missing", PreconditionFailed below
             self._clear_empty_dir(path, key)

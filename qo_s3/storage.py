@@ -22,7 +22,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from qo.backend_kit import SecretScrubber, ServerClock, scrub
 from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
-from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
+from qo.storage import (
+    Blob,
+    Entry,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    check_put,
+    validate_key,
+    validate_prefix,
+)
 
 __all__ = ["S3Storage", "parse_url", "map_error"]
 
@@ -376,11 +385,7 @@ class S3Storage:
     ) -> str:
         """Write the object (create-only or CAS if asked); return the new ETag."""
         s3key = self._key(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput("data", "must be bytes")
-        if if_match is not None and if_none_match:
-            raise InvalidInput("if_match", "cannot be combined with if_none_match")
-        params: dict[str, Any] = {"Key": s3key, "Body": bytes(data)}
+        params: dict[str, Any] = {"Key": s3key, "Body": check_put(data, if_match, if_none_match)}
         if if_none_match:
             params["IfNoneMatch"] = "*"
         if if_match is not None:

@@ -26,7 +26,16 @@ from azure.storage.blob.aio import ContainerClient
 
 from qo.backend_kit import ServerClock
 from qo.errors import InvalidInput, StorageUnavailable
-from qo.storage import Blob, Entry, NotFound, PreconditionFailed, StorageError, validate_key, validate_prefix
+from qo.storage import (
+    Blob,
+    Entry,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    check_put,
+    validate_key,
+    validate_prefix,
+)
 
 from . import listing
 from .errors import BACKEND, map_error, remember_secrets
@@ -179,10 +188,7 @@ class AzureStorage:
     ) -> str:
         """Write the object (create-only or CAS if asked); return the new ETag."""
         name = self._name(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidInput("data", "must be bytes")
-        if if_match is not None and if_none_match:
-            raise InvalidInput("if_match", "cannot be combined with if_none_match")
+        data = check_put(data, if_match, if_none_match)
         conditions: dict[str, Any] = {}
         if if_none_match:
             conditions["match_condition"] = MatchConditions.IfMissing
@@ -190,7 +196,7 @@ class AzureStorage:
             conditions.update(match_condition=MatchConditions.IfNotModified, etag=if_match)
         blob = self._container_client().get_blob_client(name)
         try:
-            resp = await blob.upload_blob(bytes(data), overwrite=True, max_concurrency=1, **conditions)
+            resp = await blob.upload_blob(data, overwrite=True, max_concurrency=1, **conditions)
         except Exception as exc:
             error = self._error(exc, key, op="put_blob")
             if isinstance(error, NotFound) and if_match is not None:

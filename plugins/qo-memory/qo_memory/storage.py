@@ -16,7 +16,7 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 import qo
-from qo.storage import Blob, Entry, NotFound, PreconditionFailed, validate_key, validate_prefix
+from qo.storage import Blob, Entry, NotFound, PreconditionFailed, check_put, validate_key, validate_prefix
 
 _stores: dict[str, "_Store"] = {}
 _stores_lock = threading.Lock()
@@ -64,8 +64,7 @@ class MemoryStorage:
 
     async def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         validate_key(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise qo.InvalidInput("data", "must be bytes")
+        data = check_put(data, if_match, if_none_match)
         etag = f'"{uuid.uuid4().hex}"'
         store = self._store
         with store.lock:
@@ -76,7 +75,7 @@ class MemoryStorage:
                 raise PreconditionFailed("etag changed or key missing", backend=self.name, key=key)
             if current is None:
                 bisect.insort(store.keys, key)
-            store.objects[key] = (bytes(data), etag, time.time())
+            store.objects[key] = (data, etag, time.time())
         return etag
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
