@@ -339,3 +339,20 @@ async def test_workers_with_different_own_settings_all_run_with_the_queues(stora
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert (await q.get(waiting.id)).priority == 0  # aging moves markers, never the task
     await q.close()
+
+
+def test_qo_config_shows_the_queues_settings_over_the_local_ones(storage_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("QO_URL", "QO_QUEUE", "QO_POLL_MAX"):
+        monkeypatch.delenv(var, raising=False)
+    runner, cli = CliRunner(), build_cli()
+    args = ["--url", storage_url, "--queue", "cfg"]
+    assert runner.invoke(cli, ["settings", "set", "poll_max=0.5", "max_retries=7", *args]).exit_code == 0
+    rows = {r["name"]: r for r in map(json.loads, runner.invoke(
+        cli, ["config", "--json", "--queue-settings", *args], env={"QO_POLL_MAX": "9"}).output.splitlines())}
+    assert rows["poll_max"]["value"] == 0.5
+    assert rows["poll_max"]["source"] == "queue settings, cfg/settings.json; over 9.0 (env QO_POLL_MAX)"
+    assert rows["max_retries"] == {"name": "max_retries", "value": 7, "source": "queue settings, cfg/settings.json"}
+    plain = {r["name"]: r for r in map(json.loads, runner.invoke(
+        cli, ["config", "--json", *args], env={"QO_POLL_MAX": "9"}).output.splitlines())}
+    assert plain["poll_max"]["value"] == 9.0 and "max_retries" not in plain  # offline: local layers only

@@ -1,8 +1,10 @@
-"""``qo doctor`` and ``qo plugins``."""
+"""``qo doctor``, ``qo plugins`` and ``qo config``."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from typing import Any
 
 import click
 
@@ -54,21 +56,42 @@ def plugins(as_json: bool) -> None:
     click.echo(f"storage schemes: {schemes}")
 
 
+async def _with_queue_settings(cfg: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the queue's shared settings over them, and those it adds."""
+    from ..queue_settings import settings_key
+
+    async with await open_queue(cfg["url"], cfg["queue"]) as queue:
+        values = await queue.settings.get(refresh=True)
+    source = f"queue settings, {settings_key(queue.name)}"
+    out = []
+    for row in rows:
+        if row["name"] in values:
+            row = {**row, "value": values[row["name"]], "source": f"{source}; over {row['value']} ({row['source']})"}
+        out.append(row)
+    known = {r["name"] for r in rows}
+    return out + [{"name": k, "value": v, "source": source} for k, v in values.items() if k not in known]
+
+
 @click.command("config")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per setting.")
 @click.option("--url", default=None, help="Show the effect of this flag too.")
 @click.option("--queue", "queue_name", default=None, help="Show the effect of this flag too.")
-def config(as_json: bool, url: str | None, queue_name: str | None) -> None:
+@click.option("--queue-settings", "with_queue", is_flag=True,
+              help="Also read the queue's shared settings from its bucket: they go over these.")
+def config(as_json: bool, url: str | None, queue_name: str | None, with_queue: bool) -> None:
     """Every setting, its value and where it came from (default < pyproject.toml
     [tool.qo] < qo.toml < environment < flags). The URL is shown redacted.
 
     The settings a whole queue shares (task defaults, polling, aging) are kept in its
-    bucket instead: see ``qo settings``."""
+    bucket and go over these: --queue-settings shows them too (see also qo settings)."""
     from ..config import load
     from ..errors import QoError
 
     try:
-        rows = load().with_flags(url=url, queue=queue_name).rows()
+        cfg = load().with_flags(url=url, queue=queue_name)
+        rows = cfg.rows()
+        if with_queue:
+            rows = asyncio.run(_with_queue_settings(cfg, rows))
     except QoError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
