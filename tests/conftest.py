@@ -17,19 +17,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 BACKENDS = ["local", "s3", "azure"]
 
-#: Shared tests that do not run on azure, and why (the whole suite must stay well under
-#: 10 minutes on 2 cores; what these prove on local and s3 is covered on az:// as said).
+#: Shared tests that do not run on azure, and why.
 AZURE_SKIPS = {
     "tests/test_conformance.py::TestBuiltinBackends": (
         "the same conformance kit runs on az:// in plugins/qo-azure/tests/test_azure_conformance.py "
         "(against the same Azurite); running it twice would cost ~40 s"),
-    "tests/test_worker_processes.py::test_eight_worker_processes_run_each_of_500_tasks_exactly_once": (
-        "heavy (8 processes, 500 tasks, ~35 s on Azurite): exactly-once rests on create-only and CAS, "
-        "proven on az:// by the conformance kit's 8-process races; the SIGKILL and SIGTERM worker-process "
-        "tests do run on az://"),
-    "tests/test_schedules.py::test_three_schedulers_over_24_hours_fire_288_tasks": (
-        "heavy (~15 s of three racing schedulers); the scheduler-race tests with processes killed at "
-        "random do run on az://"),
 }
 
 
