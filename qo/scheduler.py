@@ -136,15 +136,23 @@ class Scheduler:
         if cached is not None and cached[0] == listed_etag:
             etag, schedule = cached  # unchanged since we read it: no GET
         else:
-            try:
-                schedule, etag = await self.store.load(name)
-            except ScheduleNotFound:
-                self._cache.pop(name, None)
+            loaded = await self._load(name)
+            if loaded is None:
                 return []
-            self._cache[name] = (etag, schedule)
+            schedule, etag = loaded
         if not _due(schedule, now):
             return []
         return await self.fire(schedule, etag, now)
+
+    async def _load(self, name: str) -> tuple[Schedule, str] | None:
+        """Read a schedule and remember it with its etag; None (and forgotten) if removed."""
+        try:
+            schedule, etag = await self.store.load(name)
+        except ScheduleNotFound:
+            self._cache.pop(name, None)
+            return None
+        self._cache[name] = (etag, schedule)
+        return schedule, etag
 
     async def fire(self, schedule: Schedule, etag: str, now: float) -> list[Fired]:
         """Submit the due fire times of ``schedule``, then advance it by CAS; on a lost
@@ -175,12 +183,10 @@ class Scheduler:
                 etag = await self.store.replace(new, etag)
             except PreconditionFailed:
                 self.stats["lost_races"] += 1
-                try:
-                    schedule, etag = await self.store.load(name)
-                except ScheduleNotFound:
-                    self._cache.pop(name, None)
+                loaded = await self._load(name)
+                if loaded is None:
                     return []
-                self._cache[name] = (etag, schedule)
+                schedule, etag = loaded
                 continue
             self._cache[name] = (etag, new)
             for f in submitted:

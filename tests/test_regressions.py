@@ -12,34 +12,40 @@ from qo.transitions import Claimed, claim
 from qo.worker import Worker
 
 
-class ClaimLandsThenFlagged:
-    """The claim's CAS lands, another writer changes the task (a dependent's submitter
-    setting ``has_dependents``), then the claim's response is lost."""
+class LandsThenChanged:
+    """A storage wrapper: the first write ``after_landing`` picks lands, another writer
+    changes the object (the task it returns), then the write's response is lost."""
 
     def __init__(self, inner):
         self.inner, self.name, self.armed = inner, inner.name, True
 
-    async def get(self, key):
-        return await self.inner.get(key)
+    def __getattr__(self, name):  # get, delete, list, close: the inner storage's
+        return getattr(self.inner, name)
+
+    def after_landing(self, key, data, if_match, if_none_match) -> Task | None:
+        raise NotImplementedError
 
     async def put(self, key, data, *, if_match=None, if_none_match=False):
         etag = await self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
-        if self.armed and if_match and "/tasks/" in key and Task.from_json(data).status == "running":
+        other = self.after_landing(key, data, if_match, if_none_match) if self.armed else None
+        if other is not None:
             self.armed = False
-            other = Task.from_json(data)
-            other.has_dependents, other.rev = True, new_rev()
+            other.rev = new_rev()
             await self.inner.put(key, other.to_json(), if_match=etag)
             raise StorageUnavailable("injected: response lost", backend=self.name, key=key)
         return etag
 
-    async def delete(self, key, *, if_match=None):
-        await self.inner.delete(key, if_match=if_match)
 
-    async def list(self, prefix, *, start_after=None, limit=1000):
-        return await self.inner.list(prefix, start_after=start_after, limit=limit)
+class ClaimLandsThenFlagged(LandsThenChanged):
+    """The claim's CAS lands, another writer changes the task (a dependent's submitter
+    setting ``has_dependents``), then the claim's response is lost."""
 
-    async def close(self):
-        await self.inner.close()
+    def after_landing(self, key, data, if_match, if_none_match):
+        if if_match and "/tasks/" in key and Task.from_json(data).status == "running":
+            other = Task.from_json(data)
+            other.has_dependents = True
+            return other
+        return None
 
 
 async def test_claim_whose_response_was_lost_is_ours_even_if_the_task_changed_since(storage_url):
@@ -69,34 +75,16 @@ async def test_worker_runs_a_task_whose_claim_response_was_lost(storage_url, fas
     await q.close()
 
 
-class CreateLandsThenClaimed:
+class CreateLandsThenClaimed(LandsThenChanged):
     """A task's create-only write lands, a worker claims the task (its marker was written
     first), then the create's response is lost."""
 
-    def __init__(self, inner):
-        self.inner, self.name, self.armed = inner, inner.name, True
-
-    async def get(self, key):
-        return await self.inner.get(key)
-
-    async def put(self, key, data, *, if_match=None, if_none_match=False):
-        etag = await self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
-        if self.armed and if_none_match and "/tasks/" in key:
-            self.armed = False
+    def after_landing(self, key, data, if_match, if_none_match):
+        if if_none_match and "/tasks/" in key:
             other = Task.from_json(data)
-            other.status, other.attempt, other.lease_id, other.rev = "running", 1, "lease-x", new_rev()
-            await self.inner.put(key, other.to_json(), if_match=etag)
-            raise StorageUnavailable("injected: response lost", backend=self.name, key=key)
-        return etag
-
-    async def delete(self, key, *, if_match=None):
-        await self.inner.delete(key, if_match=if_match)
-
-    async def list(self, prefix, *, start_after=None, limit=1000):
-        return await self.inner.list(prefix, start_after=start_after, limit=limit)
-
-    async def close(self):
-        await self.inner.close()
+            other.status, other.attempt, other.lease_id = "running", 1, "lease-x"
+            return other
+        return None
 
 
 async def test_submit_whose_create_response_was_lost_succeeds_even_if_claimed_since(storage_url):
