@@ -46,6 +46,7 @@ from urllib.parse import quote
 import qo
 from qo.clock import SystemClock
 from qo.counting import OPS, CountingStorage, LatencyStorage
+from qo.testing.processes import stop_process
 
 QUEUE = "bench"
 TASK_TYPE = "noop"
@@ -188,14 +189,7 @@ class S3Server:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 # -- one worker process -------------------------------------------------------------

@@ -5,6 +5,7 @@
 - :class:`MotoServer`: a moto S3 server on a free loopback port.
 - :class:`FakeClock`: a clock tests move by hand.
 - :class:`FaultyStorage`: a Storage wrapper injecting errors, latency, lost responses.
+- :func:`stop_process`: stop a server process a test started (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _LAZY = {
     "MotoServer": ".moto",
     "FaultyStorage": ".faults",
     "FakeClock": "qo.clock",
+    "stop_process": ".processes",
 }
 
 

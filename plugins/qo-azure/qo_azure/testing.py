@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from qo.testing.processes import stop_process
+
 from .settings import DEVSTORE_KEY
 
 __all__ = ["Azurite", "find_azurite", "MISSING", "ACCOUNT"]
@@ -179,14 +181,7 @@ class Azurite:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
     def stop(self) -> None:
         """Stop the server (its data was in memory: nothing is left behind)."""
