@@ -4,16 +4,22 @@ plugins/qo-azure; part of the public plugin API):
 - :class:`ServerClock`: the server clock's offset from the local one, from ``Date``
   headers, so leases and due times of every machine agree with the store's clock;
 - :class:`SecretScrubber`: a logging filter that replaces known credentials with
-  ``***`` in the records of an SDK's loggers, and :func:`scrub` for error texts.
+  ``***`` in the records of an SDK's loggers, and :func:`scrub` for error texts;
+- :func:`split_bucket_url`: ``scheme://bucket/prefix?query`` checked the same way for
+  every such backend.
 """
 
 from __future__ import annotations
 
 import logging
 from email.utils import parsedate_to_datetime
-from typing import Iterable
+from typing import Iterable, Mapping
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["ServerClock", "SecretScrubber", "scrub", "MAX_DRIFT"]
+from .errors import InvalidInput
+from .storage import validate_key
+
+__all__ = ["ServerClock", "SecretScrubber", "scrub", "split_bucket_url", "MAX_DRIFT"]
 
 #: clocks drift apart by at most ~100 ppm: the offset bounds widen by that over time
 MAX_DRIFT = 1e-4
@@ -90,3 +96,35 @@ class SecretScrubber(logging.Filter):
             if any(s in message for s in self.secrets):
                 record.msg, record.args = scrub(message, self.secrets, limit=None), ()
         return True
+
+
+def split_bucket_url(url: str, scheme: str, *, query: Mapping[str, str],
+                     credentials_hint: str) -> tuple[str, str, dict[str, str]]:
+    """``scheme://bucket/prefix?query`` -> (bucket, prefix, settings), refusing what no
+    such URL may hold: another scheme, credentials (``user@``; ``credentials_hint`` says
+    where they go instead), a #fragment, a prefix that is not a valid key, a query name
+    not in ``query`` (which maps each accepted spelling to its setting). The bucket
+    name's own rules are the backend's to check."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise InvalidInput("url", f"malformed {scheme}:// URL") from None
+    if parts.scheme.lower() != scheme:
+        raise InvalidInput("url", f"not an {scheme}:// URL")
+    if "@" in parts.netloc:
+        raise InvalidInput("url", f"credentials do not belong in the URL: {credentials_hint}")
+    if parts.fragment:
+        raise InvalidInput("url", f"an {scheme}:// URL has no #fragment")
+    prefix = unquote(parts.path).strip("/")
+    if prefix:
+        validate_key(prefix, field="url")
+    settings: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise InvalidInput("url", "malformed query string") from None
+    for name, value in pairs:
+        if name not in query:
+            raise InvalidInput("url", f"unknown query parameter {name[:40]!r} (known: {', '.join(sorted(query))})")
+        settings[query[name]] = value
+    return parts.netloc, prefix, settings

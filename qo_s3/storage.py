@@ -18,9 +18,9 @@ import os
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
-from qo.backend_kit import SecretScrubber, ServerClock, scrub
+from qo.backend_kit import SecretScrubber, ServerClock, scrub, split_bucket_url
 from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
 from qo.storage import (
     Blob,
@@ -65,32 +65,10 @@ _SCRUBBER = SecretScrubber().install([
 
 def parse_url(url: str) -> tuple[str, str, dict[str, str]]:
     """Split ``s3://bucket/prefix?query`` into (bucket, prefix, settings); raise InvalidInput."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise InvalidInput("url", "malformed s3:// URL") from None
-    if parts.scheme.lower() != "s3":
-        raise InvalidInput("url", "not an s3:// URL")
-    if "@" in parts.netloc:
-        raise InvalidInput("url", "credentials do not belong in the URL: use QO_S3_ACCESS_KEY_ID etc.")
-    if parts.fragment:
-        raise InvalidInput("url", "an s3:// URL has no #fragment")
-    bucket = parts.netloc
+    bucket, prefix, settings = split_bucket_url(url, "s3", query=_ALIASES,
+                                                credentials_hint="use QO_S3_ACCESS_KEY_ID etc.")
     if not _BUCKET.match(bucket) or ".." in bucket:
         raise InvalidInput("url", f"invalid bucket name {bucket!r} (3-63 of a-z 0-9 . - _)")
-    prefix = unquote(parts.path).strip("/")
-    if prefix:
-        validate_key(prefix, field="url")
-    settings: dict[str, str] = {}
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise InvalidInput("url", "malformed query string") from None
-    for name, value in pairs:
-        if name not in _ALIASES:
-            known = ", ".join(sorted(_ALIASES))
-            raise InvalidInput("url", f"unknown query parameter {name!r} (known: {known})")
-        settings[_ALIASES[name]] = value
     return bucket, prefix, settings
 
 

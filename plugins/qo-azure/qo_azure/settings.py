@@ -24,12 +24,12 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
+from qo.backend_kit import split_bucket_url
 from qo.errors import ConfigurationError, InvalidInput
-from qo.storage import validate_key
 
 __all__ = ["AzureSettings", "parse_url", "resolve", "parse_connection_string", "check_blob_name", "DEVSTORE_KEY"]
 
@@ -90,32 +90,12 @@ def check_blob_name(name: str, *, field: str = "key") -> str:
 
 def parse_url(url: str) -> tuple[str, str, dict[str, str]]:
     """Split ``az://container/prefix?query`` into (container, prefix, settings); raise InvalidInput."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise InvalidInput("url", "malformed az:// URL") from None
-    if parts.scheme.lower() != "az":
-        raise InvalidInput("url", "not an az:// URL")
-    if "@" in parts.netloc:
-        raise InvalidInput("url", "credentials do not belong in the URL: use AZURE_STORAGE_CONNECTION_STRING etc.")
-    if parts.fragment:
-        raise InvalidInput("url", "an az:// URL has no #fragment")
-    container = parts.netloc
+    container, prefix, settings = split_bucket_url(
+        url, "az", query=_QUERY, credentials_hint="use AZURE_STORAGE_CONNECTION_STRING etc.")
     if not _CONTAINER.match(container):
         raise InvalidInput("url", f"invalid container name {container[:70]!r} (3-63 of a-z 0-9 and single '-')")
-    prefix = unquote(parts.path).strip("/")
     if prefix:
-        check_blob_name(validate_key(prefix, field="url"), field="url")
-    settings: dict[str, str] = {}
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise InvalidInput("url", "malformed query string") from None
-    for name, value in pairs:
-        if name not in _QUERY:
-            known = ", ".join(sorted(_QUERY))
-            raise InvalidInput("url", f"unknown query parameter {name[:40]!r} (known: {known})")
-        settings[_QUERY[name]] = value
+        check_blob_name(prefix, field="url")
     return container, prefix, settings
 
 
