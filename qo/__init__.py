@@ -2,6 +2,7 @@
 
 from .errors import (
     ConfigurationError,
+    CorruptObject,
     DependencyError,
     Fail,
     IdempotencyConflict,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Blob",
     "ConfigurationError",
+    "CorruptObject",
     "DependencyError",
     "Entry",
     "Fail",

@@ -76,6 +76,16 @@ class PreconditionFailed(StorageError):
     """
 
 
+class CorruptObject(StorageError):
+    """A stored object qo cannot use: not JSON, the wrong shape, a field of the wrong
+    type, a task whose id is not its key's. It costs only itself: whoever meets it
+    skips it, and ``qo doctor --scan`` lists it (``qo/stored.py``)."""
+
+    def __init__(self, key: str, reason: str, *, backend: str = ""):
+        self.reason = reason
+        super().__init__(f"unreadable object: {reason}", backend=backend, key=key)
+
+
 class StorageUnavailable(StorageError):
     """A transient failure (5xx, throttling, timeout, connection): retry with backoff.
 

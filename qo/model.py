@@ -6,12 +6,12 @@ import json
 import math
 import os
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import attrs
 
-from . import keys
-from .errors import InvalidInput
+from . import keys, stored
+from .errors import CorruptObject, InvalidInput
 
 SCHEMA_VERSION = 1
 
@@ -31,7 +31,11 @@ def new_rev() -> str:
 
 class StoredRecord:
     """JSON (de)serialisation for attrs records kept in storage. Fields written by a
-    newer release land in ``extra`` and are written back unchanged."""
+    newer release land in ``extra`` and are written back unchanged. Reading checks
+    every known field (``FIELD_CHECKS``): a bad one is a ``CorruptObject`` naming it."""
+
+    FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
@@ -48,8 +52,11 @@ class StoredRecord:
                    extra={k: v for k, v in d.items() if k not in names})
 
     @classmethod
-    def from_json(cls, data: bytes) -> Any:
-        return cls.from_dict(json.loads(data))
+    def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> Any:
+        """The record stored at ``key``; ``CorruptObject`` if it is not one this release can use."""
+        d = stored.decode(data, key, backend=backend)
+        stored.check_fields(d, key, cls.FIELD_CHECKS, required=cls.REQUIRED, backend=backend)
+        return cls.from_dict(d)
 
 
 @attrs.define
@@ -85,6 +92,44 @@ class Task(StoredRecord):
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged
     extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "id": stored.matches(keys.TASK_ID),
+        "task_type": stored.matches(keys.TASK_TYPE),
+        "input": stored.anything,
+        "status": stored.one_of(*STATUSES),
+        "priority": lambda v: stored.is_int(v, 0, 255),
+        "attempt": stored.is_int,
+        "max_retries": stored.is_int,
+        "timeout_seconds": stored.is_positive,
+        "available_at": stored.is_number,
+        "created_at": stored.is_number,
+        "updated_at": stored.is_number,
+        "started_at": stored.optional(stored.is_number),
+        "finished_at": stored.optional(stored.is_number),
+        "lease_id": stored.optional(stored.is_str),
+        "lease_deadline": stored.optional(stored.is_number),
+        "worker_id": stored.optional(stored.is_str),
+        "last_error": stored.optional(stored.is_dict),
+        "cancel_requested": stored.is_bool,
+        "depends_on": stored.is_list_of(stored.matches(keys.TASK_ID)),
+        "waiting_on": stored.is_list_of(stored.matches(keys.TASK_ID)),
+        "on_dependency_failure": stored.one_of("fail", "skip", "run"),
+        "rate_limit_key": stored.optional(stored.is_str),
+        "has_dependents": stored.is_bool,
+        "rev": stored.is_str,
+        "schema": stored.is_int,
+    }
+    REQUIRED: ClassVar[tuple[str, ...]] = ("id", "task_type", "status")
+
+    @classmethod
+    def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> "Task":
+        """The task stored at ``key``; ``CorruptObject`` if it is unusable or its id is
+        not the one its key names (a copied or hand-moved object)."""
+        task = super().from_json(data, key, backend=backend)
+        if key != "?" and not key.endswith(f"/tasks/{task.id}.json"):
+            raise CorruptObject(key, f"holds task {task.id}, not the one its key names", backend=backend)
+        return task
 
     @property
     def is_terminal(self) -> bool:

@@ -15,9 +15,10 @@ import random
 from typing import Awaitable, Callable, TypeVar
 
 from . import keys
-from .errors import NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
 from .model import Task, new_rev
 from .storage import Storage, delete_many
+from .stored import BadObjects
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,21 +44,34 @@ class Backoff:
 class TaskStore:
     """The tasks and markers of one queue."""
 
-    def __init__(self, storage: Storage, queue: str, backoff: Backoff | None = None):
+    def __init__(self, storage: Storage, queue: str, backoff: Backoff | None = None,
+                 bad: BadObjects | None = None):
         self.storage = storage
         self.queue = queue
         self.backoff = backoff or Backoff()
+        #: unreadable objects met through this store: each logged once and counted
+        self.bad = bad if bad is not None else BadObjects()
 
     def key(self, task_id: str) -> str:
         return keys.task(self.queue, task_id)
 
     async def load(self, task_id: str) -> tuple[Task, str]:
-        """The task and its etag; ``TaskNotFound`` if there is none."""
+        """The task and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
+        (reported once) if what is stored is not a task this release can use."""
+        key = self.key(task_id)
         try:
-            blob = await self.backoff.call(lambda: self.storage.get(self.key(task_id)))
+            blob = await self.backoff.call(lambda: self.storage.get(key))
         except NotFound:
             raise TaskNotFound(task_id) from None
-        return Task.from_json(blob.data), blob.etag
+        return self.decode(blob.data, key), blob.etag
+
+    def decode(self, data: bytes, key: str, what: str = "skipped") -> Task:
+        """The task in ``data`` read from ``key``; a ``CorruptObject`` is reported, then raised."""
+        try:
+            return Task.from_json(data, key, backend=self.storage.name)
+        except CorruptObject as exc:
+            self.bad.report(exc, what)
+            raise
 
     async def create(self, task: Task) -> str:
         """Create-only write; ``PreconditionFailed`` if a task with this id exists."""
@@ -107,7 +121,7 @@ class TaskStore:
                     raise PreconditionFailed("task vanished", backend=self.storage.name, key=key) from None
                 if blob.etag == etag:
                     continue  # did not land: try again
-                if Task.from_json(blob.data).rev == task.rev:
+                if self.decode(blob.data, key).rev == task.rev:
                     return blob.etag  # landed; only the response was lost
                 exc = PreconditionFailed("changed by another writer", backend=self.storage.name, key=key)
                 # our write may have landed and been overwritten since: the caller may

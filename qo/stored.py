@@ -1,0 +1,170 @@
+"""Reading what is in the bucket, defensively: the bucket may hold anything.
+
+Every object qo reads back (a task, a schedule, a worker record, a limit, an
+idempotency record) was written by some process of some version, or by hand, or was
+cut short. ``decode`` turns its bytes into a dict and ``check_fields`` checks each
+field against what this release needs; anything else raises :class:`CorruptObject`
+naming the key and why. That one error class is what every loop catches: one bad
+object costs at most itself (docs/architecture.md, "What failure looks like").
+
+:class:`BadObjects` logs each bad key once (WARNING, with the reason) and counts it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+from typing import Any, Callable
+
+from .errors import CorruptObject
+
+log = logging.getLogger("qo.bad_objects")
+
+#: Stored JSON nested deeper than this is refused before ``json`` recurses into it.
+MAX_DEPTH = 200
+
+
+def decode(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
+    """The JSON object stored at ``key``; ``CorruptObject`` for anything else."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError:
+        raise CorruptObject(key, "not UTF-8 text", backend=backend) from None
+    if _too_deep(text):
+        raise CorruptObject(key, f"JSON nested deeper than {MAX_DEPTH} levels", backend=backend)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptObject(key, f"not JSON ({_first_line(exc)})", backend=backend) from None
+    if not isinstance(value, dict):
+        raise CorruptObject(key, f"a JSON {type(value).__name__} where an object is expected", backend=backend)
+    return value
+
+
+def _too_deep(text: str) -> bool:
+    """A cheap upper bound of the nesting (brackets inside strings count too: only a
+    deep-looking object pays for the exact check, which ``json`` does below)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+# -- field checks: each returns True for a value this release can use -----------------
+
+
+def is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_positive(v: Any) -> bool:
+    return is_number(v) and v > 0
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def is_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+def matches(pattern: Any) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and pattern.match(v) is not None
+
+
+def one_of(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in values
+
+
+def anything(v: Any) -> bool:
+    return True
+
+
+def check_fields(d: dict[str, Any], key: str, spec: dict[str, Callable[[Any], bool]], *,
+                 required: tuple[str, ...] = (), backend: str = "") -> dict[str, Any]:
+    """``d`` unchanged if every field in ``spec`` that is present passes its check and
+    every ``required`` one is present; ``CorruptObject`` naming the first that does not.
+    Fields not in ``spec`` are not looked at (a newer release's, kept as they are)."""
+    for name in required:
+        if name not in d:
+            raise CorruptObject(key, f"field {name!r} is missing", backend=backend)
+    for name, check in spec.items():
+        if name in d and not check(d[name]):
+            raise CorruptObject(key, f"field {name!r} has the unusable value {_short(d[name])}", backend=backend)
+    return d
+
+
+def _short(value: Any) -> str:
+    try:
+        r = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        r = repr(type(value))
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+class BadObjects:
+    """The unreadable objects one process met: each logged once (key and reason) and
+    counted. Bounded: remembers the last ``capacity`` keys."""
+
+    def __init__(self, capacity: int = 10000):
+        self.capacity = capacity
+        self.seen: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.count = 0
+
+    def report(self, exc: CorruptObject, what: str = "skipped") -> None:
+        """Log ``exc`` once per key (again if its reason changes) and count it."""
+        self.count += 1
+        if self.seen.get(exc.key) == exc.reason:
+            self.seen.move_to_end(exc.key)
+            return
+        self.seen[exc.key] = exc.reason
+        while len(self.seen) > self.capacity:
+            self.seen.popitem(last=False)
+        log.warning("unreadable object %s: %s (%s; `qo doctor --scan` lists every one)", exc.key, exc.reason, what)
+
+    def __len__(self) -> int:
+        return len(self.seen)
