@@ -36,6 +36,7 @@ class StoredRecord:
 
     FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    SCHEMA: ClassVar[int] = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
@@ -55,7 +56,14 @@ class StoredRecord:
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> Any:
         """The record stored at ``key``; ``CorruptObject`` if it is not one this release can use."""
         d = stored.decode(data, key, backend=backend)
-        stored.check_fields(d, key, cls.FIELD_CHECKS, required=cls.REQUIRED, backend=backend)
+        try:
+            stored.check_fields(d, key, cls.FIELD_CHECKS, required=cls.REQUIRED, backend=backend)
+        except CorruptObject as exc:
+            schema = d.get("schema")
+            if stored.is_int(schema) and schema > cls.SCHEMA:
+                raise CorruptObject(key, f"{exc.reason} (written by a newer release: schema {schema}, "
+                                    f"this release reads {cls.SCHEMA})", backend=backend) from None
+            raise
         return cls.from_dict(d)
 
 

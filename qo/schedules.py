@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .clock import utc
-from .errors import IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
+from .errors import CorruptObject, IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
 from .idempotency import IdempotencyRequest, record_key
 from .model import Task, _short, check_non_negative_int, check_seconds
 from .schedule_model import (
@@ -45,7 +45,7 @@ class Schedules:
 
     def __init__(self, queue: Any):
         self.queue = queue
-        self.store = ScheduleStore(queue.storage, queue.name, queue.store.backoff)
+        self.store = ScheduleStore(queue.storage, queue.name, queue.store.backoff, queue.store.bad)
 
     # -- fire times ----------------------------------------------------------------
 
@@ -148,15 +148,19 @@ class Schedules:
             async with sem:
                 try:
                     return (await self.store.load(name))[0]
-                except ScheduleNotFound:
-                    return None  # removed since the listing
+                except (ScheduleNotFound, CorruptObject):
+                    return None  # removed since the listing; unreadable (reported once)
 
         loaded = await asyncio.gather(*(load(name_of(e.key)) for e in entries))
         return [s for s in loaded if s is not None]
 
-    async def remove(self, name: str) -> Schedule:
-        """Delete the schedule; returns it as it was. A fire in flight may still finish."""
-        schedule, _ = await self.store.load(check_name(name))
+    async def remove(self, name: str) -> Schedule | None:
+        """Delete the schedule; returns it as it was (None if it was unreadable: an
+        operator must be able to remove a bad object). A fire in flight may still finish."""
+        try:
+            schedule: Schedule | None = (await self.store.load(check_name(name)))[0]
+        except CorruptObject:
+            schedule = None
         await self.store.delete(name)
         return schedule
 

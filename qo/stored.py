@@ -148,23 +148,35 @@ def _short(value: Any) -> str:
 
 class BadObjects:
     """The unreadable objects one process met: each logged once (key and reason) and
-    counted. Bounded: remembers the last ``capacity`` keys."""
+    counted. Bounded: remembers the last ``capacity`` keys. With the etag of the bad
+    version, a caller that lists before it reads (the listing carries etags) can skip
+    re-reading an object it already knows to be bad: ``known(key, etag)``."""
 
     def __init__(self, capacity: int = 10000):
         self.capacity = capacity
-        self.seen: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[str, tuple[str, str | None]] = collections.OrderedDict()
         self.count = 0
 
-    def report(self, exc: CorruptObject, what: str = "skipped") -> None:
+    def report(self, exc: CorruptObject, what: str = "skipped", *, etag: str | None = None) -> None:
         """Log ``exc`` once per key (again if its reason changes) and count it."""
         self.count += 1
-        if self.seen.get(exc.key) == exc.reason:
-            self.seen.move_to_end(exc.key)
-            return
-        self.seen[exc.key] = exc.reason
+        before = self.seen.pop(exc.key, None)
+        self.seen[exc.key] = (exc.reason, etag if etag is not None else (before[1] if before else None))
         while len(self.seen) > self.capacity:
             self.seen.popitem(last=False)
-        log.warning("unreadable object %s: %s (%s; `qo doctor --scan` lists every one)", exc.key, exc.reason, what)
+        if before is None or before[0] != exc.reason:
+            log.warning("unreadable object %s: %s (%s; `qo doctor --scan` lists every one)",
+                        exc.key, exc.reason, what)
+
+    def remember(self, key: str, etag: str) -> None:
+        """The unreadable version of ``key`` reported (by a reader that had no etag) is ``etag``."""
+        if key in self.seen:
+            self.seen[key] = (self.seen[key][0], etag)
+
+    def known(self, key: str, etag: str | None) -> bool:
+        """This version of ``key`` was found unreadable before."""
+        seen = self.seen.get(key)
+        return seen is not None and etag is not None and seen[1] == etag
 
     def __len__(self) -> int:
         return len(self.seen)

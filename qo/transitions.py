@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 
 from . import keys
-from .errors import Fail, PreconditionFailed, TaskNotFound
+from .errors import CorruptObject, Fail, PreconditionFailed, TaskNotFound
 from .keys import Marker
 from .model import COMPLETED, FAILED, PENDING, RUNNING, TERMINAL, Task
 from .store import TaskStore
@@ -37,6 +37,11 @@ class Missed:
     stale: bool
     missing: bool = False
     dead: bool = False
+    #: the task object is unreadable (reported once where it was read)
+    corrupt: bool = False
+    #: never drop the marker: its task was written by a newer release, whose workers
+    #: can run it
+    keep: bool = False
 
 
 async def claim(
@@ -52,6 +57,12 @@ async def claim(
         task, etag = await store.load(marker.task_id)
     except TaskNotFound:
         return Missed("task not found", stale=True, missing=True)
+    except CorruptObject as exc:
+        return Missed(f"task object unreadable: {exc.reason}", stale=True, corrupt=True,
+                      keep="newer release" in exc.reason)
+    if task.task_type != marker.task_type:
+        # a marker that names another type than its task's is not this task's projection
+        return Missed(f"marker names type {marker.task_type!r}, the task is {task.task_type!r}", stale=True)
     if task.status != PENDING:
         # e.g. a marker that aging moved, left behind by a cancel (which deletes the
         # marker at the task's own level); a marker written ahead of a retry's CAS

@@ -320,8 +320,9 @@ async def test_three_schedulers_over_24_hours_fire_288_tasks(storage_url):
             await q.close()
 
 
-class Killed(Exception):
-    """A scheduler's process died here (not a QoError: nothing in qo catches it)."""
+class Killed(BaseException):
+    """A scheduler's process died here: a BaseException, like SystemExit, so that nothing
+    in qo catches it (a bug's Exception in one schedule is caught: it costs that schedule)."""
 
 
 class Dying:

@@ -147,7 +147,10 @@ def _simple(verb: str, method: str, help_text: str) -> click.Command:
         check_name(name)
         async with await open_queue(url, queue_name) as queue:
             s = await getattr(queue.schedules, method)(name)
-        if as_json:
+        if s is None:  # an unreadable schedule object, removed all the same
+            echo_json({"name": name, "removed": True, "unreadable": True}) if as_json else \
+                click.echo(f"{verb} {name} (its object was unreadable)")
+        elif as_json:
             echo_json(s.public_dict())
         elif verb == "trigger":
             click.echo(s.id)
