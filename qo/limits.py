@@ -14,14 +14,15 @@ waits, for short waits) or ``skip`` (the worker moves on and comes back).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any
 
 import attrs
 
-from .errors import InvalidInput, NotFound
+from .errors import CorruptObject, InvalidInput, NotFound
+from .keys import is_direct_child
 from .model import _short, check_task_type, dumps, is_utf8
+from .stored import decode
 
 BACKPRESSURE = ("delay", "wait", "skip")
 
@@ -83,6 +84,24 @@ def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, b
         raise InvalidInput("backpressure", f"{backpressure!r} is not one of {', '.join(BACKPRESSURE)}")
     return Limit(scope, None if rate is None else float(rate), float(per),
                  None if burst is None else float(burst), concurrency, backpressure)
+
+
+def parse_limit(data: bytes, key: str, *, backend: str = "") -> Limit:
+    """The definition stored at ``key``, checked as ``limits.set`` checks it (a negative
+    or non-numeric rate, an unknown field); ``CorruptObject`` naming why."""
+    d = decode(data, key, backend=backend)
+    names = {f.name for f in attrs.fields(Limit)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CorruptObject(key, f"unknown field {unknown[0]!r}", backend=backend)
+    try:
+        limit = check_limit(d.get("scope"), d.get("rate"), d.get("per", 1.0), d.get("burst"),
+                            d.get("concurrency"), d.get("backpressure", "delay"))
+    except InvalidInput as exc:
+        raise CorruptObject(key, f"{exc.field}: {exc.message}", backend=backend) from None
+    if key.rsplit("/", 1)[-1] != f"{scope_id(limit.scope)}.json":
+        raise CorruptObject(key, f"holds the limit of {limit.scope!r}, not the one its key names", backend=backend)
+    return limit
 
 
 def check_rate_limit_key(value: Any, field: str = "rate_limit_key") -> str | None:
@@ -153,14 +172,20 @@ class Limits:
         await store.backoff.call(lambda: store.storage.delete(def_key(self.queue.name, scope)))
 
     async def definitions(self) -> list[Limit]:
+        """Every readable definition; an unreadable one is skipped (reported once, and its
+        unchanged version not read again): a tampered limit costs only itself."""
         store = self.queue.store
         out = []
         for entry in await store.list(defs_prefix(self.queue.name)):
+            if not is_direct_child(entry.key, defs_prefix(self.queue.name)) or store.bad.known(entry.key, entry.etag):
+                continue
             try:
                 blob = await store.backoff.call(lambda: store.storage.get(entry.key))
-                out.append(Limit(**json.loads(blob.data)))
-            except (NotFound, TypeError, ValueError):
+                out.append(parse_limit(blob.data, entry.key, backend=store.storage.name))
+            except NotFound:
                 continue
+            except CorruptObject as exc:
+                store.bad.report(exc, etag=blob.etag)
         return sorted(out, key=lambda l: l.scope)
 
     async def list(self) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from ..backends import redact_url
 from ..errors import InvalidInput
 from ..model import PRIORITY_LEVELS, iso
 from ..schedule_model import CATCH_UP_POLICIES, Schedule, check_name
-from .common import echo_json, open_queue, queue_options, run
+from .common import echo_json, open_queue, queue_options, run, say_skipped
 from .parsing import parse_json_input
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -84,7 +84,9 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
 async def list_schedules(as_json: bool, url: str, queue_name: str) -> None:
     """List schedules; next fire times in each schedule's timezone, then in UTC."""
     async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
         schedules = await queue.schedules.list()
+        say_skipped(queue, before)
     if as_json:
         for s in schedules:
             echo_json(s.public_dict())

@@ -11,7 +11,7 @@ from ..aging import task_effective_priority
 from ..backends import redact_url
 from ..errors import TaskNotFound
 from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id, check_task_type, iso
-from .common import echo_json, open_queue, queue_options, run
+from .common import echo_json, open_queue, queue_options, run, say_skipped
 from .parsing import delay_to_time, parse_duration, parse_json_input, parse_time
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the task as one JSON object.")
@@ -150,12 +150,14 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
     """List tasks, oldest first."""
     rows: list[tuple[Task, int]] = []
     async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
         async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
             effective = task_effective_priority(queue.plugins, task, queue.clock.now())
             if as_json:  # stream: a long listing shows progress
                 echo_json({**task.public_dict(), "effective_priority": effective})
             else:
                 rows.append((task, effective))
+        say_skipped(queue, before)
     if as_json:
         return
     if not rows:
