@@ -66,9 +66,9 @@ async def _scan(url: str, queue_name: str, as_json: bool) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def plugins(as_json: bool) -> None:
-    """Loaded plugins, their hooks and where they come from."""
+    """Plugins, their hooks and where they come from; those not loaded, and why."""
     loaded = get_plugins()
-    rows = sorted(loaded.info.values(), key=lambda i: i.name)
+    rows = loaded.all_info()
     if as_json:
         echo_json([{"name": i.name, "status": i.status, "distribution": i.distribution, "version": i.version,
                     "source": i.source, "hooks": i.hooks, "error": i.error} for i in rows])
@@ -82,6 +82,9 @@ def plugins(as_json: bool) -> None:
             click.echo(f"{'':<14} error: {i.error}")
     schemes = ", ".join(f"{s}://" if s else "bare paths" for s in loaded.schemes())
     click.echo(f"storage schemes: {schemes}")
+    out = [i for i in rows if i.status in ("broken", "skipped")]
+    if out:
+        click.echo(f"not loaded: {len(out)} plugin(s), see error above (QO_STRICT_PLUGINS=1 makes this fatal)")
 
 
 async def _with_queue_settings(cfg: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
