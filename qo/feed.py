@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: pages of 1000 listed past other types' markers in one refill, at most
 FOREIGN_PAGES = 10
+#: claimed markers kept for deletion while deletes fail, at most (a dead marker left
+#: behind costs one GET to whoever lists it next, who then drops it)
+TRASH_MAX = 10000
 #: how long the end of a run of other types' markers is remembered
 FOREIGN_HINT_SECONDS = 5.0
 
@@ -163,6 +166,8 @@ class Feed:
                 await self.worker.store.delete_markers(batch)
             except QoError:
                 self.trash.extend(batch)
+                if len(self.trash) > TRASH_MAX:  # deletes keep failing: the oldest claimed
+                    del self.trash[:len(self.trash) - TRASH_MAX]  # markers are dead; any worker drops them
                 raise
             finally:
                 self.deleting.difference_update(batch)
@@ -172,7 +177,10 @@ class Feed:
         """LIST the ready index, keep what this worker can run and is not already
         handling, announce the candidates in the record, buffer them."""
         w = self.worker
-        await self.flush()
+        try:
+            await self.flush()
+        except QoError:
+            pass  # deletes failing must not stop claiming: housekeeping retries them, backing off
         self.skip = {k: t for k, t in self.skip.items() if t > now}
         self.misses = {k: n for k, n in self.misses.items() if k in self.skip or n < 16}
         if len(self.misses) > 10000:

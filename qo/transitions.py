@@ -42,6 +42,8 @@ class Missed:
     #: never drop the marker: its task was written by a newer release, whose workers
     #: can run it
     keep: bool = False
+    #: the marker the task should have instead (written before this one is dropped)
+    repair: str | None = None
 
 
 async def claim(
@@ -61,8 +63,11 @@ async def claim(
         return Missed(f"task object unreadable: {exc.reason}", stale=True, corrupt=True,
                       keep="newer release" in exc.reason)
     if task.task_type != marker.task_type:
-        # a marker that names another type than its task's is not this task's projection
-        return Missed(f"marker names type {marker.task_type!r}, the task is {task.task_type!r}", stale=True)
+        # a marker naming another type than its task's (a hand-edited task) is not its
+        # projection: replace it by the task's own, which the right workers will see
+        own = task.marker_key(store.queue, now) if task.status == PENDING else None
+        return Missed(f"marker names type {marker.task_type!r}, the task is {task.task_type!r}",
+                      stale=True, dead=True, repair=own)
     if task.status != PENDING:
         # e.g. a marker that aging moved, left behind by a cancel (which deletes the
         # marker at the task's own level); a marker written ahead of a retry's CAS

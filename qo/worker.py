@@ -210,16 +210,20 @@ class Worker:
         if not pending or self._forced.is_set():
             return
         self._interrupting = True
+        cancelled = 0
         for run, handler, _ in list(self._running.values()):
             if handler.is_async:
-                run.cancel()
-        while True:
-            pending = await self._wait_slots(pending, 10.0)
-            if not pending or self._forced.is_set():
-                return
+                cancelled += run.cancel()
+        if cancelled:
+            log.info("worker %s: shutdown timeout (%g s): cancelled %d async handler%s; their tasks are handed "
+                     "back once stopped", self.worker_id, self.settings.shutdown_timeout, cancelled,
+                     "" if cancelled == 1 else "s")
+        pending = await self._wait_slots(pending, 0.1)  # the cancelled ones hand back
+        while pending and not self._forced.is_set():
             log.warning("worker %s: shutting down, waiting for %s (a sync handler cannot be interrupted; "
                         "its lease stays renewed until it ends; signal again to exit now)",
                         self.worker_id, self._describe_running())
+            pending = await self._wait_slots(pending, 10.0)
 
     async def _wait_slots(self, slots: list[asyncio.Task], timeout: float) -> list[asyncio.Task]:
         """Wait up to ``timeout`` for ``slots`` to end (or a forced exit); the ones left."""
@@ -299,6 +303,8 @@ class Worker:
                 self.stats["missed"] += 1
                 if result.corrupt:
                     self.stats["bad_objects"] += 1
+                if result.repair is not None:
+                    await self.store.put_marker(result.repair)
                 if result.stale:
                     self.feed.look_again_later(marker, now, dead=result.dead, keep=result.keep)
                 return

@@ -46,11 +46,11 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(list(modules))
-    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl)
+    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl,
+                                      shutdown_timeout=shutdown_timeout)
     concurrency = config["concurrency"]
-    overrides: dict[str, Any] = {"poll_max": config["poll_max"], "lease_ttl": config["lease_ttl"]}
-    if shutdown_timeout is not None:
-        overrides["shutdown_timeout"] = shutdown_timeout
+    overrides: dict[str, Any] = {name: config[name] for name in
+                                 ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit")}
     async with await open_queue(url, queue_name) as queue:
         w = Worker(queue, concurrency=concurrency, **overrides)
         w.add_handlers(registry)
