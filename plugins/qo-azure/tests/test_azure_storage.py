@@ -532,3 +532,15 @@ def test_qo_doctor_reports_the_backend_and_its_capabilities(azure_url):
     assert "clock" in out
     assert DEVSTORE_KEY not in out
 
+
+async def test_qo_doctor_on_a_service_refusing_deletes_inside_batches(storage, monkeypatch):
+    from qo.doctor import run_checks
+
+    fake_batch(monkeypatch, lambda name: (400, "InvalidInput"))  # Azurite 3.35.0
+    checks = {c.name: c for c in await run_checks(storage)}
+    batch = checks["capability: batch delete"]
+    # the call deleted them (one by one inside the plugin), and doctor says how
+    assert batch.ok and batch.detail.startswith("yes (proven: 3 objects deleted in one call, which took")
+    assert "one by one" in batch.detail
+    assert "cleanup" not in checks and all(c.ok for c in checks.values() if c.required)
+    assert await storage.list("_doctor/") == []
