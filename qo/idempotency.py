@@ -7,6 +7,13 @@ task it names. If that task does not exist yet (its producer is slow or died bet
 its writes), the loser writes it itself under the recorded id, create-only: the id is
 the record's, so at most one task can ever exist for the key, and a dead producer
 never leaves the key stuck until its TTL.
+
+The scope ``custom:schedule`` (namespace ``custom.schedule``) holds the scheduler's
+fire records and is reserved: a user submit with it, or a plugin answer that maps a
+user's scope onto that namespace, is ``InvalidInput("idempotency_scope")`` before
+anything is written; only the scheduler's own submit path
+(``IdempotencyRequest.scheduler``) uses it, and its records stay there whatever the
+``qo_idempotency_namespace`` plugins answer.
 """
 
 from __future__ import annotations
@@ -28,17 +35,31 @@ SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 MAX_KEY_CHARS = 1024
 DEFAULT_TTL_DAYS = 7.0
 
+#: The scope the scheduler submits its fire times with (``qo.schedules.IDEMPOTENCY_SCOPE``).
+#: Reserved: a fire's key (``{name}@{ms}#{uid}``) is predictable from the schedule
+#: record, so a user submit in this scope could pre-empt a fire with its own task.
+SCHEDULER_SCOPE = "custom:schedule"
+#: Where the scheduler's records live: the namespace ``custom:schedule`` has always
+#: mapped to by default. Kept as it is, so fire records stored before the reservation
+#: stay valid (a fire in flight across an upgrade still finds its task).
+SCHEDULER_NAMESPACE = "custom.schedule"
+_RESERVED = f"{SCHEDULER_SCOPE} is reserved for qo's scheduler (its fire records)"
+
 
 @attrs.frozen
 class IdempotencyRequest:
     key: str
     scope: str
     ttl_days: float
+    #: the scheduler's own submit (``qo/schedules.py``), the one user of SCHEDULER_SCOPE;
+    #: set by qo, never from a submit option
+    scheduler: bool = attrs.field(default=False, kw_only=True)
 
 
-def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | None:
+def check_request(key: Any, scope: Any, ttl_days: Any, *, scheduler: bool = False) -> IdempotencyRequest | None:
     """Validate the three idempotency arguments (all three, even without a key: a bad scope
-    or TTL is a mistake either way); ``None`` when no key is given."""
+    or TTL is a mistake either way); ``None`` when no key is given. The scheduler's scope
+    is refused unless ``scheduler`` (qo's own fire path) says this is the scheduler."""
     if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key or not is_utf8(key)):
         raise InvalidInput("idempotency_key", f"must be a non-empty string of at most {MAX_KEY_CHARS} "
                            "characters without NUL or lone surrogates")
@@ -49,9 +70,11 @@ def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | N
                            "(name: letters, digits, _ . : -)")
     if isinstance(ttl_days, bool) or not isinstance(ttl_days, (int, float)) or not 0 < ttl_days <= 3650:
         raise InvalidInput("idempotency_ttl_days", f"{ttl_days!r} is not a number of days in (0, 3650]")
+    if scope == SCHEDULER_SCOPE and not scheduler:
+        raise InvalidInput("idempotency_scope", f"{_RESERVED}; choose another custom:<name>")
     if key is None:
         return None
-    return IdempotencyRequest(key, scope, float(ttl_days))
+    return IdempotencyRequest(key, scope, float(ttl_days), scheduler=scheduler)
 
 
 def input_hash(input: Any) -> str:
@@ -79,11 +102,23 @@ class Idempotency:
         self.queue = queue
 
     def namespace(self, request: IdempotencyRequest, task_type: str) -> str:
+        """The namespace of ``request``'s key: ``qo_idempotency_namespace``'s answer, else
+        the default. ``InvalidInput`` for an unusable answer, or for a user's scope that a
+        plugin maps onto the scheduler's namespace.
+
+        The scheduler's own requests always live in ``SCHEDULER_NAMESPACE``, whatever
+        the plugins say: a plugin that scopes every key alike (per tenant, say) would
+        otherwise put fire records where a user's keys can reach them."""
+        if request.scheduler:
+            return SCHEDULER_NAMESPACE
         ns = self.queue.plugins.hook.qo_idempotency_namespace(
             scope=request.scope, key=request.key, task_type=task_type, queue=self.queue.name)
         ns = ns if ns is not None else default_namespace(request.scope, task_type)
         if not isinstance(ns, str) or not all(SCOPE_NAME.match(p) for p in ns.split("/")):
             raise InvalidInput("idempotency_scope", f"a plugin returned the unusable namespace {ns!r}")
+        if ns == SCHEDULER_NAMESPACE:
+            raise InvalidInput("idempotency_scope", f"a plugin maps {request.scope!r} to the namespace {ns!r}, "
+                               f"the scheduler's: {_RESERVED}")
         return ns
 
     def record(self, task: Task, request: IdempotencyRequest, namespace: str) -> dict[str, Any]:
