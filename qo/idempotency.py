@@ -14,6 +14,10 @@ user's scope onto that namespace, is ``InvalidInput("idempotency_scope")`` befor
 anything is written; only the scheduler's own submit path
 (``IdempotencyRequest.scheduler``) uses it, and its records stay there whatever the
 ``qo_idempotency_namespace`` plugins answer.
+
+Records are read defensively (``decode_record``): a record holding garbage costs only
+itself. The sweep reports and skips it; a submit of its key reports it and replaces it
+by compare-and-swap over the garbage (``Idempotency._repair``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,17 @@ from typing import Any
 import attrs
 
 from . import keys
-from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .errors import (
+    CorruptObject,
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+    TaskNotFound,
+)
 from .model import Task, _short, dumps, is_utf8
+from .stored import check_fields, decode, is_number, is_str, matches
 
 SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 MAX_KEY_CHARS = 1024
@@ -44,6 +57,14 @@ SCHEDULER_SCOPE = "custom:schedule"
 #: stay valid (a fire in flight across an upgrade still finds its task).
 SCHEDULER_NAMESPACE = "custom.schedule"
 _RESERVED = f"{SCHEDULER_SCOPE} is reserved for qo's scheduler (its fire records)"
+
+#: The fields of a stored record and what each must be; ``decode_record`` checks them.
+RECORD_FIELDS = {
+    "key": is_str, "scope": is_str, "namespace": is_str,
+    "task_id": matches(keys.TASK_ID), "task_type": is_str, "input_hash": is_str,
+    "created_at": is_number, "expires_at": is_number,
+}
+RECORD_REQUIRED = ("task_id", "task_type", "input_hash", "expires_at")
 
 
 @attrs.frozen
@@ -93,6 +114,23 @@ def default_namespace(scope: str, task_type: str) -> str:
 
 def record_key(queue: str, namespace: str, key: str) -> str:
     return keys.idem(queue, namespace, hashlib.sha256(key.encode("utf-8")).hexdigest())
+
+
+def decode_record(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
+    """The record stored at ``key``; ``CorruptObject`` naming the key and why if it is
+    not one this release can use (not JSON, not an object, a field missing or unusable)."""
+    return check_fields(decode(data, key, backend=backend), key, RECORD_FIELDS,
+                        required=RECORD_REQUIRED, backend=backend)
+
+
+def salvaged_task_id(data: bytes) -> str | None:
+    """The task id a corrupt record still names, if it names a usable one."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError, TypeError):
+        return None
+    task_id = value.get("task_id") if isinstance(value, dict) else None
+    return task_id if isinstance(task_id, str) and keys.TASK_ID.match(task_id) else None
 
 
 class Idempotency:
@@ -151,8 +189,15 @@ class Idempotency:
                 blob = await store.backoff.call(lambda: store.storage.get(key))
             except NotFound:
                 continue  # expired and cleaned up in between: try to create again
-            existing = json.loads(blob.data)
-            if existing.get("expires_at", 0) <= self.queue.clock.now():
+            try:
+                existing = decode_record(blob.data, key, backend=store.storage.name)
+            except CorruptObject as exc:
+                store.bad.report(exc, "replaced by this submit's record")
+                try:
+                    return await self._repair(key, blob.data, blob.etag, task, request, namespace)
+                except PreconditionFailed:
+                    continue  # somebody else replaced it first: read theirs
+            if existing["expires_at"] <= self.queue.clock.now():
                 try:  # expired: the key may name a new task now
                     await store.backoff.call(lambda: store.storage.put(key, data, if_match=blob.etag))
                 except PreconditionFailed:
@@ -167,6 +212,39 @@ class Idempotency:
                 task.id = existing["task_id"]
                 return await self._write_task(task)
         raise PreconditionFailed("idempotency record keeps changing", backend=store.storage.name, key=key)
+
+    async def _repair(self, key: str, garbage: bytes, etag: str, task: Task, request: IdempotencyRequest,
+                      namespace: str) -> Task:
+        """Replace the corrupt record at ``key`` (version ``etag``) by CAS and return the
+        key's task; ``PreconditionFailed`` if the record changed in between.
+
+        The garbage has lost its answer, but a task id it still names is kept: if that
+        task exists, the new record describes it (and a different input is still an
+        ``IdempotencyConflict``), so repairing never makes a second task for a key whose
+        task is there; if not, ``task`` is written under that id. Only a record naming no
+        usable task id gets a record for ``task`` as it is.
+        """
+        store = self.queue.store
+        salvaged = salvaged_task_id(garbage)
+        found: Task | None = None
+        if salvaged is not None:
+            try:
+                found = await self.queue.get(salvaged)
+            except TaskNotFound:
+                pass
+        own_id = task.id
+        if found is None and salvaged is not None:
+            task.id = salvaged
+        record = self.record(found if found is not None else task, request, namespace)
+        try:
+            await store.backoff.call(lambda: store.storage.put(key, dumps(record), if_match=etag))
+        except BaseException:
+            task.id = own_id  # the caller's next round builds on the record it will read
+            raise
+        if found is None:
+            return await self._write_task(task)
+        self._check_conflict(record, self.record(task, request, namespace), request)
+        return found
 
     async def _create(self, key: str, data: bytes, task_id: str) -> None:
         """Create-only. Only after a failure whose outcome is unknown does a refusal need
@@ -189,7 +267,11 @@ class Idempotency:
                     blob = await store.backoff.call(lambda: store.storage.get(key))
                 except NotFound:
                     raise PreconditionFailed("record vanished", backend=store.storage.name, key=key) from None
-                if json.loads(blob.data).get("task_id") != task_id:
+                try:
+                    ours = decode_record(blob.data, key, backend=store.storage.name)["task_id"] == task_id
+                except CorruptObject:
+                    ours = False  # not what we wrote: the caller reads it again and deals with it
+                if not ours:
                     raise
                 return
 
@@ -213,15 +295,21 @@ class Idempotency:
 
 async def sweep_expired(queue: Any, cursor: str | None, *, limit: int = 100) -> str | None:
     """Delete up to ``limit`` expired records after ``cursor``; returns the next cursor
-    (``None`` once the end is reached, so the next sweep starts over)."""
+    (``None`` once the end is reached, so the next sweep starts over). A record that
+    cannot be read is reported (``queue.store.bad``: logged once, counted) and skipped:
+    it is not judged expired, and the others are swept."""
     store = queue.store
     entries = await store.list(keys.idem_prefix(queue.name), start_after=cursor, limit=limit)
     now = queue.clock.now()
     for entry in entries:
         try:
             blob = await store.backoff.call(lambda: store.storage.get(entry.key))
-            expires_at = json.loads(blob.data).get("expires_at", 0)
-        except (NotFound, ValueError):
+        except NotFound:
+            continue
+        try:
+            expires_at = decode_record(blob.data, entry.key, backend=store.storage.name)["expires_at"]
+        except CorruptObject as exc:
+            store.bad.report(exc)
             continue
         if expires_at <= now:
             try:  # only the version judged expired: a fresh replacement stays

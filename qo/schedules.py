@@ -9,14 +9,13 @@ expression, an unknown timezone, a duplicate name or an unknown catch-up policy 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import datetime
 from typing import Any
 
 from .clock import utc
-from .errors import IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
-from .idempotency import SCHEDULER_SCOPE, check_request, record_key
+from .errors import CorruptObject, IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
+from .idempotency import SCHEDULER_SCOPE, check_request, decode_record, record_key
 from .model import Task, _short, check_non_negative_int, check_seconds
 from .schedule_model import (
     TASK_OPTIONS,
@@ -88,7 +87,12 @@ class Schedules:
             # fire and its advance): that task is this fire time's one task
             rk = record_key(queue.name, namespace, key)
             blob = await queue.store.backoff.call(lambda: queue.storage.get(rk))
-            return await queue.get(json.loads(blob.data)["task_id"])
+            try:
+                record = decode_record(blob.data, rk, backend=queue.storage.name)
+            except CorruptObject as exc:  # garbage since the conflict: the next pass repairs it
+                queue.store.bad.report(exc, "fire not submitted this pass")
+                raise
+            return await queue.get(record["task_id"])
 
     # -- the API ---------------------------------------------------------------------
 
