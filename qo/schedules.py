@@ -9,14 +9,13 @@ expression, an unknown timezone, a duplicate name or an unknown catch-up policy 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import datetime
 from typing import Any
 
 from .clock import utc
 from .errors import CorruptObject, IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
-from .idempotency import IdempotencyRequest, record_key
+from .idempotency import SCHEDULER_SCOPE, check_request, decode_record, record_key
 from .model import Task, _short, check_non_negative_int, check_seconds
 from .schedule_model import (
     TASK_OPTIONS,
@@ -32,7 +31,10 @@ from .schedule_model import (
 __all__ = ["Schedules", "Schedule", "ScheduleNotFound", "IDEMPOTENCY_SCOPE", "MAX_LATENESS_SECONDS"]
 
 #: Fire times are submitted with idempotency keys in this scope (``Schedule.fire_key``).
-IDEMPOTENCY_SCOPE = "custom:schedule"
+#: Reserved for the scheduler (``qo.idempotency.SCHEDULER_SCOPE``): a user submit with it
+#: is refused, so nobody can pre-empt a fire by guessing its key. Its records stay in
+#: the namespace ``custom.schedule``, where fires recorded before the reservation are.
+IDEMPOTENCY_SCOPE = SCHEDULER_SCOPE
 #: No fire time later than this is ever submitted, whatever the catch-up policy ...
 MAX_LATENESS_SECONDS = 7 * 86400.0
 #: ... and its idempotency key lives twice as long, so a fire time submitted again (by a
@@ -69,17 +71,28 @@ class Schedules:
         return await self._submit(schedule, schedule.fire_key(fire_at))
 
     async def _submit(self, schedule: Schedule, key: str) -> Task:
+        """Submit ``schedule``'s task under idempotency key ``key`` in the scheduler's
+        reserved scope: the one submit path allowed to use it, so it does what
+        ``queue.submit`` does with the scheduler's flag on the request."""
+        queue = self.queue
+        request = check_request(key, IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_DAYS, scheduler=True)
+        assert request is not None  # a key is given
+        task, _ = queue._prepare(schedule.task_type, schedule.input, schedule.task_options(),
+                                 await queue.settings.task_defaults())
+        namespace = queue.idempotency.namespace(request, task.task_type)  # a plugin's bad answer fails here
         try:
-            return await self.queue.submit(schedule.task_type, schedule.input, **schedule.task_options(),
-                                           idempotency_key=key, idempotency_scope=IDEMPOTENCY_SCOPE,
-                                           idempotency_ttl_days=IDEMPOTENCY_TTL_DAYS)
+            return await queue._submit(task, request)
         except IdempotencyConflict:
             # the key names a task with another input (the record was edited between a
             # fire and its advance): that task is this fire time's one task
-            request = IdempotencyRequest(key, IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_DAYS)
-            rk = record_key(self.queue.name, self.queue.idempotency.namespace(request, schedule.task_type), key)
-            blob = await self.queue.store.backoff.call(lambda: self.queue.storage.get(rk))
-            return await self.queue.get(json.loads(blob.data)["task_id"])
+            rk = record_key(queue.name, namespace, key)
+            blob = await queue.store.backoff.call(lambda: queue.storage.get(rk))
+            try:
+                record = decode_record(blob.data, rk, backend=queue.storage.name)
+            except CorruptObject as exc:  # garbage since the conflict: the next pass repairs it
+                queue.store.bad.report(exc, "fire not submitted this pass")
+                raise
+            return await queue.get(record["task_id"])
 
     # -- the API ---------------------------------------------------------------------
 

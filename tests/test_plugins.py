@@ -143,6 +143,89 @@ async def test_doctor_passes_on_a_store_with_conditional_writes(storage_url):
     assert checks["conditional delete"].ok
 
 
+class BatchWrapper:
+    """A storage whose ``delete_many`` does nothing (``mode="noop"``) or raises
+    (``mode="raise"``); every other call goes to ``inner``."""
+
+    def __init__(self, inner, mode: str):
+        self.inner, self.mode, self.batches = inner, mode, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def delete_many(self, keys):
+        self.batches += 1
+        if self.mode == "raise":
+            raise qo.StorageError("batch refused by the test", backend="wrapper")
+
+
+async def scratch_left(storage) -> list[str]:
+    return [e.key for e in await storage.list("_doctor/")]
+
+
+async def test_doctor_proves_batch_delete_by_doing_one(storage_url):
+    from qo.backends import open_storage
+
+    storage = open_storage(storage_url)
+    try:
+        checks = {c.name: c for c in await run_checks(storage)}
+        batch = checks["capability: batch delete"]
+        assert batch.ok and batch.detail.startswith("yes (proven: 3 objects deleted in one call"), batch.detail
+        assert "cleanup" not in checks
+        assert await scratch_left(storage) == []
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("noop", "no: delete_many returned, but 3 of 3 objects are still there"),
+    ("raise", "no: delete_many failed (StorageError: batch refused by the test"),
+])
+async def test_doctor_reports_a_batch_delete_that_does_not_work_and_cleans_up(storage_url, mode, says):
+    from qo.backends import open_storage
+
+    inner = open_storage(storage_url)
+    storage = BatchWrapper(inner, mode)
+    try:
+        checks = {c.name: c for c in await run_checks(storage)}
+        batch = checks["capability: batch delete"]
+        assert not batch.ok and not batch.required
+        assert batch.detail.startswith(says) and "one by one" in batch.detail, batch.detail
+        assert all(c.ok for c in checks.values() if c.required)  # a store without batches is healthy
+        assert storage.batches == 1  # cleanup did not trust delete_many again
+        assert "cleanup" not in checks
+        assert await scratch_left(inner) == []
+    finally:
+        await inner.close()
+
+
+async def test_doctor_leaves_nothing_behind_when_a_check_blows_up(tmp_path):
+    from qo.backends import open_storage
+
+    inner = open_storage(str(tmp_path / "store"))
+
+    class Broken(BatchWrapper):
+        async def put(self, key, data, **kw):
+            if kw.get("if_match"):
+                raise RuntimeError("a bug in the middle of the checks")
+            return await self.inner.put(key, data, **kw)
+
+    with pytest.raises(RuntimeError):
+        await run_checks(Broken(inner, "noop"))
+    assert await scratch_left(inner) == []
+
+
+def test_doctor_cli_prints_the_batch_proof(tmp_path):
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    result = CliRunner().invoke(cli, ["doctor", "--url", str(tmp_path / "store")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "batch delete" in x)
+    assert "[ok  ]" in line and "yes (proven: 3 objects deleted in one call)" in line
+
+
 def test_doctor_says_plainly_when_a_store_ignores_conditional_writes():
     from click.testing import CliRunner
 

@@ -680,3 +680,83 @@ async def test_a_schedule_that_cannot_fire_is_paused_with_its_error(clocked):
     s = await q.schedules.get("broken")
     assert not s.enabled and "61 * * * *" in s.last_error and "minute" in s.last_error
     assert await listed_task_ids(q) == []
+
+
+# -- the scheduler's idempotency scope is reserved ------------------------------------------
+
+
+class MapsTo:
+    """A plugin mapping every idempotency scope to ``namespace``."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+
+    @qo.hookimpl
+    def qo_idempotency_namespace(self, scope, key, task_type):
+        return self.namespace
+
+
+@pytest.fixture
+def maps_to():
+    from qo.plugins import get_plugins
+
+    plugins = get_plugins()
+    registered = []
+
+    def register(namespace: str) -> None:
+        plugins.register(MapsTo(namespace), name=f"maps-to-{len(registered)}")
+        registered.append(f"maps-to-{len(registered)}")
+
+    yield register
+    for name in registered:
+        plugins.unregister(name)
+
+
+async def test_a_user_cannot_pre_empt_a_fire_and_the_scheduler_fires_it_once(clocked, maps_to):
+    q, clock = clocked
+    s = await q.schedules.add("every5", cron="*/5 * * * *", task_type="tick", input={"n": 1})
+    fire_key = s.fire_key(s.next_fire_at)  # predictable from the schedule record
+    attempts = [
+        dict(idempotency_key=fire_key, idempotency_scope="custom:schedule"),
+        dict(idempotency_scope="custom:schedule"),  # without a key too: the scope itself is the mistake
+    ]
+    for kwargs in attempts:
+        with pytest.raises(qo.InvalidInput) as err:
+            await q.submit("evil", {"n": 666}, **kwargs)
+        assert err.value.field == "idempotency_scope"
+        assert "custom:schedule is reserved for qo's scheduler" in str(err.value)
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit_many([("evil", 1, attempts[0])])
+    assert err.value.field == "items[0].idempotency_scope"
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit_graph({"a": {"task_type": "evil", **attempts[0]}})
+    assert err.value.field == "nodes[a].idempotency_scope"
+    maps_to("custom.schedule")  # a plugin mapping a user's scope onto the scheduler's namespace
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit("evil", {"n": 666}, idempotency_key=fire_key, idempotency_scope="custom:mine")
+    assert err.value.field == "idempotency_scope" and "reserved" in str(err.value)
+    assert await all_tasks(q) == [] and await q.storage.list("q/idem/") == []  # nothing written
+    clock.advance(300)
+    fired = [f for _ in range(2) for f in await Scheduler(q).run_once()]  # the plugin cannot move fires either
+    assert [f.fire_at for f in fired] == [s.next_fire_at]
+    [task] = await all_tasks(q)
+    assert task.id == fired[0].task_id and task.task_type == "tick" and task.input == {"n": 1}
+    assert await fire_records(q) == {int(s.next_fire_at * 1000): task.id}
+
+
+async def test_a_plugin_scoping_every_key_alike_leaves_fires_out_of_reach(clocked, maps_to):
+    q, clock = clocked
+    maps_to("tenant.acme")  # every user key, and before the reservation every fire, lived here
+    s = await q.schedules.add("every5", cron="*/5 * * * *", task_type="tick")
+    squatter = await q.submit("evil", 1, idempotency_key=s.fire_key(s.next_fire_at), idempotency_scope="queue")
+    clock.advance(300)
+    [fired] = await Scheduler(q).run_once()
+    assert fired.task_id != squatter.id and (await q.get(fired.task_id)).task_type == "tick"
+    assert await fire_records(q) == {int(s.next_fire_at * 1000): fired.task_id}
+
+
+def test_cli_refuses_the_scheduler_scope(storage_url):
+    result = CliRunner().invoke(build_cli(), ["submit", "evil", "--idempotency-key", "every5@1#x",
+                                              "--idempotency-scope", "custom:schedule", "--url", storage_url])
+    assert result.exit_code == 1
+    assert "idempotency_scope" in result.output and "reserved for qo's scheduler" in result.output
