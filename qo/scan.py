@@ -16,6 +16,7 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound
+from .idempotency import decode_record
 from .leases import parse_record
 from .limits import defs_prefix, parse_limit, state_prefix
 from .model import Task
@@ -43,12 +44,6 @@ def _json_object(data: bytes, key: str) -> None:
     stored.decode(data, key)
 
 
-def _idempotency(data: bytes, key: str) -> None:
-    d = stored.decode(data, key)
-    stored.check_fields(d, key, {"task_id": stored.matches(keys.TASK_ID), "expires_at": stored.is_number},
-                        required=("task_id", "expires_at"))
-
-
 def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, str | None]:
     """How to read ``key`` (None: nothing to read), or why the key itself is wrong."""
     rest = key[len(queue) + 1:]
@@ -70,7 +65,7 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
     if key.startswith(state_prefix(queue)):
         return lambda d, k: parse_state(d, k, ""), None
     if folder == "idem":
-        return _idempotency, None
+        return lambda d, k: decode_record(d, k), None
     if rest == "settings.json":
         return _json_object, None
     return None, None  # not a key this release knows (a newer one's, a plugin's): left alone
