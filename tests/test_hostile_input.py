@@ -214,7 +214,8 @@ API_CASES = [
     ("list.limit", lambda q, v: q.list(limit=v).__anext__(), "limit", [-1, 1.5, "10", True, NAN]),
     ("schedules.add.name", lambda q, v: _sched(q, v), "name", PATHISH + [None]),
     ("schedules.add.cron", lambda q, v: _sched(q, cron=v), "cron",
-     [None, 5, "", "61 * * * *", "* * * * \x00", "*" * 10240, "\ud800 * * * *", "* * * * * * * *", "../x"]),
+     [None, 5, "", "61 * * * *", "* * * * \x00", "*" * 10240, "\ud800 * * * *", "* * * * * * * *", "../x",
+      "0" + ",0" * 200 + " * * * *", "0" + ",0" * 500_000 + " * * * *"]),  # valid, but over MAX_CRON_LENGTH
     ("schedules.add.timezone", lambda q, v: _sched(q, timezone=v), "timezone",
      ["../../etc/passwd", "/etc/localtime", "Europe/../UTC", "a\x00", "", LONG, "\ud800", None, 5,
       "Mars/Base", "Europe\\Berlin", "UTC\n", "../../../../../../usr/share/zoneinfo/UTC"]),
@@ -405,7 +406,7 @@ def _cli_cases(tmp_path) -> list[list[str]]:
     out += [["list", "--type", "../x"], ["list", "--status", "bogus"], ["list", "--limit", "-1"]]
     out += [["schedule", "add", n, "--cron", "* * * * *", "--type", "t"] for n in names]
     out += [["schedule", "add", "s", "--cron", c, "--type", t, *extra] for c, t, extra in [
-        ("61 * * * *", "t", []), ("* * * * *", "../x", []), ("* * * * *", "t", ["--timezone", "../../etc/passwd"]),
+        ("61 * * * *", "t", []), ("0" + ",0" * 200 + " * * * *", "t", []), ("* * * * *", "../x", []), ("* * * * *", "t", ["--timezone", "../../etc/passwd"]),
         ("* * * * *", "t", ["--timezone", "/etc/localtime"]), ("* * * * *", "t", ["--catch-up", "bogus"]),
         ("* * * * *", "t", ["--priority", "256"]), ("* * * * *", "t", ["--timeout", "-1"]),
         ("* * * * *", "t", ["--input", "NaN"])]]
