@@ -181,7 +181,7 @@ API_CASES = [
      "idempotency_ttl_days", [-1, 0, NAN, INF, True, 1e9, "7", None]),
     ("submit.depends_on", lambda q, v: q.submit("t", depends_on=v), "depends_on",
      [ID, [".."], ["../x"], ["/abs"], ["a/b"], [None], [[1]], [{}], 5, b"x", ["A" * 24], [ID + "\x00"],
-      [ID + "\n"], [LONG]]),
+      [ID + "\n"], [LONG], [f"{i:024x}" for i in range(1001)]]),  # over MAX_DEPENDENCIES
     ("submit.on_dependency_failure", lambda q, v: q.submit("t", on_dependency_failure=v),
      "on_dependency_failure", ["bogus", None, 5, "", "FAIL"]),
     ("submit.rate_limit_key", lambda q, v: q.submit("t", rate_limit_key=v), "rate_limit_key",
