@@ -249,5 +249,10 @@ def is_utf8(value: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    r = repr(value)
+    """``value`` for an error message, at most 60 characters; a value nested too deeply for
+    ``repr`` (a 100,000-deep list) is named by its type, not a RecursionError."""
+    try:
+        r = repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
     return r if len(r) <= 60 else r[:57] + "..."

@@ -149,7 +149,7 @@ def _label(name: str, value) -> str:
 # -- the Python API ---------------------------------------------------------------------
 
 ID = "0" * 24
-ID_LIKE = PATHISH + [None, "A" * 24, "0" * 23, "g" * 24, ID + "\n", ID + "/x", "../" + ID]
+ID_LIKE = PATHISH + [None, "A" * 24, "0" * 23, "g" * 24, ID + "\n", ID + "/x", "../" + ID, DEEP]
 
 
 def _worker(q, **kw):
@@ -171,7 +171,7 @@ API_CASES = [
     ("submit.task_type", lambda q, v: q.submit(v, {}), "task_type", PATHISH + [None]),
     ("submit.input", lambda q, v: q.submit("t", v), "input", BAD_INPUTS),
     ("submit.priority", lambda q, v: q.submit("t", priority=v), "priority",
-     [-1, 256, 1.5, True, False, "urgent", NAN, "", "300", 10**100, "-1", b"1"]),  # None: the default
+     [-1, 256, 1.5, True, False, "urgent", NAN, "", "300", 10**100, "-1", b"1", DEEP]),  # None: the default
     ("submit.timeout_seconds", lambda q, v: q.submit("t", timeout_seconds=v), "timeout_seconds",
      [-1, 0, -0.0, 1e12, NAN, INF, -INF, True, "10"]),
     ("submit.max_retries", lambda q, v: q.submit("t", max_retries=v), "max_retries",
@@ -187,7 +187,7 @@ API_CASES = [
      "idempotency_ttl_days", [-1, 0, NAN, INF, True, 1e9, "7", None]),
     ("submit.depends_on", lambda q, v: q.submit("t", depends_on=v), "depends_on",
      [ID, [".."], ["../x"], ["/abs"], ["a/b"], [None], [[1]], [{}], 5, b"x", ["A" * 24], [ID + "\x00"],
-      [ID + "\n"], [LONG], [f"{i:024x}" for i in range(1001)]]),  # over MAX_DEPENDENCIES
+      [ID + "\n"], [LONG], [f"{i:024x}" for i in range(1001)], DEEP, [DEEP]]),  # 1001: over MAX_DEPENDENCIES
     ("submit.on_dependency_failure", lambda q, v: q.submit("t", on_dependency_failure=v),
      "on_dependency_failure", ["bogus", None, 5, "", "FAIL"]),
     ("submit.rate_limit_key", lambda q, v: q.submit("t", rate_limit_key=v), "rate_limit_key",
@@ -257,12 +257,12 @@ API_CASES = [
     ("settings.set.name", lambda q, v: q.settings.set({v: 1}), "settings",
      [n for n in PATHISH if not isinstance(n, list)] + [None, 5, "aging.cap"]),
     ("settings.set.max_retries", lambda q, v: q.settings.set(max_retries=v), "settings.max_retries",
-     [-1, 1.5, True, 10**9, "x", NAN, None]),
+     [-1, 1.5, True, 10**9, "x", NAN, None, DEEP]),
     ("settings.set.poll_max", lambda q, v: q.settings.set(poll_max=v), "settings.poll_max",
-     [NAN, INF, -1, 0, "nan", True, None, 1e9]),
-    ("settings.set.aging", lambda q, v: q.settings.set(aging=v), "settings.aging", ["maybe", 2, None, ""]),
+     [NAN, INF, -1, 0, "nan", True, None, 1e9, DEEP]),
+    ("settings.set.aging", lambda q, v: q.settings.set(aging=v), "settings.aging", ["maybe", 2, None, "", DEEP]),
     ("settings.set.aging_cap", lambda q, v: q.settings.set(aging_cap=v), "settings.aging_cap",
-     [-1, 256, 1.5, "x", NAN]),
+     [-1, 256, 1.5, "x", NAN, DEEP]),
     ("settings.set.values", lambda q, v: q.settings.set(v), "settings", ["x", 5, [("a", 1)], {}]),
     ("settings.unset", lambda q, v: q.settings.unset(v), "settings", PATHISH + [None, 5]),
     ("Worker.concurrency", lambda q, v: _worker(q, concurrency=v), "concurrency", [0, -1, 1.5, True, 10**6, "8", NAN]),
