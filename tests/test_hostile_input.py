@@ -424,6 +424,16 @@ def _cli_cases(tmp_path) -> list[list[str]]:
         ("--idempotency-scope", "custom:../x"), ("--idempotency-ttl-days", "nan"), ("--rate-limit-key", "a\x00"),
         ("--depends-on", "../x"), ("--depends-on", "0" * 24), ("--on-dependency-failure", "bogus"),
         ("--queue", "a/b"), ("--queue", ".."), ("--queue", ""), ("--queue", "q\n")]]
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    with open(tmp_path / "huge.json", "wb") as f:  # 1 GB, sparse: read at most MAX_INPUT_BYTES + 1 of it
+        f.truncate(10**9)
+    out += [["submit", "t", "--input", v] for v in [deep, "[" * 101 + "]" * 101, "@" + str(tmp_path / "deep.json"),
+                                                     "@" + str(tmp_path / "huge.json"), "@/dev/zero"]]
+    out += [["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--input", v]
+            for v in [deep, "@" + str(tmp_path / "huge.json")]]
+    out += [["submit-graph", deep], ["submit-graph", '{"a": {"task_type": "t", "input": ' + deep + "}}"],
+            ["settings", "set", "max_retries=" + deep]]
     fresh = str(tmp_path / "fresh")  # a store that does not exist yet must not be created
     out += [["submit", "../x", "--url", fresh], ["status", "../x", "--url", fresh], ["cancel", "..", "--url", fresh],
             ["retry", "/abs", "--url", fresh], ["schedule", "add", "../s", "--cron", "* * * * *", "--type", "t",
