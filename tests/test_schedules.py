@@ -29,7 +29,7 @@ from qo import keys
 from qo.cli import build_cli
 from qo.clock import FakeClock
 from qo.policies.cron import check_cron, next_fire
-from qo.schedule_model import ScheduleNotFound, schedules_prefix
+from qo.schedule_model import MAX_CRON_LENGTH, ScheduleNotFound, schedules_prefix
 from qo.scheduler import Scheduler, plan
 from qo.worker import Worker
 
@@ -229,6 +229,7 @@ async def clocked(storage_url):
     ({"cron": "* * * *"}, "cron"),
     ({"cron": "0 0 30 2 *"}, "cron"),  # never fires
     ({"cron": "every day"}, "cron"),  # no plugin understands it
+    ({"cron": "0" + ",0" * 128 + " * * * *"}, "cron"),  # valid but 265 characters: over MAX_CRON_LENGTH
     ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
     ({"timezone": "../etc/passwd"}, "timezone"),
     ({"catch_up": "sometimes"}, "catch_up"),
@@ -594,7 +595,8 @@ def test_cli_schedule_commands(storage_url):
     r = cli(storage_url, *add)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("added nightly: next fire ") and "T02:30:00+0" in r.output
-    for args, option in [(["--cron", "61 * * * *"], "--cron"), (["--timezone", "Nowhere/Land"], "--timezone"),
+    for args, option in [(["--cron", "61 * * * *"], "--cron"), (["--cron", _long_cron(MAX_CRON_LENGTH + 1)], "--cron"),
+                         (["--timezone", "Nowhere/Land"], "--timezone"),
                          (["--catch-up", "never"], "--catch-up"), (["--type", "9x"], "--type")]:
         bad = cli(storage_url, "schedule", "add", "other", *["--cron", "* * * * *", "--type", "t", *args])
         assert bad.exit_code == 1 and bad.output.startswith(f"error: {option}: "), bad.output
@@ -666,6 +668,63 @@ def test_daemon_and_worker_with_scheduler_race_and_stop_on_sigterm(storage_url, 
             assert span == list(range(span[0], span[-1] + 1, 1000))  # consecutive seconds: none missed
 
     asyncio.run(check())
+
+
+def _long_cron(length: int) -> str:
+    """A valid cron expression of exactly ``length`` characters: minute 0 listed again and
+    again (the first one written ``00`` when the length is even)."""
+    rest = length - len("0 * * * *")
+    expr = "0" * (1 + rest % 2) + ",0" * (rest // 2) + " * * * *"
+    assert len(expr) == length
+    return expr
+
+
+async def test_cron_length_is_capped_at_add(clocked):
+    """At the cap it is accepted; one character more is refused naming cron and the limit,
+    however valid the expression is (croniter accepts both)."""
+    q, _ = clocked
+    at_cap = _long_cron(MAX_CRON_LENGTH)
+    croniter(at_cap)
+    s = await q.schedules.add("at-cap", cron=at_cap, task_type="t")
+    assert s.cron == at_cap and s.next_fire_at is not None
+    over = _long_cron(MAX_CRON_LENGTH + 1)
+    croniter(over)
+    for expr in (over, _long_cron(1_000_001)):
+        with pytest.raises(qo.InvalidInput) as err:
+            await q.schedules.add("over", cron=expr, task_type="t")
+        assert err.value.field == "cron" and f"limit is {MAX_CRON_LENGTH}" in str(err.value)
+    with pytest.raises(qo.InvalidInput, match="cron"):
+        check_cron(_long_cron(MAX_CRON_LENGTH + 1))
+    assert [e.key for e in await q.storage.list("q/")] == ["q/schedules/at-cap.json"]
+
+
+async def test_a_stored_cron_over_the_cap_is_paused_without_parsing_it(clocked, monkeypatch):
+    """A hand-written record with a megabyte of (valid) cron: the scheduler pauses it with
+    a short error, and croniter never sees the expression."""
+    q, clock = clocked
+    await q.schedules.add("huge", cron="*/5 * * * *", task_type="t")
+    key = "q/schedules/huge.json"
+    record = json.loads((await q.storage.get(key)).data)
+    await q.storage.put(key, json.dumps({**record, "cron": _long_cron(1_000_001)}).encode())
+    parsed: list[int] = []
+    import qo.policies.cron as cron_plugin
+
+    real = cron_plugin.croniter
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, expr, *args, **kwargs):
+            parsed.append(len(expr))
+            super().__init__(expr, *args, **kwargs)
+
+    monkeypatch.setattr(cron_plugin, "croniter", Spy)
+    clock.advance(300)
+    assert await Scheduler(q).run_once() == []
+    s = await q.schedules.get("huge")
+    assert not s.enabled and s.last_error.startswith("cron: ") and f"limit is {MAX_CRON_LENGTH}" in s.last_error
+    assert len(s.last_error) < 200 and all(n <= MAX_CRON_LENGTH for n in parsed)
+    assert await listed_task_ids(q) == []
+    with pytest.raises(qo.InvalidInput, match="limit is"):  # resuming it is refused the same way
+        await q.schedules.resume("huge")
 
 
 async def test_a_schedule_that_cannot_fire_is_paused_with_its_error(clocked):
