@@ -69,19 +69,19 @@ def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, b
         raise InvalidInput("rate", "give a rate, a concurrency, or both")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
                              or not math.isfinite(rate) or rate <= 0):
-        raise InvalidInput("rate", f"{rate!r} must be a positive number")
+        raise InvalidInput("rate", f"{_short(rate)} must be a positive number")
     if isinstance(per, bool) or not isinstance(per, (int, float)) or not math.isfinite(per) or per <= 0:
-        raise InvalidInput("per", f"{per!r} must be a positive number of seconds")
+        raise InvalidInput("per", f"{_short(per)} must be a positive number of seconds")
     if burst is not None and (isinstance(burst, bool) or not isinstance(burst, (int, float))
                               or not math.isfinite(burst) or burst < 1):
-        raise InvalidInput("burst", f"{burst!r} must be a number >= 1")
+        raise InvalidInput("burst", f"{_short(burst)} must be a number >= 1")
     if burst is not None and rate is None:
         raise InvalidInput("burst", "needs a rate")
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or not 1 <= concurrency <= 100000):
-        raise InvalidInput("concurrency", f"{concurrency!r} must be an integer from 1")
+        raise InvalidInput("concurrency", f"{_short(concurrency)} must be an integer from 1")
     if backpressure not in BACKPRESSURE:
-        raise InvalidInput("backpressure", f"{backpressure!r} is not one of {', '.join(BACKPRESSURE)}")
+        raise InvalidInput("backpressure", f"{_short(backpressure)} is not one of {', '.join(BACKPRESSURE)}")
     return Limit(scope, None if rate is None else float(rate), float(per),
                  None if burst is None else float(burst), concurrency, backpressure)
 
@@ -93,7 +93,7 @@ def parse_limit(data: bytes, key: str, *, backend: str = "") -> Limit:
     names = {f.name for f in attrs.fields(Limit)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise CorruptObject(key, f"unknown field {unknown[0]!r}", backend=backend)
+        raise CorruptObject(key, f"unknown field {_short(unknown[0])}", backend=backend)
     try:
         limit = check_limit(d.get("scope"), d.get("rate"), d.get("per", 1.0), d.get("burst"),
                             d.get("concurrency"), d.get("backpressure", "delay"))

@@ -23,6 +23,7 @@ from .schedule_model import (
     ScheduleNotFound,
     ScheduleStore,
     check_catch_up,
+    check_cron_length,
     check_name,
     check_timezone,
     name_of,
@@ -124,6 +125,7 @@ class Schedules:
         check_name(name)
         if not isinstance(cron, str):
             raise InvalidInput("cron", "must be a string such as '*/5 * * * *'")
+        check_cron_length(cron)  # whatever plugin parses it: a long one is costly to every fire
         check_timezone(timezone)
         check_catch_up(catch_up)
         check_non_negative_int(max_catch_up, "max_catch_up", 10_000)
