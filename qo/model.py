@@ -62,7 +62,7 @@ class StoredRecord:
             schema = d.get("schema")
             if stored.is_int(schema) and schema > cls.SCHEMA:
                 raise CorruptObject(key, f"{exc.reason} (written by a newer release: schema {schema}, "
-                                    f"this release reads {cls.SCHEMA})", backend=backend) from None
+                                    f"this release reads {cls.SCHEMA})", backend=backend, newer=True) from None
             raise
         return cls.from_dict(d)
 
