@@ -206,6 +206,8 @@ class Dependencies:
                 if child.status == PENDING and parent.id in child.depends_on:
                     # applied before; the applier may have died before writing the marker
                     await self.store.put_marker(child.marker_key(self.queue.name, self.queue.clock.now()))
+                elif parent.id in child.depends_on and child.ended_key(self.queue.name) is not None:
+                    await self.store.put_marker(child.ended_key(self.queue.name))  # ... or its index
                 return child
             now = self.queue.clock.now()
             decision = "run"
@@ -232,6 +234,8 @@ class Dependencies:
                 await self.store.replace(child, etag)
             except PreconditionFailed:
                 continue
+            if marker is None:
+                marker = child.ended_key(self.queue.name)  # failed or skipped: indexed
             if marker is not None:  # after the task: the edge still points here until then
                 await self.store.put_marker(marker)
             if child.status in TERMINAL:

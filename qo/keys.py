@@ -147,12 +147,6 @@ def ended(queue: str, status: str, finished_at: float, task_id: str, task_type: 
     return f"{queue}/ended/{status}/{ENDED_EPOCH_MS - ms(finished_at):013d}-{task_id}-{task_type}"
 
 
-def ended_start_after(queue: str, status: str, newer_than: float) -> str:
-    """The key before which an ascending LIST of ``ended/{status}/`` holds only tasks
-    that ended after ``newer_than`` (for ``--since``: stop at this key)."""
-    return f"{queue}/ended/{status}/{ENDED_EPOCH_MS - ms(newer_than):013d}"
-
-
 @attrs.frozen
 class Ended:
     """A parsed ``ended/`` index key."""

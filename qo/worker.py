@@ -81,6 +81,7 @@ class Worker:
         self.store = queue.store
         self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
         self.stats: collections.Counter[str] = collections.Counter()
+        self.book.counts = self.stats  # the record carries them (queue.stats())
         self.limiter = queue.plugins.hook.qo_rate_limiter(
             storage=queue.storage, config={"queue": queue, "lease_ttl": self.settings.lease_ttl,
                                            "refresh_interval": self.settings.limits_refresh}) or NoLimits()
@@ -443,6 +444,8 @@ class Worker:
                             break
                 if stored[0].status == PENDING:
                     await self._put_marker(stored[0])
+                elif stored[0].ended_key(self.queue.name) is not None:  # failed, cancelled: indexed
+                    await self.store.put_marker(stored[0].ended_key(self.queue.name))
                 break
             except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
                 stored = None
