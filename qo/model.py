@@ -100,6 +100,8 @@ class Task(StoredRecord):
     rate_limit_key: str | None = None
     #: set (by CAS) before a dependent is written: only then has an ending task edges to read
     has_dependents: bool = False
+    #: when its idempotency key's record expires: retention keeps the task until then
+    idempotency_expires_at: float | None = None
     rev: str = ""
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged
@@ -129,6 +131,7 @@ class Task(StoredRecord):
         "on_dependency_failure": stored.one_of("fail", "skip", "run"),
         "rate_limit_key": stored.optional(stored.is_str),
         "has_dependents": stored.is_bool,
+        "idempotency_expires_at": stored.optional(stored.is_number),
         "rev": stored.is_str,
         "schema": stored.is_int,
     }

@@ -150,6 +150,7 @@ class Queue:
                                 options.get("idempotency_ttl_days", DEFAULT_TTL_DAYS))
         if request is not None:
             self.idempotency.namespace(request, task.task_type)  # a plugin's bad answer fails here
+            task.idempotency_expires_at = now + request.ttl_days * 86400  # retention waits for it
         return task, request
 
     async def submit(
@@ -353,6 +354,16 @@ class Queue:
             return
         async for task in list_tasks(self, status, task_type, limit, newest_first=newest_first, since=since_ts):
             yield task
+
+    async def purge(self, status: str, older_than: dt.timedelta | float, task_type: str | None = None, *,
+                    dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> int:
+        """Delete the tasks of a finished ``status`` that ended more than ``older_than``
+        ago (of ``task_type``); returns how many (with ``dry_run``: would be). Never a
+        task whose idempotency key lives or that a dependent waits on. The cost follows
+        what is deleted (``qo/retention.py``); a call reads at most 10,000 tasks."""
+        from .retention import purge
+
+        return (await purge(self, status, older_than, task_type, dry_run=dry_run, progress=progress)).deleted
 
     async def stats(self) -> dict[str, Any]:
         """The queue at a glance: counts by status, ready depth by priority band, the

@@ -31,6 +31,7 @@ from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, RUNNING, Task, check_input
 from .outage import Outages
 from .promotion import promote_due
+from .retention import apply_retention
 from .queue import Queue
 from .queue_settings import overlay, replaced
 from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
@@ -538,6 +539,7 @@ class Worker:
             "idem": t + s.idempotency_sweep_interval * random.uniform(0.1, 1.0),
             "deps": t + s.dependency_sweep_interval * random.uniform(0.1, 1.0),
             "aging": t + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf"),
+            "retention": t + s.retention_interval * random.uniform(0.1, 1.0),
         }
         cursors: dict[str, str | None] = {"idem": None, "deps": None}
         # workers started together only see each other once their records exist: look
@@ -593,6 +595,11 @@ class Worker:
         async def aging() -> None:
             self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
 
+        async def retention() -> None:
+            for status, n in (await apply_retention(self.queue)).items():
+                self.stats[f"purged_{status}"] += n
+                log.info("worker %s: deleted %d %s tasks past their retention", self.worker_id, n, status)
+
         async def flush() -> None:
             feed = self.feed
             if feed.trash and (not feed.buffer or self.clock.now() - feed.flushed_at >= 0.25):
@@ -628,6 +635,10 @@ class Worker:
                 if now >= timers["aging"] and s.aging.enabled:  # about one pass per interval on the queue
                     timers["aging"] = now + s.aging.interval * len(self.feed.peers | {self.worker_id}) * random.uniform(0.5, 1.5)
                     await self._step("aging waiting tasks", aging)
+                if now >= timers["retention"]:  # about one pass per interval on the queue
+                    timers["retention"] = now + s.retention_interval * len(self.feed.peers | {self.worker_id}) \
+                        * random.uniform(0.5, 1.5)
+                    await self._step("deleting tasks past their retention", retention)
             await self._step("deleting claimed markers", flush)
             self._check_outages()
             wake = min(timers["promote"], timers["sweep"], timers["aging"],
