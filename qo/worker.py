@@ -34,7 +34,7 @@ from .promotion import promote_due
 from .retention import apply_retention
 from .queue import Queue
 from .queue_settings import overlay, replaced
-from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
+from .transitions import Claimed, Expired, Missed, claim, completed, failed, finish, handed_back, requeued_at
 from .worker_settings import WorkerSettings
 
 __all__ = ["Worker", "WorkerSettings", "TaskContext"]
@@ -301,6 +301,12 @@ class Worker:
             result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
                                  lease_ttl=self.settings.lease_ttl, now=now,
                                  gate=gate if self.limiter.limits else None)
+            if isinstance(result, Expired):
+                claimed = True  # like a claim: our record names it until its ended marker is stored
+                self._unsettled.add(marker.task_id)
+                await self.feed.drop(marker.key)
+                await self._expired(result.task)
+                return
             if not isinstance(result, Claimed):
                 if result.reason.startswith("rate limited"):
                     return
@@ -327,6 +333,27 @@ class Worker:
                 except Exception as exc:  # the entries expire with their lease
                     log.warning("worker %s: releasing the limits of %s failed: %s", self.worker_id,
                                 marker.task_id, exc)
+
+    async def _expired(self, task: Task) -> None:
+        """A task the claim found past its ``expires_at`` is stored ``expired``: write its
+        ``ended/`` index marker (through storage outages, as an outcome: our record names
+        the task until it is written; a forced exit leaves it there for recovery), then
+        say so and release its dependents (an expired dependency counts as failed)."""
+        key = task.ended_key(self.queue.name)
+        outage = self.outages["storing task outcomes"]
+        while key is not None:
+            try:
+                await self.store.put_marker(key)
+                break
+            except QoError as exc:
+                await self._nap(outage.failed(exc), self._forced)
+                if self._forced.is_set():
+                    return  # stays unsettled: named in our record
+        outage.ok()
+        self._unsettled.discard(task.id)
+        self.stats["expired"] += 1
+        emit(self.queue.plugins, "expired", task)
+        await self._release(task)
 
     async def _rate_gate(self, marker: keys.Marker, task: Task, etag: str) -> Missed | None:
         """Pass every limit that applies to ``task``, or apply the limit's backpressure."""
