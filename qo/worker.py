@@ -26,7 +26,7 @@ from .errors import CorruptObject, Fail, InvalidInput, PreconditionFailed, QoErr
 from .events import emit
 from .feed import Feed
 from .handlers import Handler, Registry
-from .idempotency import sweep_expired
+from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, RUNNING, Task, check_input
 from .outage import Outages
@@ -567,6 +567,7 @@ class Worker:
             "deps": t + s.dependency_sweep_interval * random.uniform(0.1, 1.0),
             "aging": t + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf"),
             "retention": t + s.retention_interval * random.uniform(0.1, 1.0),
+            "idem_scan": t + s.idempotency_sweep_interval * 12 * random.uniform(0.1, 1.0),
         }
         cursors: dict[str, str | None] = {"idem": None, "deps": None}
         # workers started together only see each other once their records exist: look
@@ -617,7 +618,12 @@ class Worker:
             cursors["deps"] = await self.queue.dependencies.sweep(cursors["deps"])
 
         async def idem() -> None:
-            cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
+            # the expiry index: cost per expired record; a full page means more are due
+            if await sweep_expiry_index(self.queue) >= 1000:
+                timers["idem"] = self.clock.now() + s.poll_max
+            if self.clock.now() >= timers["idem_scan"]:  # records written before the index
+                timers["idem_scan"] = self.clock.now() + s.idempotency_sweep_interval * 12 * random.uniform(0.5, 1.5)
+                cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
 
         async def aging() -> None:
             self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
