@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from urllib.parse import quote
 
 import qo
 from qo import keys
@@ -42,11 +43,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 FAST = dict(poll_min=0.01, poll_max=0.1, sweep_interval=0.5, buffer_max_age=0.5)
 
 
-def start_s3() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_server.py"), "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
-    endpoint = proc.stdout.readline().strip().split()[-1]
-    return proc, endpoint
+def start_s3(bucket: str) -> tuple[subprocess.Popen, str]:
+    """benchmarks/s3_server.py on a free port, with ``bucket``; its endpoint URL."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_server.py"), "--port", "0", "--latency-ms", "0",
+                             "--bucket", bucket], stdout=subprocess.PIPE, text=True)
+    return proc, json.loads(proc.stdout.readline())["endpoint_url"]
 
 
 async def build(url: str, queue: str, n: int, wrap) -> None:
@@ -134,12 +135,9 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="qo-scale-")
     try:
         if args.backend == "s3":
-            server, endpoint = start_s3()
-            import boto3
-
             bucket = f"scale-{uuid.uuid4().hex[:8]}"
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-            url = f"s3://{bucket}/scale?endpoint_url={endpoint}"
+            server, endpoint = start_s3(bucket)
+            url = f"s3://{bucket}/scale?endpoint_url={quote(endpoint, safe='')}&region=us-east-1"
         else:
             url = os.path.join(tmp, "store")
         latency = args.latency_ms / 1000
