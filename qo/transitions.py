@@ -101,22 +101,29 @@ async def claim(
     task.worker_id = worker_id
     task.lease_deadline = now + lease_ttl
     task.started_at = task.updated_at = now
+    # our fresh lease id on a running task says a claim whose response was lost is ours
+    stored = await replace_recognising(store, task, etag,
+                                       lambda t: t.status == RUNNING and t.lease_id == lease_id)
+    return Claimed(*stored) if stored is not None else Missed("lost the race", stale=False)
+
+
+async def replace_recognising(store: TaskStore, task: Task, etag: str,
+                              ours: Callable[[Task], bool]) -> tuple[Task, str] | None:
+    """CAS ``task`` over ``etag``: the stored task and its etag, or None if we lost.
+
+    A refusal after a failure whose outcome was unknown may hide our own landed write,
+    changed since by another writer (a dependent's submitter setting has_dependents, a
+    cancel): then the stored task is ours when ``ours(stored)`` says so."""
     try:
-        etag = await store.replace(task, etag)
+        return task, await store.replace(task, etag)
     except PreconditionFailed as exc:
         if not getattr(exc, "uncertain", False):
-            return Missed("lost the race", stale=False)
-        # the CAS may have landed with its response lost, and another writer (a
-        # dependent's submitter setting has_dependents, a cancel) changed the task
-        # since: our fresh lease id on a running task says the claim is ours
+            return None
         try:
             current, etag = await store.load(task.id)
         except TaskNotFound:
-            return Missed("lost the race", stale=False)
-        if current.status != RUNNING or current.lease_id != lease_id:
-            return Missed("lost the race", stale=False)
-        return Claimed(current, etag)
-    return Claimed(task, etag)
+            return None
+        return (current, etag) if ours(current) else None
 
 
 async def _expire(store: TaskStore, task: Task, etag: str, now: float) -> Expired | Missed:
@@ -128,19 +135,8 @@ async def _expire(store: TaskStore, task: Task, etag: str, now: float) -> Expire
     task.lease_id = task.lease_deadline = task.worker_id = None
     task.last_error = {"type": "Expired", "message": f"not started before expires_at {iso(task.expires_at)}",
                        "traceback": "", "attempt": task.attempt}
-    try:
-        etag = await store.replace(task, etag)
-    except PreconditionFailed as exc:
-        if not getattr(exc, "uncertain", False):
-            return Missed("lost the race", stale=False)
-        try:  # our write may have landed, its response lost; then changed again
-            current, etag = await store.load(task.id)
-        except TaskNotFound:
-            return Missed("lost the race", stale=False)
-        if current.status != EXPIRED or current.finished_at != now:
-            return Missed("lost the race", stale=False)
-        return Expired(current, etag)
-    return Expired(task, etag)
+    stored = await replace_recognising(store, task, etag, lambda t: t.status == EXPIRED and t.finished_at == now)
+    return Expired(*stored) if stored is not None else Missed("lost the race", stale=False)
 
 
 async def finish(store: TaskStore, task: Task, etag: str, change: Any, now: float) -> tuple[Task, str] | None:

@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import signal
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
 
@@ -339,17 +339,8 @@ class Worker:
         ``ended/`` index marker (through storage outages, as an outcome: our record names
         the task until it is written; a forced exit leaves it there for recovery), then
         say so and release its dependents (an expired dependency counts as failed)."""
-        key = task.ended_key(self.queue.name)
-        outage = self.outages["storing task outcomes"]
-        while key is not None:
-            try:
-                await self.store.put_marker(key)
-                break
-            except QoError as exc:
-                await self._nap(outage.failed(exc), self._forced)
-                if self._forced.is_set():
-                    return  # stays unsettled: named in our record
-        outage.ok()
+        if not await self._until_stored(lambda: self._put_projection(task)):
+            return  # a forced exit: stays unsettled, named in our record
         self._unsettled.discard(task.id)
         self.stats["expired"] += 1
         emit(self.queue.plugins, "expired", task)
@@ -446,45 +437,41 @@ class Worker:
             return 10.0
 
     async def _settle(self, task: Task, etag: str, change: Any, now: float, handing_back: bool = False) -> None:
-        """Store the outcome (and a retry's marker), through storage outages: the task
-        stays in our record, its lease renewed, until both are stored; a forced exit
-        leaves it there for recovery. Then release it and wake its dependents."""
-        outage = self.outages["storing task outcomes"]
+        """Store the outcome (and a retry's marker, or an ended task's index entry),
+        through storage outages: the task stays in our record, its lease renewed, until
+        both are stored; a forced exit leaves it there for recovery. Then release it and
+        wake its dependents."""
         lease_id = task.lease_id
         stored: tuple[Task, str] | None = None
-        uncertain = False
-        while True:
-            try:
+        uncertain = lost = False
+
+        async def attempt() -> None:
+            nonlocal task, etag, stored, uncertain, lost
+            if stored is None:
+                if uncertain:  # the last write may have landed: look before writing again
+                    current, current_etag = await self.store.load(task.id)
+                    if current.rev == task.rev:
+                        stored = current, current_etag
+                    elif current.status == RUNNING and current.lease_id == lease_id:
+                        task, etag = current, current_etag
+                    else:
+                        lost = True
+                        return
                 if stored is None:
-                    if uncertain:  # the last write may have landed: look before writing again
-                        current, current_etag = await self.store.load(task.id)
-                        if current.rev == task.rev:
-                            stored = current, current_etag
-                        elif current.status == RUNNING and current.lease_id == lease_id:
-                            task, etag = current, current_etag
-                        else:
-                            stored = None
-                            break
+                    uncertain = True
+                    stored = await finish(self.store, task, etag, change, now)
                     if stored is None:
-                        uncertain = True
-                        stored = await finish(self.store, task, etag, change, now)
-                        if stored is None:
-                            break
-                if stored[0].status == PENDING:
-                    await self._put_marker(stored[0])
-                elif stored[0].ended_key(self.queue.name) is not None:  # failed, cancelled: indexed
-                    await self.store.put_marker(stored[0].ended_key(self.queue.name))
-                break
-            except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
-                stored = None
-                break
-            except QoError as exc:
-                await self._nap(outage.failed(exc), self._forced)
-                if self._forced.is_set():
-                    return  # stays unsettled: named in our record
-        outage.ok()
+                        lost = True
+                        return
+            await self._put_projection(stored[0])
+
+        try:
+            if not await self._until_stored(attempt):
+                return  # a forced exit: stays unsettled, named in our record
+        except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
+            lost = True
         self._unsettled.discard(task.id)
-        if stored is None:
+        if lost or stored is None:
             self.stats["lost_lease"] += 1
             log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
             return
@@ -498,6 +485,31 @@ class Worker:
             self.stats[final.status] += 1
             emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
+
+    async def _until_stored(self, attempt: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``attempt`` until no storage error stops it, backing off through an outage
+        (the task stays named in our record meanwhile); False on a forced exit."""
+        outage = self.outages["storing task outcomes"]
+        while True:
+            try:
+                await attempt()
+            except (CorruptObject, TaskNotFound):
+                raise
+            except QoError as exc:
+                await self._nap(outage.failed(exc), self._forced)
+                if self._forced.is_set():
+                    return False
+                continue
+            outage.ok()
+            return True
+
+    async def _put_projection(self, task: Task) -> None:
+        """What must follow a stored outcome: a pending task's marker, an ended one's
+        ``ended/`` index entry (failed, cancelled, expired)."""
+        if task.status == PENDING:
+            await self._put_marker(task)
+        elif task.ended_key(self.queue.name) is not None:
+            await self.store.put_marker(task.ended_key(self.queue.name))
 
     async def _release(self, task: Task) -> None:
         """Wake (or fail, or skip) the dependents of a task that just ended. A failure
