@@ -374,22 +374,62 @@ async def _poisoner(url: str, work_dir: str, seed: int, every: tuple[float, floa
 # -- sampling: no task left running without a live lease ---------------------------------
 
 
-async def _sampler(url: str, t_start: float, window: float, every: float, size: int,
-                   poison: Callable[[], set[str]], found: dict[str, str], stats: collections.Counter,
-                   stop: threading.Event) -> None:
-    """Every ``every`` s: read ``size`` tasks submitted at a random time at least
-    ``window`` s ago; a task ``running`` past its lease deadline by more than ``window``
-    whose worker's record does not name it under its lease with a heartbeat younger than
-    ``window``, and that is still the same version after that record was read, is left
-    running without a live lease (``found``: task id -> why)."""
-    import qo
+async def without_live_lease(storage: Any, key: str, now: float, window: float,
+                             stats: collections.Counter | None = None) -> str | None:
+    """Why the task at ``key`` is left ``running`` without a live lease, or None: it is
+    running past its lease deadline by more than ``window`` s, its worker's record does
+    not name it under its lease with a heartbeat younger than ``window`` s, and it is
+    still the same version after that record was read (not finished meanwhile)."""
     from qo import keys
     from qo.errors import CorruptObject, NotFound
     from qo.model import Task
 
+    stats = collections.Counter() if stats is None else stats
+    try:
+        blob = await storage.get(key)
+        task = Task.from_json(blob.data, key)
+    except (NotFound, CorruptObject):
+        return None
+    stats["sampled"] += 1
+    if task.status != "running":
+        return None
+    stats["running"] += 1
+    if (task.lease_deadline or 0) > now - window:
+        return None
+    why = None
+    try:
+        rec = json.loads((await storage.get(keys.worker(QUEUE, task.worker_id or "none"))).data)
+    except NotFound:
+        why = f"worker {task.worker_id} has no record"
+    else:
+        lease = (rec.get("leases") or {}).get(task.id)
+        if not isinstance(lease, dict) or lease.get("lease") != task.lease_id:
+            why = f"worker {task.worker_id}'s record does not name it under its lease"
+        elif float(rec.get("heartbeat_at", 0)) < now - window:
+            why = f"worker {task.worker_id}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
+    if why is None:
+        return None
+    try:
+        again = await storage.get(key)
+    except NotFound:
+        return None
+    if again.etag != blob.etag:
+        return None
+    return f"{why}; lease deadline {now - task.lease_deadline:.0f}s ago"
+
+
+async def _sampler(url: str, t_start: float, window: float, every: float, size: int,
+                   poison: Callable[[], set[str]], found: dict[str, str], stats: collections.Counter,
+                   stop: threading.Event) -> None:
+    """Every ``every`` s: read ``size`` tasks submitted at a random time at least
+    ``window`` s ago; those left running without a live lease go to ``found`` (task id
+    -> why; see :func:`without_live_lease`)."""
+    import qo
+    from qo import keys
+
     rng = random.Random(5)
     q = await qo.connect(url, queue=QUEUE)
-    storage = q.storage
+    prefix = keys.tasks_prefix(QUEUE)
     try:
         while not stop.is_set():
             await asyncio.sleep(every)
@@ -398,42 +438,13 @@ async def _sampler(url: str, t_start: float, window: float, every: float, size: 
                 continue
             at = rng.uniform(t_start, now - window)
             try:
-                entries = await storage.list(keys.tasks_prefix(QUEUE),
-                                             start_after=f"{keys.tasks_prefix(QUEUE)}{int(at * 1000):012x}", limit=size)
+                entries = await q.storage.list(prefix, start_after=f"{prefix}{int(at * 1000):012x}", limit=size)
                 bad = poison()
                 for e in entries:
-                    if e.key in bad:
-                        continue
-                    try:
-                        blob = await storage.get(e.key)
-                        task = Task.from_json(blob.data, e.key)
-                    except (NotFound, CorruptObject):
-                        continue
-                    stats["sampled"] += 1
-                    if task.status != "running":
-                        continue
-                    stats["running"] += 1
-                    if (task.lease_deadline or 0) > now - window:
-                        continue
-                    why = None
-                    try:
-                        rec = json.loads((await storage.get(keys.worker(QUEUE, task.worker_id or "none"))).data)
-                    except NotFound:
-                        why = f"worker {task.worker_id} has no record"
-                    else:
-                        lease = (rec.get("leases") or {}).get(task.id)
-                        if not isinstance(lease, dict) or lease.get("lease") != task.lease_id:
-                            why = f"worker {task.worker_id}'s record does not name it under its lease"
-                        elif float(rec.get("heartbeat_at", 0)) < now - window:
-                            why = f"worker {task.worker_id}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
-                    if why is None:
-                        continue
-                    try:
-                        again = await storage.get(e.key)
-                    except NotFound:
-                        continue
-                    if again.etag == blob.etag:
-                        found.setdefault(task.id, f"{why}; lease deadline {now - task.lease_deadline:.0f}s ago")
+                    if e.key not in bad:
+                        why = await without_live_lease(q.storage, e.key, now, window, stats)
+                        if why is not None:
+                            found.setdefault(e.key[len(prefix):-len(".json")], why)
             except qo.QoError:
                 stats["sample_errors"] += 1
     finally:
@@ -651,6 +662,35 @@ async def _read_tasks(storage: Any, poison: set[str], problems: list[str]) -> tu
     return tasks, left
 
 
+def explain_reruns(runs: dict[str, list[tuple[float, int, str]]], types: dict[str, str], kills: dict[str, float],
+                   lease_lost: set[tuple[str, str]]) -> tuple[collections.Counter, dict[str, str]]:
+    """Each run of a task but its last must be explained: a kill of its process between
+    its start and the next run's start (``kills``: process label -> time), a flaky
+    task's first attempt (it retries on purpose), or its process saying it lost that
+    task's lease (``lease_lost``: (label, task id); the drains' label is ``clean-<pid>``).
+    ``runs``: task id -> [(start time, attempt, process label)]. Returns counts by
+    explanation and, per task with an unexplained run, why it is one."""
+    reruns: collections.Counter[str] = collections.Counter()
+    unexplained: dict[str, str] = {}
+    for tid, rs in runs.items():
+        rs = sorted(rs)
+        bad_here = []
+        for (t, attempt, label), (t_next, _, _) in zip(rs, rs[1:]):
+            pid = label[len("clean-"):] if label.startswith("clean-") else label
+            if types.get(tid) == "flaky" and attempt == 1:
+                reruns["flaky_first_attempt"] += 1
+            elif label in kills and t <= kills[label] <= t_next + 0.5:
+                reruns["after_kill"] += 1
+            elif (pid, tid) in lease_lost:
+                reruns["after_lease_lost"] += 1
+            else:
+                reruns["unexplained"] += 1
+                bad_here.append(f"attempt {attempt} in process {label} at {t:.3f}, run again at {t_next:.3f}")
+        if bad_here:
+            unexplained[tid] = "; ".join(bad_here)
+    return reruns, unexplained
+
+
 async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_s: float) -> dict:
     import qo
     from qo import keys
@@ -760,25 +800,10 @@ async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_
         m = LEASE_LOST.search(line)
         if m:
             lease_lost.add((name.rsplit("-", 1)[1][:-len(".txt")], m.group(1)))
-    reruns = collections.Counter()
-    unexplained: list[str] = []
-    for tid, rs in runs.items():
-        rs.sort()
-        task_type = tasks[tid].task_type if tid in tasks else "?"
-        bad_here = []
-        for (t, attempt, label), (t_next, _, _) in zip(rs, rs[1:]):
-            if task_type == "flaky" and attempt == 1:
-                reruns["flaky_first_attempt"] += 1
-            elif label in kills and t <= kills[label] <= t_next + 0.5:
-                reruns["after_kill"] += 1
-            elif (label, tid) in lease_lost or (label.startswith("clean-") and (label[6:], tid) in lease_lost):
-                reruns["after_lease_lost"] += 1
-            else:
-                reruns["unexplained"] += 1
-                bad_here.append(f"attempt {attempt} in process {label} at {t:.3f}, run again at {t_next:.3f}")
-        if bad_here:
-            unexplained.append(tid)
-            problems.append(f"task {tid} ({task_type}) ran again though no kill interrupted it: {'; '.join(bad_here)}")
+    reruns, unexplained = explain_reruns(runs, {tid: t.task_type for tid, t in tasks.items()}, kills, lease_lost)
+    for tid, why in unexplained.items():
+        problems.append(f"task {tid} ({tasks[tid].task_type if tid in tasks else '?'}) ran again though no kill "
+                        f"interrupted it: {why}")
 
     # scheduled ticks: one task per fire time, each named by its idempotency record
     ticks = set(by_tag.get("tick", []))
