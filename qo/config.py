@@ -63,6 +63,10 @@ OPTIONS = {o.name: o for o in [
     Option("concurrency", "QO_CONCURRENCY", 8, _positive_int, "a worker's slots"),
     Option("poll_max", "QO_POLL_MAX", 5.0, _positive, "longest idle poll interval, seconds"),
     Option("lease_ttl", "QO_LEASE_TTL", 30.0, _positive, "a worker's lease, seconds"),
+    Option("shutdown_timeout", "QO_SHUTDOWN_TIMEOUT", 30.0, _positive,
+           "on SIGTERM/SIGINT, seconds running tasks get before async handlers are cancelled"),
+    Option("storage_failure_limit", "QO_STORAGE_FAILURE_LIMIT", 60.0, _positive,
+           "a drain (--until-idle) gives up after storage failed this long, seconds"),
 ]}
 
 

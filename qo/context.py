@@ -21,7 +21,9 @@ class TaskContext:
     queue: Queue
     worker: "Worker"
     deadline: float
-    #: each dependency's {"status", "output", "task_type"}, by task id
+    #: each dependency's {"status", "output", "task_type"}, by task id; an output too large
+    #: to hand inline has "output": None, "output_ref": the id and "output_bytes": its
+    #: size, and is read with ``dependency_output`` (``qo/dependencies.py``, ``results``)
     dependencies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     @property
@@ -31,6 +33,13 @@ class TaskContext:
     @property
     def attempt(self) -> int:
         return self.task.attempt
+
+    async def dependency_output(self, task_id: str) -> Any:
+        """The output of dependency ``task_id``, read from its task now: how a handler gets
+        an output that ``dependencies`` hands by reference (``"output_ref"``), one at a
+        time, so only the outputs it needs are in memory. Works for inline ones too.
+        ``InvalidInput`` naming ``task_id`` if it is not one of this task's dependencies."""
+        return await self.queue.dependencies.output(self.task, task_id)
 
     def extend_lease(self, seconds: float) -> None:
         """Let this attempt run ``seconds`` longer than its ``timeout_seconds``

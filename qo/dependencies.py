@@ -19,18 +19,39 @@ edges; a bounded sweep finds them and finishes the job.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
 from typing import Any, Iterable
 
 from . import keys
 from .errors import DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
 from .events import emit
-from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, check_task_id
+from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, _short, check_task_id
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("fail", "skip", "run")
+#: Parents one task may have (``depends_on``, after de-duplication). Each is one edge
+#: object, one GET at submit and one when the child starts.
 MAX_DEPENDENCIES = 1000
+#: ``ctx.dependencies`` hands a parent's output inline only while it is at most this many
+#: bytes encoded ...
+MAX_INLINE_OUTPUT_BYTES = 64 * 1024
+#: ... and while the inline outputs of all the child's parents, in ``depends_on`` order,
+#: stay within this total. Other outputs are handed by reference (``output_ref``) and
+#: read on demand with ``ctx.dependency_output(id)``. Without the bound, 300 parents of
+#: 250 KB would put 75 MB into every attempt of the child.
+MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
+#: Parents read at once for ``ctx.dependencies``: bounds the task objects in memory
+#: (each up to twice ``MAX_INPUT_BYTES``: input and output) while they are measured.
+RESULTS_WINDOW = 16
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON (the size a stored output takes). Lenient
+    (NaN is encoded): a hand-edited parent's output is measured, not refused here."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def check_policy(value: Any, field: str = "on_dependency_failure") -> str:
@@ -49,7 +70,7 @@ def check_depends_on(value: Any, field: str = "depends_on") -> list[str]:
         check_task_id(task_id, f"{field}[{i}]")
     ids = list(dict.fromkeys(value))  # de-duplicated, order kept
     if len(ids) > MAX_DEPENDENCIES:
-        raise InvalidInput(field, f"at most {MAX_DEPENDENCIES} dependencies")
+        raise InvalidInput(field, f"names {len(ids)} tasks; the limit is {MAX_DEPENDENCIES} dependencies")
     for i, task_id in enumerate(ids):
         check_task_id(task_id, f"{field}[{i}]")
     return ids
@@ -258,10 +279,56 @@ class Dependencies:
         return {d[2] for d in (keys.parse_dep(e.key) for e in edges) if d}
 
     async def results(self, task: Task) -> dict[str, dict[str, Any]]:
-        """Each dependency's status and output, for a handler's ``ctx.dependencies``."""
-        parents = await asyncio.gather(*(self._maybe(p) for p in task.depends_on))
-        return {
-            pid: ({"status": p.status, "output": p.output, "task_type": p.task_type} if p else
-                  {"status": "missing", "output": None, "task_type": None})
-            for pid, p in zip(task.depends_on, parents)
-        }
+        """Each dependency's status and output, for a handler's ``ctx.dependencies``.
+
+        An entry is ``{"status", "output", "task_type"}`` while the parent's output is
+        inline: at most ``MAX_INLINE_OUTPUT_BYTES`` encoded and within the running total
+        ``MAX_INLINE_OUTPUTS_BYTES`` (parents counted in ``depends_on`` order, so the
+        choice is the same on every attempt). A larger output is handed by reference:
+        ``"output": None, "output_ref": <parent id>, "output_bytes": <encoded size>``;
+        ``ctx.dependency_output(id)`` reads it. At most ``RESULTS_WINDOW`` parents are
+        read ahead, so memory stays bounded whatever the number and size of the outputs.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        inline = 0
+        ids = iter(task.depends_on)
+        window: collections.deque[tuple[str, asyncio.Task[Task | None]]] = collections.deque()
+
+        def read_ahead() -> None:
+            while len(window) < RESULTS_WINDOW and (pid := next(ids, None)) is not None:
+                window.append((pid, asyncio.ensure_future(self._maybe(pid))))
+
+        try:
+            read_ahead()
+            while window:
+                pid, pending = window.popleft()
+                parent = await pending
+                read_ahead()
+                if parent is None:
+                    out[pid] = {"status": "missing", "output": None, "task_type": None}
+                    continue
+                entry = {"status": parent.status, "output": parent.output, "task_type": parent.task_type}
+                if parent.output is not None:
+                    size = encoded_size(parent.output)
+                    if size > MAX_INLINE_OUTPUT_BYTES or inline + size > MAX_INLINE_OUTPUTS_BYTES:
+                        entry.update(output=None, output_ref=pid, output_bytes=size)
+                    else:
+                        inline += size
+                out[pid] = entry
+        finally:
+            for _, pending in window:  # an error (or a cancel) ends the reads still in flight
+                if pending.done() and not pending.cancelled():
+                    pending.exception()  # retrieved: asyncio does not log it as lost
+                pending.cancel()
+        return out
+
+    async def output(self, task: Task, parent_id: Any) -> Any:
+        """The output of ``parent_id``, one of ``task``'s dependencies, read now (for an
+        entry of ``ctx.dependencies`` handed by reference). ``InvalidInput`` naming
+        ``task_id`` if it is not a dependency of ``task``; ``TaskNotFound`` if it is gone."""
+        if not isinstance(parent_id, str) or parent_id not in task.depends_on:
+            raise InvalidInput("task_id", f"{_short(parent_id)} is not a dependency of task {task.id}")
+        parent = await self._maybe(parent_id)
+        if parent is None:
+            raise TaskNotFound(parent_id)
+        return parent.output

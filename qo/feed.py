@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import keys
 from .errors import QoError
@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: pages of 1000 listed past other types' markers in one refill, at most
+FOREIGN_PAGES = 10
+#: claimed markers kept for deletion while deletes fail, at most (a dead marker left
+#: behind costs one GET to whoever lists it next, who then drops it)
+TRASH_MAX = 10000
+#: how long the end of a run of other types' markers is remembered
+FOREIGN_HINT_SECONDS = 5.0
 
 
 class Feed:
@@ -51,6 +59,8 @@ class Feed:
         self.peers: set[str] = set()
         self.lock = asyncio.Lock()
         self.new_work = asyncio.Event()  # set when promotion made tasks due
+        #: (key, until): the last run of other types' markers ends at or after key
+        self.foreign_until: tuple[str, float] | None = None
 
     @property
     def empty(self) -> bool:
@@ -77,11 +87,13 @@ class Feed:
                     await w._sleep(self.next_poll_at - now, wake=self.new_work)
                     self.new_work.clear()
                     continue
+                outage = w.outages["listing ready tasks"]
                 try:
                     found = await self.refill(now)
                 except QoError as exc:
-                    log.warning("worker %s: listing ready tasks failed: %s", w.worker_id, exc)
-                    found = False
+                    self.next_poll_at = now + max(self.poll, outage.failed(exc))
+                    continue
+                outage.ok()
                 if found:
                     self.poll = w.settings.poll_min
                     self.next_poll_at = now
@@ -128,17 +140,19 @@ class Feed:
         """Delete with the next batch (no I/O here)."""
         self.trash.append(key)
 
-    def look_again_later(self, marker: keys.Marker, now: float, dead: bool = False) -> None:
+    def look_again_later(self, marker: keys.Marker, now: float, dead: bool = False, keep: bool = False) -> None:
         """A marker whose task could not be claimed and looks stale: maybe its producer is
         still writing, or a claimer is about to delete it. Look again soon, then less
-        and less often; once older than ``orphan_grace`` (or ``dead``), drop it."""
+        and less often; once older than ``orphan_grace`` (or ``dead``), drop it. A
+        ``keep`` marker (its task is a newer release's) is never dropped, only skipped."""
         s = self.worker.settings
-        if dead or now - marker.due > s.orphan_grace:
+        if not keep and (dead or now - marker.due > s.orphan_grace):
             self.drop_later(marker.key)  # old and wrong
             return
         misses = self.misses.get(marker.key, 0) + 1
         self.misses[marker.key] = misses
-        self.skip[marker.key] = min(marker.due + s.orphan_grace, now + s.poll_min * 2 ** min(misses, 12))
+        later = now + s.poll_min * 2 ** min(misses, 12)
+        self.skip[marker.key] = max(later, now + s.orphan_grace) if keep else min(marker.due + s.orphan_grace, later)
 
     def skip_until(self, key: str, when: float) -> None:
         self.skip[key] = when
@@ -152,6 +166,8 @@ class Feed:
                 await self.worker.store.delete_markers(batch)
             except QoError:
                 self.trash.extend(batch)
+                if len(self.trash) > TRASH_MAX:  # deletes keep failing: the oldest claimed
+                    del self.trash[:len(self.trash) - TRASH_MAX]  # markers are dead; any worker drops them
                 raise
             finally:
                 self.deleting.difference_update(batch)
@@ -161,24 +177,33 @@ class Feed:
         """LIST the ready index, keep what this worker can run and is not already
         handling, announce the candidates in the record, buffer them."""
         w = self.worker
-        await self.flush()
+        try:
+            await self.flush()
+        except QoError:
+            pass  # deletes failing must not stop claiming: housekeeping retries them, backing off
         self.skip = {k: t for k, t in self.skip.items() if t > now}
         self.misses = {k: n for k, n in self.misses.items() if k in self.skip or n < 16}
         if len(self.misses) > 10000:
             self.misses.clear()
-        entries = await w.store.list(keys.ready_prefix(w.queue.name), limit=w.settings.listing)
         done = set(self.trash) | self.deleting  # claimed by us; their delete is pending
         # tasks we are claiming or running: another marker of one (an aging leftover, a
         # promotion's duplicate) must not re-announce it, or its lease in our record would
         # be replaced and then released on the miss, leaving a running task unnamed
         holding = w.book.leases.keys() - self.lease_ids.keys()
-        markers = []
-        for e in entries:
-            m = keys.parse_marker(e.key)
-            if m and w.handles(m.task_type) and m.key not in self.taken and m.key not in self.skip \
-                    and m.key not in done and m.task_id not in holding:
-                markers.append(m)
-        self.nothing_listed = not markers
+
+        def ours(entries: list) -> list[keys.Marker]:
+            out = []
+            for e in entries:
+                m = keys.parse_marker(e.key)
+                if m and m.kind == "ready" and w.handles(m.task_type) and m.key not in self.taken \
+                        and m.key not in self.skip and m.key not in done and m.task_id not in holding:
+                    out.append(m)
+            return out
+
+        markers, complete = await self.list_ours(now, ours)
+        self.nothing_listed = not markers and complete
+        if not markers and not complete:
+            return True  # cut short: go on listing from where it stopped, without backing off
         if not markers:
             return False
         await w.limiter.refresh()  # only when there is work: an idle worker reads no limits
@@ -189,6 +214,38 @@ class Feed:
         self.buffer.extend(markers)
         self.buffer_at = w.clock.now()
         return True
+
+    async def list_ours(self, now: float, ours: Callable[[list], list[keys.Marker]]) -> tuple[list[keys.Marker], bool]:
+        """The head of the ready index, as far as it takes to reach markers of types this
+        worker handles: a queue shared by several services may hold any number of other
+        types' tasks ahead of ours. One LIST when the head has some of ours; else pages
+        of 1000 from where the last run of others' markers ended (remembered for
+        ``FOREIGN_HINT_SECONDS``), at most ``FOREIGN_PAGES`` per refill. Returns the
+        markers and whether the listing reached them or the end of the index."""
+        w = self.worker
+        prefix = keys.ready_prefix(w.queue.name)
+        page = await w.store.list(prefix, limit=w.settings.listing)
+        found = ours(page)
+        if found or len(page) < w.settings.listing:
+            if not found:
+                self.foreign_until = None
+            return found, True
+        cursor = page[-1].key
+        hint = self.foreign_until
+        if hint is not None and hint[1] > now and hint[0] > cursor:
+            cursor = hint[0]  # skip the run of others' markers we listed a moment ago
+        for _ in range(FOREIGN_PAGES):
+            page = await w.store.list(prefix, start_after=cursor, limit=1000)
+            found = ours(page)
+            if found:
+                self.foreign_until = (cursor, now + FOREIGN_HINT_SECONDS)
+                return found, True
+            if len(page) < 1000:
+                self.foreign_until = None
+                return [], True
+            cursor = page[-1].key
+        self.foreign_until = (cursor, now + FOREIGN_HINT_SECONDS)  # go on from here next time
+        return [], False
 
     def own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:
         """Live workers split the listing by task id: each takes only its own share while

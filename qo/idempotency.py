@@ -7,6 +7,17 @@ task it names. If that task does not exist yet (its producer is slow or died bet
 its writes), the loser writes it itself under the recorded id, create-only: the id is
 the record's, so at most one task can ever exist for the key, and a dead producer
 never leaves the key stuck until its TTL.
+
+The scope ``custom:schedule`` (namespace ``custom.schedule``) holds the scheduler's
+fire records and is reserved: a user submit with it, or a plugin answer that maps a
+user's scope onto that namespace, is ``InvalidInput("idempotency_scope")`` before
+anything is written; only the scheduler's own submit path
+(``IdempotencyRequest.scheduler``) uses it, and its records stay there whatever the
+``qo_idempotency_namespace`` plugins answer.
+
+Records are read defensively (``decode_record``): a record holding garbage costs only
+itself. The sweep reports and skips it; a submit of its key reports it and replaces it
+by compare-and-swap over the garbage (``Idempotency._repair``).
 """
 
 from __future__ import annotations
@@ -21,12 +32,39 @@ from typing import Any
 import attrs
 
 from . import keys
-from .errors import IdempotencyConflict, InvalidInput, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .errors import (
+    CorruptObject,
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+    TaskNotFound,
+)
 from .model import Task, _short, dumps, is_utf8
+from .stored import check_fields, decode, is_number, is_str, matches
 
 SCOPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 MAX_KEY_CHARS = 1024
 DEFAULT_TTL_DAYS = 7.0
+
+#: The scope the scheduler submits its fire times with (``qo.schedules.IDEMPOTENCY_SCOPE``).
+#: Reserved: a fire's key (``{name}@{ms}#{uid}``) is predictable from the schedule
+#: record, so a user submit in this scope could pre-empt a fire with its own task.
+SCHEDULER_SCOPE = "custom:schedule"
+#: Where the scheduler's records live: the namespace ``custom:schedule`` has always
+#: mapped to by default. Kept as it is, so fire records stored before the reservation
+#: stay valid (a fire in flight across an upgrade still finds its task).
+SCHEDULER_NAMESPACE = "custom.schedule"
+_RESERVED = f"{SCHEDULER_SCOPE} is reserved for qo's scheduler (its fire records)"
+
+#: The fields of a stored record and what each must be; ``decode_record`` checks them.
+RECORD_FIELDS = {
+    "key": is_str, "scope": is_str, "namespace": is_str,
+    "task_id": matches(keys.TASK_ID), "task_type": is_str, "input_hash": is_str,
+    "created_at": is_number, "expires_at": is_number,
+}
+RECORD_REQUIRED = ("task_id", "task_type", "input_hash", "expires_at")
 
 
 @attrs.frozen
@@ -34,11 +72,15 @@ class IdempotencyRequest:
     key: str
     scope: str
     ttl_days: float
+    #: the scheduler's own submit (``qo/schedules.py``), the one user of SCHEDULER_SCOPE;
+    #: set by qo, never from a submit option
+    scheduler: bool = attrs.field(default=False, kw_only=True)
 
 
-def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | None:
+def check_request(key: Any, scope: Any, ttl_days: Any, *, scheduler: bool = False) -> IdempotencyRequest | None:
     """Validate the three idempotency arguments (all three, even without a key: a bad scope
-    or TTL is a mistake either way); ``None`` when no key is given."""
+    or TTL is a mistake either way); ``None`` when no key is given. The scheduler's scope
+    is refused unless ``scheduler`` (qo's own fire path) says this is the scheduler."""
     if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\x00" in key or not is_utf8(key)):
         raise InvalidInput("idempotency_key", f"must be a non-empty string of at most {MAX_KEY_CHARS} "
                            "characters without NUL or lone surrogates")
@@ -49,9 +91,11 @@ def check_request(key: Any, scope: Any, ttl_days: Any) -> IdempotencyRequest | N
                            "(name: letters, digits, _ . : -)")
     if isinstance(ttl_days, bool) or not isinstance(ttl_days, (int, float)) or not 0 < ttl_days <= 3650:
         raise InvalidInput("idempotency_ttl_days", f"{ttl_days!r} is not a number of days in (0, 3650]")
+    if scope == SCHEDULER_SCOPE and not scheduler:
+        raise InvalidInput("idempotency_scope", f"{_RESERVED}; choose another custom:<name>")
     if key is None:
         return None
-    return IdempotencyRequest(key, scope, float(ttl_days))
+    return IdempotencyRequest(key, scope, float(ttl_days), scheduler=scheduler)
 
 
 def input_hash(input: Any) -> str:
@@ -72,6 +116,23 @@ def record_key(queue: str, namespace: str, key: str) -> str:
     return keys.idem(queue, namespace, hashlib.sha256(key.encode("utf-8")).hexdigest())
 
 
+def decode_record(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
+    """The record stored at ``key``; ``CorruptObject`` naming the key and why if it is
+    not one this release can use (not JSON, not an object, a field missing or unusable)."""
+    return check_fields(decode(data, key, backend=backend), key, RECORD_FIELDS,
+                        required=RECORD_REQUIRED, backend=backend)
+
+
+def salvaged_task_id(data: bytes) -> str | None:
+    """The task id a corrupt record still names, if it names a usable one."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError, TypeError):
+        return None
+    task_id = value.get("task_id") if isinstance(value, dict) else None
+    return task_id if isinstance(task_id, str) and keys.TASK_ID.match(task_id) else None
+
+
 class Idempotency:
     """Submits a task at most once per (namespace, key) while the key lives."""
 
@@ -79,11 +140,23 @@ class Idempotency:
         self.queue = queue
 
     def namespace(self, request: IdempotencyRequest, task_type: str) -> str:
+        """The namespace of ``request``'s key: ``qo_idempotency_namespace``'s answer, else
+        the default. ``InvalidInput`` for an unusable answer, or for a user's scope that a
+        plugin maps onto the scheduler's namespace.
+
+        The scheduler's own requests always live in ``SCHEDULER_NAMESPACE``, whatever
+        the plugins say: a plugin that scopes every key alike (per tenant, say) would
+        otherwise put fire records where a user's keys can reach them."""
+        if request.scheduler:
+            return SCHEDULER_NAMESPACE
         ns = self.queue.plugins.hook.qo_idempotency_namespace(
             scope=request.scope, key=request.key, task_type=task_type, queue=self.queue.name)
         ns = ns if ns is not None else default_namespace(request.scope, task_type)
         if not isinstance(ns, str) or not all(SCOPE_NAME.match(p) for p in ns.split("/")):
             raise InvalidInput("idempotency_scope", f"a plugin returned the unusable namespace {ns!r}")
+        if ns == SCHEDULER_NAMESPACE:
+            raise InvalidInput("idempotency_scope", f"a plugin maps {request.scope!r} to the namespace {ns!r}, "
+                               f"the scheduler's: {_RESERVED}")
         return ns
 
     def record(self, task: Task, request: IdempotencyRequest, namespace: str) -> dict[str, Any]:
@@ -116,8 +189,15 @@ class Idempotency:
                 blob = await store.backoff.call(lambda: store.storage.get(key))
             except NotFound:
                 continue  # expired and cleaned up in between: try to create again
-            existing = json.loads(blob.data)
-            if existing.get("expires_at", 0) <= self.queue.clock.now():
+            try:
+                existing = decode_record(blob.data, key, backend=store.storage.name)
+            except CorruptObject as exc:
+                store.bad.report(exc, "replaced by this submit's record")
+                try:
+                    return await self._repair(key, blob.data, blob.etag, task, request, namespace)
+                except PreconditionFailed:
+                    continue  # somebody else replaced it first: read theirs
+            if existing["expires_at"] <= self.queue.clock.now():
                 try:  # expired: the key may name a new task now
                     await store.backoff.call(lambda: store.storage.put(key, data, if_match=blob.etag))
                 except PreconditionFailed:
@@ -132,6 +212,39 @@ class Idempotency:
                 task.id = existing["task_id"]
                 return await self._write_task(task)
         raise PreconditionFailed("idempotency record keeps changing", backend=store.storage.name, key=key)
+
+    async def _repair(self, key: str, garbage: bytes, etag: str, task: Task, request: IdempotencyRequest,
+                      namespace: str) -> Task:
+        """Replace the corrupt record at ``key`` (version ``etag``) by CAS and return the
+        key's task; ``PreconditionFailed`` if the record changed in between.
+
+        The garbage has lost its answer, but a task id it still names is kept: if that
+        task exists, the new record describes it (and a different input is still an
+        ``IdempotencyConflict``), so repairing never makes a second task for a key whose
+        task is there; if not, ``task`` is written under that id. Only a record naming no
+        usable task id gets a record for ``task`` as it is.
+        """
+        store = self.queue.store
+        salvaged = salvaged_task_id(garbage)
+        found: Task | None = None
+        if salvaged is not None:
+            try:
+                found = await self.queue.get(salvaged)
+            except TaskNotFound:
+                pass
+        own_id = task.id
+        if found is None and salvaged is not None:
+            task.id = salvaged
+        record = self.record(found if found is not None else task, request, namespace)
+        try:
+            await store.backoff.call(lambda: store.storage.put(key, dumps(record), if_match=etag))
+        except BaseException:
+            task.id = own_id  # the caller's next round builds on the record it will read
+            raise
+        if found is None:
+            return await self._write_task(task)
+        self._check_conflict(record, self.record(task, request, namespace), request)
+        return found
 
     async def _create(self, key: str, data: bytes, task_id: str) -> None:
         """Create-only. Only after a failure whose outcome is unknown does a refusal need
@@ -154,7 +267,11 @@ class Idempotency:
                     blob = await store.backoff.call(lambda: store.storage.get(key))
                 except NotFound:
                     raise PreconditionFailed("record vanished", backend=store.storage.name, key=key) from None
-                if json.loads(blob.data).get("task_id") != task_id:
+                try:
+                    ours = decode_record(blob.data, key, backend=store.storage.name)["task_id"] == task_id
+                except CorruptObject:
+                    ours = False  # not what we wrote: the caller reads it again and deals with it
+                if not ours:
                     raise
                 return
 
@@ -178,15 +295,21 @@ class Idempotency:
 
 async def sweep_expired(queue: Any, cursor: str | None, *, limit: int = 100) -> str | None:
     """Delete up to ``limit`` expired records after ``cursor``; returns the next cursor
-    (``None`` once the end is reached, so the next sweep starts over)."""
+    (``None`` once the end is reached, so the next sweep starts over). A record that
+    cannot be read is reported (``queue.store.bad``: logged once, counted) and skipped:
+    it is not judged expired, and the others are swept."""
     store = queue.store
     entries = await store.list(keys.idem_prefix(queue.name), start_after=cursor, limit=limit)
     now = queue.clock.now()
     for entry in entries:
         try:
             blob = await store.backoff.call(lambda: store.storage.get(entry.key))
-            expires_at = json.loads(blob.data).get("expires_at", 0)
-        except (NotFound, ValueError):
+        except NotFound:
+            continue
+        try:
+            expires_at = decode_record(blob.data, entry.key, backend=store.storage.name)["expires_at"]
+        except CorruptObject as exc:
+            store.bad.report(exc)
             continue
         if expires_at <= now:
             try:  # only the version judged expired: a fresh replacement stays

@@ -92,15 +92,31 @@ def dep(queue: str, parent_id: str, child_id: str, child_type: str) -> str:
     return f"{queue}/deps/{parent_id}/{child_id}-{child_type}"
 
 
+def is_direct_child(key: str, prefix: str) -> bool:
+    """``key`` lies right under ``prefix`` (which ends in ``/``), not in a folder below
+    it: a listing may reach into another store nested under this one's root."""
+    return key.startswith(prefix) and "/" not in key[len(prefix):]
+
+
+def task_id_of(key: str) -> str | None:
+    """The task id of a ``{q}/tasks/{id}.json`` key, or None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[1] != "tasks" or not parts[2].endswith(".json"):
+        return None
+    task_id = parts[2][:-5]
+    return task_id if TASK_ID.match(task_id) else None
+
+
 def parse_dep(key: str) -> tuple[str, str, str] | None:
-    """(parent id, child id, child type) of an edge key, or None."""
-    parts = key.rsplit("/", 2)
-    if len(parts) != 3:
+    """(parent id, child id, child type) of a ``{q}/deps/{parent}/{child}-{type}`` key,
+    or None (any other depth: a store nested under ours is not ours)."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[1] != "deps":
         return None
-    child_id, _, child_type = parts[2].partition("-")
-    if not (TASK_ID.match(parts[1]) and TASK_ID.match(child_id) and TASK_TYPE.match(child_type)):
+    child_id, _, child_type = parts[3].partition("-")
+    if not (TASK_ID.match(parts[2]) and TASK_ID.match(child_id) and TASK_TYPE.match(child_type)):
         return None
-    return parts[1], child_id, child_type
+    return parts[2], child_id, child_type
 
 
 def ms(ts: float) -> int:
@@ -128,17 +144,21 @@ class Marker:
 
 
 def parse_marker(key: str) -> Marker | None:
-    """Parse a marker key; ``None`` for anything that is not one (ignored, never fatal)."""
-    parts = key.rsplit("/", 3)
+    """Parse a marker key, ``{q}/ready/{inv}/{due}-{id}-{type}`` or
+    ``{q}/delayed/{due}-{inv}-{id}-{type}``, at exactly that depth; ``None`` for anything
+    else (ignored, never fatal; a store nested under ours is not ours)."""
+    parts = key.split("/")
     try:
-        if len(parts) >= 3 and parts[-3] == "ready":
-            inv, name = parts[-2], parts[-1]
+        if len(parts) == 4 and parts[1] == "ready" and len(parts[2]) == 3:
+            inv, name = parts[2], parts[3]
             due_s, task_id, task_type = name.split("-", 2)
             kind = "ready"
-        elif parts[-2] == "delayed":
-            due_s, inv, task_id, task_type = parts[-1].split("-", 3)
+        elif len(parts) == 3 and parts[1] == "delayed":
+            due_s, inv, task_id, task_type = parts[2].split("-", 3)
             kind = "delayed"
         else:
+            return None
+        if not (due_s.isdigit() and inv.isdigit()):
             return None
         priority = 255 - int(inv)
         due = int(due_s) / 1000

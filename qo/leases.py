@@ -17,9 +17,9 @@ from typing import Any
 
 import attrs
 
-from . import keys
-from .errors import NotFound, PreconditionFailed, QoError, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, dumps
+from . import keys, stored
+from .errors import CorruptObject, NotFound, PreconditionFailed, QoError, StorageUnavailable, TaskNotFound
+from .model import PENDING, RUNNING, _short, dumps
 from .store import TaskStore
 from .transitions import abandoned, finish
 
@@ -119,7 +119,11 @@ class LeaseBook:
                     except NotFound:
                         raise PreconditionFailed("record vanished", backend=self.store.storage.name,
                                                  key=self.key) from None
-                    if json.loads(blob.data).get("rev") == rev:
+                    try:
+                        landed = stored.decode(blob.data, self.key).get("rev") == rev
+                    except CorruptObject:
+                        landed = False  # garbage over our record is not our write
+                    if landed:
                         return blob.etag
                 raise
         raise AssertionError("unreachable")
@@ -137,6 +141,27 @@ class LeaseBook:
             self.etag = None
 
 
+_LEASE_CHECKS = {"lease": stored.is_str, "type": stored.is_str}
+_RECORD_CHECKS = {
+    "worker_id": stored.matches(keys.WORKER_ID),
+    "heartbeat_at": stored.is_number,
+    "lease_ttl": stored.is_positive,
+    "leases": stored.is_dict,
+}
+
+def parse_record(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
+    """A worker record as stored at ``key``, checked; ``CorruptObject`` if unusable.
+    A record names tasks by id with their lease id and type: a task id that is not
+    one, or a lease that is not ``{"lease": str, "type": str}``, makes it unusable."""
+    record = stored.check_fields(stored.decode(data, key, backend=backend), key, _RECORD_CHECKS,
+                                 required=tuple(_RECORD_CHECKS), backend=backend)
+    for task_id, lease in record["leases"].items():
+        if not keys.TASK_ID.match(task_id) or not isinstance(lease, dict):
+            raise CorruptObject(key, f"lease {_short(task_id)} is not a task id with its lease", backend=backend)
+        stored.check_fields(lease, key, _LEASE_CHECKS, required=("lease",), backend=backend)
+    return record
+
+
 @attrs.frozen
 class SweepReport:
     workers: int  # records seen (alive or not)
@@ -152,7 +177,9 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
     more), so the cost per sweep does not grow with the number of workers.
     """
     entries = await store.list(keys.workers_prefix(store.queue), limit=1000)
-    others = [e for e in entries if not e.key.endswith(f"/{self_id}.json")]
+    others = [e for e in entries if not e.key.endswith(f"/{self_id}.json")
+              and keys.is_direct_child(e.key, keys.workers_prefix(store.queue))
+              and not store.bad.known(e.key, e.etag)]  # the same bad version: reported already
     if len(others) > max_records:
         others = random.sample(others, max_records)
     alive: dict[str, dict[str, Any]] = {}
@@ -161,12 +188,14 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
     for entry in others:
         try:
             blob = await store.backoff.call(lambda: store.storage.get(entry.key))
-            record = json.loads(blob.data)
-        except (NotFound, ValueError):
+            record = parse_record(blob.data, entry.key, backend=store.storage.name)
+        except NotFound:
             continue
-        ttl = float(record.get("lease_ttl", 30.0))
-        if now <= float(record.get("heartbeat_at", 0)) + ttl:
-            alive[record.get("worker_id", entry.key)] = record
+        except CorruptObject as exc:
+            store.bad.report(exc, etag=blob.etag)
+            continue
+        if now <= record["heartbeat_at"] + record["lease_ttl"]:
+            alive[record["worker_id"]] = record
             continue
         recovered += await recover_record(store, clock, record, emit=emit, on_end=on_end)
         try:  # only the version we judged: a worker that came back keeps its record

@@ -14,14 +14,15 @@ waits, for short waits) or ``skip`` (the worker moves on and comes back).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any
 
 import attrs
 
-from .errors import InvalidInput, NotFound
+from .errors import CorruptObject, InvalidInput, NotFound
+from .keys import is_direct_child
 from .model import _short, check_task_type, dumps, is_utf8
+from .stored import decode
 
 BACKPRESSURE = ("delay", "wait", "skip")
 
@@ -68,21 +69,39 @@ def check_limit(scope: Any, rate: Any, per: Any, burst: Any, concurrency: Any, b
         raise InvalidInput("rate", "give a rate, a concurrency, or both")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
                              or not math.isfinite(rate) or rate <= 0):
-        raise InvalidInput("rate", f"{rate!r} must be a positive number")
+        raise InvalidInput("rate", f"{_short(rate)} must be a positive number")
     if isinstance(per, bool) or not isinstance(per, (int, float)) or not math.isfinite(per) or per <= 0:
-        raise InvalidInput("per", f"{per!r} must be a positive number of seconds")
+        raise InvalidInput("per", f"{_short(per)} must be a positive number of seconds")
     if burst is not None and (isinstance(burst, bool) or not isinstance(burst, (int, float))
                               or not math.isfinite(burst) or burst < 1):
-        raise InvalidInput("burst", f"{burst!r} must be a number >= 1")
+        raise InvalidInput("burst", f"{_short(burst)} must be a number >= 1")
     if burst is not None and rate is None:
         raise InvalidInput("burst", "needs a rate")
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or not 1 <= concurrency <= 100000):
-        raise InvalidInput("concurrency", f"{concurrency!r} must be an integer from 1")
+        raise InvalidInput("concurrency", f"{_short(concurrency)} must be an integer from 1")
     if backpressure not in BACKPRESSURE:
-        raise InvalidInput("backpressure", f"{backpressure!r} is not one of {', '.join(BACKPRESSURE)}")
+        raise InvalidInput("backpressure", f"{_short(backpressure)} is not one of {', '.join(BACKPRESSURE)}")
     return Limit(scope, None if rate is None else float(rate), float(per),
                  None if burst is None else float(burst), concurrency, backpressure)
+
+
+def parse_limit(data: bytes, key: str, *, backend: str = "") -> Limit:
+    """The definition stored at ``key``, checked as ``limits.set`` checks it (a negative
+    or non-numeric rate, an unknown field); ``CorruptObject`` naming why."""
+    d = decode(data, key, backend=backend)
+    names = {f.name for f in attrs.fields(Limit)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CorruptObject(key, f"unknown field {_short(unknown[0])}", backend=backend)
+    try:
+        limit = check_limit(d.get("scope"), d.get("rate"), d.get("per", 1.0), d.get("burst"),
+                            d.get("concurrency"), d.get("backpressure", "delay"))
+    except InvalidInput as exc:
+        raise CorruptObject(key, f"{exc.field}: {exc.message}", backend=backend) from None
+    if key.rsplit("/", 1)[-1] != f"{scope_id(limit.scope)}.json":
+        raise CorruptObject(key, f"holds the limit of {limit.scope!r}, not the one its key names", backend=backend)
+    return limit
 
 
 def check_rate_limit_key(value: Any, field: str = "rate_limit_key") -> str | None:
@@ -153,14 +172,20 @@ class Limits:
         await store.backoff.call(lambda: store.storage.delete(def_key(self.queue.name, scope)))
 
     async def definitions(self) -> list[Limit]:
+        """Every readable definition; an unreadable one is skipped (reported once, and its
+        unchanged version not read again): a tampered limit costs only itself."""
         store = self.queue.store
         out = []
         for entry in await store.list(defs_prefix(self.queue.name)):
+            if not is_direct_child(entry.key, defs_prefix(self.queue.name)) or store.bad.known(entry.key, entry.etag):
+                continue
             try:
                 blob = await store.backoff.call(lambda: store.storage.get(entry.key))
-                out.append(Limit(**json.loads(blob.data)))
-            except (NotFound, TypeError, ValueError):
+                out.append(parse_limit(blob.data, entry.key, backend=store.storage.name))
+            except NotFound:
                 continue
+            except CorruptObject as exc:
+                store.bad.report(exc, etag=blob.etag)
         return sorted(out, key=lambda l: l.scope)
 
     async def list(self) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ class StoredRecord:
 
     FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {}
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    SCHEMA: ClassVar[int] = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = attrs.asdict(self, recurse=False)
@@ -55,7 +56,14 @@ class StoredRecord:
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> Any:
         """The record stored at ``key``; ``CorruptObject`` if it is not one this release can use."""
         d = stored.decode(data, key, backend=backend)
-        stored.check_fields(d, key, cls.FIELD_CHECKS, required=cls.REQUIRED, backend=backend)
+        try:
+            stored.check_fields(d, key, cls.FIELD_CHECKS, required=cls.REQUIRED, backend=backend)
+        except CorruptObject as exc:
+            schema = d.get("schema")
+            if stored.is_int(schema) and schema > cls.SCHEMA:
+                raise CorruptObject(key, f"{exc.reason} (written by a newer release: schema {schema}, "
+                                    f"this release reads {cls.SCHEMA})", backend=backend) from None
+            raise
         return cls.from_dict(d)
 
 
@@ -172,15 +180,21 @@ def check_task_type(value: Any, field: str = "task_type") -> str:
 
 
 def check_input(value: Any, field: str = "input") -> Any:
-    """JSON-serialisable, finite numbers only, at most MAX_INPUT_BYTES encoded."""
+    """JSON-serialisable, finite numbers only, at most MAX_INPUT_BYTES encoded and nested
+    at most ``stored.MAX_VALUE_DEPTH`` deep: the task (or schedule) holding it must be
+    readable again, and ``stored.decode`` refuses objects nested deeper than
+    ``stored.MAX_DEPTH``. Depth is measured on the encoded text, without recursion."""
+    too_deep = f"is nested more than {stored.MAX_VALUE_DEPTH} levels deep (arrays and objects); that is the limit"
     try:
         encoded = dumps(value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(field, f"must be JSON-serialisable with finite numbers ({exc})") from None
-    except RecursionError:
-        raise InvalidInput(field, "is nested too deeply to encode as JSON") from None
+    except RecursionError:  # deeper than the interpreter's recursion limit (or circular)
+        raise InvalidInput(field, too_deep) from None
     if len(encoded) > MAX_INPUT_BYTES:
         raise InvalidInput(field, f"is {len(encoded)} bytes encoded; the limit is {MAX_INPUT_BYTES}")
+    if stored.too_deep(encoded.decode(), stored.MAX_VALUE_DEPTH):
+        raise InvalidInput(field, too_deep)
     return json.loads(encoded)  # a detached copy: later mutation by the caller changes nothing
 
 
@@ -243,5 +257,10 @@ def is_utf8(value: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    r = repr(value)
+    """``value`` for an error message, at most 60 characters; a value nested too deeply for
+    ``repr`` (a 100,000-deep list) is named by its type, not a RecursionError."""
+    try:
+        r = repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to show>"
     return r if len(r) <= 60 else r[:57] + "..."

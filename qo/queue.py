@@ -343,7 +343,8 @@ class Queue:
             if not page:
                 return
             cursor = page[-1].key
-            loaded = await asyncio.gather(*(self._load_entry(e.key) for e in page))
+            loaded = await asyncio.gather(*(self._load_entry(e.key) for e in page
+                                            if keys.task_id_of(e.key) is not None))
             for task in loaded:
                 if task is None or (status and task.status != status) or (task_type and task.task_type != task_type):
                     continue
@@ -353,9 +354,9 @@ class Queue:
                     return
 
     async def _load_entry(self, key: str) -> Task | None:
-        task_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+        """The listed task, or None if it vanished or is unreadable (reported once)."""
         try:
-            return (await self.store.load(task_id))[0]
+            return (await self.store.load(keys.task_id_of(key)))[0]
         except QoError:
             return None
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import math
 import os
 import random
@@ -26,7 +25,8 @@ from typing import Any
 
 import attrs
 
-from .errors import NotFound, PreconditionFailed
+from . import stored
+from .errors import CorruptObject, NotFound, PreconditionFailed
 from .limits import Limit, Limits, bucket_id, scope_id, state_key
 from .model import Task, dumps
 
@@ -55,12 +55,33 @@ async def read_state(queue: Any, key: str, limit: Limit, now: float) -> BucketSt
     store = queue.store
     try:
         blob = await store.backoff.call(lambda: store.storage.get(key))
-        d = json.loads(blob.data)
-        state = BucketState(float(d["tokens"]), float(d["at"]), dict(d.get("running") or {}), blob.etag)
     except NotFound:
         state = BucketState(limit.capacity, now)
+    else:
+        try:
+            state = parse_state(blob.data, key, blob.etag, backend=store.storage.name)
+            if state.tokens < 0 or state.at > now + 3600 or any(e > now + 7 * 86400 for e in state.running.values()):
+                raise CorruptObject(key, "tokens below zero, or times far in the future", backend=store.storage.name)
+        except CorruptObject as exc:
+            # the state is derived and short-lived: start it afresh (a full bucket, the
+            # state of a limit never used), replacing the bad version by CAS
+            store.bad.report(exc, "replaced by a full bucket")
+            state = BucketState(limit.capacity, now, {}, blob.etag)
     state.refill(limit, now)
     return state
+
+
+_STATE_CHECKS = {"tokens": stored.is_number, "at": stored.is_number, "running": stored.is_dict}
+
+
+def parse_state(data: bytes, key: str, etag: str, *, backend: str = "") -> BucketState:
+    """A bucket's state as stored at ``key``; ``CorruptObject`` if unusable."""
+    d = stored.check_fields(stored.decode(data, key, backend=backend), key, _STATE_CHECKS,
+                            required=("tokens", "at"), backend=backend)
+    running = d.get("running") or {}
+    if not all(isinstance(k, str) and stored.is_number(v) for k, v in running.items()):
+        raise CorruptObject(key, "field 'running' is not a map of entries to expiry times", backend=backend)
+    return BucketState(float(d["tokens"]), float(d["at"]), dict(running), etag)
 
 
 @attrs.frozen

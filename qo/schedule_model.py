@@ -15,20 +15,28 @@ import os
 import random
 import re
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 
-from .errors import InvalidInput, NotFound, PreconditionFailed, ScheduleNotFound, StorageUnavailable
+from . import stored
+from .errors import CorruptObject, InvalidInput, NotFound, PreconditionFailed, ScheduleNotFound, StorageUnavailable
 from .model import StoredRecord, _short, iso, new_rev
 from .store import Backoff
+from .stored import BadObjects
 
 SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}\Z")
 CATCH_UP_POLICIES = ("skip", "latest", "all")
 SCHEMA_VERSION = 1
 #: The task options a schedule passes to every task it fires.
 TASK_OPTIONS = ("priority", "max_retries", "timeout_seconds")
+#: Longest schedule expression (``cron``) accepted. Parsing costs about 2 us a character
+#: (croniter, on every fire computation), and the record is read on every scheduler pass.
+#: 256 holds any hand-written cron: a field listing all 60 minutes one by one is 169
+#: characters, and the other fields then fit as lists or ranges. More is not a schedule
+#: a person wrote; split it into several schedules.
+MAX_CRON_LENGTH = 256
 
 
 def schedules_prefix(queue: str) -> str:
@@ -57,6 +65,14 @@ def check_name(value: Any, field: str = "name") -> str:
 @functools.lru_cache(maxsize=256)
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
+
+
+def check_cron_length(value: Any, field: str = "cron") -> Any:
+    """``value`` unchanged unless it is a string longer than ``MAX_CRON_LENGTH``: then an
+    ``InvalidInput`` naming ``field``, decided by ``len`` alone (nothing parses it first)."""
+    if isinstance(value, str) and len(value) > MAX_CRON_LENGTH:
+        raise InvalidInput(field, f"is {len(value)} characters long; the limit is {MAX_CRON_LENGTH}")
+    return value
 
 
 def check_timezone(value: Any, field: str = "timezone") -> ZoneInfo:
@@ -109,6 +125,30 @@ class Schedule(StoredRecord):
     schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
+    FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "name": stored.matches(SCHEDULE_NAME),
+        "cron": stored.is_str,  # parsed (and refused, pausing the schedule) where it fires
+        "task_type": stored.is_str,
+        "timezone": stored.is_str,
+        "input": stored.anything,
+        "options": stored.is_dict,
+        "enabled": stored.is_bool,
+        "catch_up": stored.is_str,
+        "max_catch_up": lambda v: stored.is_int(v, 0, 10_000),
+        "grace_seconds": lambda v: stored.is_number(v) and 0 <= v <= 86400,
+        "next_fire_at": stored.optional(stored.is_number),
+        "last_fire_at": stored.optional(stored.is_number),
+        "last_task_id": stored.optional(stored.is_str),
+        "fired": stored.is_int,
+        "last_error": stored.optional(stored.is_str),
+        "uid": stored.is_str,
+        "created_at": stored.is_number,
+        "updated_at": stored.is_number,
+        "rev": stored.is_str,
+        "schema": stored.is_int,
+    }
+    REQUIRED: ClassVar[tuple[str, ...]] = ("name", "cron", "task_type")
+
     def fire_key(self, fire_at: float) -> str:
         """The idempotency key of one fire time: every scheduler computes the same one."""
         return f"{self.name}@{int(round(fire_at * 1000))}#{self.uid}"
@@ -148,9 +188,10 @@ class Schedule(StoredRecord):
 class ScheduleStore:
     """Typed, retried reads and conditional writes of one queue's schedules."""
 
-    def __init__(self, storage: Any, queue: str, backoff: Backoff | None = None):
+    def __init__(self, storage: Any, queue: str, backoff: Backoff | None = None, bad: BadObjects | None = None):
         self.storage, self.queue = storage, queue
         self.backoff = backoff or Backoff()
+        self.bad = bad if bad is not None else BadObjects()
 
     def key(self, name: str) -> str:
         return schedule_key(self.queue, name)
@@ -162,7 +203,8 @@ class ScheduleStore:
         while True:
             page = await self.backoff.call(
                 lambda: self.storage.list(schedules_prefix(self.queue), start_after=cursor, limit=1000))
-            out += [e for e in page if e.key.endswith(".json")]
+            out += [e for e in page if e.key.endswith(".json")
+                    and "/" not in e.key[len(schedules_prefix(self.queue)):]]  # not a nested store's
             if len(page) < 1000:
                 return out
             cursor = page[-1].key
@@ -173,7 +215,21 @@ class ScheduleStore:
             blob = await self.backoff.call(lambda: self.storage.get(self.key(name)))
         except NotFound:
             raise ScheduleNotFound(name) from None
-        return Schedule.from_json(blob.data), blob.etag
+        return self.decode(blob.data, name), blob.etag
+
+    def decode(self, data: bytes, name: str) -> Schedule:
+        """The schedule in ``data``; ``CorruptObject`` (reported once) if unusable, or if
+        it names another schedule than its key."""
+        key = self.key(name)
+        try:
+            schedule = Schedule.from_json(data, key, backend=self.storage.name)
+            if schedule.name != name:
+                raise CorruptObject(key, f"holds schedule {schedule.name!r}, not the one its key names",
+                                    backend=self.storage.name)
+        except CorruptObject as exc:
+            self.bad.report(exc)
+            raise
+        return schedule
 
     async def create(self, schedule: Schedule) -> str:
         """Create-only; ``PreconditionFailed`` if the name is taken (by someone else)."""
@@ -201,7 +257,7 @@ class ScheduleStore:
                     if etag is None:
                         continue
                     raise PreconditionFailed("schedule removed", backend=self.storage.name, key=key) from None
-                if Schedule.from_json(blob.data).rev == schedule.rev:
+                if self.decode(blob.data, schedule.name).rev == schedule.rev:
                     return blob.etag
                 if blob.etag != etag:
                     raise PreconditionFailed("changed by another writer", backend=self.storage.name, key=key)

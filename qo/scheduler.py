@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import attrs
 
-from .errors import InvalidInput, PluginError, PreconditionFailed, QoError
+from .errors import CorruptObject, InvalidInput, PluginError, PreconditionFailed, QoError
 from .schedule_model import Schedule, ScheduleNotFound, name_of
 from .schedules import MAX_LATENESS_SECONDS
 
@@ -123,9 +123,14 @@ class Scheduler:
             async with sem:
                 try:
                     fired.extend(await self._visit(name, etag, now))
+                except CorruptObject:
+                    self.stats["bad_objects"] += 1  # reported (once) by the store
                 except QoError as exc:
                     self.stats["errors"] += 1
                     log.warning("scheduler: schedule %r: %s", name, exc)
+                except Exception:  # a plugin's or our bug costs this schedule, not the others
+                    self.stats["errors"] += 1
+                    log.exception("scheduler: schedule %r", name)
 
         await _all(one(name, etag) for name, etag in listed.items())
         self.stats["passes"] += 1
@@ -135,8 +140,15 @@ class Scheduler:
         cached = self._cache.get(name)
         if cached is not None and cached[0] == listed_etag:
             etag, schedule = cached  # unchanged since we read it: no GET
+        elif self.store.bad.known(self.store.key(name), listed_etag):
+            return []  # the same unreadable object as last pass: reported already, no GET
         else:
-            loaded = await self._load(name)
+            try:
+                loaded = await self._load(name)
+            except CorruptObject as exc:
+                self._cache.pop(name, None)
+                self.store.bad.remember(exc.key, listed_etag)  # reported by the store; skip this version
+                raise
             if loaded is None:
                 return []
             schedule, etag = loaded

@@ -9,14 +9,13 @@ expression, an unknown timezone, a duplicate name or an unknown catch-up policy 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import datetime
 from typing import Any
 
 from .clock import utc
-from .errors import IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
-from .idempotency import IdempotencyRequest, record_key
+from .errors import CorruptObject, IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
+from .idempotency import SCHEDULER_SCOPE, check_request, decode_record, record_key
 from .model import Task, _short, check_non_negative_int, check_seconds
 from .schedule_model import (
     TASK_OPTIONS,
@@ -24,6 +23,7 @@ from .schedule_model import (
     ScheduleNotFound,
     ScheduleStore,
     check_catch_up,
+    check_cron_length,
     check_name,
     check_timezone,
     name_of,
@@ -32,7 +32,10 @@ from .schedule_model import (
 __all__ = ["Schedules", "Schedule", "ScheduleNotFound", "IDEMPOTENCY_SCOPE", "MAX_LATENESS_SECONDS"]
 
 #: Fire times are submitted with idempotency keys in this scope (``Schedule.fire_key``).
-IDEMPOTENCY_SCOPE = "custom:schedule"
+#: Reserved for the scheduler (``qo.idempotency.SCHEDULER_SCOPE``): a user submit with it
+#: is refused, so nobody can pre-empt a fire by guessing its key. Its records stay in
+#: the namespace ``custom.schedule``, where fires recorded before the reservation are.
+IDEMPOTENCY_SCOPE = SCHEDULER_SCOPE
 #: No fire time later than this is ever submitted, whatever the catch-up policy ...
 MAX_LATENESS_SECONDS = 7 * 86400.0
 #: ... and its idempotency key lives twice as long, so a fire time submitted again (by a
@@ -45,7 +48,7 @@ class Schedules:
 
     def __init__(self, queue: Any):
         self.queue = queue
-        self.store = ScheduleStore(queue.storage, queue.name, queue.store.backoff)
+        self.store = ScheduleStore(queue.storage, queue.name, queue.store.backoff, queue.store.bad)
 
     # -- fire times ----------------------------------------------------------------
 
@@ -69,17 +72,28 @@ class Schedules:
         return await self._submit(schedule, schedule.fire_key(fire_at))
 
     async def _submit(self, schedule: Schedule, key: str) -> Task:
+        """Submit ``schedule``'s task under idempotency key ``key`` in the scheduler's
+        reserved scope: the one submit path allowed to use it, so it does what
+        ``queue.submit`` does with the scheduler's flag on the request."""
+        queue = self.queue
+        request = check_request(key, IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_DAYS, scheduler=True)
+        assert request is not None  # a key is given
+        task, _ = queue._prepare(schedule.task_type, schedule.input, schedule.task_options(),
+                                 await queue.settings.task_defaults())
+        namespace = queue.idempotency.namespace(request, task.task_type)  # a plugin's bad answer fails here
         try:
-            return await self.queue.submit(schedule.task_type, schedule.input, **schedule.task_options(),
-                                           idempotency_key=key, idempotency_scope=IDEMPOTENCY_SCOPE,
-                                           idempotency_ttl_days=IDEMPOTENCY_TTL_DAYS)
+            return await queue._submit(task, request)
         except IdempotencyConflict:
             # the key names a task with another input (the record was edited between a
             # fire and its advance): that task is this fire time's one task
-            request = IdempotencyRequest(key, IDEMPOTENCY_SCOPE, IDEMPOTENCY_TTL_DAYS)
-            rk = record_key(self.queue.name, self.queue.idempotency.namespace(request, schedule.task_type), key)
-            blob = await self.queue.store.backoff.call(lambda: self.queue.storage.get(rk))
-            return await self.queue.get(json.loads(blob.data)["task_id"])
+            rk = record_key(queue.name, namespace, key)
+            blob = await queue.store.backoff.call(lambda: queue.storage.get(rk))
+            try:
+                record = decode_record(blob.data, rk, backend=queue.storage.name)
+            except CorruptObject as exc:  # garbage since the conflict: the next pass repairs it
+                queue.store.bad.report(exc, "fire not submitted this pass")
+                raise
+            return await queue.get(record["task_id"])
 
     # -- the API ---------------------------------------------------------------------
 
@@ -111,6 +125,7 @@ class Schedules:
         check_name(name)
         if not isinstance(cron, str):
             raise InvalidInput("cron", "must be a string such as '*/5 * * * *'")
+        check_cron_length(cron)  # whatever plugin parses it: a long one is costly to every fire
         check_timezone(timezone)
         check_catch_up(catch_up)
         check_non_negative_int(max_catch_up, "max_catch_up", 10_000)
@@ -148,15 +163,19 @@ class Schedules:
             async with sem:
                 try:
                     return (await self.store.load(name))[0]
-                except ScheduleNotFound:
-                    return None  # removed since the listing
+                except (ScheduleNotFound, CorruptObject):
+                    return None  # removed since the listing; unreadable (reported once)
 
         loaded = await asyncio.gather(*(load(name_of(e.key)) for e in entries))
         return [s for s in loaded if s is not None]
 
-    async def remove(self, name: str) -> Schedule:
-        """Delete the schedule; returns it as it was. A fire in flight may still finish."""
-        schedule, _ = await self.store.load(check_name(name))
+    async def remove(self, name: str) -> Schedule | None:
+        """Delete the schedule; returns it as it was (None if it was unreadable: an
+        operator must be able to remove a bad object). A fire in flight may still finish."""
+        try:
+            schedule: Schedule | None = (await self.store.load(check_name(name)))[0]
+        except CorruptObject:
+            schedule = None
         await self.store.delete(name)
         return schedule
 

@@ -24,6 +24,10 @@ log = logging.getLogger("qo.bad_objects")
 
 #: Stored JSON nested deeper than this is refused before ``json`` recurses into it.
 MAX_DEPTH = 200
+#: A value a user hands in (a task's input, a handler's output, a schedule's input, JSON
+#: on the command line) may nest at most this deep: half of ``MAX_DEPTH``, so the object
+#: that stores it (a task, a schedule) is always readable again, with room to spare.
+MAX_VALUE_DEPTH = MAX_DEPTH // 2
 
 
 def decode(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
@@ -32,7 +36,7 @@ def decode(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError:
         raise CorruptObject(key, "not UTF-8 text", backend=backend) from None
-    if _too_deep(text):
+    if too_deep(text):
         raise CorruptObject(key, f"JSON nested deeper than {MAX_DEPTH} levels", backend=backend)
     try:
         value = json.loads(text)
@@ -43,10 +47,12 @@ def decode(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
     return value
 
 
-def _too_deep(text: str) -> bool:
-    """A cheap upper bound of the nesting (brackets inside strings count too: only a
-    deep-looking object pays for the exact check, which ``json`` does below)."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON ``text`` nests arrays and objects more than ``limit`` deep, found
+    without recursion (so ``json`` is never handed text that would overflow the stack).
+    Cheap for ordinary text: only one with more than ``limit`` brackets in all (inside
+    strings too) is scanned, and the scan stops at the first level too deep."""
+    if text.count("[") + text.count("{") <= limit:
         return False
     depth = deepest = 0
     in_string = escaped = False
@@ -63,7 +69,7 @@ def _too_deep(text: str) -> bool:
         elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-            if deepest > MAX_DEPTH:
+            if deepest > limit:
                 return True
         elif ch in "]}":
             depth -= 1
@@ -148,23 +154,35 @@ def _short(value: Any) -> str:
 
 class BadObjects:
     """The unreadable objects one process met: each logged once (key and reason) and
-    counted. Bounded: remembers the last ``capacity`` keys."""
+    counted. Bounded: remembers the last ``capacity`` keys. With the etag of the bad
+    version, a caller that lists before it reads (the listing carries etags) can skip
+    re-reading an object it already knows to be bad: ``known(key, etag)``."""
 
     def __init__(self, capacity: int = 10000):
         self.capacity = capacity
-        self.seen: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[str, tuple[str, str | None]] = collections.OrderedDict()
         self.count = 0
 
-    def report(self, exc: CorruptObject, what: str = "skipped") -> None:
+    def report(self, exc: CorruptObject, what: str = "skipped", *, etag: str | None = None) -> None:
         """Log ``exc`` once per key (again if its reason changes) and count it."""
         self.count += 1
-        if self.seen.get(exc.key) == exc.reason:
-            self.seen.move_to_end(exc.key)
-            return
-        self.seen[exc.key] = exc.reason
+        before = self.seen.pop(exc.key, None)
+        self.seen[exc.key] = (exc.reason, etag if etag is not None else (before[1] if before else None))
         while len(self.seen) > self.capacity:
             self.seen.popitem(last=False)
-        log.warning("unreadable object %s: %s (%s; `qo doctor --scan` lists every one)", exc.key, exc.reason, what)
+        if before is None or before[0] != exc.reason:
+            log.warning("unreadable object %s: %s (%s; `qo doctor --scan` lists every one)",
+                        exc.key, exc.reason, what)
+
+    def remember(self, key: str, etag: str) -> None:
+        """The unreadable version of ``key`` reported (by a reader that had no etag) is ``etag``."""
+        if key in self.seen:
+            self.seen[key] = (self.seen[key][0], etag)
+
+    def known(self, key: str, etag: str | None) -> bool:
+        """This version of ``key`` was found unreadable before."""
+        seen = self.seen.get(key)
+        return seen is not None and etag is not None and seen[1] == etag
 
     def __len__(self) -> int:
         return len(self.seen)

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 
 from . import keys
-from .errors import Fail, PreconditionFailed, TaskNotFound
+from .errors import CorruptObject, Fail, PreconditionFailed, TaskNotFound
 from .keys import Marker
 from .model import COMPLETED, FAILED, PENDING, RUNNING, TERMINAL, Task
 from .store import TaskStore
@@ -37,6 +37,13 @@ class Missed:
     stale: bool
     missing: bool = False
     dead: bool = False
+    #: the task object is unreadable (reported once where it was read)
+    corrupt: bool = False
+    #: never drop the marker: its task was written by a newer release, whose workers
+    #: can run it
+    keep: bool = False
+    #: the marker the task should have instead (written before this one is dropped)
+    repair: str | None = None
 
 
 async def claim(
@@ -52,6 +59,15 @@ async def claim(
         task, etag = await store.load(marker.task_id)
     except TaskNotFound:
         return Missed("task not found", stale=True, missing=True)
+    except CorruptObject as exc:
+        return Missed(f"task object unreadable: {exc.reason}", stale=True, corrupt=True,
+                      keep="newer release" in exc.reason)
+    if task.task_type != marker.task_type:
+        # a marker naming another type than its task's (a hand-edited task) is not its
+        # projection: replace it by the task's own, which the right workers will see
+        own = task.marker_key(store.queue, now) if task.status == PENDING else None
+        return Missed(f"marker names type {marker.task_type!r}, the task is {task.task_type!r}",
+                      stale=True, dead=True, repair=own)
     if task.status != PENDING:
         # e.g. a marker that aging moved, left behind by a cancel (which deletes the
         # marker at the task's own level); a marker written ahead of a retry's CAS

@@ -22,13 +22,14 @@ import attrs
 from . import keys
 from .aging import age_ready
 from .context import TaskContext
-from .errors import Fail, InvalidInput, PreconditionFailed, QoError
+from .errors import CorruptObject, Fail, InvalidInput, PreconditionFailed, QoError, StorageError, TaskNotFound
 from .events import emit
 from .feed import Feed
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired
 from .leases import LeaseBook, new_worker_id, sweep
-from .model import PENDING, Task, check_input
+from .model import PENDING, RUNNING, Task, check_input
+from .outage import Outages
 from .promotion import promote_due
 from .queue import Queue
 from .queue_settings import overlay, replaced
@@ -88,9 +89,19 @@ class Worker:
 
     def _reset(self) -> None:
         self.feed = Feed(self)
-        self._running: dict[str, asyncio.Task] = {}
-        self._unsettled: set[str] = set()  # handed back without success: left to recovery
+        #: task id -> (handler future, handler, started at) of what runs now
+        self._running: dict[str, tuple[asyncio.Future, Handler, float]] = {}
+        #: claimed tasks whose outcome is not stored yet: our record keeps naming them
+        self._unsettled: set[str] = set()
         self._waiting = 0
+        self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()  # a second signal: exit now
+        self._done = asyncio.Event()  # every slot has ended: housekeeping ends too
+        self._interrupting = False  # the shutdown timeout passed: async handlers are cancelled
+        self.outages = Outages(self.clock.now)
+        self._until_idle = False
+        #: why ``run(until_idle=True)`` gave up (storage failing too long); raised by run()
+        self.fatal: QoError | None = None
 
     # -- handlers -----------------------------------------------------------------
 
@@ -108,38 +119,71 @@ class Worker:
     # -- running ------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop claiming; running tasks finish (or are handed back after shutdown_timeout)."""
+        """Stop claiming; running tasks finish. After ``shutdown_timeout`` async handlers
+        are cancelled and their tasks handed back; a sync handler (a thread) cannot be
+        stopped, so the worker keeps its lease alive and waits for it (``force()`` to
+        exit now and leave it to recovery)."""
         self._stopping.set()
+
+    def force(self) -> None:
+        """Exit now: what still runs stays named in this worker's record, and another
+        worker retries it once the lease has passed."""
+        self._stopping.set()
+        self._forced.set()
+
+    @property
+    def forced(self) -> bool:
+        """The last run ended on ``force()`` (a second signal): handlers may still run."""
+        return self._forced.is_set()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stopping.is_set():
+            log.info("worker %s: %s: no new tasks; %s (send it again to exit now)", self.worker_id, sig.name,
+                     f"waiting up to {self.settings.shutdown_timeout:g} s for {self._describe_running()}"
+                     if self._running else "stopping")
+            self.stop()
+        elif not self._forced.is_set():
+            log.warning("worker %s: second %s: exiting now; %s", self.worker_id, sig.name,
+                        f"{self._describe_running()} stay named in {self.book.key} and are retried by "
+                        f"another worker once their lease ({self.settings.lease_ttl:g} s) has passed"
+                        if self._running else "nothing was running")
+            self.force()
+
+    def _describe_running(self) -> str:
+        now = self.clock.now()
+        items = sorted(self._running.items(), key=lambda kv: kv[1][2])
+        shown = ", ".join(f"{tid} ({h.task_type}, {'sync' if not h.is_async else 'async'}, {now - t0:.0f} s)"
+                          for tid, (_, h, t0) in items[:5])
+        more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+        return f"{len(items)} running task{'s' if len(items) != 1 else ''}: {shown}{more}"
 
     async def run(self, until_idle: bool = False) -> collections.Counter[str]:
         """Run until stopped (SIGTERM/SIGINT, :meth:`stop`) or, with ``until_idle``, until no
         task of a handled type is pending, delayed or running anywhere. Returns counters."""
         if not self.registry.handlers:
             raise InvalidInput("handlers", "this worker has no handlers registered")
-        self._stopping = asyncio.Event()
         self._reset()
         loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="qo-handler")
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
         await self.limiter.refresh(force=True)  # no claim before the limits are known
         await self._apply_queue_settings()
         self.feed.poll = self.settings.poll_min
+        self._until_idle = until_idle
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
         if until_idle:
             background.append(asyncio.create_task(self._watch_idle(), name="qo-idle"))
         try:
             await self._stopping.wait()
-            done, pending = await asyncio.wait(slots, timeout=self.settings.shutdown_timeout)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await self._drain(slots)
         finally:
             self._stopping.set()
+            self._done.set()
             for t in background + slots:
                 t.cancel()
             await asyncio.gather(*background, *slots, return_exceptions=True)
@@ -154,15 +198,61 @@ class Worker:
                 else:  # tasks we could not settle: our record names them for recovery
                     await self.book.write()
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.fatal is not None:
+            raise self.fatal
         return self.stats
+
+    async def _drain(self, slots: list[asyncio.Task]) -> None:
+        """Let the running tasks finish; after ``shutdown_timeout`` cancel the async
+        handlers (their tasks are handed back once they have stopped) and keep waiting
+        for sync ones, whose leases stay renewed. A forced exit stops waiting."""
+        pending = await self._wait_slots(slots, self.settings.shutdown_timeout)
+        if not pending or self._forced.is_set():
+            return
+        self._interrupting = True
+        cancelled = 0
+        for run, handler, _ in list(self._running.values()):
+            if handler.is_async:
+                cancelled += run.cancel()
+        if cancelled:
+            log.info("worker %s: shutdown timeout (%g s): cancelled %d async handler%s; their tasks are handed "
+                     "back once stopped", self.worker_id, self.settings.shutdown_timeout, cancelled,
+                     "" if cancelled == 1 else "s")
+        pending = await self._wait_slots(pending, 0.1)  # the cancelled ones hand back
+        while pending and not self._forced.is_set():
+            log.warning("worker %s: shutting down, waiting for %s (a sync handler cannot be interrupted; "
+                        "its lease stays renewed until it ends; signal again to exit now)",
+                        self.worker_id, self._describe_running())
+            pending = await self._wait_slots(pending, 10.0)
+
+    async def _wait_slots(self, slots: list[asyncio.Task], timeout: float) -> list[asyncio.Task]:
+        """Wait up to ``timeout`` for ``slots`` to end (or a forced exit); the ones left."""
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            deadline = self.clock.now() + timeout
+            pending = [t for t in slots if not t.done()]
+            while pending and not self._forced.is_set():
+                timer = asyncio.ensure_future(self.clock.sleep(max(0.0, deadline - self.clock.now())))
+                try:
+                    await asyncio.wait([*pending, forced, timer], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
+                pending = [t for t in pending if not t.done()]
+                if self.clock.now() >= deadline:
+                    break
+            return pending
+        finally:
+            forced.cancel()
 
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """Sleep on the queue's clock, waking early when the worker stops (or ``wake`` is set)."""
-        if self._stopping.is_set():
+        await self._nap(seconds, self._stopping, *([wake] if wake is not None else []))
+
+    async def _nap(self, seconds: float, *events: asyncio.Event) -> None:
+        """Sleep on the queue's clock until ``seconds`` pass or one of ``events`` is set."""
+        if any(e.is_set() for e in events):
             return
-        waiters = {asyncio.ensure_future(self.clock.sleep(seconds)), asyncio.ensure_future(self._stopping.wait())}
-        if wake is not None:
-            waiters.add(asyncio.ensure_future(wake.wait()))
+        waiters = {asyncio.ensure_future(self.clock.sleep(seconds)), *(asyncio.ensure_future(e.wait()) for e in events)}
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -180,7 +270,7 @@ class Worker:
                 await self._process(marker)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # our bug or a plugin's: this marker, not the slot, pays
                 log.exception("worker %s: error processing %s", self.worker_id, marker.key)
                 self.stats["errors"] += 1
                 await self._sleep(self.settings.poll_min)
@@ -195,6 +285,7 @@ class Worker:
             return
         now = self.clock.now()
         granted: list[str] = []
+        claimed = False
 
         async def gate(task: Task, etag: str) -> Missed | None:
             refused = await self._rate_gate(marker, task, etag)
@@ -202,29 +293,36 @@ class Worker:
                 granted.append(task.id)
             return refused
 
-        result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
-                             lease_ttl=self.settings.lease_ttl, now=now,
-                             gate=gate if self.limiter.limits else None)
-        if not isinstance(result, Claimed):
-            self.book.release(marker.task_id)
-            if granted:  # granted, then lost the race: give the concurrency slots back
-                await self.limiter.release(marker.task_id)
-            if result.reason.startswith("rate limited"):
-                return
-            self.stats["missed"] += 1
-            if result.stale:
-                self.feed.look_again_later(marker, now, dead=result.dead)
-            return
-        await self.feed.drop(marker.key)
-        self.stats["claimed"] += 1
         try:
+            result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
+                                 lease_ttl=self.settings.lease_ttl, now=now,
+                                 gate=gate if self.limiter.limits else None)
+            if not isinstance(result, Claimed):
+                if result.reason.startswith("rate limited"):
+                    return
+                self.stats["missed"] += 1
+                if result.corrupt:
+                    self.stats["bad_objects"] += 1
+                if result.repair is not None:
+                    await self.store.put_marker(result.repair)
+                if result.stale:
+                    self.feed.look_again_later(marker, now, dead=result.dead, keep=result.keep)
+                return
+            claimed = True
+            self._unsettled.add(marker.task_id)  # until its outcome is stored
+            await self.feed.drop(marker.key)
+            self.stats["claimed"] += 1
             await self._execute(result.task, result.etag)
         finally:
-            if marker.task_id not in self._unsettled:
+            # a task whose outcome is not stored stays in our record: recovery finds it
+            if not claimed or marker.task_id not in self._unsettled:
                 self.book.release(marker.task_id)
-            if granted:
-                with contextlib.suppress(QoError):
+            if granted and (not claimed or marker.task_id not in self._unsettled):
+                try:  # granted, then lost the race or ended: give the concurrency slots back
                     await self.limiter.release(marker.task_id)
+                except Exception as exc:  # the entries expire with their lease
+                    log.warning("worker %s: releasing the limits of %s failed: %s", self.worker_id,
+                                marker.task_id, exc)
 
     async def _rate_gate(self, marker: keys.Marker, task: Task, etag: str) -> Missed | None:
         """Pass every limit that applies to ``task``, or apply the limit's backpressure."""
@@ -260,67 +358,105 @@ class Worker:
         return Missed("rate limited: delayed", stale=False)
 
     async def _execute(self, task: Task, etag: str) -> None:
-        handler = self.registry.handlers[task.task_type]
+        """Run the handler of a claimed task and store the outcome. Whatever raises here
+        ends as an outcome (a failed attempt), never as a task left running."""
         ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds)
-        if task.depends_on:
-            ctx.dependencies = await self.queue.dependencies.results(task)
-        emit(self.queue.plugins, "started", task)
-        run = asyncio.ensure_future(self._invoke(handler, task, ctx))
-        self._running[task.id] = run
+        run: asyncio.Future | None = None
         try:
+            handler = self.registry.handlers.get(task.task_type)
+            if handler is None:  # its marker named a type we handle; the task another
+                raise Fail(f"worker {self.worker_id} has no handler for task type {task.task_type!r}")
+            if task.depends_on:
+                ctx.dependencies = await self.queue.dependencies.results(task)
+            emit(self.queue.plugins, "started", task)
+            run = asyncio.ensure_future(self._invoke(handler, task, ctx))
+            self._running[task.id] = (run, handler, self.clock.now())
             output, error = await self._watch(run, ctx)
-        except asyncio.CancelledError:  # shutdown: give the task back, uncounted
-            run.cancel()
-            current = asyncio.current_task()
-            if current is not None:  # we handle this cancellation: let the I/O below run
-                current.uncancel()   # (timeouts inside a cancelling task misfire otherwise)
-            now = self.clock.now()
-            self._unsettled.add(task.id)  # until the hand-back is stored, the record keeps it
-            with contextlib.suppress(QoError):
-                stored = await finish(self.store, task, etag, handed_back(now), now)
-                if stored is not None and stored[0].status == PENDING:
-                    await self.store.put_marker(stored[0].marker_key(self.queue.name, now))
-                    self.stats["handed_back"] += 1
-                    self._unsettled.discard(task.id)
-                elif stored is not None:  # its cancel was requested: it ends here
-                    self._unsettled.discard(task.id)
-                    self.stats[stored[0].status] += 1
-                    emit(self.queue.plugins, stored[0].status, stored[0])
-                    await self._release(stored[0])
-                else:
-                    self._unsettled.discard(task.id)  # taken over: not ours any more
+        except asyncio.CancelledError:
+            # a forced exit (or run() itself cancelled): what still runs stays in our
+            # record; recovery retries it once the lease has passed
+            if run is not None and not run.done():
+                run.cancel()
             raise
+        except Exception as exc:  # before the handler ran (dependencies unreadable, ...)
+            output, error = None, exc
         finally:
             self._running.pop(task.id, None)
-        if error is None:
-            try:
-                output = check_input(output, "output")
-            except InvalidInput as exc:
-                error = Fail(f"handler returned an unusable output: {exc.message}")
         now = self.clock.now()
-        if error is None:
-            stored = await finish(self.store, task, etag, completed(output, now), now)
-            if stored is None:
-                self.stats["lost_lease"] += 1
-                log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
-                return
-            self.stats["completed"] += 1
-            emit(self.queue.plugins, "succeeded", stored[0])
-            await self._release(stored[0])
-            return
-        delay = self.queue.plugins.hook.qo_retry_delay(task=task, error=error)
-        stored = await finish(self.store, task, etag, failed(error, delay, now), now)
+        handing_back = run is not None and run.cancelled() and self._interrupting
+        if handing_back:
+            change = handed_back(now)  # shutdown: the interrupted attempt is not counted
+        else:
+            if error is None:
+                try:
+                    output = check_input(output, "output")
+                except InvalidInput as exc:
+                    error = Fail(f"handler returned an unusable output: {exc.message}")
+            if error is None:
+                change = completed(output, now)
+            else:
+                delay = self._retry_delay(task, error)
+                change = failed(error, delay, now)
+        await self._settle(task, etag, change, now, handing_back)
+
+    def _retry_delay(self, task: Task, error: BaseException) -> float | None:
+        try:
+            return self.queue.plugins.hook.qo_retry_delay(task=task, error=error)
+        except Exception:  # a retry policy's bug must not strand the task
+            log.exception("worker %s: the qo_retry_delay hook failed for task %s; retrying in 10 s",
+                          self.worker_id, task.id)
+            return 10.0
+
+    async def _settle(self, task: Task, etag: str, change: Any, now: float, handing_back: bool = False) -> None:
+        """Store the outcome (and a retry's marker), through storage outages: the task
+        stays in our record, its lease renewed, until both are stored; a forced exit
+        leaves it there for recovery. Then release it and wake its dependents."""
+        outage = self.outages["storing task outcomes"]
+        lease_id = task.lease_id
+        stored: tuple[Task, str] | None = None
+        uncertain = False
+        while True:
+            try:
+                if stored is None:
+                    if uncertain:  # the last write may have landed: look before writing again
+                        current, current_etag = await self.store.load(task.id)
+                        if current.rev == task.rev:
+                            stored = current, current_etag
+                        elif current.status == RUNNING and current.lease_id == lease_id:
+                            task, etag = current, current_etag
+                        else:
+                            stored = None
+                            break
+                    if stored is None:
+                        uncertain = True
+                        stored = await finish(self.store, task, etag, change, now)
+                        if stored is None:
+                            break
+                if stored[0].status == PENDING:
+                    await self.store.put_marker(stored[0].marker_key(self.queue.name, self.clock.now()))
+                break
+            except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
+                stored = None
+                break
+            except QoError as exc:
+                await self._nap(outage.failed(exc), self._forced)
+                if self._forced.is_set():
+                    return  # stays unsettled: named in our record
+        outage.ok()
+        self._unsettled.discard(task.id)
         if stored is None:
             self.stats["lost_lease"] += 1
+            log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
             return
         final = stored[0]
-        if final.status == PENDING:
-            await self.store.put_marker(final.marker_key(self.queue.name, now))
+        if final.status == PENDING and handing_back:
+            self.stats["handed_back"] += 1
+        elif final.status == PENDING:
             self.stats["retried"] += 1
             emit(self.queue.plugins, "retried", final)
         else:
             self.stats[final.status] += 1
-            emit(self.queue.plugins, "failed" if final.status == "failed" else final.status, final)
+            emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
 
     async def _release(self, task: Task) -> None:
@@ -379,65 +515,137 @@ class Worker:
 
     async def _maintenance(self) -> None:
         """Promote due delayed tasks, renew leases, recover dead workers, flush deletes,
-        re-read the queue's settings."""
+        re-read the queue's settings. Each step fails alone (an outage of one step, a bad
+        object, a bug) and backs off alone; the heartbeat goes on whatever else fails,
+        and goes on while the worker shuts down, until its last task has ended."""
         s = self.settings
-        next_promote = next_sweep = 0.0
-        next_settings = self.clock.now() + s.queue_settings_refresh * random.uniform(0.8, 1.2)
-        next_idem = self.clock.now() + s.idempotency_sweep_interval * random.uniform(0.1, 1.0)
-        idem_cursor: str | None = None
-        next_aging = self.clock.now() + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf")
-        next_deps = self.clock.now() + s.dependency_sweep_interval * random.uniform(0.1, 1.0)
-        deps_cursor: str | None = None
+        t = self.clock.now()
+        timers = {
+            "settings": t + s.queue_settings_refresh * random.uniform(0.8, 1.2),
+            "promote": 0.0, "sweep": 0.0,
+            "idem": t + s.idempotency_sweep_interval * random.uniform(0.1, 1.0),
+            "deps": t + s.dependency_sweep_interval * random.uniform(0.1, 1.0),
+            "aging": t + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf"),
+        }
+        cursors: dict[str, str | None] = {"idem": None, "deps": None}
         # workers started together only see each other once their records exist: look
         # again soon after our first record write, so the listing is split early
         startup_sweeps: list[float] = [0.0, 0.25, 0.5, 1.0]  # 0.0: waiting for our first record
-        while not self._stopping.is_set():
+
+        async def settings() -> None:
+            nonlocal s
+            old = self.settings.aging
+            await self._apply_queue_settings()
+            if old != self.settings.aging:  # switched on or off, or a new interval
+                timers["aging"] = (self.clock.now() + self.settings.aging.interval * random.uniform(0.1, 1.0)
+                                   if self.settings.aging.enabled else float("inf"))
+            s = self.settings
+
+        async def promote() -> None:
             now = self.clock.now()
-            try:
-                if now >= next_settings:
-                    next_settings = now + s.queue_settings_refresh * random.uniform(0.8, 1.2)
-                    await self._apply_queue_settings()
-                    if s.aging != self.settings.aging:  # switched on or off, or a new interval
-                        next_aging = (now + self.settings.aging.interval * random.uniform(0.1, 1.0)
-                                      if self.settings.aging.enabled else float("inf"))
-                    s = self.settings
-                if now >= next_promote:
-                    promotion = await promote_due(self.store, now)
-                    next_promote = now + max(s.poll_min, min(self.feed.poll, s.poll_max))
-                    if promotion.next_due is not None:
-                        next_promote = min(next_promote, promotion.next_due)
-                    if promotion.promoted:
-                        self.feed.wake(now)
-                if self.book.leases and self.book.due(s.heartbeat):
-                    await self.book.write()
-                    await self.limiter.renew()  # concurrency slots live as long as leases
-                elif self.book.dirty and self.book.etag is not None:
-                    await self.book.write()  # say promptly that we hold nothing any more
+            promotion = await promote_due(self.store, now)
+            timers["promote"] = now + max(s.poll_min, min(self.feed.poll, s.poll_max))
+            if promotion.next_due is not None:
+                timers["promote"] = min(timers["promote"], promotion.next_due)
+            if promotion.promoted:
+                self.feed.wake(now)
+
+        async def heartbeat() -> None:
+            if self.book.leases and self.book.due(s.heartbeat):
+                await self.book.write()
+                await self.limiter.renew()  # concurrency slots live as long as leases
+            elif self.book.dirty and self.book.etag is not None:
+                await self.book.write()  # say promptly that we hold nothing any more
+
+        async def sweep() -> None:
+            await self._sweep()
+            if startup_sweeps and startup_sweeps[0]:
+                timers["sweep"] = self.clock.now() + startup_sweeps.pop(0)
+
+        async def deps() -> None:
+            cursors["deps"] = await self.queue.dependencies.sweep(cursors["deps"])
+
+        async def idem() -> None:
+            cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
+
+        async def aging() -> None:
+            self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
+
+        async def flush() -> None:
+            feed = self.feed
+            if feed.trash and (not feed.buffer or self.clock.now() - feed.flushed_at >= 0.25):
+                await feed.flush()
+
+        while not self._done.is_set():
+            now = self.clock.now()
+            stopping = self._stopping.is_set()
+            if not stopping:
+                if now >= timers["settings"]:
+                    timers["settings"] = now + s.queue_settings_refresh * random.uniform(0.8, 1.2)
+                    await self._step("reading the queue's settings", settings)
+                if now >= timers["promote"]:
+                    timers["promote"] = now + s.poll_max  # unless promote() says sooner
+                    await self._step("promoting due delayed tasks", promote)
+            await self._step("writing this worker's record (heartbeat)", heartbeat)
+            if not stopping:
                 if startup_sweeps and self.book.etag is not None and not startup_sweeps[0]:
                     startup_sweeps.pop(0)  # our record exists now: sweep soon, a few times
-                    next_sweep = min(next_sweep, now + startup_sweeps[0])
-                if now >= next_sweep:
-                    await self._sweep()
-                    if startup_sweeps and startup_sweeps[0]:
-                        next_sweep = now + startup_sweeps.pop(0)
-                    else:
-                        next_sweep = now + s.sweep_interval * random.uniform(0.5, 1.5)
-                if now >= next_deps:
-                    deps_cursor = await self.queue.dependencies.sweep(deps_cursor)
-                    next_deps = now + s.dependency_sweep_interval * random.uniform(0.5, 1.5)
-                if now >= next_idem:
-                    idem_cursor = await sweep_expired(self.queue, idem_cursor)
-                    next_idem = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
-                if now >= next_aging and s.aging.enabled:  # about one pass per interval on the queue
-                    next_aging = now + s.aging.interval * len(self.feed.peers | {self.worker_id}) * random.uniform(0.5, 1.5)
-                    self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, now)).moved
-                feed = self.feed
-                if feed.trash and (not feed.buffer or now - feed.flushed_at >= 0.25):
-                    await feed.flush()
-            except QoError as exc:
-                log.warning("worker %s: housekeeping failed: %s", self.worker_id, exc)
-            wake = min(next_promote, next_sweep, next_aging, self.book.written_at + s.heartbeat if self.book.leases else next_sweep)
-            await self._sleep(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)))
+                    timers["sweep"] = min(timers["sweep"], now + startup_sweeps[0])
+                if now >= timers["sweep"]:
+                    timers["sweep"] = now + s.sweep_interval * random.uniform(0.5, 1.5)
+                    await self._step("recovering the tasks of dead workers", sweep)
+                if now >= timers["deps"]:
+                    timers["deps"] = now + s.dependency_sweep_interval * random.uniform(0.5, 1.5)
+                    await self._step("sweeping dependency edges", deps)
+                if now >= timers["idem"]:
+                    timers["idem"] = now + s.idempotency_sweep_interval * random.uniform(0.5, 1.5)
+                    await self._step("expiring idempotency records", idem)
+                if now >= timers["aging"] and s.aging.enabled:  # about one pass per interval on the queue
+                    timers["aging"] = now + s.aging.interval * len(self.feed.peers | {self.worker_id}) * random.uniform(0.5, 1.5)
+                    await self._step("aging waiting tasks", aging)
+            await self._step("deleting claimed markers", flush)
+            self._check_outages()
+            wake = min(timers["promote"], timers["sweep"], timers["aging"],
+                       self.book.written_at + s.heartbeat if self.book.leases else timers["sweep"])
+            if stopping:
+                wake = self.book.written_at + s.heartbeat
+            await self._nap(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)),
+                            self._done if stopping else self._stopping)
+
+    async def _step(self, what: str, fn: Callable[[], Any]) -> None:
+        """Run one housekeeping step; its failure is its own outage (backed off, said
+        once per backoff step), never the end of housekeeping."""
+        outage = self.outages[what]
+        if outage.failing and self.clock.now() < outage.retry_at:
+            return
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except CorruptObject:
+            self.stats["bad_objects"] += 1  # reported (once) where it was read
+            outage.ok()
+        except QoError as exc:
+            outage.failed(exc)
+        except Exception as exc:  # our bug or a plugin's: loudly, once per outage
+            if not outage.failing:
+                log.exception("worker %s: %s failed", self.worker_id, what)
+            outage.failed(exc)
+        else:
+            outage.ok()
+
+    def _check_outages(self) -> None:
+        """A worker draining the queue gives up once storage has failed for too long."""
+        if not self._until_idle or self.fatal is not None:
+            return
+        worst = self.outages.longest()
+        if worst is not None and worst.duration() >= self.settings.storage_failure_limit:
+            self.fatal = StorageError(
+                f"storage kept failing for {worst.duration():.0f} s while {worst.what} "
+                f"({type(worst.last_error).__name__}: {worst.last_error}); stopping (storage_failure_limit="
+                f"{self.settings.storage_failure_limit:g} s)", backend=self.queue.storage.name)
+            log.error("worker %s: %s", self.worker_id, self.fatal)
+            self.stop()
 
     async def _sweep(self):
         """Recover the tasks of dead workers; learn how many workers are alive."""
@@ -470,25 +678,32 @@ class Worker:
         if report.recovered:
             return False
         for record in report.alive.values():
-            if any(self.handles(lease.get("type", "")) for lease in (record.get("leases") or {}).values()):
+            if any(self.handles(lease.get("type", "")) for lease in record["leases"].values()):
                 return False
         if any(self.handles(t) for t in await self.queue.dependencies.blocked_types()):
             return False
         promotion = await promote_due(self.store, self.clock.now())
         if promotion.promoted or promotion.more or any(self.handles(t) for t in promotion.types):
             return False
-        entries = await self.store.list(keys.ready_prefix(self.queue.name), limit=1000)
-        for e in entries:
-            m = keys.parse_marker(e.key)
-            if not m or not self.handles(m.task_type):
-                continue
-            if m.key not in self.feed.skip:
-                return False
-            try:  # a marker we skip may have become claimable since: look at its task
-                task, _ = await self.store.load(m.task_id)
-            except QoError:
-                continue
-            if task.status == PENDING and keys.ms(task.available_at) == keys.ms(m.due):
-                self.feed.skip.pop(m.key, None)
-                return False
-        return not (self._running or self.feed.taken or self.feed.buffer)
+        cursor: str | None = None
+        while True:  # the whole index: others' markers may lie ahead of ours
+            entries = await self.store.list(keys.ready_prefix(self.queue.name), start_after=cursor, limit=1000)
+            for e in entries:
+                m = keys.parse_marker(e.key)
+                if not m or not self.handles(m.task_type) or m.key in self.feed.trash or m.key in self.feed.deleting:
+                    continue  # not ours; or claimed by us, its delete pending (below)
+                if m.key not in self.feed.skip:
+                    return False
+                try:  # a marker we skip may have become claimable since: look at its task
+                    task, _ = await self.store.load(m.task_id)
+                except QoError:
+                    continue
+                if task.status == PENDING and keys.ms(task.available_at) == keys.ms(m.due):
+                    self.feed.skip.pop(m.key, None)
+                    return False
+            if len(entries) < 1000:
+                break
+            cursor = entries[-1].key
+        # claimed markers not yet deleted: idle once they are (a delete that keeps
+        # failing ends the drain with an error after storage_failure_limit)
+        return not (self._running or self.feed.taken or self.feed.buffer or self.feed.trash)

@@ -55,7 +55,12 @@ class WorkerSettings:
     queue_settings_refresh: float = attrs.field(default=REFRESH_SECONDS, validator=_positive)
     #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off
     aging: AgingSettings = attrs.field(factory=AgingSettings.from_env, converter=to_aging_settings)
+    #: on SIGTERM/SIGINT, running tasks get this long to finish; then async handlers are
+    #: cancelled and handed back, sync ones waited for (their leases renewed)
     shutdown_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: ``run(until_idle=True)`` gives up (raising StorageError) once storage has kept
+    #: failing this long; a daemon worker keeps trying, with capped backoff
+    storage_failure_limit: float = attrs.field(default=60.0, validator=_positive)
     orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
     worker_id: str | None = None
 

@@ -6,6 +6,12 @@
   (striped lock files), then an atomic ``rename``; readers never see partial data
   because a file is never modified in place.
 - etags are the MD5 of the content, as S3 gives for single-part uploads.
+- task inputs often hold secrets: files are created 0600 and directories 0700 whatever
+  the umask (``mode="private"``); ``mode="group"`` shares the store with the root
+  directory's group (files 0660, directories 2770). A temp file is created with its final
+  mode, so a secret is never readable by others, not even for a moment.
+- the root is refused if it is a symbolic link or owned by another user (whoever
+  controls it reads the tasks and can plant some), unless ``allow_foreign_root``.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import threading
 import uuid
 import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
-from qo.errors import InvalidInput
+from qo.errors import ConfigurationError, InvalidInput
 from qo.storage import (
     Blob,
     Entry,
@@ -34,6 +41,10 @@ from qo.storage import (
 
 _RESERVED = ".qo-"  # root-level names of our own (temp files, locks): not keys
 _EMPTY_ETAG = '"' + hashlib.md5(b"").hexdigest() + '"'
+#: mode name -> (file mode, directory mode); group directories are setgid so that
+#: everything below keeps the root's group, whoever's primary group created it
+MODES = {"private": (0o600, 0o700), "group": (0o660, 0o2770)}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _etag(data: bytes) -> str:
@@ -45,7 +56,8 @@ class LocalStorage:
 
     name = "local"
 
-    def __init__(self, root: str, *, fsync: bool | str = False, lock_stripes: int = 1024):
+    def __init__(self, root: str, *, fsync: bool | str = False, lock_stripes: int = 1024,
+                 mode: str = "private", allow_foreign_root: bool | str = False):
         if not isinstance(root, str) or not root or "\x00" in root:
             raise InvalidInput("url", "a local path must be non-empty and contain no NUL")
         try:
@@ -57,16 +69,59 @@ class LocalStorage:
         if isinstance(lock_stripes, bool) or not isinstance(lock_stripes, int) or not 1 <= lock_stripes <= 65536:
             raise InvalidInput("lock_stripes", f"{lock_stripes!r} is not an integer from 1 to 65536")
         self.lock_stripes = lock_stripes
+        if mode not in MODES:
+            raise InvalidInput("mode", f"{str(mode)[:40]!r} is not one of: {', '.join(MODES)}")
+        self.mode = mode
+        self._file_mode, self._dir_mode = MODES[mode]
+        # the umask may take group bits off what group mode asks for: then (and only
+        # then) each new file and directory is chmod-ed to its mode; private needs none
+        umask = _current_umask() if mode == "group" else 0
+        self._chmod = umask is None or bool(umask & 0o770)
         self._fds: dict[int, int] = {}
         self._fds_pid = os.getpid()
         self._thread_locks = [threading.Lock() for _ in range(64)]
         self._tmp = os.path.join(self.root, _RESERVED + "tmp")
         self._locks = os.path.join(self.root, _RESERVED + "locks")
+        self._open_root(_flag(allow_foreign_root, "allow_foreign_root"))
         try:
-            os.makedirs(self._tmp, exist_ok=True)
-            os.makedirs(self._locks, exist_ok=True)
+            self._makedirs(self._tmp)
+            self._makedirs(self._locks)
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror}", backend=self.name) from None
+
+    def _open_root(self, allow_foreign: bool) -> None:
+        """Create the root (with the store's mode) or check the one there, before
+        anything is written into it: a symlink or a directory of another user is refused."""
+        try:
+            os.makedirs(os.path.dirname(self.root), exist_ok=True)
+            os.mkdir(self.root, self._dir_mode)
+            if self._chmod or self._dir_mode & stat.S_ISGID:  # mkdir ignores setgid
+                os.chmod(self.root, self._dir_mode)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.root}: {exc.strerror}", backend=self.name) from None
+        try:
+            st = os.lstat(self.root)
+            if stat.S_ISLNK(st.st_mode):
+                if not allow_foreign:
+                    raise ConfigurationError(
+                        f"url: the local store root {self.root} is a symbolic link (to {os.readlink(self.root)}); "
+                        "whoever can change it decides where task data goes. Use the target path, or allow it "
+                        "with allow_foreign_root=1 (file://...?allow_foreign_root=1 or the storage option)")
+                st = os.stat(self.root)
+        except OSError as exc:
+            raise StorageError(f"cannot use {self.root}: {exc.strerror}", backend=self.name) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigurationError(f"url: the local store root {self.root} is not a directory")
+        if st.st_uid != os.geteuid() and not allow_foreign:
+            raise ConfigurationError(
+                f"url: the local store root {self.root} is owned by uid {st.st_uid}, not by this process's "
+                f"user (uid {os.geteuid()}); its owner can read every task and plant new ones. Use a directory "
+                "of your own, or allow it with allow_foreign_root=1 (file://...?allow_foreign_root=1 or the "
+                "storage option)")
+        if self.mode == "group":  # below a root without setgid, directories are 0770
+            self._dir_mode = 0o770 | (st.st_mode & stat.S_ISGID)
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
@@ -100,14 +155,18 @@ class LocalStorage:
             self._fds, self._fds_pid = {}, os.getpid()  # never close the parent's descriptors
         fd = self._fds.get(stripe)
         if fd is None:
-            fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, self._file_mode)
+            if self._chmod:
+                os.fchmod(fd, self._file_mode)
             self._fds[stripe] = fd
         return fd
 
     def _write_temp(self, data: bytes) -> str:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)  # never wider
         try:
+            if self._chmod:  # group mode under a umask that takes group bits: widen, before any data
+                os.fchmod(fd, self._file_mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -126,9 +185,31 @@ class LocalStorage:
 
     def _parent(self, path: str, key: str) -> None:
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._makedirs(os.path.dirname(path))
         except (FileExistsError, NotADirectoryError):
             raise StorageError("a prefix of this key is itself a key", backend=self.name, key=key) from None
+
+    def _makedirs(self, directory: str) -> None:
+        """``os.makedirs(exist_ok=True)`` with the store's directory mode, in one
+        ``mkdir`` when the directory exists; FileExistsError if a file is in the way."""
+        if directory == self.root:
+            return
+        try:
+            os.mkdir(directory, self._dir_mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            return
+        except FileNotFoundError:
+            self._makedirs(os.path.dirname(directory))
+            try:
+                os.mkdir(directory, self._dir_mode)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise
+                return
+        if self._chmod:
+            os.chmod(directory, self._dir_mode)
 
     def _clear_empty_dir(self, path: str, key: str) -> None:
         """Remove the empty directory that deleted keys below ``key`` left at ``path``
@@ -200,7 +281,12 @@ class LocalStorage:
         """Markers are empty: create them in place, with no temp file (nothing to read
         half-written). Returns False when the general path must handle it."""
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)
+            try:
+                if self._chmod:
+                    os.fchmod(fd, self._file_mode)
+            finally:
+                os.close(fd)
             return True
         except FileExistsError:
             if create_only:
@@ -292,6 +378,27 @@ class LocalStorage:
             for fd in self._fds.values():
                 os.close(fd)
         self._fds = {}
+
+
+def _flag(value: bool | str, field: str) -> bool:
+    """A yes/no option given as a bool or as a URL query string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InvalidInput(field, f"{str(value)[:40]!r} is not one of 1, 0, true, false, yes, no")
+
+
+def _current_umask() -> int | None:
+    """The process umask, read without changing it (Linux ``/proc``); None if unknown."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _unlink(path: str) -> None:

@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import qo
-from qo.model import Task
+from qo.model import MAX_INPUT_BYTES, Task
+from qo.stored import MAX_VALUE_DEPTH
 from qo.cli import build_cli
 from qo.cli.parsing import delay_to_time, parse_duration, parse_json_input, parse_time
 from qo.cli.worker import summary
@@ -109,9 +110,18 @@ def test_parse_json_input(tmp_path):
     f.write_text('{"from": "file"}')
     assert parse_json_input(f"@{f}") == {"from": "file"}
     assert parse_json_input("@-", stdin=io.StringIO('["stdin"]')) == ["stdin"]
-    for bad in ("{", "NaN", "", "@", f"@{tmp_path / 'missing.json'}"):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    (tmp_path / "latin1.json").write_bytes(b'"\xe9"')
+    for bad in ("{", "NaN", "", "@", f"@{tmp_path / 'missing.json'}", deep, f"@{tmp_path / 'deep.json'}",
+                f"@{tmp_path / 'latin1.json'}", f"@{tmp_path}", "1" * (MAX_INPUT_BYTES + 1)):
         with pytest.raises(qo.InvalidInput) as exc:
             parse_json_input(bad)
+        assert exc.value.field == "--input"
+    too_large = ("1" * (MAX_INPUT_BYTES + 1), '"' + "é" * 140_000 + '"')  # the second by its UTF-8 bytes
+    for stdin in (io.StringIO(deep), *(io.StringIO(t) for t in too_large)):
+        with pytest.raises(qo.InvalidInput) as exc:  # a text stream without a buffer is bounded too
+            parse_json_input("@-", stdin=stdin)
         assert exc.value.field == "--input"
 
 
@@ -164,6 +174,82 @@ def test_submit_input_from_file_and_stdin(storage_url, tmp_path):
     f.write_text('{"big": [1, 2, 3]}')
     assert status_json(storage_url, submit(storage_url, "t", "--input", f"@{f}"))["input"] == {"big": [1, 2, 3]}
     assert status_json(storage_url, submit(storage_url, "t", "--input", "@-", input='"piped"'))["input"] == "piped"
+
+
+def _one_error_line(result: Result, option: str) -> str:
+    """The single stderr line of a refused command (exit 1), naming ``option``."""
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"error: {option}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    return result.stderr
+
+
+def test_input_files_and_stdin_are_read_only_up_to_the_limit(storage_url, tmp_path):
+    """A 1 GB (sparse) --input file is refused naming --input and the limit, having read
+    at most the limit + 1 bytes; the same over standard input; a file of exactly the
+    limit is a task's input."""
+    import tracemalloc
+
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(10**9)
+    tracemalloc.start()
+    try:
+        result = qo_cli("submit", "t", "--input", f"@{huge}", "--url", storage_url)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    line = _one_error_line(result, "--input")
+    assert str(MAX_INPUT_BYTES) in line and "huge.json" in line
+    assert peak < 8 * MAX_INPUT_BYTES  # a read of the whole file would be 10**9
+    dev_zero = qo_cli("submit", "t", "--input", "@/dev/zero", "--url", storage_url)  # endless
+    assert str(MAX_INPUT_BYTES) in _one_error_line(dev_zero, "--input")
+
+    over = json.dumps("x" * (MAX_INPUT_BYTES - 1))  # limit + 1 bytes
+    piped = qo_cli("submit", "t", "--input", "@-", "--url", storage_url, input=over)
+    assert "standard input" in _one_error_line(piped, "--input") and str(MAX_INPUT_BYTES) in piped.stderr
+    assert tasks_in(storage_url) == []
+
+    at_limit = tmp_path / "at_limit.json"
+    at_limit.write_text(json.dumps("x" * (MAX_INPUT_BYTES - 2)))
+    assert at_limit.stat().st_size == MAX_INPUT_BYTES
+    task_id = submit(storage_url, "t", "--input", f"@{at_limit}")
+    assert status_json(storage_url, task_id)["input"] == "x" * (MAX_INPUT_BYTES - 2)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deep_json_is_one_error_line_at_every_cli_entry_point(storage_url, tmp_path):
+    """100,000-deep JSON (and one level over the limit) through --input, @file, @-,
+    schedule add --input, submit-graph and settings set: exit 1, one line naming the
+    option, no RecursionError traceback, nothing written."""
+    deep_file = tmp_path / "deep.json"
+    deep_file.write_text(DEEP)
+    over = "[" * (MAX_VALUE_DEPTH + 1) + "]" * (MAX_VALUE_DEPTH + 1)
+    cases = [
+        (["submit", "t", "--input", DEEP], None, "--input"),
+        (["submit", "t", "--input", over], None, "--input"),
+        (["submit", "t", "--input", f"@{deep_file}"], None, "--input"),
+        (["submit", "t", "--input", "@-"], DEEP, "--input"),
+        (["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--input", DEEP], None, "--input"),
+        (["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--input", f"@{deep_file}"], None,
+         "--input"),
+        (["submit-graph", '{"a": {"task_type": "t", "input": ' + DEEP + "}}"], None, "JSON"),
+        (["submit-graph", f"@{deep_file}"], None, "JSON"),
+        (["settings", "set", f"max_retries={DEEP}"], None, "settings.max_retries"),
+    ]
+    for args, stdin, option in cases:
+        line = _one_error_line(qo_cli(*args, "--url", storage_url, input=stdin), option)
+        assert len(line) < 300, line
+        if option != "settings.max_retries":  # a setting is a number: refused as one
+            assert "levels deep (arrays and objects); that is the limit" in line, line
+    assert tasks_in(storage_url) == [] and qo_cli("schedule", "list", "--url", storage_url).stdout.count("\n") <= 1
+    at_limit = "[" * MAX_VALUE_DEPTH + "]" * MAX_VALUE_DEPTH  # a task's input may be this deep, also in a graph
+    submit(storage_url, "t", "--input", at_limit)
+    graph = qo_cli("submit-graph", '{"a": {"task_type": "t", "input": ' + at_limit + "}}", "--url", storage_url)
+    assert graph.exit_code == 0, graph.output
+    assert [t.input for t in tasks_in(storage_url)] == [json.loads(at_limit)] * 2
 
 
 @pytest.mark.parametrize("args, code, names", [
@@ -250,7 +336,8 @@ def test_queue_option_separates_queues(storage_url):
 
 HANDLERS = '''
 import qo
-from qo.model import Task
+from qo.model import MAX_INPUT_BYTES, Task
+from qo.stored import MAX_VALUE_DEPTH
 from qo.handlers import handler
 
 @handler("greet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 import qo
 from qo import keys
+from qo.dependencies import MAX_DEPENDENCIES, MAX_INLINE_OUTPUT_BYTES, MAX_INLINE_OUTPUTS_BYTES, RESULTS_WINDOW
 from qo.errors import StorageUnavailable
 from qo.worker import Worker
 
@@ -165,6 +167,102 @@ async def test_unknown_ids_and_cycles_are_rejected_with_nothing_written(queue):
     with pytest.raises(qo.DependencyError):
         await queue.submit_graph({"a": {"task_type": "step", "depends_on": ["e" * 24]}})
     assert [e.key for e in await queue.storage.list(f"{queue.name}/")] == before
+
+
+async def test_large_dependency_outputs_are_handed_by_reference(queue, fast_settings, monkeypatch):
+    """A child of many parents with large outputs: small outputs stay inline (the old
+    three keys), one over MAX_INLINE_OUTPUT_BYTES and those past the running total of
+    MAX_INLINE_OUTPUTS_BYTES come as references, and the handler loads one on demand.
+    Parents are read at most RESULTS_WINDOW at a time."""
+    medium = 60_000  # each under the per-output cap; together over the total
+    n_medium = MAX_INLINE_OUTPUTS_BYTES // (medium + 2) + 3
+    worker = Worker(queue, settings=fast_settings)
+    seen: dict = {}
+    loaded: dict = {}
+
+    @worker.handler("make")
+    def make(input):
+        return "x" * input
+
+    @worker.handler("join")
+    async def join(input, ctx):
+        seen.update(ctx.dependencies)
+        loaded["huge"] = await ctx.dependency_output(input["huge"])
+        loaded["small"] = await ctx.dependency_output(input["small"])
+        try:
+            await ctx.dependency_output(ctx.task_id)
+        except qo.InvalidInput as exc:
+            loaded["refused"] = exc.field
+        return "joined"
+
+    small = await queue.submit("make", 10)
+    huge = await queue.submit("make", MAX_INLINE_OUTPUT_BYTES + 1)
+    mediums = await queue.submit_many([("make", medium) for _ in range(n_medium)])
+    await worker.run(until_idle=True)
+    parents = [small.id, huge.id, *(m.id for m in mediums)]
+
+    reading = peak = 0
+    real_maybe = queue.dependencies._maybe
+
+    async def counting_maybe(task_id, remember=False):
+        nonlocal reading, peak
+        reading += 1
+        peak = max(peak, reading)
+        try:
+            await asyncio.sleep(0)
+            return await real_maybe(task_id, remember)
+        finally:
+            reading -= 1
+
+    child = await queue.submit("join", {"huge": huge.id, "small": small.id}, depends_on=parents)
+    monkeypatch.setattr(queue.dependencies, "_maybe", counting_maybe)  # the child's reads from here on
+    await worker.run(until_idle=True)
+    assert (await queue.get(child.id)).output == "joined"
+
+    assert seen[small.id] == {"status": "completed", "output": "x" * 10, "task_type": "make"}  # unchanged shape
+    assert seen[huge.id] == {"status": "completed", "output": None, "task_type": "make", "output_ref": huge.id,
+                             "output_bytes": MAX_INLINE_OUTPUT_BYTES + 3}
+    fits = (MAX_INLINE_OUTPUTS_BYTES - 12) // (medium + 2)  # after the small one's 12 bytes
+    assert 0 < fits < n_medium
+    for i, m in enumerate(mediums):
+        entry = seen[m.id]
+        if i < fits:
+            assert entry == {"status": "completed", "output": "x" * medium, "task_type": "make"}, i
+        else:
+            assert entry["output"] is None and entry["output_ref"] == m.id and entry["output_bytes"] == medium + 2
+    inline = sum(len(json.dumps(e["output"])) for e in seen.values() if e["output"] is not None)
+    assert inline <= MAX_INLINE_OUTPUTS_BYTES
+    assert loaded == {"huge": "x" * (MAX_INLINE_OUTPUT_BYTES + 1), "small": "x" * 10, "refused": "task_id"}
+    assert 1 < peak <= RESULTS_WINDOW
+
+
+async def test_small_dependency_outputs_all_stay_inline(queue, fast_settings):
+    """Under both caps nothing changes: every entry has exactly the three old keys."""
+    worker = Worker(queue, settings=fast_settings)
+    seen: dict = {}
+    worker.handler("make")(lambda input: {"n": input, "pad": "y" * 1000})
+
+    @worker.handler("join")
+    async def join(input, ctx):
+        seen.update(ctx.dependencies)
+
+    parents = await queue.submit_many([("make", i) for i in range(40)])
+    await queue.submit("join", None, depends_on=[p.id for p in parents])
+    await worker.run(until_idle=True)
+    assert seen == {p.id: {"status": "completed", "output": {"n": i, "pad": "y" * 1000}, "task_type": "make"}
+                    for i, p in enumerate(parents)}
+
+
+async def test_the_number_of_dependencies_is_capped(queue):
+    """More than MAX_DEPENDENCIES distinct parents is refused naming depends_on, before any
+    read or write (duplicates count once)."""
+    ids = [f"{i:024x}" for i in range(MAX_DEPENDENCIES + 1)]
+    with pytest.raises(qo.InvalidInput) as err:
+        await queue.submit("step", "x", depends_on=ids)
+    assert err.value.field == "depends_on" and f"limit is {MAX_DEPENDENCIES}" in str(err.value)
+    with pytest.raises(qo.DependencyError):  # at the cap (with a duplicate): checked against the bucket
+        await queue.submit("step", "x", depends_on=ids[:2] + ids[:1])
+    assert await queue.storage.list(f"{queue.name}/") == []
 
 
 def submit_child(url: str, parent_id: str, barrier) -> str:

@@ -25,6 +25,8 @@ import qo.handlers
 from qo.backends import open_storage
 from qo.cli import cli
 from qo.errors import ConfigurationError, InvalidInput, QoError
+from qo.model import MAX_INPUT_BYTES
+from qo.stored import MAX_VALUE_DEPTH
 
 NAN, INF = float("nan"), float("inf")
 LONG = "x" * 10240
@@ -49,8 +51,12 @@ def _deep(n: int) -> list:
 _circular: list = []
 _circular.append(_circular)
 
+#: nested past the recursion limit, and just past MAX_VALUE_DEPTH (json encodes it; a
+#: stored task holding it would be unreadable)
+DEEP, TOO_DEEP = _deep(100_000), _deep(MAX_VALUE_DEPTH)
 BAD_INPUTS = [{1, 2}, b"x", object(), Custom(), NAN, INF, -INF, {"a": [NAN]}, "x" * (10 * 1024 * 1024),
-              "a\ud800", {"k\ud800": 1}, {(1, 2): 3}, _deep(100_000), _circular, dt.datetime.now(dt.timezone.utc)]
+              "a\ud800", {"k\ud800": 1}, {(1, 2): 3}, DEEP, _circular, dt.datetime.now(dt.timezone.utc), TOO_DEEP,
+              {"a": TOO_DEEP}]
 
 MALFORMED_URLS = ["s3://", "s3:///x", "s3://bad_bucket!", "s3://UPPER/x", "s3://a..b/x", "file://host/x",
                   "http://x", "::", " ", "", "s3://[x", "s3//bucket", "s3:bucket", "a\x00b", 5, b"/tmp/x",
@@ -143,7 +149,7 @@ def _label(name: str, value) -> str:
 # -- the Python API ---------------------------------------------------------------------
 
 ID = "0" * 24
-ID_LIKE = PATHISH + [None, "A" * 24, "0" * 23, "g" * 24, ID + "\n", ID + "/x", "../" + ID]
+ID_LIKE = PATHISH + [None, "A" * 24, "0" * 23, "g" * 24, ID + "\n", ID + "/x", "../" + ID, DEEP]
 
 
 def _worker(q, **kw):
@@ -165,7 +171,7 @@ API_CASES = [
     ("submit.task_type", lambda q, v: q.submit(v, {}), "task_type", PATHISH + [None]),
     ("submit.input", lambda q, v: q.submit("t", v), "input", BAD_INPUTS),
     ("submit.priority", lambda q, v: q.submit("t", priority=v), "priority",
-     [-1, 256, 1.5, True, False, "urgent", NAN, "", "300", 10**100, "-1", b"1"]),  # None: the default
+     [-1, 256, 1.5, True, False, "urgent", NAN, "", "300", 10**100, "-1", b"1", DEEP]),  # None: the default
     ("submit.timeout_seconds", lambda q, v: q.submit("t", timeout_seconds=v), "timeout_seconds",
      [-1, 0, -0.0, 1e12, NAN, INF, -INF, True, "10"]),
     ("submit.max_retries", lambda q, v: q.submit("t", max_retries=v), "max_retries",
@@ -181,7 +187,7 @@ API_CASES = [
      "idempotency_ttl_days", [-1, 0, NAN, INF, True, 1e9, "7", None]),
     ("submit.depends_on", lambda q, v: q.submit("t", depends_on=v), "depends_on",
      [ID, [".."], ["../x"], ["/abs"], ["a/b"], [None], [[1]], [{}], 5, b"x", ["A" * 24], [ID + "\x00"],
-      [ID + "\n"], [LONG]]),
+      [ID + "\n"], [LONG], [f"{i:024x}" for i in range(1001)], DEEP, [DEEP]]),  # 1001: over MAX_DEPENDENCIES
     ("submit.on_dependency_failure", lambda q, v: q.submit("t", on_dependency_failure=v),
      "on_dependency_failure", ["bogus", None, 5, "", "FAIL"]),
     ("submit.rate_limit_key", lambda q, v: q.submit("t", rate_limit_key=v), "rate_limit_key",
@@ -190,7 +196,8 @@ API_CASES = [
      [5, None, "abc", b"ab", {"t": {}}, [5], [None], [("t", {}, "opts")], [()], [("a", "b", {}, "d")]]),
     ("submit_many.task_type", lambda q, v: q.submit_many([("ok", {}), (v, {})]), "items[1].task_type",
      PATHISH + [None]),
-    ("submit_many.input", lambda q, v: q.submit_many([("ok", {}), ("ok", v)]), "items[1].input", BAD_INPUTS[:6]),
+    ("submit_many.input", lambda q, v: q.submit_many([("ok", {}), ("ok", v)]), "items[1].input",
+     BAD_INPUTS[:6] + [DEEP, TOO_DEEP]),
     ("submit_many.options", lambda q, v: q.submit_many([("ok", {}), ("ok", {}, v)]), "items[1]",
      [{"bogus": 1}, {"priority": 256}, {"timeout_seconds": -1}, {"schedule_at": dt.datetime(2030, 1, 1)},
       {"idempotency_key": "\ud800"}, {"rate_limit_key": "a\x00"}, {"depends_on": ["../x"]}]),
@@ -199,7 +206,8 @@ API_CASES = [
     ("submit_graph.nodes", lambda q, v: q.submit_graph(v), "nodes",
      [{}, None, [], "abc", {"a": 5}, {"a": {}}, {"a": {"task_type": "t", "depends_on": "b"}},
       {"a": {"task_type": "t", "depends_on": [[1]]}}, {"a": {"task_type": "t", "depends_on": [None]}},
-      {"a": {"task_type": "t", "bogus": 1}}, {"a": {"task_type": "t", "input": {1, 2}}}]),
+      {"a": {"task_type": "t", "bogus": 1}}, {"a": {"task_type": "t", "input": {1, 2}}},
+      {"a": {"task_type": "t", "input": DEEP}}, {"a": {"task_type": "t", "input": TOO_DEEP}}, DEEP]),
     ("submit_graph.name", lambda q, v: q.submit_graph({v: {"task_type": "ok"}}), "nodes",
      [n for n in PATHISH if not isinstance(n, list)] + [None]),
     ("submit_graph.task_type",
@@ -214,7 +222,8 @@ API_CASES = [
     ("list.limit", lambda q, v: q.list(limit=v).__anext__(), "limit", [-1, 1.5, "10", True, NAN]),
     ("schedules.add.name", lambda q, v: _sched(q, v), "name", PATHISH + [None]),
     ("schedules.add.cron", lambda q, v: _sched(q, cron=v), "cron",
-     [None, 5, "", "61 * * * *", "* * * * \x00", "*" * 10240, "\ud800 * * * *", "* * * * * * * *", "../x"]),
+     [None, 5, "", "61 * * * *", "* * * * \x00", "*" * 10240, "\ud800 * * * *", "* * * * * * * *", "../x",
+      "0" + ",0" * 200 + " * * * *", "0" + ",0" * 500_000 + " * * * *"]),  # valid, but over MAX_CRON_LENGTH
     ("schedules.add.timezone", lambda q, v: _sched(q, timezone=v), "timezone",
      ["../../etc/passwd", "/etc/localtime", "Europe/../UTC", "a\x00", "", LONG, "\ud800", None, 5,
       "Mars/Base", "Europe\\Berlin", "UTC\n", "../../../../../../usr/share/zoneinfo/UTC"]),
@@ -224,7 +233,7 @@ API_CASES = [
     ("schedules.add.grace_seconds", lambda q, v: _sched(q, grace_seconds=v), "grace_seconds", [NAN, -1, INF, "1"]),
     ("schedules.add.enabled", lambda q, v: _sched(q, enabled=v), "enabled", ["yes", 1, None]),
     ("schedules.add.task_type", lambda q, v: _sched(q, task_type=v), "task_type", PATHISH + [None]),
-    ("schedules.add.input", lambda q, v: _sched(q, input=v), "input", BAD_INPUTS[:8]),
+    ("schedules.add.input", lambda q, v: _sched(q, input=v), "input", BAD_INPUTS[:8] + [DEEP, TOO_DEEP]),
     ("schedules.add.priority", lambda q, v: _sched(q, priority=v), "priority", [-1, 256, 1.5, True, "urgent"]),
     ("schedules.add.timeout_seconds", lambda q, v: _sched(q, timeout_seconds=v), "timeout_seconds",
      [-1, 0, NAN, INF, 1e12]),
@@ -248,12 +257,12 @@ API_CASES = [
     ("settings.set.name", lambda q, v: q.settings.set({v: 1}), "settings",
      [n for n in PATHISH if not isinstance(n, list)] + [None, 5, "aging.cap"]),
     ("settings.set.max_retries", lambda q, v: q.settings.set(max_retries=v), "settings.max_retries",
-     [-1, 1.5, True, 10**9, "x", NAN, None]),
+     [-1, 1.5, True, 10**9, "x", NAN, None, DEEP]),
     ("settings.set.poll_max", lambda q, v: q.settings.set(poll_max=v), "settings.poll_max",
-     [NAN, INF, -1, 0, "nan", True, None, 1e9]),
-    ("settings.set.aging", lambda q, v: q.settings.set(aging=v), "settings.aging", ["maybe", 2, None, ""]),
+     [NAN, INF, -1, 0, "nan", True, None, 1e9, DEEP]),
+    ("settings.set.aging", lambda q, v: q.settings.set(aging=v), "settings.aging", ["maybe", 2, None, "", DEEP]),
     ("settings.set.aging_cap", lambda q, v: q.settings.set(aging_cap=v), "settings.aging_cap",
-     [-1, 256, 1.5, "x", NAN]),
+     [-1, 256, 1.5, "x", NAN, DEEP]),
     ("settings.set.values", lambda q, v: q.settings.set(v), "settings", ["x", 5, [("a", 1)], {}]),
     ("settings.unset", lambda q, v: q.settings.unset(v), "settings", PATHISH + [None, 5]),
     ("Worker.concurrency", lambda q, v: _worker(q, concurrency=v), "concurrency", [0, -1, 1.5, True, 10**6, "8", NAN]),
@@ -282,6 +291,28 @@ async def test_api_rejects_hostile_values(env, case):
     if after != before:
         problems.append(f"{name}: wrote {sorted(after - before)[:5]}, removed {sorted(before - after)[:5]}")
     assert not problems, "\n".join(problems)
+
+
+async def test_json_at_the_depth_limit_round_trips(env, fast_settings):
+    """MAX_VALUE_DEPTH levels are accepted and read back (the stored task stays within
+    qo.stored's MAX_DEPTH); a handler's output one level deeper fails the task, saying
+    why, instead of storing a task nobody could read."""
+    q = env.queue
+    at_limit = _deep(MAX_VALUE_DEPTH - 1)
+    task = await q.submit("t", at_limit)
+    assert (await q.get(task.id)).input == at_limit
+    s = await _sched(q, "deep", input=at_limit)
+    assert (await q.schedules.get(s.name)).input == at_limit
+    await q.schedules.remove(s.name)
+    await q.cancel(task.id)
+
+    worker = qo.Worker(q, settings=fast_settings)
+    worker.handler("deep_out")(lambda input: _deep(MAX_VALUE_DEPTH))
+    deep_out = await q.submit("deep_out", None, max_retries=0)
+    await worker.run(until_idle=True)
+    done = await q.get(deep_out.id)
+    assert done.status == "failed" and done.output is None
+    assert f"nested more than {MAX_VALUE_DEPTH} levels deep" in str(done.last_error)
 
 
 async def test_api_unknown_references(env):
@@ -393,6 +424,16 @@ def _cli_cases(tmp_path) -> list[list[str]]:
         ("--idempotency-scope", "custom:../x"), ("--idempotency-ttl-days", "nan"), ("--rate-limit-key", "a\x00"),
         ("--depends-on", "../x"), ("--depends-on", "0" * 24), ("--on-dependency-failure", "bogus"),
         ("--queue", "a/b"), ("--queue", ".."), ("--queue", ""), ("--queue", "q\n")]]
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    with open(tmp_path / "huge.json", "wb") as f:  # 1 GB, sparse: read at most MAX_INPUT_BYTES + 1 of it
+        f.truncate(10**9)
+    out += [["submit", "t", "--input", v] for v in [deep, "[" * 101 + "]" * 101, "@" + str(tmp_path / "deep.json"),
+                                                     "@" + str(tmp_path / "huge.json"), "@/dev/zero"]]
+    out += [["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--input", v]
+            for v in [deep, "@" + str(tmp_path / "huge.json")]]
+    out += [["submit-graph", deep], ["submit-graph", '{"a": {"task_type": "t", "input": ' + deep + "}}"],
+            ["settings", "set", "max_retries=" + deep]]
     fresh = str(tmp_path / "fresh")  # a store that does not exist yet must not be created
     out += [["submit", "../x", "--url", fresh], ["status", "../x", "--url", fresh], ["cancel", "..", "--url", fresh],
             ["retry", "/abs", "--url", fresh], ["schedule", "add", "../s", "--cron", "* * * * *", "--type", "t",
@@ -405,7 +446,8 @@ def _cli_cases(tmp_path) -> list[list[str]]:
     out += [["list", "--type", "../x"], ["list", "--status", "bogus"], ["list", "--limit", "-1"]]
     out += [["schedule", "add", n, "--cron", "* * * * *", "--type", "t"] for n in names]
     out += [["schedule", "add", "s", "--cron", c, "--type", t, *extra] for c, t, extra in [
-        ("61 * * * *", "t", []), ("* * * * *", "../x", []), ("* * * * *", "t", ["--timezone", "../../etc/passwd"]),
+        ("61 * * * *", "t", []), ("0" + ",0" * 200 + " * * * *", "t", []), ("* * * * *", "../x", []),
+        ("* * * * *", "t", ["--timezone", "../../etc/passwd"]),
         ("* * * * *", "t", ["--timezone", "/etc/localtime"]), ("* * * * *", "t", ["--catch-up", "bogus"]),
         ("* * * * *", "t", ["--priority", "256"]), ("* * * * *", "t", ["--timeout", "-1"]),
         ("* * * * *", "t", ["--input", "NaN"])]]

@@ -14,7 +14,7 @@ import qo
 from qo import keys
 from qo.clock import FakeClock
 from qo.errors import StorageUnavailable
-from qo.idempotency import sweep_expired
+from qo.idempotency import decode_record, record_key, sweep_expired
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -192,3 +192,95 @@ def test_cli_idempotency_options(storage_url):
     assert conflict.exit_code == 1 and "cli-1" in conflict.output
     bad = runner.invoke(cli, args + ["--idempotency-scope", "nope"])
     assert bad.exit_code == 1 and "idempotency_scope" in bad.output
+
+
+# -- a record holding garbage costs only itself -------------------------------------------------
+
+
+def a_record(**fields) -> bytes:
+    base = {"key": "k", "scope": "task_type", "namespace": "type.email", "task_id": "0" * 24,
+            "task_type": "email", "input_hash": "x", "created_at": 1.0, "expires_at": 4e9}
+    return json.dumps({k: v for k, v in {**base, **fields}.items() if v is not ...}).encode()
+
+
+GARBAGE = {
+    "truncated": b"{",
+    "a list": b"[]",
+    "task_id a number": b'{"task_id": 5}',
+    "no expires_at": a_record(expires_at=...),
+    "expires_at soon": a_record(expires_at="soon", task_id="not-an-id"),
+}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_a_corrupt_record_is_reported_and_replaced_by_the_next_submit_of_its_key(queue, garbage, caplog):
+    rk = record_key(queue.name, "type.email", "k")
+    await queue.storage.put(rk, garbage)
+    with caplog.at_level("WARNING", logger="qo.bad_objects"):
+        task = await queue.submit("email", {"n": 1}, idempotency_key="k")
+    assert queue.store.bad.count == 1 and rk in queue.store.bad.seen
+    assert [r for r in caplog.records if rk in r.getMessage()]  # logged, naming the key
+    record = decode_record((await queue.storage.get(rk)).data, rk)  # a usable record again
+    assert record["task_id"] == task.id and record["expires_at"] > queue.clock.now()
+    assert (await queue.submit("email", {"n": 1}, idempotency_key="k")).id == task.id  # the key works again
+    with pytest.raises(qo.IdempotencyConflict):
+        await queue.submit("email", {"n": 2}, idempotency_key="k")
+    assert await task_ids(queue) == [task.id]
+
+
+async def test_a_corrupt_record_naming_its_task_still_finds_that_task(queue):
+    first = await queue.submit("email", {"n": 1}, idempotency_key="k")
+    rk = record_key(queue.name, "type.email", "k")
+    await queue.storage.put(rk, json.dumps({"task_id": first.id, "expires_at": "soon"}).encode())
+    assert (await queue.submit("email", {"n": 1}, idempotency_key="k")).id == first.id  # no duplicate
+    assert decode_record((await queue.storage.get(rk)).data, rk)["task_id"] == first.id
+    await queue.storage.put(rk, b'{"task_id": "%s"}' % first.id.encode())
+    with pytest.raises(qo.IdempotencyConflict):  # the task it names has another input
+        await queue.submit("email", {"n": 2}, idempotency_key="k")
+    missing = "f" * 24  # it names a task that was never written: this submit writes it under that id
+    await queue.storage.put(record_key(queue.name, "type.email", "k2"), b'{"task_id": "%s"}' % missing.encode())
+    assert (await queue.submit("email", 3, idempotency_key="k2")).id == missing
+    assert sorted(await task_ids(queue)) == sorted([first.id, missing])
+    assert queue.store.bad.count == 3
+
+
+async def test_the_sweep_skips_a_corrupt_record_and_sweeps_the_others(storage_url, caplog):
+    clock = FakeClock()
+    q = await qo.connect(storage_url, queue="sw", clock=clock)
+    try:
+        old = await q.submit("email", 1, idempotency_key="old", idempotency_ttl_days=1)
+        await q.submit("email", 2, idempotency_key="live", idempotency_ttl_days=30)
+        bad = [record_key(q.name, "type.email", f"bad-{name}") for name in GARBAGE]
+        for rk, garbage in zip(bad, GARBAGE.values()):
+            await q.storage.put(rk, garbage)
+        clock.advance(2 * 86400)
+        with caplog.at_level("WARNING", logger="qo.bad_objects"):
+            assert await sweep_expired(q, None) is None
+        left = {e.key for e in await q.storage.list(keys.idem_prefix(q.name))}
+        assert left == {record_key(q.name, "type.email", "live"), *bad}  # "old" swept, the garbage skipped
+        assert q.store.bad.count == len(bad) and set(q.store.bad.seen) == set(bad)
+        assert len([r for r in caplog.records if r.name == "qo.bad_objects"]) == len(bad)
+        await sweep_expired(q, None)  # met again: counted, not logged again
+        assert q.store.bad.count == 2 * len(bad)
+        assert len([r for r in caplog.records if r.name == "qo.bad_objects"]) == len(bad)
+        assert (await q.submit("email", 1, idempotency_key="old", idempotency_ttl_days=1)).id != old.id
+    finally:
+        await q.close()
+
+
+async def test_a_corrupt_fire_record_is_repaired_and_the_time_fires_once(storage_url):
+    from qo.scheduler import Scheduler
+
+    clock = FakeClock(1_800_000_000.0)
+    q = await qo.connect(storage_url, queue="q", clock=clock)
+    try:
+        s = await q.schedules.add("every5", cron="*/5 * * * *", task_type="tick")
+        rk = record_key(q.name, "custom.schedule", s.fire_key(s.next_fire_at))
+        await q.storage.put(rk, b"[]")
+        clock.advance(300)
+        [fired] = await Scheduler(q).run_once()
+        assert await task_ids(q) == [fired.task_id] and q.store.bad.count == 1
+        assert decode_record((await q.storage.get(rk)).data, rk)["task_id"] == fired.task_id
+        assert (await q.schedules.submit_fire(s, s.next_fire_at)).id == fired.task_id  # again: the same task
+    finally:
+        await q.close()

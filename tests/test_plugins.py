@@ -143,6 +143,89 @@ async def test_doctor_passes_on_a_store_with_conditional_writes(storage_url):
     assert checks["conditional delete"].ok
 
 
+class BatchWrapper:
+    """A storage whose ``delete_many`` does nothing (``mode="noop"``) or raises
+    (``mode="raise"``); every other call goes to ``inner``."""
+
+    def __init__(self, inner, mode: str):
+        self.inner, self.mode, self.batches = inner, mode, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def delete_many(self, keys):
+        self.batches += 1
+        if self.mode == "raise":
+            raise qo.StorageError("batch refused by the test", backend="wrapper")
+
+
+async def scratch_left(storage) -> list[str]:
+    return [e.key for e in await storage.list("_doctor/")]
+
+
+async def test_doctor_proves_batch_delete_by_doing_one(storage_url):
+    from qo.backends import open_storage
+
+    storage = open_storage(storage_url)
+    try:
+        checks = {c.name: c for c in await run_checks(storage)}
+        batch = checks["capability: batch delete"]
+        assert batch.ok and batch.detail.startswith("yes (proven: 3 objects deleted in one call"), batch.detail
+        assert "cleanup" not in checks
+        assert await scratch_left(storage) == []
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("noop", "no: delete_many returned, but 3 of 3 objects are still there"),
+    ("raise", "no: delete_many failed (StorageError: batch refused by the test"),
+])
+async def test_doctor_reports_a_batch_delete_that_does_not_work_and_cleans_up(storage_url, mode, says):
+    from qo.backends import open_storage
+
+    inner = open_storage(storage_url)
+    storage = BatchWrapper(inner, mode)
+    try:
+        checks = {c.name: c for c in await run_checks(storage)}
+        batch = checks["capability: batch delete"]
+        assert not batch.ok and not batch.required
+        assert batch.detail.startswith(says) and "one by one" in batch.detail, batch.detail
+        assert all(c.ok for c in checks.values() if c.required)  # a store without batches is healthy
+        assert storage.batches == 1  # cleanup did not trust delete_many again
+        assert "cleanup" not in checks
+        assert await scratch_left(inner) == []
+    finally:
+        await inner.close()
+
+
+async def test_doctor_leaves_nothing_behind_when_a_check_blows_up(tmp_path):
+    from qo.backends import open_storage
+
+    inner = open_storage(str(tmp_path / "store"))
+
+    class Broken(BatchWrapper):
+        async def put(self, key, data, **kw):
+            if kw.get("if_match"):
+                raise RuntimeError("a bug in the middle of the checks")
+            return await self.inner.put(key, data, **kw)
+
+    with pytest.raises(RuntimeError):
+        await run_checks(Broken(inner, "noop"))
+    assert await scratch_left(inner) == []
+
+
+def test_doctor_cli_prints_the_batch_proof(tmp_path):
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    result = CliRunner().invoke(cli, ["doctor", "--url", str(tmp_path / "store")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "batch delete" in x)
+    assert "[ok  ]" in line and "yes (proven: 3 objects deleted in one call)" in line
+
+
 def test_doctor_says_plainly_when_a_store_ignores_conditional_writes():
     from click.testing import CliRunner
 
@@ -154,3 +237,245 @@ def test_doctor_says_plainly_when_a_store_ignores_conditional_writes():
     assert "create-only: NOT SUPPORTED" in result.output
     assert "compare-and-swap: NOT SUPPORTED" in result.output
     assert "NOT HEALTHY" in result.output
+
+
+# -- third-party distributions that clash or fail to load (issue 15) ------------------
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """Install fake distributions on sys.path: ``make(dist, {entry_point: module source})``.
+
+    They are real ``*.dist-info`` directories, found by importlib.metadata next to qo's
+    own; their modules get unique names and leave sys.modules in teardown.
+    """
+    import sys
+    import uuid
+
+    from qo.plugins import reset_plugins
+
+    made: list[str] = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(dist: str, plugins: dict[str, str]) -> dict[str, str]:
+        modules = {}
+        lines = ["[qo]"]
+        for ep_name, source in plugins.items():
+            module = f"qo_fake_{uuid.uuid4().hex[:10]}_{ep_name}"
+            (tmp_path / f"{module}.py").write_text(source)
+            lines.append(f"{ep_name} = {module}")
+            modules[ep_name] = module
+            made.append(module)
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        return modules
+
+    reset_plugins()
+    yield make
+    reset_plugins()
+    for module in made:
+        sys.modules.pop(module, None)
+
+
+def test_builtins_are_the_entry_points_of_qo_itself():
+    import tomllib
+    from pathlib import Path
+
+    from qo.plugins import BUILTINS
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert set(pyproject["project"]["entry-points"]["qo"]) == BUILTINS
+    assert ESSENTIAL <= BUILTINS
+
+
+CRON_HIJACK = """
+import datetime as dt
+import qo
+
+@qo.hookimpl
+def qo_next_fire(schedule, after):
+    return dt.datetime(1999, 1, 1, tzinfo=dt.timezone.utc)
+"""
+
+
+def test_a_third_party_plugin_named_like_a_builtin_is_skipped_and_names_both(fake_dist, caplog):
+    import sys
+
+    modules = fake_dist("evil-dist", {"cron": CRON_HIJACK, "retry": "raise SystemExit(3)"})
+    plugins = Plugins()
+    with caplog.at_level("WARNING", logger="qo.plugins"):
+        plugins.load_entry_points()
+    assert plugins.info["cron"].distribution == "qo" and plugins.info["cron"].status == "loaded"
+    assert plugins.info["cron"].source == "qo.policies.cron"
+    skipped = {i.name: i for i in plugins.skipped}
+    assert set(skipped) == {"cron", "retry"} and all(i.status == "skipped" for i in skipped.values())
+    assert skipped["cron"].error == (
+        "plugin name 'cron' of distribution 'evil-dist' clashes with qo's built-in 'cron' "
+        "(distribution 'qo'); rename its entry point"
+    )
+    assert modules["cron"] not in sys.modules  # never imported
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'evil-dist'" in w and "'qo'" in w and "'cron'" in w for w in warnings)
+    import qo.policies.cron
+
+    assert [i.plugin for i in plugins.hook.qo_next_fire.get_hookimpls()] == [qo.policies.cron]
+
+
+def test_a_builtin_name_clash_is_fatal_in_strict_mode(fake_dist):
+    fake_dist("evil-dist", {"local": "raise RuntimeError('never imported')"})
+    plugins = Plugins(strict=True)
+    with pytest.raises(qo.PluginError) as err:
+        plugins.load_entry_points()
+    assert "'evil-dist'" in str(err.value) and "distribution 'qo'" in str(err.value)
+    assert "'local'" in str(err.value) and "QO_STRICT_PLUGINS=1" in str(err.value)
+
+
+def test_two_third_party_plugins_of_one_name_keep_the_first(fake_dist):
+    fake_dist("qo-one", {"twin": "import qo\n"})
+    fake_dist("qo-two", {"twin": "import qo\n"})
+    plugins = Plugins()
+    plugins.load_entry_points()
+    assert plugins.info["twin"].status == "loaded"
+    (skipped,) = [i for i in plugins.skipped if i.name == "twin"]
+    first, second = plugins.info["twin"].distribution, skipped.distribution
+    assert {first, second} == {"qo-one", "qo-two"}
+    assert f"'{first}'" in skipped.error and f"'{second}'" in skipped.error
+
+
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("import sys\nsys.exit('plugin gave up')\n", "import failed: SystemExit: plugin gave up"),
+        ("raise SystemExit(3)\n", "import failed: SystemExit: 3"),
+        ("raise KeyboardInterrupt\n", "import failed: KeyboardInterrupt"),
+        ("raise RuntimeError('boom\\nsecond line')\n", "import failed: RuntimeError: boom second line"),
+        ("import qo_no_such_module_anywhere\n", "import failed: ModuleNotFoundError: No module named"),
+    ],
+    ids=["sys.exit", "SystemExit", "KeyboardInterrupt", "RuntimeError", "ImportError"],
+)
+def test_a_plugin_failing_at_import_in_any_way_is_reported_and_skipped(fake_dist, caplog, source, reason):
+    fake_dist("qo-bad", {"bad": source})
+    plugins = Plugins()
+    with caplog.at_level("WARNING", logger="qo.plugins"):
+        plugins.load_entry_points()
+    assert plugins.info["bad"].status == "broken"
+    assert plugins.info["bad"].distribution == "qo-bad"
+    assert plugins.info["bad"].error.startswith(reason)
+    assert plugins.pm.get_plugin("bad") is None
+    assert plugins.info["local"].status == "loaded" and "file" in plugins.schemes()
+    (line,) = [r.getMessage() for r in caplog.records if "'bad'" in r.getMessage()]
+    assert line.startswith("qo plugin 'bad' (distribution 'qo-bad') not loaded: " + reason)
+    assert "\n" not in line
+
+
+def test_a_plugin_failing_at_import_is_fatal_in_strict_mode(fake_dist):
+    fake_dist("qo-bad", {"bad": "raise SystemExit(3)\n"})
+    plugins = Plugins(strict=True)
+    with pytest.raises(qo.PluginError) as err:
+        plugins.load_entry_points()
+    assert str(err.value) == (
+        "qo plugin 'bad' (distribution 'qo-bad') not loaded: import failed: SystemExit: 3 (QO_STRICT_PLUGINS=1)"
+    )
+
+
+def test_strict_mode_comes_from_the_environment(fake_dist, monkeypatch):
+    from qo.plugins import get_plugins, reset_plugins, strict_from_env
+
+    fake_dist("qo-bad", {"bad": "raise KeyboardInterrupt\n"})
+    monkeypatch.setenv("QO_STRICT_PLUGINS", "1")
+    with pytest.raises(qo.PluginError, match="'qo-bad'.*KeyboardInterrupt"):
+        get_plugins()
+    monkeypatch.setenv("QO_STRICT_PLUGINS", "0")
+    reset_plugins()
+    assert get_plugins().info["bad"].status == "broken"
+    monkeypatch.setenv("QO_STRICT_PLUGINS", "maybe")
+    with pytest.raises(qo.ConfigurationError, match="QO_STRICT_PLUGINS: 'maybe'"):
+        strict_from_env()
+
+
+def test_a_real_ctrl_c_during_a_plugin_import_still_stops_qo(fake_dist):
+    import signal
+
+    fake_dist("qo-slow", {"slow": "import signal\nsignal.raise_signal(signal.SIGINT)\n"})
+    plugins = Plugins()
+    with pytest.raises(KeyboardInterrupt):
+        plugins.load_entry_points()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+BAD_HOOKS = """
+import qo
+
+@qo.hookimpl
+def qo_retry_delay(task, error):
+    return 42.0
+
+@qo.hookimpl
+def qo_storage(url, options, surprise):
+    return None
+"""
+
+
+def test_a_bad_hookimpl_of_a_distribution_is_reported_and_leaves_nothing_behind(fake_dist, caplog):
+    fake_dist("qo-hooks", {"hooks": BAD_HOOKS, "typo": "import qo\n@qo.hookimpl\ndef qo_storag(url):\n    pass\n"})
+    plugins = Plugins()
+    with caplog.at_level("WARNING", logger="qo.plugins"):
+        plugins.load_entry_points()
+    assert plugins.info["hooks"].status == "broken" and "surprise" in plugins.info["hooks"].error
+    assert plugins.info["typo"].status == "broken" and "qo_storag" in plugins.info["typo"].error
+    task = qo.Task(id="0" * 24, task_type="t", attempt=1, max_retries=3)
+    assert plugins.hook.qo_retry_delay(task=task, error=RuntimeError()) != 42.0  # no half registration
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "qo plugin 'hooks' (distribution 'qo-hooks') not loaded: invalid hook implementation" in messages
+    assert "qo plugin 'typo' (distribution 'qo-hooks') not loaded: unknown hook" in messages
+
+
+async def test_qo_still_works_after_a_bad_plugin_is_skipped(fake_dist, tmp_path):
+    fake_dist("qo-bad", {"bad": "raise SystemExit(1)\n", "cron": CRON_HIJACK})
+    queue = await qo.connect(str(tmp_path / "store"), queue="q")
+    try:
+        task = await queue.submit("t", {"x": 1})
+        assert (await queue.get(task.id)).status == "pending"
+    finally:
+        await queue.close()
+    from qo.plugins import get_plugins
+
+    assert get_plugins().info["bad"].status == "broken"
+
+
+def test_plugins_cli_shows_skipped_and_broken_plugins_with_the_reason(fake_dist):
+    import json
+
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    fake_dist("evil-dist", {"cron": CRON_HIJACK, "bad": "raise SystemExit(3)\n"})
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.split()[:3] == ["cron", "loaded", "qo"] for line in lines)
+    assert any(line.split()[:3] == ["cron", "skipped", "evil-dist"] for line in lines)
+    assert any(line.split()[:3] == ["bad", "broken", "evil-dist"] for line in lines)
+    assert "error: plugin name 'cron' of distribution 'evil-dist' clashes with qo's built-in 'cron'" in result.output
+    assert "error: import failed: SystemExit: 3" in result.output
+    assert "not loaded: 2 plugin(s)" in result.output
+    rows = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)
+    assert {(r["name"], r["status"], r["distribution"]) for r in rows} >= {
+        ("cron", "loaded", "qo"), ("cron", "skipped", "evil-dist"), ("bad", "broken", "evil-dist")}
+
+
+def test_strict_mode_makes_the_cli_fail_with_one_line(fake_dist, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("QO_STRICT_PLUGINS", "1")
+    fake_dist("qo-bad", {"bad": "raise RuntimeError('boom')\n"})
+    env = {**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", "from qo.cli import main; main()", "plugins"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: qo plugin 'bad' (distribution 'qo-bad') not loaded: import failed: RuntimeError: boom (QO_STRICT_PLUGINS=1)"
+    )

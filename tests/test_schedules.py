@@ -29,7 +29,7 @@ from qo import keys
 from qo.cli import build_cli
 from qo.clock import FakeClock
 from qo.policies.cron import check_cron, next_fire
-from qo.schedule_model import ScheduleNotFound, schedules_prefix
+from qo.schedule_model import MAX_CRON_LENGTH, ScheduleNotFound, schedules_prefix
 from qo.scheduler import Scheduler, plan
 from qo.worker import Worker
 
@@ -229,6 +229,7 @@ async def clocked(storage_url):
     ({"cron": "* * * *"}, "cron"),
     ({"cron": "0 0 30 2 *"}, "cron"),  # never fires
     ({"cron": "every day"}, "cron"),  # no plugin understands it
+    ({"cron": "0" + ",0" * 128 + " * * * *"}, "cron"),  # valid but 265 characters: over MAX_CRON_LENGTH
     ({"timezone": "Mars/Olympus_Mons"}, "timezone"),
     ({"timezone": "../etc/passwd"}, "timezone"),
     ({"catch_up": "sometimes"}, "catch_up"),
@@ -320,8 +321,9 @@ async def test_three_schedulers_over_24_hours_fire_288_tasks(storage_url):
             await q.close()
 
 
-class Killed(Exception):
-    """A scheduler's process died here (not a QoError: nothing in qo catches it)."""
+class Killed(BaseException):
+    """A scheduler's process died here: a BaseException, like SystemExit, so that nothing
+    in qo catches it (a bug's Exception in one schedule is caught: it costs that schedule)."""
 
 
 class Dying:
@@ -593,7 +595,8 @@ def test_cli_schedule_commands(storage_url):
     r = cli(storage_url, *add)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("added nightly: next fire ") and "T02:30:00+0" in r.output
-    for args, option in [(["--cron", "61 * * * *"], "--cron"), (["--timezone", "Nowhere/Land"], "--timezone"),
+    for args, option in [(["--cron", "61 * * * *"], "--cron"), (["--cron", _long_cron(MAX_CRON_LENGTH + 1)], "--cron"),
+                         (["--timezone", "Nowhere/Land"], "--timezone"),
                          (["--catch-up", "never"], "--catch-up"), (["--type", "9x"], "--type")]:
         bad = cli(storage_url, "schedule", "add", "other", *["--cron", "* * * * *", "--type", "t", *args])
         assert bad.exit_code == 1 and bad.output.startswith(f"error: {option}: "), bad.output
@@ -667,6 +670,63 @@ def test_daemon_and_worker_with_scheduler_race_and_stop_on_sigterm(storage_url, 
     asyncio.run(check())
 
 
+def _long_cron(length: int) -> str:
+    """A valid cron expression of exactly ``length`` characters: minute 0 listed again and
+    again (the first one written ``00`` when the length is even)."""
+    rest = length - len("0 * * * *")
+    expr = "0" * (1 + rest % 2) + ",0" * (rest // 2) + " * * * *"
+    assert len(expr) == length
+    return expr
+
+
+async def test_cron_length_is_capped_at_add(clocked):
+    """At the cap it is accepted; one character more is refused naming cron and the limit,
+    however valid the expression is (croniter accepts both)."""
+    q, _ = clocked
+    at_cap = _long_cron(MAX_CRON_LENGTH)
+    croniter(at_cap)
+    s = await q.schedules.add("at-cap", cron=at_cap, task_type="t")
+    assert s.cron == at_cap and s.next_fire_at is not None
+    over = _long_cron(MAX_CRON_LENGTH + 1)
+    croniter(over)
+    for expr in (over, _long_cron(1_000_001)):
+        with pytest.raises(qo.InvalidInput) as err:
+            await q.schedules.add("over", cron=expr, task_type="t")
+        assert err.value.field == "cron" and f"limit is {MAX_CRON_LENGTH}" in str(err.value)
+    with pytest.raises(qo.InvalidInput, match="cron"):
+        check_cron(_long_cron(MAX_CRON_LENGTH + 1))
+    assert [e.key for e in await q.storage.list("q/")] == ["q/schedules/at-cap.json"]
+
+
+async def test_a_stored_cron_over_the_cap_is_paused_without_parsing_it(clocked, monkeypatch):
+    """A hand-written record with a megabyte of (valid) cron: the scheduler pauses it with
+    a short error, and croniter never sees the expression."""
+    q, clock = clocked
+    await q.schedules.add("huge", cron="*/5 * * * *", task_type="t")
+    key = "q/schedules/huge.json"
+    record = json.loads((await q.storage.get(key)).data)
+    await q.storage.put(key, json.dumps({**record, "cron": _long_cron(1_000_001)}).encode())
+    parsed: list[int] = []
+    import qo.policies.cron as cron_plugin
+
+    real = cron_plugin.croniter
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, expr, *args, **kwargs):
+            parsed.append(len(expr))
+            super().__init__(expr, *args, **kwargs)
+
+    monkeypatch.setattr(cron_plugin, "croniter", Spy)
+    clock.advance(300)
+    assert await Scheduler(q).run_once() == []
+    s = await q.schedules.get("huge")
+    assert not s.enabled and s.last_error.startswith("cron: ") and f"limit is {MAX_CRON_LENGTH}" in s.last_error
+    assert len(s.last_error) < 200 and all(n <= MAX_CRON_LENGTH for n in parsed)
+    assert await listed_task_ids(q) == []
+    with pytest.raises(qo.InvalidInput, match="limit is"):  # resuming it is refused the same way
+        await q.schedules.resume("huge")
+
+
 async def test_a_schedule_that_cannot_fire_is_paused_with_its_error(clocked):
     """A hand-edited record with a broken cron stops, saying why, instead of failing every pass."""
     q, clock = clocked
@@ -679,3 +739,83 @@ async def test_a_schedule_that_cannot_fire_is_paused_with_its_error(clocked):
     s = await q.schedules.get("broken")
     assert not s.enabled and "61 * * * *" in s.last_error and "minute" in s.last_error
     assert await listed_task_ids(q) == []
+
+
+# -- the scheduler's idempotency scope is reserved ------------------------------------------
+
+
+class MapsTo:
+    """A plugin mapping every idempotency scope to ``namespace``."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+
+    @qo.hookimpl
+    def qo_idempotency_namespace(self, scope, key, task_type):
+        return self.namespace
+
+
+@pytest.fixture
+def maps_to():
+    from qo.plugins import get_plugins
+
+    plugins = get_plugins()
+    registered = []
+
+    def register(namespace: str) -> None:
+        plugins.register(MapsTo(namespace), name=f"maps-to-{len(registered)}")
+        registered.append(f"maps-to-{len(registered)}")
+
+    yield register
+    for name in registered:
+        plugins.unregister(name)
+
+
+async def test_a_user_cannot_pre_empt_a_fire_and_the_scheduler_fires_it_once(clocked, maps_to):
+    q, clock = clocked
+    s = await q.schedules.add("every5", cron="*/5 * * * *", task_type="tick", input={"n": 1})
+    fire_key = s.fire_key(s.next_fire_at)  # predictable from the schedule record
+    attempts = [
+        dict(idempotency_key=fire_key, idempotency_scope="custom:schedule"),
+        dict(idempotency_scope="custom:schedule"),  # without a key too: the scope itself is the mistake
+    ]
+    for kwargs in attempts:
+        with pytest.raises(qo.InvalidInput) as err:
+            await q.submit("evil", {"n": 666}, **kwargs)
+        assert err.value.field == "idempotency_scope"
+        assert "custom:schedule is reserved for qo's scheduler" in str(err.value)
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit_many([("evil", 1, attempts[0])])
+    assert err.value.field == "items[0].idempotency_scope"
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit_graph({"a": {"task_type": "evil", **attempts[0]}})
+    assert err.value.field == "nodes[a].idempotency_scope"
+    maps_to("custom.schedule")  # a plugin mapping a user's scope onto the scheduler's namespace
+    with pytest.raises(qo.InvalidInput) as err:
+        await q.submit("evil", {"n": 666}, idempotency_key=fire_key, idempotency_scope="custom:mine")
+    assert err.value.field == "idempotency_scope" and "reserved" in str(err.value)
+    assert await all_tasks(q) == [] and await q.storage.list("q/idem/") == []  # nothing written
+    clock.advance(300)
+    fired = [f for _ in range(2) for f in await Scheduler(q).run_once()]  # the plugin cannot move fires either
+    assert [f.fire_at for f in fired] == [s.next_fire_at]
+    [task] = await all_tasks(q)
+    assert task.id == fired[0].task_id and task.task_type == "tick" and task.input == {"n": 1}
+    assert await fire_records(q) == {int(s.next_fire_at * 1000): task.id}
+
+
+async def test_a_plugin_scoping_every_key_alike_leaves_fires_out_of_reach(clocked, maps_to):
+    q, clock = clocked
+    maps_to("tenant.acme")  # every user key, and before the reservation every fire, lived here
+    s = await q.schedules.add("every5", cron="*/5 * * * *", task_type="tick")
+    squatter = await q.submit("evil", 1, idempotency_key=s.fire_key(s.next_fire_at), idempotency_scope="queue")
+    clock.advance(300)
+    [fired] = await Scheduler(q).run_once()
+    assert fired.task_id != squatter.id and (await q.get(fired.task_id)).task_type == "tick"
+    assert await fire_records(q) == {int(s.next_fire_at * 1000): fired.task_id}
+
+
+def test_cli_refuses_the_scheduler_scope(storage_url):
+    result = CliRunner().invoke(build_cli(), ["submit", "evil", "--idempotency-key", "every5@1#x",
+                                              "--idempotency-scope", "custom:schedule", "--url", storage_url])
+    assert result.exit_code == 1
+    assert "idempotency_scope" in result.output and "reserved for qo's scheduler" in result.output

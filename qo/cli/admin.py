@@ -15,10 +15,15 @@ from .common import echo_json, open_queue, queue_options, run
 
 @click.command()
 @queue_options
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (with --scan: one per unreadable object).")
+@click.option("--scan", is_flag=True,
+              help="Instead of the checks: read every object of the queue and list those qo cannot read "
+                   "(one GET per object: the cost follows the queue's size).")
 @run
-async def doctor(url: str, queue_name: str, as_json: bool) -> None:
-    """Check the backend's CAS semantics and permissions."""
+async def doctor(url: str, queue_name: str, as_json: bool, scan: bool) -> None:
+    """Check the backend's CAS semantics and permissions; --scan lists unreadable objects."""
+    if scan:
+        return await _scan(url, queue_name, as_json)
     async with await open_queue(url, queue_name) as queue:
         checks = await run_checks(queue.storage, base=f"{queue.name}/_doctor")
     healthy = all(c.ok for c in checks if c.required)
@@ -35,12 +40,35 @@ async def doctor(url: str, queue_name: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+async def _scan(url: str, queue_name: str, as_json: bool) -> None:
+    from ..scan import scan
+
+    found = 0
+    async with await open_queue(url, queue_name) as queue:
+        def progress(n: int) -> None:
+            if not as_json and n % 10000 == 0:
+                click.echo(f"  ... {n} objects read", err=True)
+
+        async for finding in scan(queue, progress=progress):
+            found += 1
+            if as_json:
+                echo_json({"key": finding.key, "reason": finding.reason})
+            else:
+                click.echo(f"{finding.key}: {finding.reason}")
+    if not as_json:
+        click.echo(f"{found} unreadable object{'s' if found != 1 else ''} in queue {queue_name or queue.name!r}"
+                   + ("; each costs only itself (skipped by workers and commands); delete or fix them by hand"
+                      if found else ""), err=True)
+    if found:
+        sys.exit(1)
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def plugins(as_json: bool) -> None:
-    """Loaded plugins, their hooks and where they come from."""
+    """Plugins, their hooks and where they come from; those not loaded, and why."""
     loaded = get_plugins()
-    rows = sorted(loaded.info.values(), key=lambda i: i.name)
+    rows = loaded.all_info()
     if as_json:
         echo_json([{"name": i.name, "status": i.status, "distribution": i.distribution, "version": i.version,
                     "source": i.source, "hooks": i.hooks, "error": i.error} for i in rows])
@@ -54,6 +82,9 @@ def plugins(as_json: bool) -> None:
             click.echo(f"{'':<14} error: {i.error}")
     schemes = ", ".join(f"{s}://" if s else "bare paths" for s in loaded.schemes())
     click.echo(f"storage schemes: {schemes}")
+    out = [i for i in rows if i.status in ("broken", "skipped")]
+    if out:
+        click.echo(f"not loaded: {len(out)} plugin(s), see error above (QO_STRICT_PLUGINS=1 makes this fatal)")
 
 
 async def _with_queue_settings(cfg: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

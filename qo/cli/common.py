@@ -46,3 +46,11 @@ async def open_queue(url: str, queue_name: str):
 
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True, default=str))
+
+
+def say_skipped(queue: Any, before: int) -> None:
+    """After a listing: how many unreadable objects it skipped (each named above, once)."""
+    skipped = queue.store.bad.count - before
+    if skipped:
+        click.echo(f"{skipped} unreadable object{'s' if skipped != 1 else ''} skipped (named above; "
+                   "`qo doctor --scan` lists every one)", err=True)

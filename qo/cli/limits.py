@@ -6,7 +6,7 @@ import click
 
 from ..errors import InvalidInput
 from ..limits import check_scope
-from .common import echo_json, open_queue, queue_options, run
+from .common import echo_json, open_queue, queue_options, run, say_skipped
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -54,7 +54,9 @@ async def set_limit(scope: str, rate_text: str | None, burst: float | None, conc
 async def list_limits(as_json: bool, url: str, queue_name: str) -> None:
     """Every limit with its current tokens and running count."""
     async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
         rows = await queue.limits.list()
+        say_skipped(queue, before)
     if not rows:
         click.echo("no limits", err=True)
     for row in rows:

@@ -1,7 +1,8 @@
 """Pure parsers for command-line values: durations, times and JSON input.
 
 Each raises :class:`qo.InvalidInput` naming the option it parses, so a bad value
-becomes one ``error: --delay: ...`` line and exit status 1.
+becomes one ``error: --delay: ...`` line and exit status 1. JSON input is bounded in
+size and depth before it is parsed (``parse_json_input``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
 from ..errors import InvalidInput
+from ..model import MAX_INPUT_BYTES
+from ..stored import MAX_VALUE_DEPTH, too_deep
+
+#: ``qo submit-graph``'s JSON holds many tasks' inputs: it may be this large.
+MAX_GRAPH_BYTES = 64 * MAX_INPUT_BYTES
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
@@ -57,28 +63,65 @@ def delay_to_time(seconds: float, now: float, option: str = "--delay") -> dateti
         raise InvalidInput(option, f"{seconds:g} seconds from now is out of range") from None
 
 
-def parse_json_input(text: str | None, option: str = "--input", stdin: IO[str] | None = None) -> Any:
-    """The JSON value of ``text``; ``@path`` reads a file, ``@-`` standard input; None stays None."""
+def parse_json_input(text: str | None, option: str = "--input", stdin: IO[str] | None = None,
+                     limit: int = MAX_INPUT_BYTES, depth: int = MAX_VALUE_DEPTH) -> Any:
+    """The JSON value of ``text``; ``@path`` reads a file, ``@-`` standard input; None stays None.
+
+    Bounded before it is parsed: a file or standard input is read at most ``limit`` + 1
+    bytes (one more than a task's input may be, so a larger one is refused without being
+    read whole: ``@/dev/zero`` ends at once), and JSON nested more than ``depth``
+    levels (``stored.MAX_VALUE_DEPTH``, as for a task's input) is refused before ``json``
+    recurses into it. Each refusal is an ``InvalidInput`` naming ``option``."""
     if text is None:
         return None
     source = "value"
     if text.startswith("@"):
         path = text[1:]
         if path == "-":
-            source, text = "standard input", (stdin or sys.stdin).read()
+            source = "standard input"
+            text = _read_bounded(stdin or sys.stdin, source, option, limit)
         else:
             if not path:
                 raise InvalidInput(option, "'@' must be followed by a file path, or '-' for standard input")
+            source = f"file {path!r}"
             try:
-                with open(path, encoding="utf-8") as f:
-                    source, text = f"file {path!r}", f.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-                raise InvalidInput(option, f"cannot read {path!r}: {reason}") from None
+                with open(path, "rb") as f:
+                    text = _read_bounded(f, source, option, limit)
+            except OSError as exc:
+                raise InvalidInput(option, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    elif len(text) > limit:  # characters: never more than its bytes
+        raise InvalidInput(option, _too_large("the value", limit))
+    if too_deep(text, depth):
+        raise InvalidInput(option, f"the JSON in {source} is nested more than {depth} levels deep "
+                           "(arrays and objects); that is the limit")
     try:
         return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # not reached after the depth check; kept as the last guard
+        raise InvalidInput(option, f"the JSON in {source} is nested too deeply") from None
     except ValueError as exc:
         raise InvalidInput(option, f"invalid JSON in {source}: {exc}") from None
+
+
+def _read_bounded(stream: IO[Any], source: str, option: str, limit: int) -> str:
+    """At most ``limit`` bytes of ``stream`` as UTF-8 text; ``InvalidInput`` naming
+    ``option`` if there is more (only ``limit`` + 1 bytes are ever read) or it is not UTF-8.
+    A text stream is read through its binary buffer when it has one."""
+    raw = getattr(stream, "buffer", stream)
+    data = raw.read(limit + 1)
+    if isinstance(data, str):  # a text stream without a buffer: characters <= bytes
+        if len(data) > limit or len(data.encode("utf-8", "surrogatepass")) > limit:
+            raise InvalidInput(option, _too_large(source, limit))
+        return data
+    if len(data) > limit:
+        raise InvalidInput(option, _too_large(source, limit))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(option, f"cannot read {source}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _too_large(source: str, limit: int) -> str:
+    return f"{source} is larger than {limit} bytes, the limit (whitespace counts: write the JSON compactly)"
 
 
 def _reject_constant(name: str) -> Any:

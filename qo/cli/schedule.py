@@ -15,7 +15,7 @@ from ..backends import redact_url
 from ..errors import InvalidInput
 from ..model import PRIORITY_LEVELS, iso
 from ..schedule_model import CATCH_UP_POLICIES, Schedule, check_name
-from .common import echo_json, open_queue, queue_options, run
+from .common import echo_json, open_queue, queue_options, run, say_skipped
 from .parsing import parse_json_input
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -84,7 +84,9 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
 async def list_schedules(as_json: bool, url: str, queue_name: str) -> None:
     """List schedules; next fire times in each schedule's timezone, then in UTC."""
     async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
         schedules = await queue.schedules.list()
+        say_skipped(queue, before)
     if as_json:
         for s in schedules:
             echo_json(s.public_dict())
@@ -147,7 +149,10 @@ def _simple(verb: str, method: str, help_text: str) -> click.Command:
         check_name(name)
         async with await open_queue(url, queue_name) as queue:
             s = await getattr(queue.schedules, method)(name)
-        if as_json:
+        if s is None:  # an unreadable schedule object, removed all the same
+            echo_json({"name": name, "removed": True, "unreadable": True}) if as_json else \
+                click.echo(f"{verb} {name} (its object was unreadable)")
+        elif as_json:
             echo_json(s.public_dict())
         elif verb == "trigger":
             click.echo(s.id)

@@ -11,8 +11,9 @@ from ..aging import task_effective_priority
 from ..backends import redact_url
 from ..errors import TaskNotFound
 from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id, check_task_type, iso
-from .common import echo_json, open_queue, queue_options, run
-from .parsing import delay_to_time, parse_duration, parse_json_input, parse_time
+from ..stored import MAX_VALUE_DEPTH
+from .common import echo_json, open_queue, queue_options, run, say_skipped
+from .parsing import MAX_GRAPH_BYTES, delay_to_time, parse_duration, parse_json_input, parse_time
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the task as one JSON object.")
 
@@ -150,12 +151,14 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
     """List tasks, oldest first."""
     rows: list[tuple[Task, int]] = []
     async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
         async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
             effective = task_effective_priority(queue.plugins, task, queue.clock.now())
             if as_json:  # stream: a long listing shows progress
                 echo_json({**task.public_dict(), "effective_priority": effective})
             else:
                 rows.append((task, effective))
+        say_skipped(queue, before)
     if as_json:
         return
     if not rows:
@@ -221,7 +224,8 @@ async def submit_graph(graph_text: str, as_json: bool, url: str, queue_name: str
     The graph is a JSON object: {"name": {"task_type": "...", "input": ..., "depends_on":
     ["other name or task id", ...], "priority": ...}, ...}. A cycle is refused, spelled out.
     """
-    nodes = parse_json_input(graph_text, "JSON")
+    # many tasks' inputs, each two levels down ({"name": {"input": ...}}): larger bounds
+    nodes = parse_json_input(graph_text, "JSON", limit=MAX_GRAPH_BYTES, depth=MAX_VALUE_DEPTH + 2)
     async with await open_queue(url, queue_name) as queue:
         tasks = await queue.submit_graph(nodes)
     if as_json:

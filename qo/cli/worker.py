@@ -29,21 +29,28 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 @click.option("--lease-ttl", type=float, help="Seconds after which a silent worker is presumed dead.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True, help="Logging to stderr at this level.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0.001), default=None,
+              help="On SIGTERM/SIGINT, seconds running tasks get to finish before async handlers are "
+                   "cancelled and handed back (sync handlers are waited for; a second signal exits "
+                   "at once).  [default: 30]")
 @click.option("--with-scheduler", is_flag=True,
               help="Also fire the queue's recurring schedules (as `qo schedule run` does), stopping with the worker.")
 @queue_options
 @run
 async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: bool, poll_max: float | None,
-                 lease_ttl: float | None, log_level: str, with_scheduler: bool, url: str, queue_name: str) -> None:
+                 lease_ttl: float | None, shutdown_timeout: float | None, log_level: str, with_scheduler: bool,
+                 url: str, queue_name: str) -> None:
     """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
     from ..scheduler import Scheduler
     from ..worker import Worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = load_registry(list(modules))
-    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl)
+    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl,
+                                      shutdown_timeout=shutdown_timeout)
     concurrency = config["concurrency"]
-    overrides: dict[str, Any] = {"poll_max": config["poll_max"], "lease_ttl": config["lease_ttl"]}
+    overrides: dict[str, Any] = {name: config[name] for name in
+                                 ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit")}
     async with await open_queue(url, queue_name) as queue:
         w = Worker(queue, concurrency=concurrency, **overrides)
         w.add_handlers(registry)
@@ -60,6 +67,9 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
             if scheduling is not None:
                 await scheduling
     click.echo(summary(w.worker_id, stats), err=True)
+    if w.forced:  # a second signal: handler threads may still run; do not wait for them
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def load_registry(modules: list[str]) -> Registry:

@@ -31,7 +31,7 @@ from croniter import CroniterBadDateError, CroniterError, croniter
 from qo.errors import InvalidInput
 from qo.model import _short
 from qo.hookspecs import hookimpl
-from qo.schedule_model import check_timezone
+from qo.schedule_model import check_cron_length, check_timezone
 
 ALIASES = {
     "@yearly": "0 0 1 1 *",
@@ -60,9 +60,18 @@ def claims(expr: Any) -> bool:
     return text.lower() in ALIASES or text[0].isdigit() or text[0] == "*"
 
 
-@functools.lru_cache(maxsize=1024)
 def check_cron(expr: Any, field: str = "cron") -> str:
-    """The normalised expression (single spaces, aliases expanded), or ``InvalidInput``."""
+    """The normalised expression (single spaces, aliases expanded), or ``InvalidInput``.
+
+    An expression over ``MAX_CRON_LENGTH`` characters is refused before it is parsed
+    or cached (a megabyte of cron would cost seconds of CPU and a megabyte of cache)."""
+    return _parse_cron(check_cron_length(expr, field), field)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cron(expr: Any, field: str) -> str:
+    """``check_cron`` after the length check; cached (a scheduler parses each schedule's
+    expression on every fire computation)."""
     if not isinstance(expr, str) or not expr.strip():
         raise InvalidInput(field, "must be a cron expression such as '*/5 * * * *' or '0 3 * * *'")
     text = " ".join(expr.split())
@@ -141,9 +150,10 @@ def next_fire(expr: str, tz: ZoneInfo, after: datetime) -> datetime | None:
 @hookimpl
 def qo_next_fire(schedule: Any, after: datetime) -> datetime | None:
     """The next fire time of a cron schedule; ``None`` for an expression that is not
-    cron syntax (another plugin's kind). A malformed cron expression, an unknown
-    timezone or a cron that never fires raises ``InvalidInput`` naming the field."""
-    cron = getattr(schedule, "cron", None)
+    cron syntax (another plugin's kind). A malformed cron expression, one over
+    ``MAX_CRON_LENGTH`` characters (checked first, so a huge stored one costs no parsing),
+    an unknown timezone or a cron that never fires raises ``InvalidInput`` naming the field."""
+    cron = check_cron_length(getattr(schedule, "cron", None))  # a stored record may hold anything
     if not claims(cron):
         return None
     tz = check_timezone(getattr(schedule, "timezone", None) or "UTC")

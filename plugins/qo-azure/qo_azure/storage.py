@@ -5,7 +5,7 @@
 - ``list`` is List Blobs (up to 5000 names a page) with ``startFrom`` for
   ``start_after``, corrected to UTF-8 order where the server's differs (``listing``).
 - ``delete_many`` is the blob batch API (256 deletes per request), falling back to
-  concurrent deletes where a batch is refused.
+  concurrent single deletes where a batch, or the deletes inside it, are refused.
 - The SDK's retries are off (``retry_total=0``): the engine retries ``StorageUnavailable``.
 
 URL: ``az://container[/prefix][?account=...&endpoint_url=...]``; credentials: see
@@ -44,6 +44,9 @@ from .settings import AzureSettings, check_blob_name, resolve
 __all__ = ["AzureStorage", "check_blob_name"]
 
 BATCH_MAX = 256  #: deletes per blob batch request (the service's limit)
+#: statuses of a batch, or of a delete inside one, that mean "not done this way": a
+#: single Delete Blob is tried instead (and says what is wrong if it fails too)
+_REFUSED = (400, 403, 405, 501)
 _SENT = "qo_azure_sent"  # pipeline context key: when the request left
 
 
@@ -232,7 +235,8 @@ class AzureStorage:
 
     async def delete_many(self, keys: list[str]) -> None:
         """Delete up to 1000 keys: one blob batch request per 256, sent concurrently;
-        missing keys are fine. Where the service refuses batches, deletes one by one."""
+        missing keys are fine. Where the service refuses batches (the request, or each
+        delete inside it), deletes one by one (``_delete_batch``)."""
         keys = list(keys)
         if len(keys) > 1000:
             raise InvalidInput("keys", "at most 1000 keys per delete_many call")
@@ -243,8 +247,17 @@ class AzureStorage:
         await asyncio.gather(*(self._delete_batch(chunk) for chunk in chunks))
 
     async def _delete_batch(self, keys: list[str]) -> None:
+        """Delete ``keys`` (at most ``BATCH_MAX``) in one blob batch request.
+
+        A service may refuse the whole batch (e.g. a SAS without batch rights) or accept
+        the batch but refuse every delete inside it (Azurite 3.35.0 answers 400
+        InvalidInput to each sub-request): either way the refused keys are deleted one by
+        one, and where no delete went through, ``_batch_ok`` remembers that batches do
+        not work here, so later calls go straight to single deletes. A sub-response 404
+        is a key that was already gone: fine.
+        """
         if not self._batch_ok:
-            await asyncio.gather(*(self.delete(k) for k in keys))
+            await self._delete_singly(keys)
             return
         client = self._container_client()
         try:
@@ -252,16 +265,29 @@ class AzureStorage:
             results = [r async for r in responses] if hasattr(responses, "__aiter__") else list(responses)
         except Exception as exc:
             error = self._error(exc, None, op="blob_batch")
-            if type(error) is StorageError and getattr(exc, "status_code", 0) in (400, 403, 405, 501):
+            if type(error) is StorageError and getattr(exc, "status_code", 0) in _REFUSED:
                 self._batch_ok = False  # e.g. a SAS or an emulator without batches: one by one
-                await asyncio.gather(*(self.delete(k) for k in keys))
+                await self._delete_singly(keys)
                 return
             raise error from None
+        refused: list[str] = []
+        accepted = False
         for key, response in zip(keys, results):
             status = getattr(response, "status_code", 0)
             if status in (200, 202, 204, 404):
-                continue
-            raise self._error(_SubResponseError(response), key, op="blob_batch")
+                accepted = True
+            elif status in _REFUSED:
+                refused.append(key)
+            else:
+                raise self._error(_SubResponseError(response), key, op="blob_batch")
+        refused += keys[len(results):]  # a sub-response the batch did not carry: delete it ourselves
+        if refused and not accepted:
+            self._batch_ok = False  # not one delete inside a batch went through: batches do not work here
+        await self._delete_singly(refused)
+
+    async def _delete_singly(self, keys: list[str]) -> None:
+        """One Delete Blob per key, concurrently (a missing key is fine)."""
+        await asyncio.gather(*(self.delete(k) for k in keys))
 
     async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
         """Keys starting with ``prefix`` after ``start_after``, in UTF-8 byte order, at most ``limit``."""

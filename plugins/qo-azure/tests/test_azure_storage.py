@@ -401,6 +401,79 @@ async def test_delete_many_is_one_batch_request_per_256_keys(storage):
         await storage.delete_many([f"x/{i}" for i in range(1001)])
 
 
+class _SubResponse:
+    """One delete's answer inside a blob batch, as the SDK hands it back."""
+
+    def __init__(self, status: int, code: str = ""):
+        self.status_code = status
+        self.reason = "The value for one of the inputs is not valid." if status == 400 else "Accepted"
+        self.headers = {"x-ms-error-code": code} if code else {}
+
+
+def fake_batch(monkeypatch, answer):
+    """Replace the SDK's ``delete_blobs`` by one that deletes nothing and answers each
+    blob with ``answer(name)``'s status and code; returns the list of calls made."""
+    from azure.storage.blob.aio import ContainerClient
+
+    calls: list[tuple[str, ...]] = []
+
+    async def delete_blobs(self, *names, **kwargs):
+        calls.append(names)
+
+        async def responses():
+            for name in names:
+                yield _SubResponse(*answer(name))
+
+        return responses()
+
+    monkeypatch.setattr(ContainerClient, "delete_blobs", delete_blobs)
+    return calls
+
+
+async def test_sub_requests_refused_fall_back_to_single_deletes_and_are_remembered(storage, monkeypatch):
+    # Azurite 3.35.0: the batch request succeeds, every delete inside it is 400 InvalidInput
+    keys = [f"d/{i}" for i in range(5)]
+    await asyncio.gather(*(storage.put(k, b"x") for k in keys))
+    calls = fake_batch(monkeypatch, lambda name: (400, "InvalidInput"))
+    await storage.delete_many(keys + ["d/never-existed"])
+    assert len(calls) == 1 and len(calls[0]) == 6
+    assert await storage.list("d/") == []  # every key deleted by a single Delete Blob
+    assert storage._batch_ok is False
+    await asyncio.gather(*(storage.put(k, b"x") for k in keys))
+    before = storage.http_requests
+    await storage.delete_many(keys)
+    assert len(calls) == 1  # no second batch: straight to single deletes
+    assert storage.http_requests - before == len(keys)
+    assert await storage.list("d/") == []
+
+
+async def test_a_refused_sub_request_among_accepted_ones_is_deleted_alone(storage, monkeypatch):
+    keys = ["p/a", "p/b", "p/c"]
+    await asyncio.gather(*(storage.put(k, b"x") for k in keys))
+    # the fake deletes nothing: "accepted" keys stay, so what is gone was deleted singly
+    calls = fake_batch(monkeypatch, lambda name: (400, "InvalidInput") if name.endswith("/b") else (202, ""))
+    await storage.delete_many(keys)
+    assert len(calls) == 1
+    assert [e.key for e in await storage.list("p/")] == ["p/a", "p/c"]
+    assert storage._batch_ok is True  # batches work here: only that one delete was refused
+
+
+async def test_sub_response_404_is_a_missing_key_not_an_error(storage, monkeypatch):
+    calls = fake_batch(monkeypatch, lambda name: (404, "BlobNotFound"))
+    await storage.delete_many(["m/a", "m/b"])
+    assert len(calls) == 1 and storage._batch_ok is True
+    before = storage.http_requests
+    await storage.delete_many(["m/c"])
+    assert len(calls) == 2 and storage.http_requests == before  # still batched (the fake sends nothing)
+
+
+async def test_a_failed_sub_request_that_is_not_a_refusal_raises(storage, monkeypatch):
+    fake_batch(monkeypatch, lambda name: (503, "ServerBusy"))
+    with pytest.raises(StorageUnavailable):
+        await storage.delete_many(["u/a"])
+    assert storage._batch_ok is True
+
+
 async def test_close_then_reuse_reconnects(storage):
     await storage.put("k", b"1")
     await storage.close()
@@ -458,3 +531,16 @@ def test_qo_doctor_reports_the_backend_and_its_capabilities(azure_url):
     assert "page size" in out and "5000" in out
     assert "clock" in out
     assert DEVSTORE_KEY not in out
+
+
+async def test_qo_doctor_on_a_service_refusing_deletes_inside_batches(storage, monkeypatch):
+    from qo.doctor import run_checks
+
+    fake_batch(monkeypatch, lambda name: (400, "InvalidInput"))  # Azurite 3.35.0
+    checks = {c.name: c for c in await run_checks(storage)}
+    batch = checks["capability: batch delete"]
+    # the call deleted them (one by one inside the plugin), and doctor says how
+    assert batch.ok and batch.detail.startswith("yes (proven: 3 objects deleted in one call, which took")
+    assert "one by one" in batch.detail
+    assert "cleanup" not in checks and all(c.ok for c in checks.values() if c.required)
+    assert await storage.list("_doctor/") == []

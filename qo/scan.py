@@ -1,0 +1,110 @@
+"""``qo doctor --scan``: every object under a queue that qo cannot read, and why.
+
+Each key is judged by the folder it lies in, with the same parser the engine uses
+when it meets that object (so the scan and the engine agree on what is bad). The
+scan reads every object of the queue: one LIST per 1000 keys plus one GET per
+object that has a body, so its cost follows the queue's size. It is an operator's
+tool for a night when something looks wrong, not something to poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Callable
+
+import attrs
+
+from . import keys, stored
+from .errors import CorruptObject, NotFound
+from .idempotency import decode_record
+from .leases import parse_record
+from .limits import defs_prefix, parse_limit, state_prefix
+from .model import Task
+from .ratelimit import parse_state
+from .schedule_model import Schedule, schedules_prefix
+
+
+@attrs.frozen
+class Finding:
+    key: str
+    reason: str
+
+
+def _task(data: bytes, key: str) -> None:
+    Task.from_json(data, key)
+
+
+def _schedule(data: bytes, key: str) -> None:
+    schedule = Schedule.from_json(data, key)
+    if not key.endswith(f"/{schedule.name}.json"):
+        raise CorruptObject(key, f"holds schedule {schedule.name!r}, not the one its key names")
+
+
+def _json_object(data: bytes, key: str) -> None:
+    stored.decode(data, key)
+
+
+def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, str | None]:
+    """How to read ``key`` (None: nothing to read), or why the key itself is wrong."""
+    rest = key[len(queue) + 1:]
+    folder = rest.split("/", 1)[0]
+    if folder in ("ready", "delayed"):
+        return None, None if keys.parse_marker(key) is not None else "not a marker key qo writes"
+    if folder == "deps":
+        return None, None if keys.parse_dep(key) is not None else "not a dependency edge key qo writes"
+    if folder == "tasks":
+        return (_task, None) if keys.task_id_of(key) else (None, "not a task key (tasks/<24 hex>.json)")
+    if folder == "schedules":
+        ok = keys.is_direct_child(key, schedules_prefix(queue)) and key.endswith(".json")
+        return (_schedule, None) if ok else (None, "not a schedule key (schedules/<name>.json)")
+    if folder == "workers":
+        ok = keys.is_direct_child(key, keys.workers_prefix(queue)) and key.endswith(".json")
+        return (lambda d, k: parse_record(d, k), None) if ok else (None, "not a worker record key")
+    if key.startswith(defs_prefix(queue)):
+        return lambda d, k: parse_limit(d, k), None
+    if key.startswith(state_prefix(queue)):
+        return lambda d, k: parse_state(d, k, ""), None
+    if folder == "idem":
+        return lambda d, k: decode_record(d, k), None
+    if rest == "settings.json":
+        return _json_object, None
+    return None, None  # not a key this release knows (a newer one's, a plugin's): left alone
+
+
+async def scan(queue: Any, *, concurrency: int = 16,
+               progress: Callable[[int], None] | None = None) -> AsyncIterator[Finding]:
+    """Every unreadable object under ``{queue}/``, in key order (within a page of 1000)."""
+    storage = queue.storage
+    prefix = f"{queue.name}/"
+    sem = asyncio.Semaphore(concurrency)
+    seen = 0
+
+    async def judge(key: str) -> Finding | None:
+        parse, wrong = _parser(queue.name, key)
+        if wrong is not None:
+            return Finding(key, wrong)
+        if parse is None:
+            return None
+        async with sem:
+            try:
+                blob = await queue.store.backoff.call(lambda: storage.get(key))
+            except NotFound:
+                return None  # removed since the listing
+        try:
+            parse(blob.data, key)
+        except CorruptObject as exc:
+            return Finding(key, exc.reason)
+        return None
+
+    cursor: str | None = None
+    while True:
+        page = await queue.store.list(prefix, start_after=cursor, limit=1000)
+        for finding in await asyncio.gather(*(judge(e.key) for e in page)):
+            if finding is not None:
+                yield finding
+        seen += len(page)
+        if progress is not None:
+            progress(seen)
+        if len(page) < 1000:
+            return
+        cursor = page[-1].key
