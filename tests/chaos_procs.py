@@ -309,7 +309,8 @@ def plant(kind: str, n: int, rng: random.Random, limited: bool) -> list[tuple[st
         out.append((f"{QUEUE}/limits/defs/type.plain.json", b'{"scope":"task_type:plain","rate":"fast"}', True))
     elif kind == "limit-def-brace":
         out.append((f"{QUEUE}/limits/defs/zbad{n}.json", b"{", True))
-    elif kind == "limit-state-used":  # the state of the limit the 'limited' tasks pass
+    elif kind == "limit-state-used":  # the state of the limit the 'limited' tasks pass (the
+        # poisoner submits one right after, so that a worker reads it)
         out.append((f"{QUEUE}/limits/state/type.limited.json",
                     rng.choice([b"{", b"[]", b'{"tokens":"x","at":0}', b'{"tokens":1}']), limited))
     elif kind == "limit-state-unused":
@@ -367,6 +368,16 @@ async def _poisoner(url: str, work_dir: str, seed: int, every: tuple[float, floa
                             break
                         except qo.QoError:
                             await asyncio.sleep(0.1)
+                if kind == "limit-state-used" and limited:
+                    # a task that passes this limit after the poison: some worker reads it
+                    tag = f"poisoner-{n}"
+                    try:
+                        t = await q.submit("limited", {"tag": tag}, max_retries=20)
+                        record = dict(kind="limited", tag=tag, ids=[t.id])
+                    except qo.QoError as exc:
+                        record = dict(kind="limited", tag=tag, raised=f"{type(exc).__name__}: {exc}")
+                    with open(os.path.join(work_dir, f"submits-poisoner-{os.getpid()}.jsonl"), "a") as sub:
+                        sub.write(json.dumps(record) + "\n")
     finally:
         await q.close()
 
