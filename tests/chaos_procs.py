@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from qo.hookspecs import hookimpl
+
 QUEUE = "chaos"
 TERMINAL = {"completed", "failed", "cancelled", "skipped"}
 DEFAULT_FAULTS = dict(error_rate=0.05, landed_error_rate=0.02, lost_response_rate=0.02, latency=(0.0, 0.005))
@@ -102,6 +104,30 @@ def _child(work_dir: str, role: str, main: Callable[[], Any]) -> None:
         raise
 
 
+RECOVERED_BY = re.compile(r"worker \S+?-(\d+)-[0-9a-f]+ stopped renewing")
+
+
+class RecoveryLog:
+    """A plugin noting each task recovered from a worker presumed dead (its heartbeat
+    older than its lease): ``'<task id> <time> <pid of that worker>'`` per line."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @hookimpl
+    def qo_task_event(self, event: str, task: Any) -> None:
+        error = task.last_error if isinstance(task.last_error, dict) else {}
+        if error.get("type") != "LeaseExpired" or event not in ("recovered", "failed"):
+            return
+        m = RECOVERED_BY.search(str(error.get("message", "")))
+        with open(self.path, "a") as f:
+            f.write(f"{task.id} {time.time():.3f} {m.group(1) if m else '?'}\n")
+
+
+def note_recoveries(queue: Any, work_dir: str, label: str) -> None:
+    queue.plugins.register(RecoveryLog(os.path.join(work_dir, f"recovered-{label}.log")), f"chaos-recovery-log-{label}")
+
+
 def register_handlers(worker: Any, log_path: str) -> None:
     import qo
 
@@ -147,6 +173,7 @@ def run_worker(url: str, work_dir: str, seed: int, faults: dict | None) -> None:
 
     async def main() -> None:
         q = await qo.connect(url, queue=QUEUE, wrap_storage=_wrap(seed, faults))
+        note_recoveries(q, work_dir, str(os.getpid()))
         worker = Worker(q, settings=worker_settings())
         register_handlers(worker, os.path.join(work_dir, f"ran-{os.getpid()}.log"))
 
@@ -674,15 +701,27 @@ async def _read_tasks(storage: Any, poison: set[str], problems: list[str]) -> tu
 
 
 def explain_reruns(runs: dict[str, list[tuple[float, int, str]]], types: dict[str, str], kills: dict[str, float],
-                   lease_lost: set[tuple[str, str]]) -> tuple[collections.Counter, dict[str, str]]:
-    """Each run of a task but its last must be explained: a kill of its process between
-    its start and the next run's start (``kills``: process label -> time), a flaky
-    task's first attempt (it retries on purpose), or its process saying it lost that
-    task's lease (``lease_lost``: (label, task id); the drains' label is ``clean-<pid>``).
-    ``runs``: task id -> [(start time, attempt, process label)]. Returns counts by
-    explanation and, per task with an unexplained run, why it is one."""
+                   lease_lost: set[tuple[str, str]],
+                   recoveries: dict[str, list[tuple[float, str]]] | None = None) -> tuple[collections.Counter, dict[str, str]]:
+    """Each run of a task but its last must be explained:
+
+    - ``after_kill``: its process was SIGKILLed between its start and the next run's
+      start (``kills``: process label -> time);
+    - ``flaky_first_attempt``: a flaky task's first attempt (it retries on purpose);
+    - ``after_lease_lost``: its process said it lost that task's lease (``lease_lost``:
+      (pid, task id));
+    - ``lease_expired``: between the two runs another worker recovered the task from
+      this run's process, whose heartbeat was older than its lease (``recoveries``: task
+      id -> [(time, pid of the worker recovered from)]): the process stalled (storage
+      faults, backoff, an overloaded machine) and was either killed before it could
+      notice (``lease_expired_then_killed``) or not (``lease_expired``).
+
+    ``runs``: task id -> [(start time, attempt, process label)]; the drains' label is
+    ``clean-<pid>``. Returns counts by explanation and, per task with an unexplained
+    run, why it is one."""
     reruns: collections.Counter[str] = collections.Counter()
     unexplained: dict[str, str] = {}
+    recoveries = recoveries or {}
     for tid, rs in runs.items():
         rs = sorted(rs)
         bad_here = []
@@ -694,6 +733,8 @@ def explain_reruns(runs: dict[str, list[tuple[float, int, str]]], types: dict[st
                 reruns["after_kill"] += 1
             elif (pid, tid) in lease_lost:
                 reruns["after_lease_lost"] += 1
+            elif any(t <= at <= t_next + 0.5 and by == pid for at, by in recoveries.get(tid, ())):
+                reruns["lease_expired_then_killed" if label in kills and kills[label] > t else "lease_expired"] += 1
             else:
                 reruns["unexplained"] += 1
                 bad_here.append(f"attempt {attempt} in process {label} at {t:.3f}, run again at {t_next:.3f}")
@@ -725,6 +766,7 @@ async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_
             await q.schedules.remove("tick")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"removing the tick schedule raised {type(exc).__name__}: {exc}")
+    note_recoveries(q, work_dir, f"clean-{os.getpid()}")
     clean = Worker(q, settings=worker_settings())
     register_handlers(clean, os.path.join(work_dir, f"ran-clean-{os.getpid()}.log"))
     drain = await _bounded(clean, drain_timeout, problems, "the clean drain")
@@ -811,7 +853,13 @@ async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_
         m = LEASE_LOST.search(line)
         if m:
             lease_lost.add((name.rsplit("-", 1)[1][:-len(".txt")], m.group(1)))
-    reruns, unexplained = explain_reruns(runs, {tid: t.task_type for tid, t in tasks.items()}, kills, lease_lost)
+    recoveries: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
+    for _, line in _read_lines(os.path.join(work_dir, "recovered-*.log")):
+        parts = line.split()
+        if len(parts) == 3:
+            recoveries[parts[0]].append((float(parts[1]), parts[2]))
+    reruns, unexplained = explain_reruns(runs, {tid: t.task_type for tid, t in tasks.items()}, kills, lease_lost,
+                                         recoveries)
     for tid, why in unexplained.items():
         problems.append(f"task {tid} ({tasks[tid].task_type if tid in tasks else '?'}) ran again though no kill "
                         f"interrupted it: {why}")

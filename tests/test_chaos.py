@@ -66,11 +66,18 @@ def test_a_rerun_needs_a_kill_between_the_runs_a_first_flaky_attempt_or_a_lost_l
         "d" * 24: [(1.0, 1, "200"), (2.0, 1, "clean-9")],  # twice, nobody killed: not
         "e" * 24: [(1.0, 1, "400"), (3.0, 2, "200")],  # 400 said it lost the lease
         "f" * 24: [(1.0, 1, "100"), (1.5, 2, "200"), (9.0, 3, "200")],  # the second is unexplained
+        "g" * 24: [(1.0, 1, "500"), (5.0, 2, "200")],  # recovered from 500 at 4.5, 500 killed at 6
+        "h" * 24: [(1.0, 1, "600"), (5.0, 2, "200")],  # recovered from 600 at 4.5, never killed
+        "i" * 24: [(1.0, 1, "700"), (5.0, 2, "200")],  # a recovery from another worker: no excuse
     }
     types = {"c" * 24: "flaky"}
-    counts, bad = chaos_procs.explain_reruns(runs, types, {"100": 2.0, "300": 0.5}, {("400", "e" * 24)})
-    assert sorted(bad) == ["b" * 24, "d" * 24, "f" * 24]
-    assert counts == collections.Counter(after_kill=2, flaky_first_attempt=1, after_lease_lost=1, unexplained=3)
+    recoveries = {"g" * 24: [(4.5, "500")], "h" * 24: [(4.5, "600")], "i" * 24: [(4.5, "800")]}
+    counts, bad = chaos_procs.explain_reruns(runs, types, {"100": 2.0, "300": 0.5, "500": 6.0},
+                                             {("400", "e" * 24)}, recoveries)
+    assert sorted(bad) == ["b" * 24, "d" * 24, "f" * 24, "i" * 24]
+    assert counts == collections.Counter(after_kill=2, flaky_first_attempt=1, after_lease_lost=1, unexplained=4,
+                                         lease_expired_then_killed=1, lease_expired=1)
+    assert chaos_procs.RECOVERED_BY.search("worker vm-12-7-abc123 stopped renewing its lease").group(1) == "7"
 
 
 def test_a_running_task_without_a_live_lease_is_found(tmp_path):
