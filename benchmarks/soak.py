@@ -4,7 +4,7 @@ minute must not grow.
 
     python benchmarks/soak.py [--minutes 30] [--backend local|s3] [--rate 5]
         [--interval 5] [--warmup 60] [--rss-tolerance-mb 20] [--rss-tolerance 0.2]
-        [--fd-tolerance 8] [--requests-tolerance 0.5] [--json FILE]
+        [--fd-tolerance 8] [--requests-tolerance 0.5] [--nofile 1024] [--json FILE]
 
 The driver submits ``--rate`` tasks per second (noop handler) and a cron schedule fires
 every second; the worker and the scheduler count their requests with
@@ -18,7 +18,9 @@ processes (SIGTERM), checks every submitted task completed, and exits 1 if RSS g
 more than max(``--rss-tolerance-mb``, ``--rss-tolerance`` x baseline), open files
 (other than lock files) by more than ``--fd-tolerance``, lock files beyond 1024, or
 requests per minute by more than ``--requests-tolerance`` x the baseline interval's
-(plus 60), or a task was not completed; 2 if a process died.
+(plus 60), or more than 90% of ``--nofile`` (the processes' soft limit of open files,
+1024 by default as on most Linux systems) were open, or a task was not completed; 2 if
+a process died.
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ def _write_json(path: str, value: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run_worker(url: str, work_dir: str) -> None:
+def _limit_files(nofile: int) -> None:
+    if nofile > 0:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard) if hard > 0 else nofile, hard))
+
+
+def run_worker(url: str, work_dir: str, nofile: int = 0) -> None:
+    _limit_files(nofile)
     import qo
     from qo.counting import CountingStorage
     from qo.worker import Worker
@@ -82,7 +93,8 @@ def run_worker(url: str, work_dir: str) -> None:
     asyncio.run(main())
 
 
-def run_scheduler(url: str, work_dir: str) -> None:
+def run_scheduler(url: str, work_dir: str, nofile: int = 0) -> None:
+    _limit_files(nofile)
     import qo
     from qo.counting import CountingStorage
     from qo.scheduler import Scheduler
@@ -195,6 +207,8 @@ def main() -> int:
     p.add_argument("--fd-tolerance", type=int, default=8)
     p.add_argument("--requests-tolerance", type=float, default=0.5,
                    help="fraction of the baseline interval's requests per minute")
+    p.add_argument("--nofile", type=int, default=1024, help="the processes' soft limit of open files "
+                   "(RLIMIT_NOFILE; 1024 is the usual default; 0: inherit)")
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args()
@@ -218,8 +232,8 @@ def main() -> int:
             url = os.path.join(work, "store")
         asyncio.run(add_schedule(url))
         ctx = mp.get_context("spawn")
-        procs = {"worker": ctx.Process(target=run_worker, args=(url, work), daemon=True),
-                 "scheduler": ctx.Process(target=run_scheduler, args=(url, work), daemon=True)}
+        procs = {"worker": ctx.Process(target=run_worker, args=(url, work, args.nofile), daemon=True),
+                 "scheduler": ctx.Process(target=run_scheduler, args=(url, work, args.nofile), daemon=True)}
         for proc in procs.values():
             proc.start()
         t0 = time.monotonic()
@@ -293,6 +307,9 @@ def main() -> int:
             if other_e - other_b > args.fd_tolerance:
                 problems.append(f"{role}: open files (not lock files) grew {other_b} -> {other_e} "
                                 f"(allowed +{args.fd_tolerance})")
+            if args.nofile and max(r[role]["fds"] for r in rows) > 0.9 * args.nofile:
+                problems.append(f"{role}: {max(r[role]['fds'] for r in rows)} files open, near the limit of "
+                                f"{args.nofile} (--nofile)")
             if e["lock_fds"] > LOCK_STRIPES:
                 problems.append(f"{role}: {e['lock_fds']} lock files open, more than the {LOCK_STRIPES} stripes")
             r0, r1 = first[role].get("requests_per_min", 0), e.get("requests_per_min", 0)
