@@ -25,7 +25,7 @@ import logging
 from typing import Any, Iterable
 
 from . import keys
-from .errors import DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
+from .errors import CorruptObject, DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
 from .events import emit
 from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, _short, check_task_id
 
@@ -126,6 +126,9 @@ def topological(graph: dict[str, list[str]]) -> list[str]:
     return out
 
 
+_UNREADABLE = object()  # a child whose object cannot be read (``release``)
+
+
 class Dependencies:
     """Blocking, releasing and sweeping the dependents of a queue's tasks."""
 
@@ -203,6 +206,8 @@ class Dependencies:
                 if child.status == PENDING and parent.id in child.depends_on:
                     # applied before; the applier may have died before writing the marker
                     await self.store.put_marker(child.marker_key(self.queue.name, self.queue.clock.now()))
+                elif parent.id in child.depends_on and child.ended_key(self.queue.name) is not None:
+                    await self.store.put_marker(child.ended_key(self.queue.name))  # ... or its index
                 return child
             now = self.queue.clock.now()
             decision = "run"
@@ -229,6 +234,8 @@ class Dependencies:
                 await self.store.replace(child, etag)
             except PreconditionFailed:
                 continue
+            if marker is None:
+                marker = child.ended_key(self.queue.name)  # failed or skipped: indexed
             if marker is not None:  # after the task: the edge still points here until then
                 await self.store.put_marker(marker)
             if child.status in TERMINAL:
@@ -244,25 +251,46 @@ class Dependencies:
         while todo:
             p = todo.pop()
             prefix = keys.deps_prefix(self.queue.name, p.id)
+            cursor: str | None = None
             while True:
-                edges = await self.store.list(prefix, limit=1000)
+                edges = await self.store.list(prefix, start_after=cursor, limit=1000)
                 if not edges:
                     break
-                children = [keys.parse_dep(e.key) for e in edges]
-                results = await asyncio.gather(*(self.apply(c[1], p) for c in children if c))
-                for child in results:
-                    if child is not None and child.status in (FAILED, SKIPPED):
+                applied = await asyncio.gather(*(self._apply_edge(e.key, p) for e in edges))
+                for child in applied:
+                    if isinstance(child, Task) and child.status in (FAILED, SKIPPED):
                         todo.append(child)  # propagate down the graph
-                done += len(edges)
-                await self.store.delete_markers([e.key for e in edges])
+                # an unreadable child costs itself, not its siblings' wake-ups
+                handled = [e.key for e, child in zip(edges, applied) if child is not _UNREADABLE]
+                done += len(handled)
+                await self.store.delete_markers(handled)
+                if len(edges) < 1000:
+                    break
+                cursor = edges[-1].key
         return done
+
+    async def _apply_edge(self, key: str, parent: Task) -> Task | None | object:
+        """Apply ``parent`` to the child an edge names; ``_UNREADABLE`` (the edge is kept)
+        if a newer release wrote the child; None for an edge to drop."""
+        edge = keys.parse_dep(key)
+        if edge is None:
+            return None
+        try:
+            return await self.apply(edge[1], parent)
+        except CorruptObject as exc:
+            # reported where read; its wake-up is lost with it (a person mending it sets
+            # it pending), unless a newer release wrote it: then its edge waits for that one
+            return _UNREADABLE if exc.newer else None
 
     async def sweep(self, cursor: str | None, *, limit: int = 200) -> str | None:
         """Repair lost wake-ups: edges whose parent already ended. Returns the next cursor."""
         edges = await self.store.list(keys.deps_root(self.queue.name), start_after=cursor, limit=limit)
         parents = {keys.parse_dep(e.key)[0] for e in edges if keys.parse_dep(e.key)}
         for parent_id in parents:
-            parent = await self._maybe(parent_id)
+            try:
+                parent = await self._maybe(parent_id)
+            except CorruptObject:
+                continue  # reported; its edges wait (a person can fix or remove it)
             if parent is not None and parent.status in TERMINAL and not parent.has_dependents:
                 parent.has_dependents = True  # edges without the flag: a submitter died between
             if parent is None or parent.status in TERMINAL:

@@ -81,8 +81,10 @@ class CorruptObject(StorageError):
     type, a task whose id is not its key's. It costs only itself: whoever meets it
     skips it, and ``qo doctor --scan`` lists it (``qo/stored.py``)."""
 
-    def __init__(self, key: str, reason: str, *, backend: str = ""):
+    def __init__(self, key: str, reason: str, *, backend: str = "", newer: bool = False):
         self.reason = reason
+        #: the object says a newer release wrote it: skip it, never delete what points to it
+        self.newer = newer
         super().__init__(f"unreadable object: {reason}", backend=backend, key=key)
 
 

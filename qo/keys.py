@@ -10,6 +10,7 @@ reading the task: priority, due time, id and task type.
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
     {q}/idem/{namespace}/{sha256(key)}.json            idempotency record
     {q}/deps/{parent_id}/{child_id}-{child_type}       dependency edge: whom to wake
+    {q}/ended/{status}/{inverted_ms:013d}-{id}-{type}  failed/cancelled/skipped/expired, newest first
 """
 
 from __future__ import annotations
@@ -129,6 +130,54 @@ def ready(queue: str, priority: int, due: float, task_id: str, task_type: str) -
 
 def delayed(queue: str, priority: int, due: float, task_id: str, task_type: str) -> str:
     return f"{queue}/delayed/{ms(due):013d}-{255 - priority:03d}-{task_id}-{task_type}"
+
+
+#: ended/ keys sort newest first: (ENDED_EPOCH_MS - finished ms), 13 digits
+ENDED_EPOCH_MS = 10**13 - 1
+
+
+def ended_prefix(queue: str, status: str | None = None) -> str:
+    return f"{queue}/ended/" + (f"{status}/" if status else "")
+
+
+def ended(queue: str, status: str, finished_at: float, task_id: str, task_type: str) -> str:
+    """The index marker of a task that ended ``status`` (failed, cancelled, skipped,
+    expired) at ``finished_at``: ``{q}/ended/{status}/{inverted ms}-{id}-{type}``, so an
+    ascending LIST is newest first and a time bound is a key bound."""
+    return f"{queue}/ended/{status}/{ENDED_EPOCH_MS - ms(finished_at):013d}-{task_id}-{task_type}"
+
+
+@attrs.frozen
+class Ended:
+    """A parsed ``ended/`` index key."""
+
+    key: str
+    status: str
+    finished_at: float
+    task_id: str
+    task_type: str
+
+
+def parse_ended(key: str) -> Ended | None:
+    """Parse ``{q}/ended/{status}/{inv ms}-{id}-{type}`` at exactly that depth, or None."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[1] != "ended":
+        return None
+    inv, _, rest = parts[3].partition("-")
+    task_id, _, task_type = rest.partition("-")
+    if not (len(inv) == 13 and inv.isdigit() and TASK_ID.match(task_id) and TASK_TYPE.match(task_type)):
+        return None
+    return Ended(key, parts[2], (ENDED_EPOCH_MS - int(inv)) / 1000, task_id, task_type)
+
+
+def id_time(task_id: str) -> float:
+    """When a task id was made (its first 12 hex digits are milliseconds)."""
+    return int(task_id[:12], 16) / 1000
+
+
+def id_floor(when: float) -> str:
+    """A key part below every task id made at or after ``when`` (ids are time-ordered)."""
+    return f"{max(0, int(when * 1000)):012x}"
 
 
 @attrs.frozen

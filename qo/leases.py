@@ -31,6 +31,10 @@ def new_worker_id() -> str:
     return f"{host.lstrip('-_.') or 'host'}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
+#: the worker counters its record carries
+COUNTED = ("claimed", "completed", "failed", "retried", "expired", "recovered")
+
+
 class LeaseBook:
     """This worker's record: heartbeat time and the leases it holds or is about to take."""
 
@@ -46,6 +50,9 @@ class LeaseBook:
         self.evictions = 0
         self.dirty = False
         self._lock = asyncio.Lock()
+        self.started_at = clock.now()
+        #: the worker's counters, shown by ``queue.stats()`` (as of the last write)
+        self.counts: dict[str, int] = {}
 
     def record(self) -> dict[str, Any]:
         return {
@@ -55,6 +62,8 @@ class LeaseBook:
             "heartbeat_at": self.clock.now(),
             "lease_ttl": self.lease_ttl,
             "leases": self.leases,
+            "started_at": self.started_at,
+            "counts": {k: self.counts.get(k, 0) for k in COUNTED},
         }
 
     async def announce(self, entries: dict[str, dict[str, str]]) -> None:
@@ -230,4 +239,6 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
         if task.status == PENDING:
             # the worker may have died between the task write and its marker write
             await store.put_marker(task.marker_key(store.queue, clock.now()))
+        elif task.ended_key(store.queue) is not None:  # ... or before its ended/ index marker
+            await store.put_marker(task.ended_key(store.queue))
     return out

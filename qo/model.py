@@ -17,8 +17,12 @@ SCHEMA_VERSION = 1
 
 PENDING, BLOCKED, RUNNING = "pending", "blocked", "running"
 COMPLETED, FAILED, CANCELLED, SKIPPED = "completed", "failed", "cancelled", "skipped"
-STATUSES = (PENDING, BLOCKED, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED)
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, SKIPPED})
+EXPIRED = "expired"  # not started before its expires_at
+STATUSES = (PENDING, BLOCKED, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED, EXPIRED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, SKIPPED, EXPIRED})
+#: terminal statuses with an index of their own (``keys.ended``): the rare ones, so the
+#: happy path (completed) writes nothing more; see docs/architecture.md §5g
+ENDED_INDEXED = frozenset({FAILED, CANCELLED, SKIPPED, EXPIRED})
 
 DEFAULT_PRIORITY = 128
 MAX_INPUT_BYTES = 256 * 1024  # a task object is read on every claim: keep it small
@@ -62,7 +66,7 @@ class StoredRecord:
             schema = d.get("schema")
             if stored.is_int(schema) and schema > cls.SCHEMA:
                 raise CorruptObject(key, f"{exc.reason} (written by a newer release: schema {schema}, "
-                                    f"this release reads {cls.SCHEMA})", backend=backend) from None
+                                    f"this release reads {cls.SCHEMA})", backend=backend, newer=True) from None
             raise
         return cls.from_dict(d)
 
@@ -142,6 +146,12 @@ class Task(StoredRecord):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def ended_key(self, queue: str) -> str | None:
+        """The ``ended/`` index marker of this task as it is now (None: not indexed)."""
+        if self.status not in ENDED_INDEXED or self.finished_at is None:
+            return None
+        return keys.ended(queue, self.status, self.finished_at, self.id, self.task_type)
 
     def marker_key(self, queue: str, now: float) -> str:
         """The ready or delayed marker that projects this pending task (due within a few

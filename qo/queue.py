@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
 import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
@@ -33,6 +35,7 @@ from .model import (
     _short,
 )
 from .limits import Limits, check_rate_limit_key
+from .listing import list_tasks
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .plugins import Plugins, get_plugins
 from .queue_settings import TASK_DEFAULTS, QueueSettings
@@ -327,38 +330,50 @@ class Queue:
             delay = min(delay * 1.5, 1.0)
 
     async def list(
-        self, status: str | None = None, task_type: str | None = None, limit: int | None = 100
+        self, status: str | None = None, task_type: str | None = None, limit: int | None = 100, *,
+        newest_first: bool = False, since: datetime | dt.timedelta | float | None = None,
     ) -> AsyncIterator[Task]:
-        """Tasks oldest first, filtered by status and type. Reads every task it passes."""
+        """Tasks filtered by status and type, oldest first (``newest_first`` reverses);
+        ``since``: only tasks created (failed, cancelled, skipped, expired: ended) at or
+        after that time (an aware datetime, a timedelta back from now, or epoch seconds).
+
+        The cost follows the result: each status is read from the index that projects it
+        (``qo/listing.py``), then one GET per row. ``completed`` (and no status) scans
+        ``tasks/``: bound it with ``since``."""
         if status is not None and status not in STATUSES:
-            raise InvalidInput("status", f"{status!r} is not one of {', '.join(STATUSES)}")
+            raise InvalidInput("status", f"{_short(status)} is not one of {', '.join(STATUSES)}")
         if task_type is not None:
             check_task_type(task_type)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise InvalidInput("limit", f"{limit!r} is not None or an integer >= 0")
-        cursor: str | None = None
-        found = 0
-        while True:
-            page = await self.store.list(keys.tasks_prefix(self.name), start_after=cursor, limit=200)
-            if not page:
-                return
-            cursor = page[-1].key
-            loaded = await asyncio.gather(*(self._load_entry(e.key) for e in page
-                                            if keys.task_id_of(e.key) is not None))
-            for task in loaded:
-                if task is None or (status and task.status != status) or (task_type and task.task_type != task_type):
-                    continue
-                yield task
-                found += 1
-                if limit is not None and found >= limit:
-                    return
+            raise InvalidInput("limit", f"{_short(limit)} is not None or an integer >= 0")
+        if not isinstance(newest_first, bool):
+            raise InvalidInput("newest_first", "must be True or False")
+        since_ts = self._since(since)
+        if limit == 0:
+            return
+        async for task in list_tasks(self, status, task_type, limit, newest_first=newest_first, since=since_ts):
+            yield task
 
-    async def _load_entry(self, key: str) -> Task | None:
-        """The listed task, or None if it vanished or is unreadable (reported once)."""
-        try:
-            return (await self.store.load(keys.task_id_of(key)))[0]
-        except QoError:
+    async def stats(self) -> dict[str, Any]:
+        """The queue at a glance: counts by status, ready depth by priority band, the
+        oldest due task's age, workers, schedules and limits. Its cost is bounded
+        whatever the queue's history (``qo/stats.py`` states the bound)."""
+        from .stats import queue_stats
+
+        return await queue_stats(self)
+
+    def _since(self, since: Any) -> float | None:
+        if since is None:
             return None
+        if isinstance(since, dt.timedelta):
+            if since.total_seconds() < 0:
+                raise InvalidInput("since", "must not be a negative duration")
+            return self.clock.now() - since.total_seconds()
+        if isinstance(since, datetime):
+            return check_when(since, "since")
+        if isinstance(since, (int, float)) and not isinstance(since, bool) and math.isfinite(since):
+            return float(since)
+        raise InvalidInput("since", f"{_short(since)} is not a datetime, a timedelta or epoch seconds")
 
     # -- change -------------------------------------------------------------------
 
@@ -381,10 +396,15 @@ class Queue:
                     keys.delayed(self.name, task.priority, task.available_at, task.id, task.task_type),
                 ]
                 task.status, task.finished_at = CANCELLED, now
+                # the ended/ index first: a crash before the CAS leaves an index marker
+                # whose task is not cancelled, which every reader verifies and skips
+                await self.store.put_marker(task.ended_key(self.name))
             task.updated_at = now
             try:
                 await self.store.replace(task, etag)
             except PreconditionFailed:
+                if task.status == CANCELLED:
+                    await self.store.delete_markers([task.ended_key(self.name)])
                 continue  # changed under us: look again
             if task.status == CANCELLED:
                 await self.store.delete_markers(old_markers)
@@ -399,6 +419,7 @@ class Queue:
             task, etag = await self.store.load(task_id)
             if task.status not in (FAILED, CANCELLED):
                 raise TaskStateError(f"task {task_id} is {task.status}; only failed or cancelled tasks can be retried")
+            ended = task.ended_key(self.name)  # leaves the ended/ index once pending again
             now = self.clock.now()
             task.status, task.attempt, task.updated_at = PENDING, 0, now
             task.available_at = requeued_at(task, now)
@@ -412,6 +433,8 @@ class Queue:
                 continue
             if self.clock.now() - now > ORPHAN_GRACE_SECONDS / 2:
                 await self.store.put_marker(marker)
+            if ended is not None:  # a crash before this leaves a stale index marker: verified away
+                await self.store.delete_markers([ended])
             emit(self.plugins, "retried", task)
             return task
 

@@ -61,7 +61,7 @@ async def claim(
         return Missed("task not found", stale=True, missing=True)
     except CorruptObject as exc:
         return Missed(f"task object unreadable: {exc.reason}", stale=True, corrupt=True,
-                      keep="newer release" in exc.reason)
+                      keep=exc.newer)
     if task.task_type != marker.task_type:
         # a marker naming another type than its task's (a hand-edited task) is not its
         # projection: replace it by the task's own, which the right workers will see

@@ -81,6 +81,7 @@ class Worker:
         self.store = queue.store
         self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
         self.stats: collections.Counter[str] = collections.Counter()
+        self.book.counts = self.stats  # the record carries them (queue.stats())
         self.limiter = queue.plugins.hook.qo_rate_limiter(
             storage=queue.storage, config={"queue": queue, "lease_ttl": self.settings.lease_ttl,
                                            "refresh_interval": self.settings.limits_refresh}) or NoLimits()
@@ -100,6 +101,8 @@ class Worker:
         self._interrupting = False  # the shutdown timeout passed: async handlers are cancelled
         self.outages = Outages(self.clock.now)
         self._until_idle = False
+        #: the earliest due time of a delayed marker this worker wrote since housekeeping looked
+        self.delayed_due: float | None = None
         #: why ``run(until_idle=True)`` gave up (storage failing too long); raised by run()
         self.fatal: QoError | None = None
 
@@ -353,9 +356,16 @@ class Worker:
             await self.store.replace(task, etag)
         except PreconditionFailed:
             return Missed("lost the race", stale=False)
-        await self.store.put_marker(task.marker_key(self.queue.name, self.clock.now()))
+        await self._put_marker(task)
         self.feed.drop_later(marker.key)
         return Missed("rate limited: delayed", stale=False)
+
+    async def _put_marker(self, task: Task) -> None:
+        """Write a pending task's marker; a delayed one tells housekeeping when to promote."""
+        key = task.marker_key(self.queue.name, self.clock.now())
+        await self.store.put_marker(key)
+        if key.startswith(keys.delayed_prefix(self.queue.name)):
+            self.delayed_due = min(self.delayed_due or task.available_at, task.available_at)
 
     async def _execute(self, task: Task, etag: str) -> None:
         """Run the handler of a claimed task and store the outcome. Whatever raises here
@@ -433,7 +443,9 @@ class Worker:
                         if stored is None:
                             break
                 if stored[0].status == PENDING:
-                    await self.store.put_marker(stored[0].marker_key(self.queue.name, self.clock.now()))
+                    await self._put_marker(stored[0])
+                elif stored[0].ended_key(self.queue.name) is not None:  # failed, cancelled: indexed
+                    await self.store.put_marker(stored[0].ended_key(self.queue.name))
                 break
             except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
                 stored = None
@@ -541,10 +553,20 @@ class Worker:
                                    if self.settings.aging.enabled else float("inf"))
             s = self.settings
 
+        promote_poll = s.poll_min
+
         async def promote() -> None:
+            # its own idle backoff, not the feed's: a busy worker lists delayed/ no more
+            # often than an idle one; a due time seen in the listing, or one this worker
+            # wrote itself (a retry, a rate-limit delay), wakes it on time
+            nonlocal promote_poll
             now = self.clock.now()
             promotion = await promote_due(self.store, now)
-            timers["promote"] = now + max(s.poll_min, min(self.feed.poll, s.poll_max))
+            if promotion.promoted or promotion.more:
+                promote_poll = s.poll_min
+            else:
+                promote_poll = min(s.poll_max, promote_poll * 2)
+            timers["promote"] = now + promote_poll * random.uniform(0.8, 1.2)
             if promotion.next_due is not None:
                 timers["promote"] = min(timers["promote"], promotion.next_due)
             if promotion.promoted:
@@ -579,6 +601,9 @@ class Worker:
         while not self._done.is_set():
             now = self.clock.now()
             stopping = self._stopping.is_set()
+            if self.delayed_due is not None:  # this worker wrote a delayed marker
+                timers["promote"] = min(timers["promote"], self.delayed_due)
+                self.delayed_due = None
             if not stopping:
                 if now >= timers["settings"]:
                     timers["settings"] = now + s.queue_settings_refresh * random.uniform(0.8, 1.2)

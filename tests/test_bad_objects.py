@@ -287,3 +287,17 @@ async def test_a_store_nested_under_the_root_is_not_ours(storage_url):
     assert len(await inner.storage.list("ready/ready/")) == 1  # its marker is still there
     await inner.close()
     await outer.close()
+
+
+async def test_an_unreadable_dependent_does_not_hold_back_its_siblings(storage_url):
+    q = await qo.connect(storage_url, queue="q")
+    parent = await q.submit("p", 1)
+    good = await q.submit("c", 1, depends_on=[parent.id])
+    bad = await q.submit("c", 2, depends_on=[parent.id])
+    await plant(q, keys.task("q", bad.id), b'{"id": "' + bad.id.encode() + b'", "task_type": "c", "status": 7}')
+    w = await drain(q, types=("p", "c"))
+    assert (await q.get(good.id)).status == "completed" and w.stats["completed"] == 2
+    assert await q.storage.list("q/deps/") == []  # its edge went with it; the object stays
+    with pytest.raises(qo.CorruptObject):
+        await q.get(bad.id)
+    await q.close()

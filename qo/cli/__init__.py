@@ -10,6 +10,7 @@ from .admin import config, doctor, plugins
 from .limits import limit
 from .schedule import schedule
 from .settings import settings
+from .stats import stats
 from .tasks import cancel, list_tasks, retry, status, submit, submit_graph
 from .worker import worker
 
@@ -24,6 +25,7 @@ cli.add_command(submit)
 cli.add_command(submit_graph)
 cli.add_command(status)
 cli.add_command(list_tasks)
+cli.add_command(stats)
 cli.add_command(cancel)
 cli.add_command(retry)
 cli.add_command(worker)

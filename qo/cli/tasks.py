@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -9,7 +10,7 @@ import click
 
 from ..aging import task_effective_priority
 from ..backends import redact_url
-from ..errors import TaskNotFound
+from ..errors import InvalidInput, TaskNotFound
 from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id, check_task_type, iso
 from ..stored import MAX_VALUE_DEPTH
 from .common import echo_json, open_queue, queue_options, run, say_skipped
@@ -135,6 +136,21 @@ def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
     return lines
 
 
+def _since(text: str | None) -> Any:
+    """--since: a duration back from now (1h, 2d) or an ISO time."""
+    if text is None:
+        return None
+    try:
+        return dt.timedelta(seconds=parse_duration(text, "--since"))
+    except InvalidInput:
+        pass
+    try:
+        return parse_time(text, "--since")
+    except InvalidInput:
+        raise InvalidInput("--since", f"{text[:60]!r} is neither an age (30m, 1h, 2d) nor an ISO-8601 time "
+                           "(2030-01-02T03:04:05Z)") from None
+
+
 def _compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
@@ -143,22 +159,36 @@ def _compact(value: Any) -> str:
 @click.option("--status", "status_filter", type=click.Choice(STATUSES), help="Only tasks in this state.")
 @click.option("--type", "task_type", metavar="T", help="Only tasks of this type.")
 @click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="At most N tasks (0: all).")
+@click.option("--newest-first", is_flag=True, help="Newest first (default: oldest first).")
+@click.option("--since", metavar="AGE|TIME",
+              help="Only tasks created (failed/cancelled/skipped/expired: ended) since then: 1h, 2d, or an ISO time.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @queue_options
 @run
-async def list_tasks(status_filter: str | None, task_type: str | None, limit: int, as_json: bool,
-                     url: str, queue_name: str) -> None:
-    """List tasks, oldest first."""
+async def list_tasks(status_filter: str | None, task_type: str | None, limit: int, newest_first: bool,
+                     since: str | None, as_json: bool, url: str, queue_name: str) -> None:
+    """List tasks, oldest first. Each status is read from its own index: the cost follows
+    the rows shown (completed tasks have none: bound that listing with --since)."""
     rows: list[tuple[Task, int]] = []
+    when = _since(since)
+    more = False
     async with await open_queue(url, queue_name) as queue:
         before = queue.store.bad.count
-        async for task in queue.list(status=status_filter, task_type=task_type, limit=limit or None):
+        shown = 0
+        async for task in queue.list(status=status_filter, task_type=task_type, limit=limit + 1 if limit else None,
+                                     newest_first=newest_first, since=when):
+            if limit and shown >= limit:
+                more = True  # one more than asked: say so, do not show it
+                break
+            shown += 1
             effective = task_effective_priority(queue.plugins, task, queue.clock.now())
             if as_json:  # stream: a long listing shows progress
                 echo_json({**task.public_dict(), "effective_priority": effective})
             else:
                 rows.append((task, effective))
         say_skipped(queue, before)
+    if more:
+        click.echo(f"more tasks match than the {limit} shown (use --limit, --since or --newest-first)", err=True)
     if as_json:
         return
     if not rows:

@@ -1,0 +1,204 @@
+"""Listing tasks at a cost that follows the result, not the queue's history.
+
+Each status is read from the index that already projects it (docs/architecture.md
+§5g): ``pending`` from the ``ready/`` and ``delayed/`` markers, ``running`` from the
+live workers' records, ``blocked`` from the ``deps/`` edges, ``failed``, ``cancelled``,
+``skipped`` and ``expired`` from the ``ended/`` index. Every candidate is read (one
+GET) and kept only if the task really is in that state now: indexes are projections,
+and a stale entry costs one GET, never a wrong row. ``completed`` tasks (the happy
+path) have no index of their own, so listing them scans ``tasks/``, whose keys are in
+creation order: ``since`` bounds that scan by key, and newest first reads back in
+growing windows of time from now, so the cost follows the tasks in the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Callable
+
+from . import keys
+from .errors import CorruptObject, TaskNotFound
+from .leases import parse_record
+from .model import BLOCKED, ENDED_INDEXED, PENDING, RUNNING, Task
+
+#: tasks read at once while listing
+READ_AHEAD = 32
+
+
+async def list_tasks(queue: Any, status: str | None, task_type: str | None, limit: int | None, *,
+                     newest_first: bool = False, since: float | None = None) -> AsyncIterator[Task]:
+    """Tasks in ``status`` (any when None) of ``task_type``, at most ``limit``; created
+    (for an ended status: ended) at or after ``since``; oldest first unless ``newest_first``."""
+    if status in ENDED_INDEXED:
+        candidates = _ended(queue, status, task_type, newest_first, since)
+
+        def keep(task: Task, hint: Any) -> bool:
+            return task.status == status and task.finished_at is not None \
+                and keys.ms(task.finished_at) == keys.ms(hint)
+    else:
+        if status == PENDING:
+            source = _pending(queue)
+        elif status == RUNNING:
+            source = _running(queue)
+        elif status == BLOCKED:
+            source = _blocked(queue)
+        else:  # completed, or any status: the tasks themselves
+            source = None
+        if source is not None:
+            candidates = _ordered(source, task_type, newest_first, since)
+        else:
+            candidates = _tasks(queue, newest_first, since)
+
+        def keep(task: Task, hint: Any) -> bool:
+            return (status is None or task.status == status) and (task_type is None or task.task_type == task_type)
+
+    found = 0
+    async for task in _read(queue, candidates, keep):
+        yield task
+        found += 1
+        if limit is not None and found >= limit:
+            return
+
+
+async def _read(queue: Any, candidates: AsyncIterator[tuple[str, Any]],
+                keep: Callable[[Task, Any], bool]) -> AsyncIterator[Task]:
+    """Read the candidates ``READ_AHEAD`` at a time, in order; keep those ``keep`` accepts.
+    A candidate that vanished or is unreadable (reported once) is skipped."""
+
+    async def one(task_id: str) -> Task | None:
+        try:
+            return (await queue.store.load(task_id))[0]
+        except (TaskNotFound, CorruptObject):
+            return None
+
+    batch: list[tuple[str, Any]] = []
+
+    async def flush() -> list[Task]:
+        tasks = await asyncio.gather(*(one(task_id) for task_id, _ in batch))
+        out = [t for t, (_, hint) in zip(tasks, batch) if t is not None and keep(t, hint)]
+        batch.clear()
+        return out
+
+    async for candidate in candidates:
+        batch.append(candidate)
+        if len(batch) >= READ_AHEAD:
+            for task in await flush():
+                yield task
+    for task in await flush():
+        yield task
+
+
+async def _pages(queue: Any, prefix: str, start_after: str | None = None) -> AsyncIterator[Any]:
+    """Every listed entry under ``prefix`` (from ``start_after``), page by page."""
+    cursor = start_after
+    while True:
+        page = await queue.store.list(prefix, start_after=cursor, limit=1000)
+        for entry in page:
+            yield entry
+        if len(page) < 1000:
+            return
+        cursor = page[-1].key
+
+
+async def _ended(queue: Any, status: str, task_type: str | None, newest_first: bool,
+                 since: float | None) -> AsyncIterator[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    async for entry in _pages(queue, keys.ended_prefix(queue.name, status)):
+        e = keys.parse_ended(entry.key)
+        if e is None or e.status != status or (task_type is not None and e.task_type != task_type):
+            continue
+        if since is not None and keys.ms(e.finished_at) < keys.ms(since):
+            break  # ended before ``since`` (the index is newest first)
+        if newest_first:
+            yield e.task_id, e.finished_at
+        else:
+            found.append((e.task_id, e.finished_at))
+    for candidate in reversed(found):
+        yield candidate
+
+
+async def _ordered(source: AsyncIterator[tuple[str, str]], task_type: str | None, newest_first: bool,
+                   since: float | None) -> AsyncIterator[tuple[str, Any]]:
+    """(id, type) pairs from an index, deduplicated, in creation order (ids are time-ordered)."""
+    ids: dict[str, None] = {}
+    async for task_id, type_ in source:
+        if (task_type is None or type_ == task_type) and (since is None or keys.id_time(task_id) >= since):
+            ids[task_id] = None
+    for task_id in sorted(ids, reverse=newest_first):
+        yield task_id, None
+
+
+async def _pending(queue: Any) -> AsyncIterator[tuple[str, str]]:
+    for prefix in (keys.ready_prefix(queue.name), keys.delayed_prefix(queue.name)):
+        async for entry in _pages(queue, prefix):
+            m = keys.parse_marker(entry.key)
+            if m is not None:
+                yield m.task_id, m.task_type
+
+
+async def _running(queue: Any) -> AsyncIterator[tuple[str, str]]:
+    for record in await live_records(queue, alive_only=False):
+        for task_id, lease in record["leases"].items():
+            yield task_id, lease.get("type", "")
+
+
+async def _blocked(queue: Any) -> AsyncIterator[tuple[str, str]]:
+    async for entry in _pages(queue, keys.deps_root(queue.name)):
+        edge = keys.parse_dep(entry.key)
+        if edge is not None:
+            yield edge[1], edge[2]
+
+
+async def live_records(queue: Any, *, alive_only: bool = True, limit: int = 1000) -> list[dict[str, Any]]:
+    """The readable worker records (at most ``limit``), live ones only unless told."""
+    prefix = keys.workers_prefix(queue.name)
+    entries = [e for e in await queue.store.list(prefix, limit=limit) if keys.is_direct_child(e.key, prefix)
+               and not queue.store.bad.known(e.key, e.etag)]
+
+    async def one(entry: Any) -> dict[str, Any] | None:
+        try:
+            blob = await queue.store.backoff.call(lambda: queue.storage.get(entry.key))
+            return parse_record(blob.data, entry.key, backend=queue.storage.name)
+        except CorruptObject as exc:
+            queue.store.bad.report(exc, etag=entry.etag)
+        except Exception:  # removed meanwhile (NotFound) or unreachable: not listed
+            pass
+        return None
+
+    now = queue.clock.now()
+    records = [r for r in await asyncio.gather(*(one(e) for e in entries)) if r is not None]
+    return [r for r in records if not alive_only or now <= r["heartbeat_at"] + r["lease_ttl"]]
+
+
+async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIterator[tuple[str, Any]]:
+    """Task ids from ``tasks/`` in creation order; newest first reads back from now in
+    windows of time growing fourfold (1 h, 4 h, 16 h, ...) until ``since`` or the oldest."""
+    prefix = keys.tasks_prefix(queue.name)
+    floor = f"{prefix}{keys.id_floor(since)}" if since is not None else None
+    if not newest_first:
+        async for entry in _pages(queue, prefix, start_after=floor):
+            task_id = keys.task_id_of(entry.key)
+            if task_id is not None:
+                yield task_id, None
+        return
+    first = await queue.store.list(prefix, limit=1)
+    if not first:
+        return
+    oldest = keys.id_time(keys.task_id_of(first[0].key) or "0" * 24)
+    low_limit = max(oldest, since) if since is not None else oldest
+    upper: str | None = None  # keys at or above it were yielded by a later window
+    width, now = 3600.0, queue.clock.now()
+    while True:
+        start = max(now - width, low_limit)
+        window: list[str] = []
+        async for entry in _pages(queue, prefix, start_after=f"{prefix}{keys.id_floor(start)}"):
+            if upper is not None and entry.key >= upper:
+                break
+            task_id = keys.task_id_of(entry.key)
+            if task_id is not None:
+                window.append(task_id)
+        for task_id in reversed(window):
+            yield task_id, None
+        if start <= low_limit:
+            return
+        upper, width = f"{prefix}{keys.id_floor(start)}", width * 4
