@@ -40,9 +40,9 @@ import time
 from typing import Any, Callable
 
 from qo.hookspecs import hookimpl
+from qo.model import TERMINAL
 
 QUEUE = "chaos"
-TERMINAL = {"completed", "failed", "cancelled", "skipped"}
 DEFAULT_FAULTS = dict(error_rate=0.05, landed_error_rate=0.02, lost_response_rate=0.02, latency=(0.0, 0.005))
 TICK_CRON = "* * * * * */2"  # every 2 seconds (croniter: seconds last)
 TICK_EVERY = 2.0
