@@ -124,8 +124,12 @@ class RecoveryLog:
             f.write(f"{task.id} {time.time():.3f} {m.group(1) if m else '?'}\n")
 
 
-def note_recoveries(queue: Any, work_dir: str, label: str) -> None:
-    queue.plugins.register(RecoveryLog(os.path.join(work_dir, f"recovered-{label}.log")), f"chaos-recovery-log-{label}")
+def note_recoveries(queue: Any, work_dir: str, label: str) -> str:
+    """Register a :class:`RecoveryLog`; returns its plugin name (the plugin manager may be
+    the process's: unregister it when done)."""
+    name = f"chaos-recovery-log-{label}-{os.urandom(4).hex()}"
+    queue.plugins.register(RecoveryLog(os.path.join(work_dir, f"recovered-{label}.log")), name)
+    return name
 
 
 def register_handlers(worker: Any, log_path: str) -> None:
@@ -766,14 +770,17 @@ async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_
             await q.schedules.remove("tick")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"removing the tick schedule raised {type(exc).__name__}: {exc}")
-    note_recoveries(q, work_dir, f"clean-{os.getpid()}")
-    clean = Worker(q, settings=worker_settings())
-    register_handlers(clean, os.path.join(work_dir, f"ran-clean-{os.getpid()}.log"))
-    drain = await _bounded(clean, drain_timeout, problems, "the clean drain")
-    second = Worker(q, settings=worker_settings())
-    second_log = os.path.join(work_dir, "ran-second.log")
-    register_handlers(second, second_log)
-    again = await _bounded(second, 30.0, problems, "the second clean drain")
+    plugin = note_recoveries(q, work_dir, f"clean-{os.getpid()}")
+    try:
+        clean = Worker(q, settings=worker_settings())
+        register_handlers(clean, os.path.join(work_dir, f"ran-clean-{os.getpid()}.log"))
+        drain = await _bounded(clean, drain_timeout, problems, "the clean drain")
+        second = Worker(q, settings=worker_settings())
+        second_log = os.path.join(work_dir, "ran-second.log")
+        register_handlers(second, second_log)
+        again = await _bounded(second, 30.0, problems, "the second clean drain")
+    finally:
+        q.plugins.unregister(plugin)
 
     tasks, poison_left = await _read_tasks(q.storage, set(poison), problems)
     by_status = collections.Counter(t.status for t in tasks.values())
