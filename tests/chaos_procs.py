@@ -17,6 +17,8 @@ What every process leaves in the work directory, for the checks:
   which poison the process met; ``lease lost`` which results were refused.
 - ``faults-<pid>.json``: the faults injected in that process; ``stats-<pid>.json``: its
   worker's or scheduler's counters.
+- ``recovered-<label>.log``: per worker, each task it recovered from a worker presumed
+  dead: ``'<task id> <time> <pid of that worker>'`` (:class:`RecoveryLog`).
 - ``kills.jsonl`` (the driver): ``{"pid", "role", "t"}`` per SIGKILL, ``t`` just before it.
 - ``poison.jsonl`` (the driver): ``{"key", "kind", "t", "must"}`` per planted object;
   ``must``: the run is bound to read it (a task with a ready marker, a worker record,
