@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import stat
@@ -25,7 +26,7 @@ import threading
 import uuid
 import zlib
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from qo.errors import ConfigurationError, InvalidInput
 from qo.storage import (
@@ -34,6 +35,7 @@ from qo.storage import (
     NotFound,
     PreconditionFailed,
     StorageError,
+    StorageUnavailable,
     check_put,
     validate_key,
     validate_prefix,
@@ -51,12 +53,31 @@ def _etag(data: bytes) -> str:
     return '"' + hashlib.md5(data).hexdigest() + '"'
 
 
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EIO, errno.EDQUOT}
+
+
+def _storage_errors(method: Any) -> Any:
+    """Turn an OSError escaping ``method`` into StorageUnavailable (transient: out of
+    descriptors, space, memory) or StorageError, naming the key."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except OSError as exc:
+            key = args[0] if args and isinstance(args[0], str) else None
+            cls = StorageUnavailable if exc.errno in _TRANSIENT else StorageError
+            raise cls(f"{exc.strerror or exc}", backend=self.name, key=key) from None
+
+    return wrapper
+
+
 class LocalStorage:
     """Storage in a directory tree: one file per key under ``root``."""
 
     name = "local"
 
-    def __init__(self, root: str, *, fsync: bool | str = False, lock_stripes: int = 1024,
+    def __init__(self, root: str, *, fsync: bool | str = False, lock_stripes: int = 64,
                  mode: str = "private", allow_foreign_root: bool | str = False):
         if not isinstance(root, str) or not root or "\x00" in root:
             raise InvalidInput("url", "a local path must be non-empty and contain no NUL")
@@ -226,11 +247,16 @@ class LocalStorage:
             raise StorageError("a key below this one exists", backend=self.name, key=key) from None
 
     # -- the contract -------------------------------------------------------------
+    # (each call maps an OSError it does not handle itself to a StorageError: out of
+    # descriptors, space or memory is transient for the engine, anything else names
+    # the key; a raw OSError must never reach a loop that serves other work)
 
+    @_storage_errors
     async def get(self, key: str) -> Blob:
         data = self._read(self._path(key), key)
         return Blob(data, _etag(data))
 
+    @_storage_errors
     async def put(
         self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
     ) -> str:
@@ -298,6 +324,7 @@ class LocalStorage:
         except FileNotFoundError:
             return False
 
+    @_storage_errors
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         path = self._path(key)
         with self._locked(key):
@@ -315,10 +342,12 @@ class LocalStorage:
             except IsADirectoryError:
                 pass
 
+    @_storage_errors
     async def delete_many(self, keys: list[str]) -> None:
         for key in keys:
             await self.delete(key)
 
+    @_storage_errors
     async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
         validate_prefix(prefix)
         if limit <= 0:

@@ -227,3 +227,27 @@ async def test_storage_options_win_over_the_url_query(tmp_path, umask):
 def test_a_bare_path_keeps_its_question_mark(tmp_path):
     storage = open_storage(str(tmp_path / "odd?mode=group"))
     assert storage.root.endswith("odd?mode=group") and storage.mode == "private"
+
+
+async def test_running_out_of_descriptors_is_a_transient_storage_error_not_a_raw_oserror(tmp_path, monkeypatch):
+    """Found by the soak: at 1024 open files every write raised a raw OSError (EMFILE),
+    which no loop handled. It is StorageUnavailable now (retried, backed off); and a store
+    keeps at most 64 lock files open by default (it kept up to 1024)."""
+    import errno as errno_mod
+
+    import qo
+    from qo_local.storage import LocalStorage
+
+    store = LocalStorage(str(tmp_path / "s"))
+    assert store.lock_stripes == 64
+    real_open = os.open
+
+    def no_descriptors(path, flags, mode=0o777, **kw):
+        raise OSError(errno_mod.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(qo.StorageUnavailable, match="Too many open files"):
+        await store.put("q/tasks/x.json", b"{}")
+    monkeypatch.setattr(os, "open", real_open)
+    await store.put("q/tasks/x.json", b"{}")
+    assert (await store.get("q/tasks/x.json")).data == b"{}"
