@@ -13,6 +13,7 @@ ran, finished meanwhile) or vanished (``TaskNotFound``) is skipped and not count
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .errors import InvalidInput, TaskNotFound, TaskStateError
@@ -39,7 +40,10 @@ def check(queue: Any, status: Any, allowed: tuple[str, ...], task_type: Any, sin
         check_task_type(task_type)
     if progress is not None and not callable(progress):
         raise InvalidInput("progress", "must be None or a callable progress(done, total_so_far)")
-    return queue._since(since)
+    when = queue._since(since)
+    # to the millisecond, the resolution of every index and task id: a task made in the
+    # same millisecond as ``since`` is made "at or after" it, whatever the index
+    return None if when is None else math.floor(when * 1000) / 1000
 
 
 async def apply(tasks: AsyncIterator[Task], action: Callable[[Task], Awaitable[bool]],
