@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 import qo
 from qo import keys
 from qo.cli import cli
+from qo.counting import CountingStorage
 from qo.worker import Worker
 
 FAST = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.5)
@@ -203,6 +204,23 @@ async def test_cancel_many_running_asks_them_to_stop(queue):
         await asyncio.wait_for(run, 30)
     done = await queue.get(task.id)
     assert (done.status, done.attempt) == ("cancelled", 1)
+
+
+async def test_the_cost_is_the_listing_plus_four_requests_a_task(storage_url):
+    q = await qo.connect(storage_url, queue="q", wrap_storage=CountingStorage)
+    try:
+        await fail_some(q, {"bad": 3}, ok=20)  # the completed history costs nothing here
+        q.storage.reset()
+        assert await q.retry_many() == 3
+        # one LIST of ended/failed/ and a GET per row; then GET, marker PUT, CAS, ended/ delete
+        assert q.storage.counts() == {"LIST": 1, "GET": 3 + 3, "PUT": 3, "PUT_COND": 3, "DELETE_BATCH": 3}
+        await q.submit_many([("x", i) for i in range(3)])
+        q.storage.reset()
+        assert await q.cancel_many("pending", "x") == 3
+        # the LISTs of ready/ and delayed/ and a GET per row; then GET, ended/ PUT, CAS, markers' delete
+        assert q.storage.counts() == {"LIST": 2, "GET": 3 + 3, "PUT": 3, "PUT_COND": 3, "DELETE_BATCH": 3}
+    finally:
+        await q.close()
 
 
 BAD_ARGS = [
