@@ -19,13 +19,14 @@ edges; a bounded sweep finds them and finishes the job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import json
 import logging
 from typing import Any, Iterable
 
 from . import keys
-from .errors import CorruptObject, DependencyError, InvalidInput, PreconditionFailed, TaskNotFound
+from .errors import CorruptObject, DependencyError, InvalidInput, PreconditionFailed, QoError, TaskNotFound
 from .events import emit
 from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, _short, check_task_id
 
@@ -238,6 +239,13 @@ class Dependencies:
                 marker = child.ended_key(self.queue.name)  # failed or skipped: indexed
             if marker is not None:  # after the task: the edge still points here until then
                 await self.store.put_marker(marker)
+            others = [keys.dep(self.queue.name, p, child.id, child.task_type) for p in child.depends_on
+                      if p != parent.id]
+            if child.status != BLOCKED and others:
+                # no longer waiting: the edges other parents kept for it (release) go now
+                # (a failure here is mended by the edge sweep)
+                with contextlib.suppress(QoError):
+                    await self.store.delete_markers(others)
             if child.status in TERMINAL:
                 emit(self.queue.plugins, "failed" if child.status == FAILED else child.status, child)
             return child
@@ -260,8 +268,11 @@ class Dependencies:
                 for child in applied:
                     if isinstance(child, Task) and child.status in (FAILED, SKIPPED):
                         todo.append(child)  # propagate down the graph
-                # an unreadable child costs itself, not its siblings' wake-ups
-                handled = [e.key for e, child in zip(edges, applied) if child is not _UNREADABLE]
+                # an unreadable child costs itself, not its siblings' wake-ups; a child still
+                # blocked on other parents keeps this edge: it will read this parent's output
+                # when it runs, and retention keeps a parent while an edge names a dependent
+                handled = [e.key for e, child in zip(edges, applied)
+                           if child is not _UNREADABLE and not (isinstance(child, Task) and child.status == BLOCKED)]
                 done += len(handled)
                 await self.store.delete_markers(handled)
                 if len(edges) < 1000:

@@ -8,8 +8,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: "failed" is final (dead letter); "retried" is a failed attempt that will run again;
-#: "recovered" is a task taken back from a worker that stopped renewing its lease.
-EVENTS = ("submitted", "started", "succeeded", "failed", "retried", "cancelled", "recovered")
+#: "recovered" is a task taken back from a worker that stopped renewing its lease;
+#: "expired" is a task a worker reached after its expires_at: ended, never run.
+EVENTS = ("submitted", "started", "succeeded", "failed", "retried", "cancelled", "recovered", "expired")
 
 
 def emit(plugins: Any, event: str, task: Any) -> None:

@@ -208,6 +208,8 @@ class Feed:
             return False
         await w.limiter.refresh()  # only when there is work: an idle worker reads no limits
         markers = self.own_share_first(markers)
+        if not markers:  # only others' fresh work: theirs to claim; look again later
+            return False
         leases = {m.task_id: os.urandom(8).hex() for m in markers}
         await w.book.announce({m.task_id: {"lease": leases[m.task_id], "type": m.task_type} for m in markers})
         self.lease_ids.update(leases)
@@ -224,9 +226,13 @@ class Feed:
         markers and whether the listing reached them or the end of the index."""
         w = self.worker
         prefix = keys.ready_prefix(w.queue.name)
-        page = await w.store.list(prefix, limit=w.settings.listing)
+        # live workers split a listing by task id: list enough that each finds its own
+        # `listing` candidates in it, so LISTs and record writes per task do not grow
+        # with the number of workers
+        size = min(1000, w.settings.listing * (len(self.peers) + 1))
+        page = await w.store.list(prefix, limit=size)
         found = ours(page)
-        if found or len(page) < w.settings.listing:
+        if found or len(page) < size:
             if not found:
                 self.foreign_until = None
             return found, True
@@ -259,5 +265,12 @@ class Feed:
         mine = [m for m in markers if int(m.task_id[-8:], 16) % n == rank]
         if mine:
             return mine
-        random.shuffle(markers)  # nothing of our share listed: help the others
-        return markers
+        # nothing of our share listed: help with the others' markers their owners have
+        # left waiting a whole buffer cycle (a younger one its owner is about to claim:
+        # taking it would only make one of two claim writes fail)
+        # (a cycle: the buffer's age, or our own poll interval when that is shorter: the
+        # owner polls about as often as we do)
+        now, age = self.worker.clock.now(), min(self.worker.settings.buffer_max_age, self.poll)
+        waiting = [m for m in markers if now - m.due >= age]
+        random.shuffle(waiting)
+        return waiting

@@ -169,9 +169,11 @@ def qo_task_event(event: str, task: Task) -> None:
     """Observe a task's lifecycle: for metrics, logs and tracing. Broadcast.
 
     ``event`` is one of ``submitted``, ``started``, ``succeeded``, ``failed``,
-    ``retried``, ``cancelled``, ``recovered`` (``failed`` is final: the dead
-    letter; ``retried`` is a failed attempt that will run again). Called after the
-    state change is stored. Must not block: hand slow work to a thread or a queue.
+    ``retried``, ``cancelled``, ``recovered``, ``expired`` (``failed`` is final: the
+    dead letter; ``retried`` is a failed attempt that will run again; ``expired``: a
+    worker reached the task after its ``expires_at`` and ended it without running it,
+    sent once its ``ended/`` index marker is stored). Called after the state change is
+    stored. Must not block: hand slow work to a thread or a queue.
     An exception raised here is logged and does not affect the task.
 
     :param event: what happened.

@@ -181,6 +181,7 @@ class Idempotency:
         data = dumps(mine)
         for _ in range(16):
             try:
+                await store.put_marker(keys.idem_expiry(self.queue.name, mine["expires_at"], key))  # first
                 await self._create(key, data, task.id)
                 return await self._write_task(task)
             except PreconditionFailed:
@@ -199,6 +200,7 @@ class Idempotency:
                     continue  # somebody else replaced it first: read theirs
             if existing["expires_at"] <= self.queue.clock.now():
                 try:  # expired: the key may name a new task now
+                    await store.put_marker(keys.idem_expiry(self.queue.name, mine["expires_at"], key))
                     await store.backoff.call(lambda: store.storage.put(key, data, if_match=blob.etag))
                 except PreconditionFailed:
                     continue
@@ -237,6 +239,7 @@ class Idempotency:
             task.id = salvaged
         record = self.record(found if found is not None else task, request, namespace)
         try:
+            await store.put_marker(keys.idem_expiry(self.queue.name, record["expires_at"], key))
             await store.backoff.call(lambda: store.storage.put(key, dumps(record), if_match=etag))
         except BaseException:
             task.id = own_id  # the caller's next round builds on the record it will read
@@ -317,3 +320,55 @@ async def sweep_expired(queue: Any, cursor: str | None, *, limit: int = 100) -> 
             except (PreconditionFailed, NotFound):
                 pass
     return entries[-1].key if len(entries) >= limit else None
+
+
+async def sweep_expiry_index(queue: Any, *, limit: int = 1000) -> int:
+    """Delete the records whose expiry markers (``idem-exp/``, in expiry order) are due:
+    the cost is per expired record (a GET, a conditional DELETE and a share of a LIST and
+    a DeleteObjects), whatever the number of live records. Returns how many markers were
+    handled: ``limit`` means more are due (sweep again soon).
+
+    A marker is written before its record (a marker without a record is deleted here);
+    a record replaced with a later expiry has a later marker of its own, so an earlier
+    marker whose record is not expired yet is simply deleted."""
+    store = queue.store
+    now = queue.clock.now()
+    entries = await store.list(keys.idem_expiry_prefix(queue.name), limit=limit)
+    done: list[str] = []
+    sem = asyncio.Semaphore(16)
+
+    async def one(entry: Any) -> bool:
+        parsed = keys.parse_idem_expiry(queue.name, entry.key)
+        if parsed is None:
+            return True  # not ours to judge: leave it (doctor --scan names it)
+        expires_at, record = parsed
+        if expires_at > now:
+            return False
+        async with sem:
+            try:
+                blob = await store.backoff.call(lambda: store.storage.get(record))
+            except NotFound:
+                done.append(entry.key)
+                return True
+            try:
+                stored_expiry = decode_record(blob.data, record, backend=store.storage.name)["expires_at"]
+            except CorruptObject as exc:
+                store.bad.report(exc)
+                done.append(entry.key)  # a submit of its key repairs it (and marks it again)
+                return True
+            if stored_expiry <= now:
+                try:  # only the version judged expired: a fresh replacement stays
+                    await store.backoff.call(lambda: store.storage.delete(record, if_match=blob.etag))
+                except (PreconditionFailed, NotFound):
+                    pass
+            done.append(entry.key)
+            return True
+
+    results = await asyncio.gather(*(one(e) for e in entries))
+    await store.delete_markers(done)
+    handled = 0
+    for r in results:
+        if not r:
+            break  # the first marker not yet due: the rest are later
+        handled += 1
+    return handled

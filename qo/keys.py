@@ -9,6 +9,7 @@ reading the task: priority, due time, id and task type.
     {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
     {q}/idem/{namespace}/{sha256(key)}.json            idempotency record
+    {q}/idem-exp/{expires_ms:013d}-{namespace~sha256}  its expiry marker: the sweep lists these
     {q}/deps/{parent_id}/{child_id}-{child_type}       dependency edge: whom to wake
     {q}/ended/{status}/{inverted_ms:013d}-{id}-{type}  failed/cancelled/skipped/expired, newest first
 """
@@ -79,6 +80,28 @@ def idem_prefix(queue: str) -> str:
 
 def idem(queue: str, namespace: str, key_hash: str) -> str:
     return f"{queue}/idem/{namespace}/{key_hash}.json"
+
+
+def idem_expiry_prefix(queue: str) -> str:
+    return f"{queue}/idem-exp/"
+
+
+def idem_expiry(queue: str, expires_at: float, record_key: str) -> str:
+    """The expiry marker of an idempotency record: ``{q}/idem-exp/{expires ms}-{ns~hash}``,
+    so an ascending LIST yields the records in the order they expire."""
+    tail = record_key[len(idem_prefix(queue)):].removesuffix(".json").replace("/", "~")
+    return f"{queue}/idem-exp/{ms(expires_at):013d}-{tail}"
+
+
+def parse_idem_expiry(queue: str, key: str) -> tuple[float, str] | None:
+    """(expiry, record key) of an expiry marker at exactly its depth, or None."""
+    prefix = idem_expiry_prefix(queue)
+    if not is_direct_child(key, prefix):
+        return None
+    when, _, tail = key[len(prefix):].partition("-")
+    if len(when) != 13 or not when.isdigit() or not tail or "~" not in tail:
+        return None
+    return int(when) / 1000, f"{idem_prefix(queue)}{tail.replace('~', '/')}.json"
 
 
 def deps_root(queue: str) -> str:

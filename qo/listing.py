@@ -88,7 +88,7 @@ async def _read(queue: Any, candidates: AsyncIterator[tuple[str, Any]],
         yield task
 
 
-async def _pages(queue: Any, prefix: str, start_after: str | None = None) -> AsyncIterator[Any]:
+async def pages(queue: Any, prefix: str, start_after: str | None = None) -> AsyncIterator[Any]:
     """Every listed entry under ``prefix`` (from ``start_after``), page by page."""
     cursor = start_after
     while True:
@@ -103,7 +103,7 @@ async def _pages(queue: Any, prefix: str, start_after: str | None = None) -> Asy
 async def _ended(queue: Any, status: str, task_type: str | None, newest_first: bool,
                  since: float | None) -> AsyncIterator[tuple[str, Any]]:
     found: list[tuple[str, Any]] = []
-    async for entry in _pages(queue, keys.ended_prefix(queue.name, status)):
+    async for entry in pages(queue, keys.ended_prefix(queue.name, status)):
         e = keys.parse_ended(entry.key)
         if e is None or e.status != status or (task_type is not None and e.task_type != task_type):
             continue
@@ -130,7 +130,7 @@ async def _ordered(source: AsyncIterator[tuple[str, str]], task_type: str | None
 
 async def _pending(queue: Any) -> AsyncIterator[tuple[str, str]]:
     for prefix in (keys.ready_prefix(queue.name), keys.delayed_prefix(queue.name)):
-        async for entry in _pages(queue, prefix):
+        async for entry in pages(queue, prefix):
             m = keys.parse_marker(entry.key)
             if m is not None:
                 yield m.task_id, m.task_type
@@ -143,7 +143,7 @@ async def _running(queue: Any) -> AsyncIterator[tuple[str, str]]:
 
 
 async def _blocked(queue: Any) -> AsyncIterator[tuple[str, str]]:
-    async for entry in _pages(queue, keys.deps_root(queue.name)):
+    async for entry in pages(queue, keys.deps_root(queue.name)):
         edge = keys.parse_dep(entry.key)
         if edge is not None:
             yield edge[1], edge[2]
@@ -176,7 +176,7 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
     prefix = keys.tasks_prefix(queue.name)
     floor = f"{prefix}{keys.id_floor(since)}" if since is not None else None
     if not newest_first:
-        async for entry in _pages(queue, prefix, start_after=floor):
+        async for entry in pages(queue, prefix, start_after=floor):
             task_id = keys.task_id_of(entry.key)
             if task_id is not None:
                 yield task_id, None
@@ -191,7 +191,7 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
     while True:
         start = max(now - width, low_limit)
         window: list[str] = []
-        async for entry in _pages(queue, prefix, start_after=f"{prefix}{keys.id_floor(start)}"):
+        async for entry in pages(queue, prefix, start_after=f"{prefix}{keys.id_floor(start)}"):
             if upper is not None and entry.key >= upper:
                 break
             task_id = keys.task_id_of(entry.key)

@@ -98,8 +98,13 @@ class Task(StoredRecord):
     waiting_on: list[str] = attrs.field(factory=list)  # dependencies not yet completed
     on_dependency_failure: str = "fail"
     rate_limit_key: str | None = None
+    #: epoch seconds: a task not started by then ends ``expired`` instead of running
+    #: (checked when a worker claims it); None: never
+    expires_at: float | None = None
     #: set (by CAS) before a dependent is written: only then has an ending task edges to read
     has_dependents: bool = False
+    #: when its idempotency key's record expires: retention keeps the task until then
+    idempotency_expires_at: float | None = None
     rev: str = ""
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged
@@ -128,7 +133,9 @@ class Task(StoredRecord):
         "waiting_on": stored.is_list_of(stored.matches(keys.TASK_ID)),
         "on_dependency_failure": stored.one_of("fail", "skip", "run"),
         "rate_limit_key": stored.optional(stored.is_str),
+        "expires_at": stored.optional(stored.is_number),
         "has_dependents": stored.is_bool,
+        "idempotency_expires_at": stored.optional(stored.is_number),
         "rev": stored.is_str,
         "schema": stored.is_int,
     }
@@ -164,7 +171,8 @@ class Task(StoredRecord):
     def public_dict(self) -> dict[str, Any]:
         """What ``--json`` output shows: the stored fields with ISO times."""
         d = self.to_dict()
-        for k in ("available_at", "created_at", "updated_at", "started_at", "finished_at", "lease_deadline"):
+        for k in ("available_at", "created_at", "updated_at", "started_at", "finished_at", "lease_deadline",
+                  "expires_at"):
             if d.get(k) is not None:
                 d[k] = iso(d[k])
         return d
@@ -249,6 +257,22 @@ def check_when(value: Any, field: str = "schedule_at") -> float | None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInput(field, "must be timezone-aware (e.g. datetime.now(timezone.utc))")
     return value.timestamp()
+
+
+def check_expires_at(value: Any, now: float, schedule_at: float | None = None,
+                     field: str = "expires_at") -> float | None:
+    """``expires_at`` (an aware datetime, or None for never) as epoch seconds. It must be
+    later than ``now`` and than ``schedule_at``: a task that could never start before it
+    expires is a mistake of the caller's, refused before anything is written."""
+    when = check_when(value, field)
+    if when is None:
+        return None
+    if when <= now:
+        raise InvalidInput(field, f"{iso(when)} is not later than now ({iso(now)})")
+    if schedule_at is not None and when <= schedule_at:
+        raise InvalidInput(field, f"{iso(when)} is not later than schedule_at ({iso(schedule_at)}): "
+                           "the task could never start")
+    return when
 
 
 def check_task_id(value: Any, field: str = "task_id") -> str:

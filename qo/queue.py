@@ -19,12 +19,14 @@ from .model import (
     BLOCKED,
     CANCELLED,
     COMPLETED,
+    EXPIRED,
     FAILED,
     PENDING,
     RUNNING,
     STATUSES,
     TERMINAL,
     Task,
+    check_expires_at,
     check_input,
     check_non_negative_int,
     check_priority,
@@ -57,7 +59,7 @@ ORPHAN_GRACE_SECONDS = 120.0
 SUBMIT_OPTIONS = (
     "priority", "schedule_at", "max_retries", "timeout_seconds",
     "idempotency_key", "idempotency_scope", "idempotency_ttl_days",
-    "depends_on", "on_dependency_failure", "rate_limit_key",
+    "depends_on", "on_dependency_failure", "rate_limit_key", "expires_at",
 )
 
 
@@ -145,11 +147,13 @@ class Queue:
             depends_on=check_depends_on(options.get("depends_on")),
             on_dependency_failure=check_policy(options.get("on_dependency_failure", "fail")),
             rate_limit_key=check_rate_limit_key(options.get("rate_limit_key")),
+            expires_at=check_expires_at(options.get("expires_at"), now, schedule_at),
         )
         request = check_request(options.get("idempotency_key"), options.get("idempotency_scope", "task_type"),
                                 options.get("idempotency_ttl_days", DEFAULT_TTL_DAYS))
         if request is not None:
             self.idempotency.namespace(request, task.task_type)  # a plugin's bad answer fails here
+            task.idempotency_expires_at = now + request.ttl_days * 86400  # retention waits for it
         return task, request
 
     async def submit(
@@ -167,6 +171,7 @@ class Queue:
         depends_on: Iterable[str] | None = None,
         on_dependency_failure: str = "fail",
         rate_limit_key: str | None = None,
+        expires_at: datetime | None = None,
     ) -> Task:
         """Submit one task; it runs once due (``schedule_at``) on a worker handling ``task_type``.
 
@@ -175,14 +180,17 @@ class Queue:
         ``depends_on``, the task is ``blocked`` until every listed task has completed;
         ``on_dependency_failure`` ("fail", "skip", "run") says what a failed or cancelled
         dependency does to it. ``rate_limit_key`` puts the task under the ``key:<key>``
-        (or ``key:*``) limit. ``priority`` (128), ``max_retries`` (3) and
+        (or ``key:*``) limit. With ``expires_at`` (an aware datetime, later than now and
+        than ``schedule_at``), a task no worker has started by then ends ``expired``
+        instead of running (a terminal status; its dependents take it as failed).
+        ``priority`` (128), ``max_retries`` (3) and
         ``timeout_seconds`` (300) not given take the queue's settings (``queue.settings``).
         """
         options = dict(priority=priority, schedule_at=schedule_at, max_retries=max_retries,
                        timeout_seconds=timeout_seconds, idempotency_key=idempotency_key,
                        idempotency_scope=idempotency_scope, idempotency_ttl_days=idempotency_ttl_days,
                        depends_on=depends_on, on_dependency_failure=on_dependency_failure,
-                       rate_limit_key=rate_limit_key)
+                       rate_limit_key=rate_limit_key, expires_at=expires_at)
         task, request = self._prepare(task_type, input, options, await self.settings.task_defaults())
         return await self._submit(task, request)
 
@@ -354,6 +362,16 @@ class Queue:
         async for task in list_tasks(self, status, task_type, limit, newest_first=newest_first, since=since_ts):
             yield task
 
+    async def purge(self, status: str, older_than: dt.timedelta | float, task_type: str | None = None, *,
+                    dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> int:
+        """Delete the tasks of a finished ``status`` that ended more than ``older_than``
+        ago (of ``task_type``); returns how many (with ``dry_run``: would be). Never a
+        task whose idempotency key lives or that a dependent waits on. The cost follows
+        what is deleted (``qo/retention.py``); a call reads at most 10,000 tasks."""
+        from .retention import purge
+
+        return (await purge(self, status, older_than, task_type, dry_run=dry_run, progress=progress)).deleted
+
     async def stats(self) -> dict[str, Any]:
         """The queue at a glance: counts by status, ready depth by priority band, the
         oldest due task's age, workers, schedules and limits. Its cost is bounded
@@ -413,18 +431,21 @@ class Queue:
             return task
 
     async def retry(self, task_id: str) -> Task:
-        """Put a failed (dead-lettered) or cancelled task back to pending, attempts reset."""
+        """Put a failed (dead-lettered), cancelled or expired task back to pending, attempts
+        reset. A retry is a fresh chance: its ``expires_at`` is cleared (never expires)."""
         check_task_id(task_id)
         while True:
             task, etag = await self.store.load(task_id)
-            if task.status not in (FAILED, CANCELLED):
-                raise TaskStateError(f"task {task_id} is {task.status}; only failed or cancelled tasks can be retried")
+            if task.status not in (FAILED, CANCELLED, EXPIRED):
+                raise TaskStateError(f"task {task_id} is {task.status}; only failed, cancelled or expired tasks "
+                                     "can be retried")
             ended = task.ended_key(self.name)  # leaves the ended/ index once pending again
             now = self.clock.now()
             task.status, task.attempt, task.updated_at = PENDING, 0, now
             task.available_at = requeued_at(task, now)
             task.finished_at = task.lease_id = task.lease_deadline = task.worker_id = None
             task.cancel_requested = False
+            task.expires_at = None  # a fresh chance: it would expire again at once
             marker = task.marker_key(self.name, now)
             await self.store.put_marker(marker)  # marker first, as in submit
             try:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
+from .durations import format_duration, parse_duration
 from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageError
 from .model import _short, check_non_negative_int, check_priority, check_seconds, dumps
 
@@ -83,6 +84,26 @@ def _level(low: int) -> Callable[[Any, str], int]:
     return check
 
 
+#: a retention is at least a minute (far above the time between a task's end and its
+#: last reader's look: a waiter polls every second) and at most ten years
+RETENTION_MIN, RETENTION_MAX = 60.0, 3650 * 86400.0
+
+
+def _duration(minimum: float, maximum: float) -> Callable[[Any, str], float]:
+    """A duration: ``7d``, ``12h``, ``90m`` or seconds."""
+
+    def parse(value: Any, field: str) -> float:
+        if isinstance(value, str):
+            value = parse_duration(value, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInput(field, f"{_short(value)} is not a duration (7d, 12h, 90m or seconds)")
+        if not minimum <= value <= maximum:
+            raise InvalidInput(field, f"{format_duration(value)} is outside {format_duration(minimum)} to "
+                               f"{format_duration(maximum)}")
+        return float(value)
+    return parse
+
+
 @attrs.frozen
 class Spec:
     name: str
@@ -103,7 +124,17 @@ SPECS: dict[str, Spec] = {s.name: s for s in [
     Spec("aging_step_levels", _level(1), "aging: levels gained per step"),
     Spec("aging_cap", _level(0), "aging: never above this level"),
     Spec("aging_interval", _seconds(0.001, 86400), "aging: seconds between passes on the queue"),
+    Spec("retention_completed", _duration(RETENTION_MIN, RETENTION_MAX),
+         "completed tasks are deleted this long after they ended (default 7d)"),
+    Spec("retention_failed", _duration(RETENTION_MIN, RETENTION_MAX),
+         "failed tasks (dead letters) are deleted this long after they ended (default 30d)"),
+    Spec("retention_cancelled", _duration(RETENTION_MIN, RETENTION_MAX),
+         "cancelled, skipped and expired tasks are deleted this long after they ended (default 7d)"),
 ]}
+
+#: the retention of finished tasks, by setting, with the built-in values (seconds)
+RETENTION_DEFAULTS: dict[str, float] = {"retention_completed": 7 * 86400.0, "retention_failed": 30 * 86400.0,
+                                        "retention_cancelled": 7 * 86400.0}
 
 #: the task defaults a queue setting can replace, with their built-in values
 TASK_DEFAULTS: dict[str, Any] = {"priority": 128, "max_retries": 3, "timeout_seconds": 300.0}

@@ -64,6 +64,8 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
         return lambda d, k: parse_limit(d, k), None
     if key.startswith(state_prefix(queue)):
         return lambda d, k: parse_state(d, k, ""), None
+    if folder == "idem-exp":
+        return None, None if keys.parse_idem_expiry(queue, key) is not None else "not an idempotency expiry key"
     if folder == "idem":
         return lambda d, k: decode_record(d, k), None
     if rest == "settings.json":

@@ -16,12 +16,22 @@ import attrs
 from . import keys
 from .errors import CorruptObject, Fail, PreconditionFailed, TaskNotFound
 from .keys import Marker
-from .model import COMPLETED, FAILED, PENDING, RUNNING, TERMINAL, Task
+from .model import COMPLETED, EXPIRED, FAILED, PENDING, RUNNING, TERMINAL, Task, iso
 from .store import TaskStore
 
 
 @attrs.frozen
 class Claimed:
+    task: Task
+    etag: str
+
+
+@attrs.frozen
+class Expired:
+    """The task behind the marker was due but not started before its ``expires_at``: it
+    is now stored ``expired`` (``task``, version ``etag``) instead of running. The worker
+    still owes its ``ended/`` index marker and the release of its dependents."""
+
     task: Task
     etag: str
 
@@ -49,11 +59,12 @@ class Missed:
 async def claim(
     store: TaskStore, marker: Marker, *, worker_id: str, lease_id: str, lease_ttl: float, now: float,
     gate: Callable[[Task, str], Awaitable[Missed | None]] | None = None,
-) -> Claimed | Missed:
+) -> Claimed | Expired | Missed:
     """Claim the task behind ``marker`` by CAS: pending -> running under ``lease_id``.
 
-    ``gate(task, etag)`` runs between the read and the CAS (rate limits): a Missed it
-    returns is the outcome.
+    A task past its ``expires_at`` is CASed to ``expired`` instead (``Expired``), before
+    ``gate`` runs: an expired task takes no rate-limit token. ``gate(task, etag)`` runs
+    between the read and the CAS (rate limits): a Missed it returns is the outcome.
     """
     try:
         task, etag = await store.load(marker.task_id)
@@ -78,6 +89,8 @@ async def claim(
         # the ready marker is the statement "due" (made on its writer's clock); one
         # that names another due time is left over from an earlier state
         return Missed("marker does not match the task's due time", stale=True)
+    if task.expires_at is not None and now >= task.expires_at:
+        return await _expire(store, task, etag, now)
     if gate is not None:
         refused = await gate(task, etag)
         if refused is not None:
@@ -88,22 +101,42 @@ async def claim(
     task.worker_id = worker_id
     task.lease_deadline = now + lease_ttl
     task.started_at = task.updated_at = now
+    # our fresh lease id on a running task says a claim whose response was lost is ours
+    stored = await replace_recognising(store, task, etag,
+                                       lambda t: t.status == RUNNING and t.lease_id == lease_id)
+    return Claimed(*stored) if stored is not None else Missed("lost the race", stale=False)
+
+
+async def replace_recognising(store: TaskStore, task: Task, etag: str,
+                              ours: Callable[[Task], bool]) -> tuple[Task, str] | None:
+    """CAS ``task`` over ``etag``: the stored task and its etag, or None if we lost.
+
+    A refusal after a failure whose outcome was unknown may hide our own landed write,
+    changed since by another writer (a dependent's submitter setting has_dependents, a
+    cancel): then the stored task is ours when ``ours(stored)`` says so."""
     try:
-        etag = await store.replace(task, etag)
+        return task, await store.replace(task, etag)
     except PreconditionFailed as exc:
         if not getattr(exc, "uncertain", False):
-            return Missed("lost the race", stale=False)
-        # the CAS may have landed with its response lost, and another writer (a
-        # dependent's submitter setting has_dependents, a cancel) changed the task
-        # since: our fresh lease id on a running task says the claim is ours
+            return None
         try:
             current, etag = await store.load(task.id)
         except TaskNotFound:
-            return Missed("lost the race", stale=False)
-        if current.status != RUNNING or current.lease_id != lease_id:
-            return Missed("lost the race", stale=False)
-        return Claimed(current, etag)
-    return Claimed(task, etag)
+            return None
+        return (current, etag) if ours(current) else None
+
+
+async def _expire(store: TaskStore, task: Task, etag: str, now: float) -> Expired | Missed:
+    """CAS a pending task whose ``expires_at`` has passed to ``expired`` (terminal, no
+    attempt counted). A lost race is a Missed like a lost claim: whoever won (a claim on
+    a clock that said "not yet", a cancel) decided the task's fate."""
+    task.status = EXPIRED
+    task.finished_at = task.updated_at = now
+    task.lease_id = task.lease_deadline = task.worker_id = None
+    task.last_error = {"type": "Expired", "message": f"not started before expires_at {iso(task.expires_at)}",
+                       "traceback": "", "attempt": task.attempt}
+    stored = await replace_recognising(store, task, etag, lambda t: t.status == EXPIRED and t.finished_at == now)
+    return Expired(*stored) if stored is not None else Missed("lost the race", stale=False)
 
 
 async def finish(store: TaskStore, task: Task, etag: str, change: Any, now: float) -> tuple[Task, str] | None:

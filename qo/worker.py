@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import signal
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
 
@@ -26,14 +26,15 @@ from .errors import CorruptObject, Fail, InvalidInput, PreconditionFailed, QoErr
 from .events import emit
 from .feed import Feed
 from .handlers import Handler, Registry
-from .idempotency import sweep_expired
+from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
 from .model import PENDING, RUNNING, Task, check_input
 from .outage import Outages
 from .promotion import promote_due
+from .retention import apply_retention
 from .queue import Queue
 from .queue_settings import overlay, replaced
-from .transitions import Claimed, Missed, claim, completed, failed, finish, handed_back, requeued_at
+from .transitions import Claimed, Expired, Missed, claim, completed, failed, finish, handed_back, requeued_at
 from .worker_settings import WorkerSettings
 
 __all__ = ["Worker", "WorkerSettings", "TaskContext"]
@@ -300,6 +301,12 @@ class Worker:
             result = await claim(self.store, marker, worker_id=self.worker_id, lease_id=lease_id,
                                  lease_ttl=self.settings.lease_ttl, now=now,
                                  gate=gate if self.limiter.limits else None)
+            if isinstance(result, Expired):
+                claimed = True  # like a claim: our record names it until its ended marker is stored
+                self._unsettled.add(marker.task_id)
+                await self.feed.drop(marker.key)
+                await self._expired(result.task)
+                return
             if not isinstance(result, Claimed):
                 if result.reason.startswith("rate limited"):
                     return
@@ -326,6 +333,18 @@ class Worker:
                 except Exception as exc:  # the entries expire with their lease
                     log.warning("worker %s: releasing the limits of %s failed: %s", self.worker_id,
                                 marker.task_id, exc)
+
+    async def _expired(self, task: Task) -> None:
+        """A task the claim found past its ``expires_at`` is stored ``expired``: write its
+        ``ended/`` index marker (through storage outages, as an outcome: our record names
+        the task until it is written; a forced exit leaves it there for recovery), then
+        say so and release its dependents (an expired dependency counts as failed)."""
+        if not await self._until_stored(lambda: self._put_projection(task)):
+            return  # a forced exit: stays unsettled, named in our record
+        self._unsettled.discard(task.id)
+        self.stats["expired"] += 1
+        emit(self.queue.plugins, "expired", task)
+        await self._release(task)
 
     async def _rate_gate(self, marker: keys.Marker, task: Task, etag: str) -> Missed | None:
         """Pass every limit that applies to ``task``, or apply the limit's backpressure."""
@@ -418,45 +437,41 @@ class Worker:
             return 10.0
 
     async def _settle(self, task: Task, etag: str, change: Any, now: float, handing_back: bool = False) -> None:
-        """Store the outcome (and a retry's marker), through storage outages: the task
-        stays in our record, its lease renewed, until both are stored; a forced exit
-        leaves it there for recovery. Then release it and wake its dependents."""
-        outage = self.outages["storing task outcomes"]
+        """Store the outcome (and a retry's marker, or an ended task's index entry),
+        through storage outages: the task stays in our record, its lease renewed, until
+        both are stored; a forced exit leaves it there for recovery. Then release it and
+        wake its dependents."""
         lease_id = task.lease_id
         stored: tuple[Task, str] | None = None
-        uncertain = False
-        while True:
-            try:
+        uncertain = lost = False
+
+        async def attempt() -> None:
+            nonlocal task, etag, stored, uncertain, lost
+            if stored is None:
+                if uncertain:  # the last write may have landed: look before writing again
+                    current, current_etag = await self.store.load(task.id)
+                    if current.rev == task.rev:
+                        stored = current, current_etag
+                    elif current.status == RUNNING and current.lease_id == lease_id:
+                        task, etag = current, current_etag
+                    else:
+                        lost = True
+                        return
                 if stored is None:
-                    if uncertain:  # the last write may have landed: look before writing again
-                        current, current_etag = await self.store.load(task.id)
-                        if current.rev == task.rev:
-                            stored = current, current_etag
-                        elif current.status == RUNNING and current.lease_id == lease_id:
-                            task, etag = current, current_etag
-                        else:
-                            stored = None
-                            break
+                    uncertain = True
+                    stored = await finish(self.store, task, etag, change, now)
                     if stored is None:
-                        uncertain = True
-                        stored = await finish(self.store, task, etag, change, now)
-                        if stored is None:
-                            break
-                if stored[0].status == PENDING:
-                    await self._put_marker(stored[0])
-                elif stored[0].ended_key(self.queue.name) is not None:  # failed, cancelled: indexed
-                    await self.store.put_marker(stored[0].ended_key(self.queue.name))
-                break
-            except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
-                stored = None
-                break
-            except QoError as exc:
-                await self._nap(outage.failed(exc), self._forced)
-                if self._forced.is_set():
-                    return  # stays unsettled: named in our record
-        outage.ok()
+                        lost = True
+                        return
+            await self._put_projection(stored[0])
+
+        try:
+            if not await self._until_stored(attempt):
+                return  # a forced exit: stays unsettled, named in our record
+        except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
+            lost = True
         self._unsettled.discard(task.id)
-        if stored is None:
+        if lost or stored is None:
             self.stats["lost_lease"] += 1
             log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
             return
@@ -470,6 +485,31 @@ class Worker:
             self.stats[final.status] += 1
             emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
+
+    async def _until_stored(self, attempt: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``attempt`` until no storage error stops it, backing off through an outage
+        (the task stays named in our record meanwhile); False on a forced exit."""
+        outage = self.outages["storing task outcomes"]
+        while True:
+            try:
+                await attempt()
+            except (CorruptObject, TaskNotFound):
+                raise
+            except QoError as exc:
+                await self._nap(outage.failed(exc), self._forced)
+                if self._forced.is_set():
+                    return False
+                continue
+            outage.ok()
+            return True
+
+    async def _put_projection(self, task: Task) -> None:
+        """What must follow a stored outcome: a pending task's marker, an ended one's
+        ``ended/`` index entry (failed, cancelled, expired)."""
+        if task.status == PENDING:
+            await self._put_marker(task)
+        elif task.ended_key(self.queue.name) is not None:
+            await self.store.put_marker(task.ended_key(self.queue.name))
 
     async def _release(self, task: Task) -> None:
         """Wake (or fail, or skip) the dependents of a task that just ended. A failure
@@ -538,6 +578,8 @@ class Worker:
             "idem": t + s.idempotency_sweep_interval * random.uniform(0.1, 1.0),
             "deps": t + s.dependency_sweep_interval * random.uniform(0.1, 1.0),
             "aging": t + s.aging.interval * random.uniform(0.1, 1.0) if s.aging.enabled else float("inf"),
+            "retention": t + s.retention_interval * random.uniform(0.1, 1.0),
+            "idem_scan": t + s.idempotency_sweep_interval * 12 * random.uniform(0.1, 1.0),
         }
         cursors: dict[str, str | None] = {"idem": None, "deps": None}
         # workers started together only see each other once their records exist: look
@@ -588,10 +630,20 @@ class Worker:
             cursors["deps"] = await self.queue.dependencies.sweep(cursors["deps"])
 
         async def idem() -> None:
-            cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
+            # the expiry index: cost per expired record; a full page means more are due
+            if await sweep_expiry_index(self.queue) >= 1000:
+                timers["idem"] = self.clock.now() + s.poll_max
+            if self.clock.now() >= timers["idem_scan"]:  # records written before the index
+                timers["idem_scan"] = self.clock.now() + s.idempotency_sweep_interval * 12 * random.uniform(0.5, 1.5)
+                cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
 
         async def aging() -> None:
             self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
+
+        async def retention() -> None:
+            for status, n in (await apply_retention(self.queue)).items():
+                self.stats[f"purged_{status}"] += n
+                log.info("worker %s: deleted %d %s tasks past their retention", self.worker_id, n, status)
 
         async def flush() -> None:
             feed = self.feed
@@ -628,6 +680,10 @@ class Worker:
                 if now >= timers["aging"] and s.aging.enabled:  # about one pass per interval on the queue
                     timers["aging"] = now + s.aging.interval * len(self.feed.peers | {self.worker_id}) * random.uniform(0.5, 1.5)
                     await self._step("aging waiting tasks", aging)
+                if now >= timers["retention"]:  # about one pass per interval on the queue
+                    timers["retention"] = now + s.retention_interval * len(self.feed.peers | {self.worker_id}) \
+                        * random.uniform(0.5, 1.5)
+                    await self._step("deleting tasks past their retention", retention)
             await self._step("deleting claimed markers", flush)
             self._check_outages()
             wake = min(timers["promote"], timers["sweep"], timers["aging"],

@@ -49,8 +49,13 @@ class WorkerSettings:
     limits_refresh: float = attrs.field(default=5.0, validator=_positive)
     #: how often this worker looks for dependents whose wake-up was lost (a page of edges)
     dependency_sweep_interval: float = attrs.field(default=60.0, validator=_positive)
-    #: how often this worker deletes a page (100) of expired idempotency records
+    #: how often this worker deletes the idempotency records whose expiry markers are due
+    #: (sooner while a page of 1000 is due); records from before the expiry index are
+    #: scanned, a page of 100, every 12 intervals
     idempotency_sweep_interval: float = attrs.field(default=300.0, validator=_positive)
+    #: how often finished tasks past their retention are deleted (one pass per interval
+    #: on the queue, shared by its workers; qo/retention.py)
+    retention_interval: float = attrs.field(default=3600.0, validator=_positive)
     #: how often the queue's shared settings (qo.queue_settings) are read again
     queue_settings_refresh: float = attrs.field(default=REFRESH_SECONDS, validator=_positive)
     #: aging of waiting due tasks (see qo.aging); True/False: the QO_AGING* settings, on/off

@@ -178,6 +178,12 @@ API_CASES = [
      [-1, 1.5, True, 10**9, "3", NAN]),
     ("submit.schedule_at", lambda q, v: q.submit("t", schedule_at=v), "schedule_at",
      [dt.datetime(2030, 1, 1), dt.datetime.now(), "2030-01-01T00:00:00Z", 0, 1e10, dt.date(2030, 1, 1)]),
+    ("submit.expires_at", lambda q, v: q.submit("t", expires_at=v), "expires_at",
+     [dt.datetime(2030, 1, 1), dt.datetime.now(), "2030-01-01T00:00:00Z", 0, 1e10, dt.date(2030, 1, 1), NAN,
+      dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)]),
+    ("submit.expires_at_before_schedule_at",
+     lambda q, v: q.submit("t", schedule_at=dt.datetime(2031, 1, 1, tzinfo=dt.timezone.utc), expires_at=v),
+     "expires_at", [dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2031, 1, 1, tzinfo=dt.timezone.utc)]),
     ("submit.idempotency_key", lambda q, v: q.submit("t", idempotency_key=v), "idempotency_key",
      ["", "a\x00b", "a\ud800", LONG, 5, b"k", 1.5, ["k"]]),
     ("submit.idempotency_scope", lambda q, v: q.submit("t", idempotency_key="k", idempotency_scope=v),
@@ -200,6 +206,7 @@ API_CASES = [
      BAD_INPUTS[:6] + [DEEP, TOO_DEEP]),
     ("submit_many.options", lambda q, v: q.submit_many([("ok", {}), ("ok", {}, v)]), "items[1]",
      [{"bogus": 1}, {"priority": 256}, {"timeout_seconds": -1}, {"schedule_at": dt.datetime(2030, 1, 1)},
+      {"expires_at": dt.datetime(2030, 1, 1)}, {"expires_at": "2030-01-01T00:00:00Z"},
       {"idempotency_key": "\ud800"}, {"rate_limit_key": "a\x00"}, {"depends_on": ["../x"]}]),
     ("submit_many.concurrency", lambda q, v: q.submit_many([("ok", {})], concurrency=v), "concurrency",
      [-1, 1.5, True, 10**9, "8"]),
@@ -430,6 +437,8 @@ def _cli_cases(tmp_path) -> list[list[str]]:
     out += [["submit", "t", opt, v] for opt, v in [
         ("--timeout", "-1"), ("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "inf"),
         ("--max-retries", "-1"), ("--at", "2030-01-01T00:00:00"), ("--at", "garbage"), ("--delay", "-5s"),
+        ("--expires-in", "-5m"), ("--expires-in", "garbage"), ("--expires-in", "0"), ("--expires-in", "1e400"),
+        ("--expires-at", "2000-01-01T00:00:00Z"), ("--expires-at", "2030-01-01T00:00:00"), ("--expires-at", "x"),
         ("--delay", "1e400"), ("--delay", "99999999999999999d"), ("--idempotency-key", ""),
         ("--idempotency-scope", "custom:../x"), ("--idempotency-ttl-days", "nan"), ("--rate-limit-key", "a\x00"),
         ("--depends-on", "../x"), ("--depends-on", "0" * 24), ("--on-dependency-failure", "bogus"),
@@ -442,6 +451,10 @@ def _cli_cases(tmp_path) -> list[list[str]]:
                                                      "@" + str(tmp_path / "huge.json"), "@/dev/zero"]]
     out += [["schedule", "add", "s", "--cron", "* * * * *", "--type", "t", "--input", v]
             for v in [deep, "@" + str(tmp_path / "huge.json")]]
+    out += [["submit", "t", "--delay", "1h", "--expires-in", "1m"],
+            ["submit", "t", "--expires-in", "1m", "--expires-at", "2030-01-01T00:00:00Z"],
+            ["submit-graph", '{"a": {"task_type": "t", "expires_at": "2030-01-01T00:00:00"}}'],
+            ["submit-graph", '{"a": {"task_type": "t", "expires_at": 5}}']]
     out += [["submit-graph", deep], ["submit-graph", '{"a": {"task_type": "t", "input": ' + deep + "}}"],
             ["settings", "set", "max_retries=" + deep]]
     fresh = str(tmp_path / "fresh")  # a store that does not exist yet must not be created

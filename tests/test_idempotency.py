@@ -284,3 +284,30 @@ async def test_a_corrupt_fire_record_is_repaired_and_the_time_fires_once(storage
         assert (await q.schedules.submit_fire(s, s.next_fire_at)).id == fired.task_id  # again: the same task
     finally:
         await q.close()
+
+
+async def test_the_expiry_index_sweeps_exactly_the_expired_records_at_a_cost_per_record(storage_url):
+    """Issue 16: the sweep keeps up with any submit rate: it lists the expiry markers in
+    expiry order and reads only the due ones (a GET and a DELETE each), however many
+    records live."""
+    from qo.clock import FakeClock
+    from qo.counting import CountingStorage
+    from qo.idempotency import sweep_expiry_index
+
+    clock = FakeClock(1_800_000_000.0)
+    q = await qo.connect(storage_url, queue="q", clock=clock, wrap_storage=CountingStorage)
+    short = [await q.submit("t", i, idempotency_key=f"s{i}", idempotency_ttl_days=1) for i in range(5)]
+    long_lived = [await q.submit("t", i, idempotency_key=f"l{i}", idempotency_ttl_days=30) for i in range(20)]
+    assert len(await q.storage.list("q/idem-exp/")) == 25
+    clock.advance(2 * 86400)
+    q.storage.reset()
+    assert await sweep_expiry_index(q) == 5
+    counts = q.storage.counts()
+    assert counts.get("GET", 0) == 5 and counts.get("DELETE", 0) == 5, counts  # none of the 20 live ones read
+    assert len(await q.storage.list("q/idem/", limit=1000)) == 20 and len(await q.storage.list("q/idem-exp/")) == 20
+    again = await q.submit("t", 0, idempotency_key="s0", idempotency_ttl_days=1)
+    assert again.id != short[0].id  # the key is free again: a new task
+    assert (await q.submit("t", 0, idempotency_key="l0", idempotency_ttl_days=30)).id == long_lived[0].id
+    q.storage.reset()
+    assert await sweep_expiry_index(q) == 0 and q.storage.counts().get("GET", 0) == 0  # nothing due: one LIST
+    await q.close()

@@ -8,6 +8,7 @@ from ..errors import QoError
 from ..plugins import get_plugins
 from .admin import config, doctor, plugins
 from .limits import limit
+from .purge import purge
 from .schedule import schedule
 from .settings import settings
 from .stats import stats
@@ -26,6 +27,7 @@ cli.add_command(submit_graph)
 cli.add_command(status)
 cli.add_command(list_tasks)
 cli.add_command(stats)
+cli.add_command(purge)
 cli.add_command(cancel)
 cli.add_command(retry)
 cli.add_command(worker)

@@ -8,33 +8,17 @@ size and depth before it is parsed (``parse_json_input``).
 from __future__ import annotations
 
 import json
-import math
-import re
 import sys
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
+from ..durations import parse_duration
 from ..errors import InvalidInput
 from ..model import MAX_INPUT_BYTES
 from ..stored import MAX_VALUE_DEPTH, too_deep
 
 #: ``qo submit-graph``'s JSON holds many tasks' inputs: it may be this large.
 MAX_GRAPH_BYTES = 64 * MAX_INPUT_BYTES
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
-
-
-def parse_duration(text: str, option: str = "--delay") -> float:
-    """Seconds in ``text``: ``10s``, ``5m``, ``2h``, ``1d``, ``1.5s``, ``250ms`` or a bare number."""
-    match = _DURATION.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise InvalidInput(option, f"{text!r} is not a duration (e.g. 30, 10s, 5m, 2h, 1d, 1.5s, 250ms)")
-    seconds = float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
-    if not math.isfinite(seconds):
-        raise InvalidInput(option, f"{text!r} is too large")
-    return seconds
-
 
 def parse_time(text: str, option: str = "--at", now: datetime | None = None) -> datetime:
     """An aware datetime from ISO-8601 ``text`` with ``Z`` or an offset, or ``now``.

@@ -31,6 +31,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
                    "[default: the queue's setting, else normal].")
 @click.option("--at", "at_text", metavar="TIME", help="Not before this ISO-8601 time (with Z or an offset), or 'now'.")
 @click.option("--delay", "delay_text", metavar="DURATION", help="Not before this long from now: 30, 10s, 5m, 2h, 1d.")
+@click.option("--expires-in", "expires_in_text", metavar="DURATION",
+              help="Expire (end 'expired', never run) if not started within this long from now: 10m, 2h.")
+@click.option("--expires-at", "expires_at_text", metavar="TIME",
+              help="Expire (end 'expired', never run) if not started by this ISO-8601 time (with Z or an offset).")
 @click.option("--max-retries", type=int, default=None,
               help="Retries after the first attempt [default: the queue's setting, else 3].")
 @click.option("--timeout", "timeout_seconds", type=float, default=None,
@@ -51,26 +55,41 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the ta
 @queue_options
 @run
 async def submit(task_type: str, input_text: str | None, priority: str | None, at_text: str | None,
-                 delay_text: str | None, max_retries: int | None, timeout_seconds: float | None,
+                 delay_text: str | None, expires_in_text: str | None, expires_at_text: str | None,
+                 max_retries: int | None, timeout_seconds: float | None,
                  idempotency_key: str | None, idempotency_scope: str, idempotency_ttl_days: float,
                  rate_limit_key: str | None, depends_on: tuple[str, ...], on_dependency_failure: str,
                  as_json: bool, url: str, queue_name: str) -> None:
     """Submit a task of TYPE; prints its id."""
     if at_text is not None and delay_text is not None:
         raise click.UsageError("--at and --delay cannot be used together")
+    if expires_in_text is not None and expires_at_text is not None:
+        raise click.UsageError("--expires-in and --expires-at cannot be used together")
     # Everything that can be checked offline is checked before connecting.
     payload = parse_json_input(input_text, "--input")
     at = parse_time(at_text, "--at") if at_text is not None else None
     delay = parse_duration(delay_text, "--delay") if delay_text is not None else None
+    expires_option = "--expires-in" if expires_in_text is not None else "--expires-at"
+    expires_at = parse_time(expires_at_text, "--expires-at") if expires_at_text is not None else None
+    expires_in = parse_duration(expires_in_text, "--expires-in") if expires_in_text is not None else None
+    if expires_in is not None and expires_in <= 0:
+        raise InvalidInput("--expires-in", f"{expires_in_text!r} is not a positive duration")
     check_task_type(task_type)  # before connecting: a fresh --url is not even created
     async with await open_queue(url, queue_name) as queue:
         schedule_at = at if delay is None else delay_to_time(delay, queue.clock.now(), "--delay")
-        task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
-                                  max_retries=max_retries, timeout_seconds=timeout_seconds,
-                                  idempotency_key=idempotency_key, idempotency_scope=idempotency_scope,
-                                  idempotency_ttl_days=idempotency_ttl_days,
-                                  depends_on=list(depends_on), on_dependency_failure=on_dependency_failure,
-                                  rate_limit_key=rate_limit_key)
+        if expires_in is not None:
+            expires_at = delay_to_time(expires_in, queue.clock.now(), "--expires-in")
+        try:
+            task = await queue.submit(task_type, payload, priority=priority, schedule_at=schedule_at,
+                                      max_retries=max_retries, timeout_seconds=timeout_seconds,
+                                      idempotency_key=idempotency_key, idempotency_scope=idempotency_scope,
+                                      idempotency_ttl_days=idempotency_ttl_days,
+                                      depends_on=list(depends_on), on_dependency_failure=on_dependency_failure,
+                                      rate_limit_key=rate_limit_key, expires_at=expires_at)
+        except InvalidInput as exc:  # name the option the user typed (in the past, before --at)
+            if exc.field != "expires_at":
+                raise
+            raise InvalidInput(expires_option, exc.message) from None
     if as_json:
         echo_json(task.public_dict())
     else:
@@ -119,7 +138,8 @@ def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
         ("timeout", f"{task.timeout_seconds:g}s"),
     ]
     for label, ts in (("created", task.created_at), ("available", task.available_at),
-                      ("started", task.started_at), ("finished", task.finished_at)):
+                      ("started", task.started_at), ("finished", task.finished_at),
+                      ("expires", task.expires_at)):
         if ts is not None:
             lines.append((label, iso(ts)))
     if task.worker_id:
@@ -356,10 +376,17 @@ async def submit_graph(graph_text: str, as_json: bool, url: str, queue_name: str
     """Submit tasks that depend on each other by local names; prints 'name id' lines.
 
     The graph is a JSON object: {"name": {"task_type": "...", "input": ..., "depends_on":
-    ["other name or task id", ...], "priority": ...}, ...}. A cycle is refused, spelled out.
+    ["other name or task id", ...], "priority": ..., "expires_at": "ISO time"}, ...}.
+    Times (schedule_at, expires_at) are ISO-8601 with Z or an offset. A cycle is
+    refused, spelled out.
     """
     # many tasks' inputs, each two levels down ({"name": {"input": ...}}): larger bounds
     nodes = parse_json_input(graph_text, "JSON", limit=MAX_GRAPH_BYTES, depth=MAX_VALUE_DEPTH + 2)
+    if isinstance(nodes, dict):  # JSON has no datetimes: times are ISO strings
+        for name, spec in nodes.items():
+            for field in ("schedule_at", "expires_at"):
+                if isinstance(spec, dict) and isinstance(spec.get(field), str):
+                    spec[field] = parse_time(spec[field], f"nodes[{name}].{field}")
     async with await open_queue(url, queue_name) as queue:
         tasks = await queue.submit_graph(nodes)
     if as_json:
