@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 import qo
+from clocks import ticking_queue
 from qo import keys
 from qo.cli import cli
+from qo.clock import utc
 from qo.counting import CountingStorage
 from qo.worker import Worker
 
@@ -108,6 +110,21 @@ async def test_retry_many_since_and_other_statuses(queue):
     assert await queue.retry_many("expired") == 0
     assert await queue.retry_many("cancelled", task_type="x") == 3
     assert await statuses(queue, gone) == ["pending"] * 3
+
+
+async def test_retry_many_expired(storage_url):
+    async with ticking_queue(storage_url, "exp") as (q, clock):
+        deadline = utc(clock.now() + 60)
+        late = [await q.submit("t", i, expires_at=deadline) for i in range(3)]
+        other = await q.submit("u", 0, expires_at=deadline)
+        clock.advance(120)  # no worker looked at them in time
+        await drain(q, {"t", "u"}, healed={"t", "u"})
+        assert await statuses(q, late + [other]) == ["expired"] * 4
+        assert await q.retry_many("expired", "t") == 3
+        again = [await q.get(t.id) for t in late]
+        assert [(t.status, t.expires_at) for t in again] == [("pending", None)] * 3  # a fresh chance
+        await drain(q, {"t", "u"}, healed={"t", "u"})
+        assert await statuses(q, late + [other]) == ["completed"] * 3 + ["expired"]
 
 
 async def test_a_task_changed_after_the_listing_is_skipped_not_counted(queue):

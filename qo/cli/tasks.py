@@ -334,7 +334,7 @@ async def _cancel_many(status: str, task_type: str | None, since: str | None, as
 @run
 async def retry(task_id: str | None, all_failed: bool, all_cancelled: bool, all_expired: bool,
                 task_type: str | None, since: str | None, as_json: bool, url: str, queue_name: str) -> None:
-    """Put a failed (dead-lettered) or cancelled task back to pending. Prints the new status.
+    """Put a failed (dead-lettered), cancelled or expired task back to pending. Prints the new status.
 
     With --all-failed (--all-cancelled, --all-expired) and no ID: retry every such task,
     --type T and --since D narrowing them. Progress goes to stderr; the last line says
