@@ -459,6 +459,49 @@ class Queue:
             emit(self.plugins, "retried", task)
             return task
 
+    async def retry_many(
+        self, status: str = FAILED, task_type: str | None = None,
+        since: datetime | dt.timedelta | float | None = None, *,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> int:
+        """Retry every ``status`` task ("failed": the dead letters, "cancelled" or
+        "expired") of ``task_type`` (any when None) that ended at or after ``since``;
+        returns how many were retried.
+
+        Each is found by ``list(status=...)`` and put back by :meth:`retry`, 16 at a time;
+        one that changed state meanwhile (retried by someone else, say) is skipped and not
+        counted. ``progress(done, listed)`` is called after each retry: retried so far,
+        listed so far. Arguments are checked before anything is read (``InvalidInput``
+        naming the field). Cost: the listing (one LIST per 1000 ``ended/`` entries + one
+        GET per task) plus each retry (a GET, a marker PUT, the task CAS, the ``ended/``
+        entry's delete: 4 requests)."""
+        from .bulk import retry_many
+
+        return await retry_many(self, status, task_type, since, progress)
+
+    async def cancel_many(
+        self, status: str = PENDING, task_type: str | None = None,
+        since: datetime | dt.timedelta | float | None = None, *,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> int:
+        """Cancel every ``status`` task ("pending" or "blocked") of ``task_type`` (any when
+        None) created at or after ``since``; returns how many were changed.
+
+        Each is found by ``list(status=...)`` and cancelled by :meth:`cancel`, 16 at a
+        time, so a cancelled dependency fails (or skips, or runs) its dependents by their
+        policy. ``status="running"`` asks each running task to stop (``cancel_requested``;
+        it ends ``cancelled`` unless its attempt completes) and counts those asked now. A
+        pending task that started meanwhile is asked to stop likewise and counted; one
+        that ended meanwhile is skipped and not counted. ``progress(done, listed)`` as in
+        :meth:`retry_many`; arguments are checked before anything is read. Cost: the
+        listing (pending: the LISTs of ``ready/`` and ``delayed/``; blocked: of ``deps/``;
+        running: the worker records; + one GET per task) plus each cancel (a GET, the
+        ``ended/`` PUT, the task CAS, the markers' delete, and a LIST of its dependents'
+        edges if it has any: 4-5 requests; running: a GET and the CAS)."""
+        from .bulk import cancel_many
+
+        return await cancel_many(self, status, task_type, since, progress)
+
     # -- lifecycle ----------------------------------------------------------------
 
     @property

@@ -227,6 +227,16 @@ API_CASES = [
     ("list.status", lambda q, v: q.list(status=v).__anext__(), "status", ["bogus", "", 5, "pending\n"]),
     ("list.task_type", lambda q, v: q.list(task_type=v).__anext__(), "task_type", PATHISH),
     ("list.limit", lambda q, v: q.list(limit=v).__anext__(), "limit", [-1, 1.5, "10", True, NAN]),
+    ("retry_many.status", lambda q, v: q.retry_many(v), "status",
+     ["pending", "completed", "bogus", "", None, 5, "failed\n", ["failed"]]),
+    ("retry_many.task_type", lambda q, v: q.retry_many(task_type=v), "task_type", PATHISH),
+    ("retry_many.since", lambda q, v: q.retry_many(since=v), "since",
+     [dt.timedelta(hours=-1), "1h", NAN, INF, True, dt.datetime(2030, 1, 1)]),
+    ("retry_many.progress", lambda q, v: q.retry_many(progress=v), "progress", [5, "print"]),
+    ("cancel_many.status", lambda q, v: q.cancel_many(v), "status",
+     ["failed", "cancelled", "completed", "bogus", "", None, 5, "pending\n"]),
+    ("cancel_many.task_type", lambda q, v: q.cancel_many(task_type=v), "task_type", PATHISH),
+    ("cancel_many.since", lambda q, v: q.cancel_many(since=v), "since", [dt.timedelta(hours=-1), "1h", NAN]),
     ("schedules.add.name", lambda q, v: _sched(q, v), "name", PATHISH + [None]),
     ("schedules.add.cron", lambda q, v: _sched(q, cron=v), "cron",
      [None, 5, "", "61 * * * *", "* * * * \x00", "*" * 10240, "\ud800 * * * *", "* * * * * * * *", "../x",
@@ -457,6 +467,13 @@ def _cli_cases(tmp_path) -> list[list[str]]:
                                                   "http://x", "::", " "]]
     out += [[cmd, i] for cmd in ("status", "cancel", "retry") for i in ids]
     out += [["list", "--type", "../x"], ["list", "--status", "bogus"], ["list", "--limit", "-1"]]
+    out += [["retry", "--all-failed", "--type", t] for t in ("../x", "a/b", "a\x00b", "")]
+    out += [["cancel", "--status", "pending", "--type", t] for t in ("../x", "a/b", "a\x00b", "")]
+    out += [["retry", "--all-failed", "--since", "soon"], ["cancel", "--status", "blocked", "--yes", "--since", "-1h"],
+            ["retry", "--all-failed", "--type", "../x", "--url", fresh],
+            ["cancel", "--status", "pending", "--type", "../x", "--url", fresh],
+            ["cancel", "--status", "pending"], ["cancel", "--status", "completed", "--yes"], ["retry"],
+            ["retry", "0" * 24, "--all-failed"]]
     out += [["schedule", "add", n, "--cron", "* * * * *", "--type", "t"] for n in names]
     out += [["schedule", "add", "s", "--cron", c, "--type", t, *extra] for c, t, extra in [
         ("61 * * * *", "t", []), ("0" + ",0" * 200 + " * * * *", "t", []), ("* * * * *", "../x", []),

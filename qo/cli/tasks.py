@@ -1,17 +1,20 @@
-"""``qo submit``, ``qo status``, ``qo list``, ``qo cancel`` and ``qo retry``."""
+"""``qo submit``, ``qo status``, ``qo list``, ``qo cancel`` and ``qo retry`` (one task, or in bulk)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from typing import Any
 
 import click
 
 from ..aging import task_effective_priority
 from ..backends import redact_url
+from ..bulk import CANCELLABLE
 from ..errors import InvalidInput, TaskNotFound
-from ..model import PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id, check_task_type, iso
+from ..model import (CANCELLED, EXPIRED, FAILED, PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id,
+                     check_task_type, iso)
 from ..stored import MAX_VALUE_DEPTH
 from .common import echo_json, open_queue, queue_options, run, say_skipped
 from .parsing import MAX_GRAPH_BYTES, delay_to_time, parse_duration, parse_json_input, parse_time
@@ -233,13 +236,66 @@ async def _change(task_id: str, url: str, queue_name: str, action: str) -> Task:
             raise _not_here(exc, queue) from None
 
 
+class _Progress:
+    """``progress(done, listed)`` for a bulk action: a line on stderr every 100 tasks
+    changed or every half second, whichever comes first."""
+
+    def __init__(self, verb: str):
+        self.verb = verb
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, listed: int) -> None:
+        now = time.monotonic()
+        if done % 100 == 0 or now - self.last >= 0.5:
+            self.last = now
+            click.echo(f"{self.verb} {done} of {listed} listed...", err=True)
+
+
+def _bulk_usage(task_id: str | None, bulk: str | None, what: str, extras: dict[str, Any]) -> None:
+    """ID and a bulk flag (``what``) exclude each other, and one is needed; the bulk
+    filters (``extras``, given ones non-empty) need the bulk flag. A UsageError (exit 2)."""
+    if task_id is not None and bulk is not None:
+        raise click.UsageError(f"give a task ID or {what}, not both")
+    if task_id is None and bulk is None:
+        raise click.UsageError(f"give a task ID, or {what} to act on many")
+    if task_id is not None:
+        given = [opt for opt, value in extras.items() if value]
+        if given:
+            raise click.UsageError(f"{given[0]} goes with {what}, not with a task ID")
+
+
+def _plural(n: int) -> str:
+    return f"{n} task{'s' if n != 1 else ''}"
+
+
 @click.command()
-@click.argument("task_id", metavar="ID")
-@json_option
+@click.argument("task_id", metavar="[ID]", required=False)
+@click.option("--status", "bulk_status", type=click.Choice(CANCELLABLE),
+              help="Instead of ID: cancel every task in this state (running: ask each to stop).")
+@click.option("--type", "task_type", metavar="T", help="With --status: only tasks of this type.")
+@click.option("--since", metavar="AGE|TIME", help="With --status: only tasks created since then: 1h, 2d, an ISO time.")
+@click.option("--yes", is_flag=True, help="With --status and no --type: yes, every type.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the task (with --status: {\"cancelled\": N}) as one JSON object.")
 @queue_options
 @run
-async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
-    """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status."""
+async def cancel(task_id: str | None, bulk_status: str | None, task_type: str | None, since: str | None,
+                 yes: bool, as_json: bool, url: str, queue_name: str) -> None:
+    """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status.
+
+    With --status pending|blocked (and no ID): cancel every such task, --type T only, or
+    all types with --yes (a guard against emptying the queue by accident); a cancelled
+    dependency fails, skips or runs its dependents by their policy. With --status
+    running: ask every running task to stop. Progress goes to stderr; the last line
+    says how many changed. Cost: the listing of that status plus 4-5 requests a task.
+    """
+    _bulk_usage(task_id, bulk_status, "--status", {"--type": task_type, "--since": since, "--yes": yes})
+    if task_id is None:
+        if task_type is None and not yes:
+            raise click.UsageError(f"--status {bulk_status} without --type cancels {bulk_status} tasks of "
+                                   "every type: add --yes to mean it, or --type T")
+        await _cancel_many(bulk_status, task_type, since, as_json, url, queue_name)
+        return
     task = await _change(task_id, url, queue_name, "cancel")
     if as_json:
         echo_json(task.public_dict())
@@ -249,13 +305,61 @@ async def cancel(task_id: str, as_json: bool, url: str, queue_name: str) -> None
         click.echo(task.status)
 
 
+async def _cancel_many(status: str, task_type: str | None, since: str | None, as_json: bool, url: str,
+                       queue_name: str) -> None:
+    when = _since(since)  # checked offline, before connecting
+    if task_type is not None:
+        check_task_type(task_type)
+    verb, key = ("cancel requested for", "cancel_requested") if status == RUNNING else ("cancelled", "cancelled")
+    async with await open_queue(url, queue_name) as queue:
+        before = queue.store.bad.count
+        n = await queue.cancel_many(status, task_type, when, progress=_Progress(verb))
+        say_skipped(queue, before)
+    if as_json:
+        echo_json({key: n})
+    else:
+        click.echo(f"{verb} {_plural(n)}")
+
+
 @click.command()
-@click.argument("task_id", metavar="ID")
-@json_option
+@click.argument("task_id", metavar="[ID]", required=False)
+@click.option("--all-failed", is_flag=True, help="Instead of ID: retry every failed task (dead letter).")
+@click.option("--all-cancelled", is_flag=True, help="Instead of ID: retry every cancelled task.")
+@click.option("--all-expired", is_flag=True, help="Instead of ID: retry every expired task.")
+@click.option("--type", "task_type", metavar="T", help="With --all-*: only tasks of this type.")
+@click.option("--since", metavar="AGE|TIME", help="With --all-*: only tasks that ended since then: 1h, 2d, an ISO time.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the task (with --all-*: {\"retried\": N}) as one JSON object.")
 @queue_options
 @run
-async def retry(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
-    """Put a failed (dead-lettered) or cancelled task back to pending. Prints the new status."""
+async def retry(task_id: str | None, all_failed: bool, all_cancelled: bool, all_expired: bool,
+                task_type: str | None, since: str | None, as_json: bool, url: str, queue_name: str) -> None:
+    """Put a failed (dead-lettered), cancelled or expired task back to pending. Prints the new status.
+
+    With --all-failed (--all-cancelled, --all-expired) and no ID: retry every such task,
+    --type T and --since D narrowing them. Progress goes to stderr; the last line says
+    how many were retried. Cost: the listing of that status plus 4 requests a task.
+    """
+    chosen = [status for status, flag in ((FAILED, all_failed), (CANCELLED, all_cancelled),
+                                          (EXPIRED, all_expired)) if flag]
+    if len(chosen) > 1:
+        raise click.UsageError(f"--all-{chosen[0]} and --all-{chosen[1]} cannot be used together")
+    bulk = chosen[0] if chosen else None
+    _bulk_usage(task_id, bulk, "--all-failed (--all-cancelled, --all-expired)",
+                {"--type": task_type, "--since": since})
+    if task_id is None:
+        when = _since(since)  # checked offline, before connecting
+        if task_type is not None:
+            check_task_type(task_type)
+        async with await open_queue(url, queue_name) as queue:
+            before = queue.store.bad.count
+            n = await queue.retry_many(bulk, task_type, when, progress=_Progress("retried"))
+            say_skipped(queue, before)
+        if as_json:
+            echo_json({"retried": n})
+        else:
+            click.echo(f"retried {_plural(n)}")
+        return
     task = await _change(task_id, url, queue_name, "retry")
     if as_json:
         echo_json(task.public_dict())
