@@ -117,10 +117,17 @@ async def _ended(queue: Any, status: str, task_type: str | None, newest_first: b
         yield candidate
 
 
+#: task ids carry their producer's clock, ``since`` the queue's (server-corrected): a
+#: bound on creation time includes this much more, so no task made at the bound is missed
+ID_CLOCK_MARGIN = 2.0
+
+
 async def _ordered(source: AsyncIterator[tuple[str, str]], task_type: str | None, newest_first: bool,
                    since: float | None) -> AsyncIterator[tuple[str, Any]]:
     """(id, type) pairs from an index, deduplicated, in creation order (ids are time-ordered)."""
     ids: dict[str, None] = {}
+    if since is not None:
+        since -= ID_CLOCK_MARGIN
     async for task_id, type_ in source:
         if (task_type is None or type_ == task_type) and (since is None or keys.id_time(task_id) >= since):
             ids[task_id] = None
@@ -174,6 +181,8 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
     """Task ids from ``tasks/`` in creation order; newest first reads back from now in
     windows of time growing fourfold (1 h, 4 h, 16 h, ...) until ``since`` or the oldest."""
     prefix = keys.tasks_prefix(queue.name)
+    if since is not None:
+        since -= ID_CLOCK_MARGIN
     floor = f"{prefix}{keys.id_floor(since)}" if since is not None else None
     if not newest_first:
         async for entry in pages(queue, prefix, start_after=floor):
