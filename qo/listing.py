@@ -1,5 +1,10 @@
 """Listing tasks at a cost that follows the result, not the queue's history.
 
+``since`` on creation time compares the time in task ids, which their producers'
+clocks wrote (a bulk cancel ``since`` a task's own time must not take an older one):
+on S3 the queue's clock, corrected by the server's Date header, may differ from a
+producer's by about a second.
+
 Each status is read from the index that already projects it (docs/architecture.md
 §5g): ``pending`` from the ``ready/`` and ``delayed/`` markers, ``running`` from the
 live workers' records, ``blocked`` from the ``deps/`` edges, ``failed``, ``cancelled``,
@@ -117,17 +122,10 @@ async def _ended(queue: Any, status: str, task_type: str | None, newest_first: b
         yield candidate
 
 
-#: task ids carry their producer's clock, ``since`` the queue's (server-corrected): a
-#: bound on creation time includes this much more, so no task made at the bound is missed
-ID_CLOCK_MARGIN = 2.0
-
-
 async def _ordered(source: AsyncIterator[tuple[str, str]], task_type: str | None, newest_first: bool,
                    since: float | None) -> AsyncIterator[tuple[str, Any]]:
     """(id, type) pairs from an index, deduplicated, in creation order (ids are time-ordered)."""
     ids: dict[str, None] = {}
-    if since is not None:
-        since -= ID_CLOCK_MARGIN
     async for task_id, type_ in source:
         if (task_type is None or type_ == task_type) and (since is None or keys.id_time(task_id) >= since):
             ids[task_id] = None
@@ -181,8 +179,6 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
     """Task ids from ``tasks/`` in creation order; newest first reads back from now in
     windows of time growing fourfold (1 h, 4 h, 16 h, ...) until ``since`` or the oldest."""
     prefix = keys.tasks_prefix(queue.name)
-    if since is not None:
-        since -= ID_CLOCK_MARGIN
     floor = f"{prefix}{keys.id_floor(since)}" if since is not None else None
     if not newest_first:
         async for entry in pages(queue, prefix, start_after=floor):
