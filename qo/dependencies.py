@@ -25,7 +25,7 @@ import json
 import logging
 from typing import Any, Iterable
 
-from . import keys
+from . import keys, payloads
 from .errors import CorruptObject, DependencyError, InvalidInput, PreconditionFailed, QoError, TaskNotFound
 from .events import emit
 from .model import BLOCKED, COMPLETED, FAILED, PENDING, SKIPPED, TERMINAL, Task, _short, check_task_id
@@ -45,7 +45,8 @@ MAX_INLINE_OUTPUT_BYTES = 64 * 1024
 #: 250 KB would put 75 MB into every attempt of the child.
 MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
 #: Parents read at once for ``ctx.dependencies``: bounds the task objects in memory
-#: (each up to twice ``MAX_INPUT_BYTES``: input and output) while they are measured.
+#: (each holds at most ``PAYLOAD_INLINE_BYTES`` of input and of output inline; larger
+#: values are stored apart, qo/payloads.py) while they are measured.
 RESULTS_WINDOW = 16
 
 
@@ -347,7 +348,9 @@ class Dependencies:
                     out[pid] = {"status": "missing", "output": None, "task_type": None}
                     continue
                 entry = {"status": parent.status, "output": parent.output, "task_type": parent.task_type}
-                if parent.output is not None:
+                if parent.output_ref is not None:  # stored apart (qo/payloads.py): always by reference
+                    entry.update(output=None, output_ref=pid, output_bytes=parent.output_ref["bytes"])
+                elif parent.output is not None:
                     size = encoded_size(parent.output)
                     if size > MAX_INLINE_OUTPUT_BYTES or inline + size > MAX_INLINE_OUTPUTS_BYTES:
                         entry.update(output=None, output_ref=pid, output_bytes=size)
@@ -364,10 +367,12 @@ class Dependencies:
     async def output(self, task: Task, parent_id: Any) -> Any:
         """The output of ``parent_id``, one of ``task``'s dependencies, read now (for an
         entry of ``ctx.dependencies`` handed by reference). ``InvalidInput`` naming
-        ``task_id`` if it is not a dependency of ``task``; ``TaskNotFound`` if it is gone."""
+        ``task_id`` if it is not a dependency of ``task``; ``TaskNotFound`` if it is gone.
+        An output stored apart is read from its payload object (one more GET;
+        ``CorruptObject`` naming its key if it is missing or altered)."""
         if not isinstance(parent_id, str) or parent_id not in task.depends_on:
             raise InvalidInput("task_id", f"{_short(parent_id)} is not a dependency of task {task.id}")
         parent = await self._maybe(parent_id)
         if parent is None:
             raise TaskNotFound(parent_id)
-        return parent.output
+        return await payloads.load(self.queue, parent, "output")

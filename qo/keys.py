@@ -12,6 +12,8 @@ reading the task: priority, due time, id and task type.
     {q}/idem-exp/{expires_ms:013d}-{namespace~sha256}  its expiry marker: the sweep lists these
     {q}/deps/{parent_id}/{child_id}-{child_type}       dependency edge: whom to wake
     {q}/ended/{status}/{inverted_ms:013d}-{id}-{type}  failed/cancelled/skipped/expired, newest first
+    {q}/payloads/{id}/input.json                       an input stored apart (over 64 KiB)
+    {q}/payloads/{id}/output-{attempt}-{lease}.json    an attempt's output stored apart
 """
 
 from __future__ import annotations
@@ -239,3 +241,40 @@ def parse_marker(key: str) -> Marker | None:
     if not (0 <= priority <= 255 and TASK_ID.match(task_id) and TASK_TYPE.match(task_type)):
         return None
     return Marker(key, kind, priority, due, task_id, task_type)
+
+
+def payloads_prefix(queue: str, task_id: str) -> str:
+    """Where the inputs and outputs of task ``task_id`` stored apart live."""
+    return f"{queue}/payloads/{task_id}/"
+
+
+def payload_input(queue: str, task_id: str) -> str:
+    return f"{queue}/payloads/{task_id}/input.json"
+
+
+_LEASE_PART = re.compile(r"^[0-9A-Za-z_]{1,64}\Z")
+
+
+def payload_output(queue: str, task_id: str, attempt: int, lease_id: str | None) -> str:
+    """The output of one attempt: its number and its claim's lease id make the key its
+    own, so a late attempt never overwrites the output another attempt stored."""
+    lease = lease_id or "none"
+    if not _LEASE_PART.match(lease):
+        import hashlib
+
+        lease = hashlib.sha256(lease.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{queue}/payloads/{task_id}/output-{attempt}-{lease}.json"
+
+
+def is_payload_key(key: str) -> bool:
+    """``{q}/payloads/{id}/input.json`` or ``.../output-{n}-{lease}.json``, at that depth."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[1] != "payloads" or not TASK_ID.match(parts[2]):
+        return False
+    name = parts[3]
+    if name == "input.json":
+        return True
+    if not (name.startswith("output-") and name.endswith(".json")):
+        return False
+    attempt, _, lease = name[len("output-"):-len(".json")].partition("-")
+    return attempt.isdigit() and bool(_LEASE_PART.match(lease))

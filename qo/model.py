@@ -25,7 +25,17 @@ TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, SKIPPED, EXPIRED})
 ENDED_INDEXED = frozenset({FAILED, CANCELLED, SKIPPED, EXPIRED})
 
 DEFAULT_PRIORITY = 128
-MAX_INPUT_BYTES = 256 * 1024  # a task object is read on every claim: keep it small
+#: The cap on a value that always stays inline in its record: a schedule's input (the
+#: schedule is read on every scheduler pass). A task's input and output are capped by
+#: ``MAX_PAYLOAD_BYTES`` instead and stored apart over ``PAYLOAD_INLINE_BYTES``.
+MAX_INPUT_BYTES = 256 * 1024
+#: A task's input or a handler's output over this many bytes encoded is stored as an
+#: object of its own (``payloads/{id}/...``, docs/architecture.md §5i): the task object
+#: is read on every claim and CASed on every change, so it stays small.
+PAYLOAD_INLINE_BYTES = 64 * 1024
+#: The cap on a task's input and a handler's output, encoded (read at call time: a
+#: process may lower it, tests do).
+MAX_PAYLOAD_BYTES = 100 * 1024 * 1024
 
 
 def new_rev() -> str:
@@ -98,6 +108,10 @@ class Task(StoredRecord):
     waiting_on: list[str] = attrs.field(factory=list)  # dependencies not yet completed
     on_dependency_failure: str = "fail"
     rate_limit_key: str | None = None
+    #: the input stored apart (``input`` is then None): {"key", "bytes", "sha256"}
+    input_ref: dict[str, Any] | None = None
+    #: the output stored apart (``output`` is then None): {"key", "bytes", "sha256"}
+    output_ref: dict[str, Any] | None = None
     #: epoch seconds: a task not started by then ends ``expired`` instead of running
     #: (checked when a worker claims it); None: never
     expires_at: float | None = None
@@ -133,6 +147,8 @@ class Task(StoredRecord):
         "waiting_on": stored.is_list_of(stored.matches(keys.TASK_ID)),
         "on_dependency_failure": stored.one_of("fail", "skip", "run"),
         "rate_limit_key": stored.optional(stored.is_str),
+        "input_ref": stored.optional(lambda v: is_payload_ref(v)),
+        "output_ref": stored.optional(lambda v: is_payload_ref(v)),
         "expires_at": stored.optional(stored.is_number),
         "has_dependents": stored.is_bool,
         "idempotency_expires_at": stored.optional(stored.is_number),
@@ -197,11 +213,20 @@ def check_task_type(value: Any, field: str = "task_type") -> str:
     return value
 
 
-def check_input(value: Any, field: str = "input") -> Any:
-    """JSON-serialisable, finite numbers only, at most MAX_INPUT_BYTES encoded and nested
-    at most ``stored.MAX_VALUE_DEPTH`` deep: the task (or schedule) holding it must be
-    readable again, and ``stored.decode`` refuses objects nested deeper than
+def is_payload_ref(v: Any) -> bool:
+    """A stored reference to a value kept apart: {"key": str, "bytes": int, "sha256": 64 hex}."""
+    return (isinstance(v, dict) and isinstance(v.get("key"), str) and stored.is_int(v.get("bytes"))
+            and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64
+            and all(c in "0123456789abcdef" for c in v["sha256"]))
+
+
+def encode_value(value: Any, field: str = "input", limit: int | None = None) -> bytes:
+    """``value`` as canonical JSON bytes, checked: JSON-serialisable, finite numbers only,
+    at most ``limit`` bytes (default ``MAX_PAYLOAD_BYTES``, read now) and nested at most
+    ``stored.MAX_VALUE_DEPTH`` deep, so whatever holds it (a task, a schedule, a payload
+    object) is readable again: ``stored.decode`` refuses objects nested deeper than
     ``stored.MAX_DEPTH``. Depth is measured on the encoded text, without recursion."""
+    limit = MAX_PAYLOAD_BYTES if limit is None else limit
     too_deep = f"is nested more than {stored.MAX_VALUE_DEPTH} levels deep (arrays and objects); that is the limit"
     try:
         encoded = dumps(value)
@@ -209,11 +234,17 @@ def check_input(value: Any, field: str = "input") -> Any:
         raise InvalidInput(field, f"must be JSON-serialisable with finite numbers ({exc})") from None
     except RecursionError:  # deeper than the interpreter's recursion limit (or circular)
         raise InvalidInput(field, too_deep) from None
-    if len(encoded) > MAX_INPUT_BYTES:
-        raise InvalidInput(field, f"is {len(encoded)} bytes encoded; the limit is {MAX_INPUT_BYTES}")
+    if len(encoded) > limit:
+        raise InvalidInput(field, f"is {len(encoded)} bytes encoded; the limit is {limit}")
     if stored.too_deep(encoded.decode(), stored.MAX_VALUE_DEPTH):
         raise InvalidInput(field, too_deep)
-    return json.loads(encoded)  # a detached copy: later mutation by the caller changes nothing
+    return encoded
+
+
+def check_input(value: Any, field: str = "input", limit: int | None = None) -> Any:
+    """A detached copy of ``value`` once ``encode_value`` accepts it (at most ``limit``
+    bytes, default ``MAX_PAYLOAD_BYTES``): later mutation by the caller changes nothing."""
+    return json.loads(encode_value(value, field, limit))
 
 
 PRIORITY_LEVELS = {"critical": 255, "high": 192, "normal": 128, "low": 64, "background": 0}

@@ -39,6 +39,7 @@ from .model import (
 from .limits import Limits, check_rate_limit_key
 from .listing import list_tasks
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
+from .payloads import load as load_payload, offload_input
 from .plugins import Plugins, get_plugins
 from .queue_settings import TASK_DEFAULTS, QueueSettings
 from .storage import Storage
@@ -304,7 +305,9 @@ class Queue:
     async def _write_new(self, task: Task) -> Task:
         """Marker first, then the task: a marker without its task is an orphan workers
         drop after ORPHAN_GRACE_SECONDS; a task is never without its marker.
-        A blocked task has edges instead of a marker (qo/dependencies.py)."""
+        A blocked task has edges instead of a marker (qo/dependencies.py). A large input
+        is stored apart before either (qo/payloads.py): a task never lacks its payload."""
+        await offload_input(self, task)
         if task.status == BLOCKED:
             return await self.dependencies.write_blocked(task)
         started = self.clock.now()
@@ -322,6 +325,13 @@ class Queue:
         """The task as stored now; ``qo.TaskNotFound`` if there is none."""
         task, _ = await self.store.load(check_task_id(task_id))
         return task
+
+    async def payload(self, task: Task, which: str = "output") -> Any:
+        """``task``'s input or output (``which``): inline, or read from the object it is
+        stored apart in (one GET; ``get`` leaves ``input``/``output`` None and the
+        reference in ``input_ref``/``output_ref``). ``CorruptObject`` naming the payload's
+        key if it is missing or not what was written (docs/architecture.md §5i)."""
+        return await load_payload(self, task, which)
 
     async def wait(self, task_id: str, timeout: float | None = 30.0, *, poll: float = 0.05) -> Task:
         """Wait until the task is terminal and return it; ``TimeoutError`` after ``timeout``."""

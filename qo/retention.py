@@ -22,6 +22,8 @@ Finding what to delete costs what is deleted, not the queue's history:
 Deleting a task deletes its object and its ``ended/`` entry in one batch; a crash in
 between leaves an entry whose task is gone, which listings verify away and the next
 pass deletes.
+A task with an input or output stored apart (``input_ref``/``output_ref``) has its
+``payloads/{id}/`` objects deleted just before (one LIST each, one batch delete).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import attrs
 from . import keys
 from .errors import CorruptObject, InvalidInput, TaskNotFound
 from .listing import pages
+from .payloads import delete_for as delete_payloads
 from .model import ENDED_INDEXED, TERMINAL, Task, _short, check_task_type
 from .queue_settings import RETENTION_DEFAULTS, RETENTION_MIN
 
@@ -88,9 +91,9 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
     else:
         candidates = _completed_candidates(queue, cutoff)
     sem = asyncio.Semaphore(CONCURRENCY)
-    batch: list[tuple[str, str | None]] = []  # (task id, its ended/ key)
+    batch: list[tuple[str, str | None, bool]] = []  # (task id, its ended/ key, has payloads apart)
 
-    async def judge(task_id: str) -> tuple[str, str | None] | None:
+    async def judge(task_id: str) -> tuple[str, str | None, bool] | None:
         async with sem:
             try:
                 task, _ = await queue.store.load(task_id)
@@ -100,11 +103,13 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
         if why is not None:
             report.kept[why] = report.kept.get(why, 0) + 1
             return None
-        return task.id, task.ended_key(queue.name)
+        return task.id, task.ended_key(queue.name), task.input_ref is not None or task.output_ref is not None
 
-    async def delete(items: list[tuple[str, str | None]]) -> None:
+    async def delete(items: list[tuple[str, str | None, bool]]) -> None:
         if not dry_run and items:
-            doomed = [keys.task(queue.name, tid) for tid, _ in items] + [k for _, k in items if k]
+            # payloads stored apart first (only tasks with a reference cost a LIST)
+            await delete_payloads(queue, [tid for tid, _, apart in items if apart])
+            doomed = [keys.task(queue.name, tid) for tid, _, _ in items] + [k for _, k, _ in items if k]
             for i in range(0, len(doomed), 1000):
                 await queue.store.delete_markers(doomed[i:i + 1000])
         report.deleted += len(items)

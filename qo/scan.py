@@ -68,6 +68,8 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
         return None, None if keys.parse_idem_expiry(queue, key) is not None else "not an idempotency expiry key"
     if folder == "idem":
         return lambda d, k: decode_record(d, k), None
+    if folder == "payloads":  # an input or output stored apart: checked by its reader (sha256), not read here
+        return None, None if keys.is_payload_key(key) else "not a payload key qo writes"
     if rest == "settings.json":
         return _json_object, None
     return None, None  # not a key this release knows (a newer one's, a plugin's): left alone

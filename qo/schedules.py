@@ -16,7 +16,7 @@ from typing import Any
 from .clock import utc
 from .errors import CorruptObject, IdempotencyConflict, InvalidInput, PluginError, PreconditionFailed
 from .idempotency import SCHEDULER_SCOPE, check_request, decode_record, record_key
-from .model import Task, _short, check_non_negative_int, check_seconds
+from .model import MAX_INPUT_BYTES, Task, _short, check_input, check_non_negative_int, check_seconds
 from .schedule_model import (
     TASK_OPTIONS,
     Schedule,
@@ -134,6 +134,8 @@ class Schedules:
             raise InvalidInput("enabled", "must be True or False")
         given = {"priority": priority, "max_retries": max_retries, "timeout_seconds": timeout_seconds}
         task = self.queue.build_task(task_type, input, **given)  # the submit validators
+        # its input stays inline in the schedule record, read on every pass: the small cap
+        check_input(input, "input", MAX_INPUT_BYTES)
         now = self.queue.clock.now()
         schedule = Schedule(
             name=name, cron=" ".join(cron.split()), task_type=task.task_type, timezone=timezone,

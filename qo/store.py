@@ -102,7 +102,7 @@ class TaskStore:
         microsecond), type and input match. Another producer creating under the same
         id (idempotency) built its own task at its own time."""
         return (current.created_at == ours.created_at and current.task_type == ours.task_type
-                and current.input == ours.input)
+                and current.input == ours.input and current.input_ref == ours.input_ref)
 
     async def replace(self, task: Task, etag: str) -> str:
         """Compare-and-swap ``task`` over version ``etag``; ``PreconditionFailed`` if it changed."""

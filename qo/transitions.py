@@ -169,9 +169,11 @@ def requeued_at(task: Task, when: float) -> float:
     return max(when, task.available_at + 0.001)
 
 
-def completed(output: Any, now: float):
+def completed(output: Any, now: float, output_ref: dict[str, Any] | None = None):
+    """Completed with ``output`` inline, or stored apart under ``output_ref`` (qo/payloads.py)."""
     def change(task: Task) -> None:
         task.status, task.output, task.finished_at = COMPLETED, output, now
+        task.output_ref = output_ref
         task.lease_id = task.lease_deadline = None
     return change
 

@@ -28,8 +28,9 @@ from .feed import Feed
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
-from .model import PENDING, RUNNING, Task, check_input
+from .model import PENDING, RUNNING, Task
 from .outage import Outages
+from .payloads import attempt_input, discard_output, store_output
 from .promotion import promote_due
 from .retention import apply_retention
 from .queue import Queue
@@ -395,10 +396,12 @@ class Worker:
             handler = self.registry.handlers.get(task.task_type)
             if handler is None:  # its marker named a type we handle; the task another
                 raise Fail(f"worker {self.worker_id} has no handler for task type {task.task_type!r}")
+            # an input stored apart is read for the handler, never written back inline
+            value = await attempt_input(self.queue, task) if task.input_ref is not None else task.input
             if task.depends_on:
                 ctx.dependencies = await self.queue.dependencies.results(task)
             emit(self.queue.plugins, "started", task)
-            run = asyncio.ensure_future(self._invoke(handler, task, ctx))
+            run = asyncio.ensure_future(self._invoke(handler, value, ctx))
             self._running[task.id] = (run, handler, self.clock.now())
             output, error = await self._watch(run, ctx)
         except asyncio.CancelledError:
@@ -413,20 +416,24 @@ class Worker:
             self._running.pop(task.id, None)
         now = self.clock.now()
         handing_back = run is not None and run.cancelled() and self._interrupting
+        output_ref = None
         if handing_back:
             change = handed_back(now)  # shutdown: the interrupted attempt is not counted
         else:
             if error is None:
-                try:
-                    output = check_input(output, "output")
+                try:  # a large output is PUT at this attempt's own key before the finish CAS
+                    output, output_ref = await store_output(self.queue, task, output)
                 except InvalidInput as exc:
                     error = Fail(f"handler returned an unusable output: {exc.message}")
+                except QoError as exc:  # storage failed: an ordinary failed attempt
+                    error = exc
             if error is None:
-                change = completed(output, now)
+                change = completed(output, now, output_ref)
             else:
                 delay = self._retry_delay(task, error)
                 change = failed(error, delay, now)
-        await self._settle(task, etag, change, now, handing_back)
+        if await self._settle(task, etag, change, now, handing_back) is False and output_ref is not None:
+            await discard_output(self.queue, output_ref)  # not recorded: nobody will read it
 
     def _retry_delay(self, task: Task, error: BaseException) -> float | None:
         try:
@@ -436,11 +443,12 @@ class Worker:
                           self.worker_id, task.id)
             return 10.0
 
-    async def _settle(self, task: Task, etag: str, change: Any, now: float, handing_back: bool = False) -> None:
+    async def _settle(self, task: Task, etag: str, change: Any, now: float,
+                      handing_back: bool = False) -> bool | None:
         """Store the outcome (and a retry's marker, or an ended task's index entry),
         through storage outages: the task stays in our record, its lease renewed, until
-        both are stored; a forced exit leaves it there for recovery. Then release it and
-        wake its dependents."""
+        both are stored; a forced exit leaves it there for recovery (None). Then release
+        it and wake its dependents. False: the lease was lost and the outcome discarded."""
         lease_id = task.lease_id
         stored: tuple[Task, str] | None = None
         uncertain = lost = False
@@ -467,14 +475,14 @@ class Worker:
 
         try:
             if not await self._until_stored(attempt):
-                return  # a forced exit: stays unsettled, named in our record
+                return None  # a forced exit: stays unsettled, named in our record
         except (CorruptObject, TaskNotFound):  # replaced by garbage, or deleted, under us
             lost = True
         self._unsettled.discard(task.id)
         if lost or stored is None:
             self.stats["lost_lease"] += 1
             log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
-            return
+            return False
         final = stored[0]
         if final.status == PENDING and handing_back:
             self.stats["handed_back"] += 1
@@ -485,6 +493,7 @@ class Worker:
             self.stats[final.status] += 1
             emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
+        return True
 
     async def _until_stored(self, attempt: Callable[[], Awaitable[None]]) -> bool:
         """Run ``attempt`` until no storage error stops it, backing off through an outage
@@ -537,8 +546,9 @@ class Worker:
                 exc = run.exception()
                 return (None, exc) if exc is not None else (run.result(), None)
 
-    async def _invoke(self, handler: Handler, task: Task, ctx: TaskContext) -> Any:
-        args = (task.input, ctx) if handler.wants_ctx else (task.input,)
+    async def _invoke(self, handler: Handler, value: Any, ctx: TaskContext) -> Any:
+        """Run the handler on ``value`` (the task's input, read if stored apart)."""
+        args = (value, ctx) if handler.wants_ctx else (value,)
         if handler.is_async:
             return await handler.fn(*args)
         loop = asyncio.get_running_loop()

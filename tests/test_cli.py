@@ -102,7 +102,8 @@ def test_delay_to_time():
         delay_to_time(1e15, 1_800_000_000.0)
 
 
-def test_parse_json_input(tmp_path):
+def test_parse_json_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(qo.model, "MAX_PAYLOAD_BYTES", MAX_INPUT_BYTES)  # the sizes below, not 100 MiB
     assert parse_json_input(None) is None
     assert parse_json_input('{"a": [1, 2]}') == {"a": [1, 2]}
     assert parse_json_input("3") == 3
@@ -184,11 +185,14 @@ def _one_error_line(result: Result, option: str) -> str:
     return result.stderr
 
 
-def test_input_files_and_stdin_are_read_only_up_to_the_limit(storage_url, tmp_path):
+def test_input_files_and_stdin_are_read_only_up_to_the_limit(storage_url, tmp_path, monkeypatch):
     """A 1 GB (sparse) --input file is refused naming --input and the limit, having read
     at most the limit + 1 bytes; the same over standard input; a file of exactly the
-    limit is a task's input."""
+    limit is a task's input. The limit is the payload cap (``MAX_PAYLOAD_BYTES``), set
+    here to 256 KiB so the test moves kilobytes, not 100 MiB."""
     import tracemalloc
+
+    monkeypatch.setattr(qo.model, "MAX_PAYLOAD_BYTES", MAX_INPUT_BYTES)
 
     huge = tmp_path / "huge.json"
     with open(huge, "wb") as f:
@@ -214,8 +218,9 @@ def test_input_files_and_stdin_are_read_only_up_to_the_limit(storage_url, tmp_pa
     at_limit = tmp_path / "at_limit.json"
     at_limit.write_text(json.dumps("x" * (MAX_INPUT_BYTES - 2)))
     assert at_limit.stat().st_size == MAX_INPUT_BYTES
-    task_id = submit(storage_url, "t", "--input", f"@{at_limit}")
-    assert status_json(storage_url, task_id)["input"] == "x" * (MAX_INPUT_BYTES - 2)
+    task_id = submit(storage_url, "t", "--input", f"@{at_limit}")  # over 64 KiB: stored apart
+    shown = qo_cli("status", task_id, "--json", "--payloads", "--url", storage_url)
+    assert json.loads(shown.stdout)["input"] == "x" * (MAX_INPUT_BYTES - 2)
 
 
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -9,6 +9,7 @@ import pytest
 
 import qo
 from qo import keys
+from qo.model import MAX_PAYLOAD_BYTES
 from qo.worker import Worker
 
 
@@ -264,7 +265,7 @@ async def test_list_filters_by_status_and_type(queue, fast_settings):
         (lambda q: q.submit("x" * 200, None), "task_type"),
         (lambda q: q.submit("ok", {"x": object()}), "input"),
         (lambda q: q.submit("ok", float("nan")), "input"),
-        (lambda q: q.submit("ok", "x" * (300 * 1024)), "input"),
+        (lambda q: q.submit("ok", "x" * MAX_PAYLOAD_BYTES), "input"),  # over the cap by its quotes
         (lambda q: q.submit("ok", None, priority=300), "priority"),
         (lambda q: q.submit("ok", None, priority=-1), "priority"),
         (lambda q: q.submit("ok", None, priority="urgent"), "priority"),

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from ..durations import parse_duration
 from ..errors import InvalidInput
+from .. import model
 from ..model import MAX_INPUT_BYTES
 from ..stored import MAX_VALUE_DEPTH, too_deep
 
@@ -48,16 +49,17 @@ def delay_to_time(seconds: float, now: float, option: str = "--delay") -> dateti
 
 
 def parse_json_input(text: str | None, option: str = "--input", stdin: IO[str] | None = None,
-                     limit: int = MAX_INPUT_BYTES, depth: int = MAX_VALUE_DEPTH) -> Any:
+                     limit: int | None = None, depth: int = MAX_VALUE_DEPTH) -> Any:
     """The JSON value of ``text``; ``@path`` reads a file, ``@-`` standard input; None stays None.
 
     Bounded before it is parsed: a file or standard input is read at most ``limit`` + 1
-    bytes (one more than a task's input may be, so a larger one is refused without being
-    read whole: ``@/dev/zero`` ends at once), and JSON nested more than ``depth``
+    bytes (default ``model.MAX_PAYLOAD_BYTES``, one more than a task's input may be, so a
+    larger one is refused without being read whole: ``@/dev/zero`` ends), and JSON nested more than ``depth``
     levels (``stored.MAX_VALUE_DEPTH``, as for a task's input) is refused before ``json``
     recurses into it. Each refusal is an ``InvalidInput`` naming ``option``."""
     if text is None:
         return None
+    limit = model.MAX_PAYLOAD_BYTES if limit is None else limit
     source = "value"
     if text.startswith("@"):
         path = text[1:]

@@ -16,6 +16,7 @@ from ..errors import InvalidInput
 from ..model import PRIORITY_LEVELS, iso
 from ..schedule_model import CATCH_UP_POLICIES, Schedule, check_name
 from .common import echo_json, open_queue, queue_options, run, say_skipped
+from ..model import MAX_INPUT_BYTES
 from .parsing import parse_json_input
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -60,7 +61,7 @@ async def add(name: str, cron: str, task_type: str, input_text: str | None, time
               timeout_seconds: float | None,
               paused: bool, as_json: bool, url: str, queue_name: str) -> None:
     """Add schedule NAME; prints its next fire time."""
-    payload = parse_json_input(input_text, "--input")
+    payload = parse_json_input(input_text, "--input", limit=MAX_INPUT_BYTES)  # kept inline in the schedule
     check_name(name)  # before connecting: a fresh --url is not even created
     async with await open_queue(url, queue_name) as queue:
         try:

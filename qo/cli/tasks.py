@@ -15,6 +15,7 @@ from ..bulk import CANCELLABLE
 from ..errors import InvalidInput, TaskNotFound
 from ..model import (CANCELLED, EXPIRED, FAILED, PRIORITY_LEVELS, RUNNING, STATUSES, Task, check_task_id,
                      check_task_type, iso)
+from ..payloads import human_size
 from ..stored import MAX_VALUE_DEPTH
 from .common import echo_json, open_queue, queue_options, run, say_skipped
 from .parsing import MAX_GRAPH_BYTES, delay_to_time, parse_duration, parse_json_input, parse_time
@@ -98,22 +99,29 @@ async def submit(task_type: str, input_text: str | None, priority: str | None, a
 
 @click.command()
 @click.argument("task_id", metavar="ID")
+@click.option("--payloads", is_flag=True,
+              help="Also read and print an input or output stored apart (over 64 KiB; one GET each).")
 @json_option
 @queue_options
 @run
-async def status(task_id: str, as_json: bool, url: str, queue_name: str) -> None:
+async def status(task_id: str, payloads: bool, as_json: bool, url: str, queue_name: str) -> None:
     """Show one task: state, attempts, times, last error and output."""
     check_task_id(task_id)
+    values: dict[str, Any] = {}
     async with await open_queue(url, queue_name) as queue:
         try:
             task = await queue.get(task_id)
         except TaskNotFound as exc:
             raise _not_here(exc, queue) from None
         effective = task_effective_priority(queue.plugins, task, queue.clock.now())
+        if payloads:
+            for which in ("input", "output"):
+                if getattr(task, f"{which}_ref") is not None:
+                    values[which] = await queue.payload(task, which)
     if as_json:
-        echo_json({**task.public_dict(), "effective_priority": effective})
+        echo_json({**task.public_dict(), **values, "effective_priority": effective})
         return
-    for label, value in describe(task, effective):
+    for label, value in describe(task, effective, values):
         click.echo(f"{label + ':':<11} {value}")
 
 
@@ -124,9 +132,12 @@ def _not_here(exc: TaskNotFound, queue: Any) -> TaskNotFound:
     return err
 
 
-def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
+def describe(task: Task, effective: int | None = None,
+             values: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """The (label, value) lines of ``qo status`` for ``task``; unset fields are left out.
-    ``effective``: the priority a pending task competes at now (after aging)."""
+    ``effective``: the priority a pending task competes at now (after aging); ``values``:
+    the input or output stored apart, read (``--payloads``), else only their size shows."""
+    values = values or {}
     state = task.status + (" (cancel requested)" if task.cancel_requested and task.status == RUNNING else "")
     lines = [
         ("id", task.id),
@@ -152,10 +163,15 @@ def describe(task: Task, effective: int | None = None) -> list[tuple[str, str]]:
         err = task.last_error
         where = f" (attempt {err['attempt']})" if err.get("attempt") is not None else ""
         lines.append(("last error", f"{err.get('type', 'Error')}: {err.get('message', '')}{where}"))
-    if task.input is not None:
-        lines.append(("input", _compact(task.input)))
-    if task.output is not None or task.status == "completed":
-        lines.append(("output", _compact(task.output)))
+    for which in ("input", "output"):
+        ref = getattr(task, f"{which}_ref")
+        if which in values:
+            lines.append((which, _compact(values[which])))
+        elif ref is not None:
+            lines.append((which, f"{human_size(ref['bytes'])} stored apart "
+                                 f"(qo status {task.id} --payloads to print it)"))
+        elif getattr(task, which) is not None or (which == "output" and task.status == "completed"):
+            lines.append((which, _compact(getattr(task, which))))
     return lines
 
 
