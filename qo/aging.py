@@ -49,10 +49,14 @@ from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
-#: markers examined per LIST of a pass
-PAGE = 100
+#: markers examined per LIST of a pass (S3 and Azure answer up to 1000 keys per request)
+PAGE = 1000
+#: keys of the index head a pass lists first: a marker is moved only into this window
+HEAD = 1000
+#: LISTs of the scan below the cap in one pass, at most (the head's LIST comes on top)
+MAX_LISTS = 32
 #: markers moved by one pass at most (the rest wait for the next pass)
-MAX_MOVES = 1000
+MAX_MOVES = 100
 #: concurrent marker PUTs of one pass
 PUT_CONCURRENCY = 32
 
@@ -133,6 +137,12 @@ class AgingSettings:
         """How many raises of the floor it takes to reach the cap (8 at the defaults)."""
         return math.ceil(self.cap / self.step_levels)
 
+    @property
+    def jump_levels(self) -> int:
+        """A pass moves a marker only to the cap or by at least this many levels: half
+        the way to the cap (128 at the defaults), so a marker moves at most twice."""
+        return max(1, math.ceil(self.cap / 2))
+
     def time_to_cap(self, priority: int = 0) -> float:
         """Seconds of waiting after which a due task of ``priority`` competes at the cap
         (default policy): the same for every priority below the cap."""
@@ -145,17 +155,29 @@ class AgingSettings:
         workers (each runs one every ``interval x workers``, jittered up to 1.5x)."""
         return 1.5 * self.interval * max(1, workers)
 
+    @staticmethod
+    def rotation_passes(levels: int = 1, moves: int = 0) -> int:
+        """How many passes of one worker it takes to visit every level below the cap, at
+        most, when ``levels`` of them hold at least ``PAGE`` markers each (or more than
+        ``MAX_LISTS x PAGE`` markers in all) and the rotation moves ``moves`` markers:
+        1 while one pass's budget covers the index, at most 8 at 255 full levels."""
+        return max(1, math.ceil(levels / MAX_LISTS), math.ceil(moves / MAX_MOVES))
+
     def start_bound(self, priority: int = 0, *, workers: int = 1, buffer_max_age: float = 2.0,
-                    longest_task: float = 0.0) -> float:
+                    longest_task: float = 0.0, rotation_passes: int = 1) -> float:
         """Seconds after it became due within which a task of ``priority`` starts, once the
         work that became due before it has started (default policy, cap 255).
 
-        = time to reach the cap + the longest gap between passes + the age of a worker's
-        listing (``buffer_max_age``) + the time a busy slot takes to free
+        = time to reach the cap + the passes it takes one worker to reach the task's
+        level (``rotation_passes``, see :meth:`rotation_passes`: 1 while a pass covers
+        the index below the cap) x the longest gap between passes + the age of a
+        worker's listing (``buffer_max_age``) + the time a busy slot takes to free
         (``longest_task``). Add a few storage round trips (one pass, one LIST, one claim).
-        At the defaults, one worker: 480 + 15 + 2 = 497 s plus the longest task.
+        At the defaults, one worker: 480 + 15 + 2 = 497 s plus the longest task; with all
+        255 levels below the cap full: 480 + 8 x 15 + 2 = 602 s.
         """
-        return (self.time_to_cap(priority) + self.pass_gap(workers) + buffer_max_age + longest_task)
+        return (self.time_to_cap(priority) + max(1, rotation_passes) * self.pass_gap(workers)
+                + buffer_max_age + longest_task)
 
 
 def to_aging_settings(value: Any) -> AgingSettings:
@@ -231,12 +253,14 @@ def task_effective_priority(plugins: Any, task: Any, now: float, aging: AgingSet
 @attrs.frozen
 class AgingPass:
     """What one pass did: markers ``moved``, ``lists`` requested, markers ``examined``,
-    and whether it stopped at ``MAX_MOVES`` with more to move (``more``)."""
+    whether it stopped at its move budget with more to move (``more``), and where the
+    next pass of this worker resumes (``cursor``; None: at the top, just below the cap)."""
 
     moved: int
     lists: int
     examined: int
     more: bool
+    cursor: str | None = None
 
 
 def level_end(prefix: str, priority: int) -> str:
@@ -245,26 +269,50 @@ def level_end(prefix: str, priority: int) -> str:
     return f"{prefix}{255 - priority:03d}/~"
 
 
+def lands(level: int, target: int, aging: AgingSettings) -> bool:
+    """Whether a marker at ``level`` worth ``target`` is moved: only to the cap (or
+    above), or by at least ``aging.jump_levels`` (half the way to the cap). Monotone in
+    ``target``, and a marker lands at most twice in its life with the default policy."""
+    return target > level and (target >= aging.cap or target - level >= aging.jump_levels)
+
+
 async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: float, *,
-                    page: int = PAGE, max_moves: int = MAX_MOVES) -> AgingPass:
+                    cursor: str | None = None, page: int = PAGE, head: int = HEAD,
+                    max_lists: int = MAX_LISTS, max_moves: int = MAX_MOVES) -> AgingPass:
     """One aging pass over the ready index of ``store``'s queue (see the module docstring).
 
-    Levels at or above ``aging.cap`` are skipped with ``start_after``. Within a level the
-    pass stops at the first marker that does not move, and jumps to the next level with
-    ``start_after``. The moved markers are written first, then the old ones deleted in one
-    batch: a crash in between leaves both (the extra one is stale once the task is
-    claimed, and is dropped by the stale-marker rule), never neither.
+    LIST the head of the index (``head`` keys): a marker is moved only if its new key
+    sorts before the last of them (it would be listed by a worker soon), and a head that
+    is the whole index is the whole scan. Otherwise scan the levels below the cap from
+    ``cursor`` (where this worker's previous pass stopped), ``page`` keys per LIST, at
+    most ``max_lists`` LISTs and ``max_moves`` moves; within a level, stop at the first
+    marker that does not move (younger ones would not either) and jump to the next
+    level with ``start_after``. The moved markers are written first, then the old ones
+    deleted in one batch: a crash in between leaves both (the extra one is stale once
+    the task is claimed, and is dropped by the stale-marker rule), never neither.
     """
     if not aging.enabled or aging.cap <= 0:
         return AgingPass(0, 0, 0, False)
     prefix = keys.ready_prefix(store.queue)
-    cursor = level_end(prefix, aging.cap)  # levels at or above the cap never move
+    top = level_end(prefix, aging.cap)  # levels at or above the cap never move
+    listed = await store.list(prefix, limit=head)
+    lists = 1
+    whole = len(listed) < head  # the head is the whole index: nothing else to list
+    boundary = None if whole else listed[-1].key  # a move must land before this key
+    pos = top if whole or cursor is None or cursor < top else cursor
     moves: list[tuple[str, str]] = []  # (old key, new key)
-    lists = examined = 0
+    examined = 0
     more = False
+    next_cursor: str | None = None
     while True:
-        entries = await store.list(prefix, start_after=cursor, limit=page)
-        lists += 1
+        if whole:
+            entries = [e for e in listed if e.key > pos]
+        else:
+            if lists >= 1 + max_lists:
+                next_cursor = pos  # out of LISTs: the next pass goes on from here
+                break
+            entries = await store.list(prefix, start_after=pos, limit=page)
+            lists += 1
         if not entries:
             break
         stopped: int | None = None  # the level whose aging stopped in this page
@@ -274,24 +322,25 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
                 continue
             examined += 1
             target = effective_priority(plugins, ReadyEntry.of_marker(m, aging), now - m.due)
-            if target > m.priority:
-                moves.append((m.key, keys.ready(store.queue, target, m.due, m.task_id, m.task_type)))
+            new = keys.ready(store.queue, target, m.due, m.task_id, m.task_type)
+            if lands(m.priority, target, aging) and (boundary is None or new < boundary):
+                moves.append((m.key, new))
                 if len(moves) >= max_moves:
-                    more = True
+                    more, next_cursor = True, m.key
                     break
             else:
                 stopped = m.priority  # ascending due time: the rest of this level is younger
-        if more or len(entries) < page:
+        if more or whole or len(entries) < page:
             break
         last = keys.parse_marker(entries[-1].key)
         if last is not None and last.priority == stopped:
             if stopped == 0:
                 break  # the lowest level: nothing sorts after it
-            cursor = level_end(prefix, stopped)
+            pos = level_end(prefix, stopped)
         else:
-            cursor = entries[-1].key
+            pos = entries[-1].key
     await _apply(store, moves)
-    return AgingPass(len(moves), lists, examined, more)
+    return AgingPass(len(moves), lists, examined, more, next_cursor)
 
 
 async def _apply(store: TaskStore, moves: list[tuple[str, str]]) -> None:

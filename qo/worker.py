@@ -590,8 +590,10 @@ class Worker:
         async def idem() -> None:
             cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
 
-        async def aging() -> None:
-            self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
+        async def aging() -> None:  # each pass goes on where this worker's last one stopped
+            done = await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now(), cursor=cursors.get("aging"))
+            cursors["aging"] = done.cursor
+            self.stats["aged"] += done.moved
 
         async def flush() -> None:
             feed = self.feed
