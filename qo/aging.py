@@ -36,6 +36,7 @@ then runs ahead of all work that became due after it; see docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import os
@@ -51,12 +52,16 @@ log = logging.getLogger(__name__)
 
 #: markers examined per LIST of a pass (S3 and Azure answer up to 1000 keys per request)
 PAGE = 1000
-#: keys of the index head a pass lists first: a marker is moved only into this window
-HEAD = 1000
+#: a marker is moved only if it lands among the first HEAD keys of the index (a worker
+#: lists max(4 x slots, 32): 128 at 32 slots), counting the markers this pass moved there
+HEAD = 128
 #: LISTs of the scan below the cap in one pass, at most (the head's LIST comes on top)
 MAX_LISTS = 32
 #: markers moved by one pass at most (the rest wait for the next pass)
 MAX_MOVES = 100
+#: requests of one pass at most: the head's LIST, the scan's LISTs, one PUT per move and
+#: one DeleteObjects (or, on a backend without it, one DELETE per move: see module doc)
+PASS_REQUESTS_MAX = 1 + MAX_LISTS + MAX_MOVES + 1
 #: concurrent marker PUTs of one pass
 PUT_CONCURRENCY = 32
 
@@ -142,6 +147,12 @@ class AgingSettings:
         """A pass moves a marker only to the cap or by at least this many levels: half
         the way to the cap (128 at the defaults), so a marker moves at most twice."""
         return max(1, math.ceil(self.cap / 2))
+
+    @property
+    def max_requests_per_minute(self) -> float:
+        """Requests aging makes on a queue per minute at most: ``PASS_REQUESTS_MAX`` per
+        pass, about one pass per ``interval`` on the queue (804 at the defaults)."""
+        return PASS_REQUESTS_MAX * 60.0 / self.interval
 
     def time_to_cap(self, priority: int = 0) -> float:
         """Seconds of waiting after which a due task of ``priority`` competes at the cap
@@ -281,9 +292,10 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
                     max_lists: int = MAX_LISTS, max_moves: int = MAX_MOVES) -> AgingPass:
     """One aging pass over the ready index of ``store``'s queue (see the module docstring).
 
-    LIST the head of the index (``head`` keys): a marker is moved only if its new key
-    sorts before the last of them (it would be listed by a worker soon), and a head that
-    is the whole index is the whole scan. Otherwise scan the levels below the cap from
+    LIST the head of the index (``page`` keys): a marker is moved only if its new key
+    sorts among the first ``head`` keys, counting the markers moved there by this pass
+    (it would be listed by a worker soon); a listing that is the whole index is the
+    whole scan. Otherwise scan the levels below the cap from
     ``cursor`` (where this worker's previous pass stopped), ``page`` keys per LIST, at
     most ``max_lists`` LISTs and ``max_moves`` moves; within a level, stop at the first
     marker that does not move (younger ones would not either) and jump to the next
@@ -295,10 +307,10 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
         return AgingPass(0, 0, 0, False)
     prefix = keys.ready_prefix(store.queue)
     top = level_end(prefix, aging.cap)  # levels at or above the cap never move
-    listed = await store.list(prefix, limit=head)
+    listed = await store.list(prefix, limit=page)
     lists = 1
-    whole = len(listed) < head  # the head is the whole index: nothing else to list
-    boundary = None if whole else listed[-1].key  # a move must land before this key
+    whole = len(listed) < page  # the listing is the whole index: nothing else to list
+    window = [e.key for e in listed[:head]]  # the index head, as moves change it
     pos = top if whole or cursor is None or cursor < top else cursor
     moves: list[tuple[str, str]] = []  # (old key, new key)
     examined = 0
@@ -323,8 +335,12 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
             examined += 1
             target = effective_priority(plugins, ReadyEntry.of_marker(m, aging), now - m.due)
             new = keys.ready(store.queue, target, m.due, m.task_id, m.task_type)
-            if lands(m.priority, target, aging) and (boundary is None or new < boundary):
+            if lands(m.priority, target, aging) and (len(window) < head or new < window[-1]):
                 moves.append((m.key, new))
+                if m.key in window:
+                    window.remove(m.key)
+                bisect.insort(window, new)
+                del window[head:]
                 if len(moves) >= max_moves:
                     more, next_cursor = True, m.key
                     break

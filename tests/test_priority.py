@@ -294,9 +294,11 @@ async def test_an_aging_pass_moves_markers_in_jumps_and_costs_one_list_on_a_smal
     capped = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
     assert capped.moved == 15 and counter.counts() == {"LIST": 1, "PUT": 15, "DELETE_BATCH": 1}
     clock.set(t0 + 490)  # young waited 240 s: floor 128, a jump from 0; normal stays at 128
-    first = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
+    # (a head window of 1000 keys: with the default 128, only those landing among the
+    # first 128 keys move, the rest once workers have claimed some of those)
+    first = await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), head=1000)
     assert (first.moved, first.more) == (100, True)  # at most MAX_MOVES per pass
-    assert (await age_ready(q.store, q.plugins, AgingSettings(), clock.now())).moved == 50
+    assert (await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), head=1000)).moved == 50
     after = set(await ready_keys(q))
     assert after == ({moved(k, q, 255) for k in old + high} | {moved(k, q, 128) for k in young}
                      | set(normal) | set(top))
@@ -309,7 +311,7 @@ async def test_concurrent_passes_agree_and_never_lose_a_marker(storage_url):
     b = await qo.connect(storage_url, queue="age2", clock=clock)
     old = await put_markers(a, 60, 0, clock.now())
     clock.advance(250)  # floor 128: a jump
-    await asyncio.gather(*(age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=7, head=7)
+    await asyncio.gather(*(age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=7, head=1000)
                            for q in (a, b)))
     assert sorted(await ready_keys(a)) == sorted(moved(k, a, 128) for k in old)
     await a.close()
