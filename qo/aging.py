@@ -2,14 +2,25 @@
 
 The ready index is ``ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}``: one ascending
 LIST yields the most urgent level first and, within a level, the oldest task first.
-Aging **re-indexes markers; it never reads or rewrites a task**. An aging pass walks the
-levels below the cap, oldest marker first, asks the ``qo_effective_priority`` hook what
-each marker is worth after waiting ``now - due`` seconds, and moves the markers worth
-more to the higher level: PUT the new key (same due time, id and type), then DELETE the
-old one (never neither). The claim checks only the due time against the task's
-``available_at``, so a moved marker claims like any other; the task's own ``priority``
-never changes, and every marker written from the task (retry, hand-back, recovery)
-starts again from it.
+Aging **re-indexes markers; it never reads or rewrites a task**. An aging pass looks at
+the markers below the cap, oldest first in each level, asks the ``qo_effective_priority``
+hook what each is worth after waiting ``now - due`` seconds, and moves a marker (PUT the
+new key, same due time, id and type; then DELETE the old one; never neither) when:
+
+1. the answer *lands* (:func:`lands`): the cap, or at least ``jump_levels`` (half the way
+   to the cap) above the marker's level. With the default policy a marker moves at most
+   twice in its life (0 -> 128 at 4 minutes, -> 255 at 8);
+2. the new key sorts among the first ``HEAD`` keys of the index, counting the markers
+   this pass moved there: only markers workers are about to list move, so on a backlog
+   the moves follow the claims, not the backlog's size; a marker left out moves when the
+   head has been claimed down to it, with its due time, i.e. to the same place;
+3. the pass has budget left: ``MAX_MOVES`` moves and ``MAX_LISTS`` LISTs of ``PAGE``
+   keys below the cap, plus the LIST of the head. A pass that runs out returns a cursor;
+   the worker's next pass goes on from it.
+
+The claim checks only the due time against the task's ``available_at``, so a moved
+marker claims like any other; the task's own ``priority`` never changes, and every
+marker written from the task (retry, hand-back, recovery) starts again from it.
 
 Why the default policy raises a *floor* instead of adding to the priority: after the
 first move the marker's level is all a pass knows (reading the task to learn its own
@@ -20,17 +31,15 @@ answer from the marker's current level as from the task's own priority, however 
 passes (on however many workers) applied it before. A plugin replacing the policy must
 keep that property (see :func:`effective_priority`).
 
-Cost of one pass (requests): one LIST per non-empty level below the cap that holds no
-marker old enough to move (often shared: a page of 100 keys spans several small levels),
-one LIST per page of 100 markers that move, one PUT per moved marker, and one
-DeleteObjects per 1000 moved markers. Markers that are not old enough are never
-touched, so the cost follows the aged tasks, not the size of the queue. With the
-default policy a marker moves at most ``ceil(cap / step_levels)`` (8) times in its life,
-and the markers it moved to occupy at most 8 extra levels.
+Cost of one pass: at most ``PASS_REQUESTS_MAX`` = 1 + 32 LIST + 100 PUT + 1
+DeleteObjects requests, no GET; about one pass per ``interval`` on a queue, so at most
+~804 requests per minute per queue at the defaults whatever the backlog
+(:attr:`AgingSettings.max_requests_per_minute`). A queue of fewer than ``PAGE`` ready
+markers costs one LIST per pass.
 
 The start bound (default policy, see :meth:`AgingSettings.start_bound`): a due task of
 any priority competes at the cap after ``time_to_cap`` (8 minutes at the defaults) and
-then runs ahead of all work that became due after it; see docs/architecture.md.
+then runs ahead of all work that became due after it; see docs/architecture.md §5c.
 """
 
 from __future__ import annotations
