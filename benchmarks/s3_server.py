@@ -71,11 +71,13 @@ def make_app(latency_s: float) -> tuple[Callable, Counter, threading.Lock]:
             # werkzeug sends its own Server header; aiohttp's strict parser rejects two
             return start_response(status, [h for h in headers if h[0].lower() != "server"], *exc_info)
 
-        if environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+        if environ["REQUEST_METHOD"] in ("GET", "HEAD") and classify(environ) != "LIST":
             return moto_app(environ, start)
         # moto checks If-Match / If-None-Match, then writes, in two steps: two threads
         # can interleave and both win a CAS. S3 is atomic here, so writes go one at a
-        # time (as in qo.testing.moto); the latency above is still concurrent.
+        # time (as in qo.testing.moto); the latency above is still concurrent. A LIST
+        # goes with them: moto's listing walks the bucket's keys and fails (KeyError, a
+        # 500) when a delete lands in the middle.
         with writes:
             return list(moto_app(environ, start))
 

@@ -2,14 +2,25 @@
 
 The ready index is ``ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}``: one ascending
 LIST yields the most urgent level first and, within a level, the oldest task first.
-Aging **re-indexes markers; it never reads or rewrites a task**. An aging pass walks the
-levels below the cap, oldest marker first, asks the ``qo_effective_priority`` hook what
-each marker is worth after waiting ``now - due`` seconds, and moves the markers worth
-more to the higher level: PUT the new key (same due time, id and type), then DELETE the
-old one (never neither). The claim checks only the due time against the task's
-``available_at``, so a moved marker claims like any other; the task's own ``priority``
-never changes, and every marker written from the task (retry, hand-back, recovery)
-starts again from it.
+Aging **re-indexes markers; it never reads or rewrites a task**. An aging pass looks at
+the markers below the cap, oldest first in each level, asks the ``qo_effective_priority``
+hook what each is worth after waiting ``now - due`` seconds, and moves a marker (PUT the
+new key, same due time, id and type; then DELETE the old one; never neither) when:
+
+1. the answer *lands* (:func:`lands`): the cap, or at least ``jump_levels`` (half the way
+   to the cap) above the marker's level. With the default policy a marker moves at most
+   twice in its life (0 -> 128 at 4 minutes, -> 255 at 8);
+2. the new key sorts among the first ``HEAD`` keys of the index, counting the markers
+   this pass moved there: only markers workers are about to list move, so on a backlog
+   the moves follow the claims, not the backlog's size; a marker left out moves when the
+   head has been claimed down to it, with its due time, i.e. to the same place;
+3. the pass has budget left: ``MAX_MOVES`` moves and ``MAX_LISTS`` LISTs of ``PAGE``
+   keys below the cap, plus the LIST of the head. A pass that runs out returns a cursor;
+   the worker's next pass goes on from it.
+
+The claim checks only the due time against the task's ``available_at``, so a moved
+marker claims like any other; the task's own ``priority`` never changes, and every
+marker written from the task (retry, hand-back, recovery) starts again from it.
 
 Why the default policy raises a *floor* instead of adding to the priority: after the
 first move the marker's level is all a pass knows (reading the task to learn its own
@@ -20,22 +31,21 @@ answer from the marker's current level as from the task's own priority, however 
 passes (on however many workers) applied it before. A plugin replacing the policy must
 keep that property (see :func:`effective_priority`).
 
-Cost of one pass (requests): one LIST per non-empty level below the cap that holds no
-marker old enough to move (often shared: a page of 100 keys spans several small levels),
-one LIST per page of 100 markers that move, one PUT per moved marker, and one
-DeleteObjects per 1000 moved markers. Markers that are not old enough are never
-touched, so the cost follows the aged tasks, not the size of the queue. With the
-default policy a marker moves at most ``ceil(cap / step_levels)`` (8) times in its life,
-and the markers it moved to occupy at most 8 extra levels.
+Cost of one pass: at most ``PASS_REQUESTS_MAX`` = 1 + 32 LIST + 100 PUT + 1
+DeleteObjects requests, no GET; about one pass per ``interval`` on a queue, so at most
+~804 requests per minute per queue at the defaults whatever the backlog
+(:attr:`AgingSettings.max_requests_per_minute`). A queue of fewer than ``PAGE`` ready
+markers costs one LIST per pass.
 
 The start bound (default policy, see :meth:`AgingSettings.start_bound`): a due task of
 any priority competes at the cap after ``time_to_cap`` (8 minutes at the defaults) and
-then runs ahead of all work that became due after it; see docs/architecture.md.
+then runs ahead of all work that became due after it; see docs/architecture.md §5c.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import os
@@ -49,10 +59,18 @@ from .store import TaskStore
 
 log = logging.getLogger(__name__)
 
-#: markers examined per LIST of a pass
-PAGE = 100
+#: markers examined per LIST of a pass (S3 and Azure answer up to 1000 keys per request)
+PAGE = 1000
+#: a marker is moved only if it lands among the first HEAD keys of the index (a worker
+#: lists max(4 x slots, 32): 128 at 32 slots), counting the markers this pass moved there
+HEAD = 128
+#: LISTs of the scan below the cap in one pass, at most (the head's LIST comes on top)
+MAX_LISTS = 32
 #: markers moved by one pass at most (the rest wait for the next pass)
-MAX_MOVES = 1000
+MAX_MOVES = 100
+#: requests of one pass at most: the head's LIST, the scan's LISTs, one PUT per move and
+#: one DeleteObjects (or, on a backend without it, one DELETE per move: see module doc)
+PASS_REQUESTS_MAX = 1 + MAX_LISTS + MAX_MOVES + 1
 #: concurrent marker PUTs of one pass
 PUT_CONCURRENCY = 32
 
@@ -133,6 +151,18 @@ class AgingSettings:
         """How many raises of the floor it takes to reach the cap (8 at the defaults)."""
         return math.ceil(self.cap / self.step_levels)
 
+    @property
+    def jump_levels(self) -> int:
+        """A pass moves a marker only to the cap or by at least this many levels: half
+        the way to the cap (128 at the defaults), so a marker moves at most twice."""
+        return max(1, math.ceil(self.cap / 2))
+
+    @property
+    def max_requests_per_minute(self) -> float:
+        """Requests aging makes on a queue per minute at most: ``PASS_REQUESTS_MAX`` per
+        pass, about one pass per ``interval`` on the queue (804 at the defaults)."""
+        return PASS_REQUESTS_MAX * 60.0 / self.interval
+
     def time_to_cap(self, priority: int = 0) -> float:
         """Seconds of waiting after which a due task of ``priority`` competes at the cap
         (default policy): the same for every priority below the cap."""
@@ -145,17 +175,29 @@ class AgingSettings:
         workers (each runs one every ``interval x workers``, jittered up to 1.5x)."""
         return 1.5 * self.interval * max(1, workers)
 
+    @staticmethod
+    def rotation_passes(levels: int = 1, moves: int = 0) -> int:
+        """How many passes of one worker it takes to visit every level below the cap, at
+        most, when ``levels`` of them hold at least ``PAGE`` markers each (or more than
+        ``MAX_LISTS x PAGE`` markers in all) and the rotation moves ``moves`` markers:
+        1 while one pass's budget covers the index, at most 8 at 255 full levels."""
+        return max(1, math.ceil(levels / MAX_LISTS), math.ceil(moves / MAX_MOVES))
+
     def start_bound(self, priority: int = 0, *, workers: int = 1, buffer_max_age: float = 2.0,
-                    longest_task: float = 0.0) -> float:
+                    longest_task: float = 0.0, rotation_passes: int = 1) -> float:
         """Seconds after it became due within which a task of ``priority`` starts, once the
         work that became due before it has started (default policy, cap 255).
 
-        = time to reach the cap + the longest gap between passes + the age of a worker's
-        listing (``buffer_max_age``) + the time a busy slot takes to free
+        = time to reach the cap + the passes it takes one worker to reach the task's
+        level (``rotation_passes``, see :meth:`rotation_passes`: 1 while a pass covers
+        the index below the cap) x the longest gap between passes + the age of a
+        worker's listing (``buffer_max_age``) + the time a busy slot takes to free
         (``longest_task``). Add a few storage round trips (one pass, one LIST, one claim).
-        At the defaults, one worker: 480 + 15 + 2 = 497 s plus the longest task.
+        At the defaults, one worker: 480 + 15 + 2 = 497 s plus the longest task; with all
+        255 levels below the cap full: 480 + 8 x 15 + 2 = 602 s.
         """
-        return (self.time_to_cap(priority) + self.pass_gap(workers) + buffer_max_age + longest_task)
+        return (self.time_to_cap(priority) + max(1, rotation_passes) * self.pass_gap(workers)
+                + buffer_max_age + longest_task)
 
 
 def to_aging_settings(value: Any) -> AgingSettings:
@@ -231,12 +273,14 @@ def task_effective_priority(plugins: Any, task: Any, now: float, aging: AgingSet
 @attrs.frozen
 class AgingPass:
     """What one pass did: markers ``moved``, ``lists`` requested, markers ``examined``,
-    and whether it stopped at ``MAX_MOVES`` with more to move (``more``)."""
+    whether it stopped at its move budget with more to move (``more``), and where the
+    next pass of this worker resumes (``cursor``; None: at the top, just below the cap)."""
 
     moved: int
     lists: int
     examined: int
     more: bool
+    cursor: str | None = None
 
 
 def level_end(prefix: str, priority: int) -> str:
@@ -245,26 +289,51 @@ def level_end(prefix: str, priority: int) -> str:
     return f"{prefix}{255 - priority:03d}/~"
 
 
+def lands(level: int, target: int, aging: AgingSettings) -> bool:
+    """Whether a marker at ``level`` worth ``target`` is moved: only to the cap (or
+    above), or by at least ``aging.jump_levels`` (half the way to the cap). Monotone in
+    ``target``, and a marker lands at most twice in its life with the default policy."""
+    return target > level and (target >= aging.cap or target - level >= aging.jump_levels)
+
+
 async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: float, *,
-                    page: int = PAGE, max_moves: int = MAX_MOVES) -> AgingPass:
+                    cursor: str | None = None, page: int = PAGE, head: int = HEAD,
+                    max_lists: int = MAX_LISTS, max_moves: int = MAX_MOVES) -> AgingPass:
     """One aging pass over the ready index of ``store``'s queue (see the module docstring).
 
-    Levels at or above ``aging.cap`` are skipped with ``start_after``. Within a level the
-    pass stops at the first marker that does not move, and jumps to the next level with
-    ``start_after``. The moved markers are written first, then the old ones deleted in one
-    batch: a crash in between leaves both (the extra one is stale once the task is
-    claimed, and is dropped by the stale-marker rule), never neither.
+    LIST the head of the index (``page`` keys): a marker is moved only if its new key
+    sorts among the first ``head`` keys, counting the markers moved there by this pass
+    (it would be listed by a worker soon); a listing that is the whole index is the
+    whole scan. Otherwise scan the levels below the cap from
+    ``cursor`` (where this worker's previous pass stopped), ``page`` keys per LIST, at
+    most ``max_lists`` LISTs and ``max_moves`` moves; within a level, stop at the first
+    marker that does not move (younger ones would not either) and jump to the next
+    level with ``start_after``. The moved markers are written first, then the old ones
+    deleted in one batch: a crash in between leaves both (the extra one is stale once
+    the task is claimed, and is dropped by the stale-marker rule), never neither.
     """
     if not aging.enabled or aging.cap <= 0:
         return AgingPass(0, 0, 0, False)
     prefix = keys.ready_prefix(store.queue)
-    cursor = level_end(prefix, aging.cap)  # levels at or above the cap never move
+    top = level_end(prefix, aging.cap)  # levels at or above the cap never move
+    listed = await store.list(prefix, limit=page)
+    lists = 1
+    whole = len(listed) < page  # the listing is the whole index: nothing else to list
+    window = [e.key for e in listed[:head]]  # the index head, as moves change it
+    pos = top if whole or cursor is None or cursor < top else cursor
     moves: list[tuple[str, str]] = []  # (old key, new key)
-    lists = examined = 0
+    examined = 0
     more = False
+    next_cursor: str | None = None
     while True:
-        entries = await store.list(prefix, start_after=cursor, limit=page)
-        lists += 1
+        if whole:
+            entries = [e for e in listed if e.key > pos]
+        else:
+            if lists >= 1 + max_lists:
+                next_cursor = pos  # out of LISTs: the next pass goes on from here
+                break
+            entries = await store.list(prefix, start_after=pos, limit=page)
+            lists += 1
         if not entries:
             break
         stopped: int | None = None  # the level whose aging stopped in this page
@@ -274,24 +343,29 @@ async def age_ready(store: TaskStore, plugins: Any, aging: AgingSettings, now: f
                 continue
             examined += 1
             target = effective_priority(plugins, ReadyEntry.of_marker(m, aging), now - m.due)
-            if target > m.priority:
-                moves.append((m.key, keys.ready(store.queue, target, m.due, m.task_id, m.task_type)))
+            new = keys.ready(store.queue, target, m.due, m.task_id, m.task_type)
+            if lands(m.priority, target, aging) and (len(window) < head or new < window[-1]):
+                moves.append((m.key, new))
+                if m.key in window:
+                    window.remove(m.key)
+                bisect.insort(window, new)
+                del window[head:]
                 if len(moves) >= max_moves:
-                    more = True
+                    more, next_cursor = True, m.key
                     break
             else:
                 stopped = m.priority  # ascending due time: the rest of this level is younger
-        if more or len(entries) < page:
+        if more or whole or len(entries) < page:
             break
         last = keys.parse_marker(entries[-1].key)
         if last is not None and last.priority == stopped:
             if stopped == 0:
                 break  # the lowest level: nothing sorts after it
-            cursor = level_end(prefix, stopped)
+            pos = level_end(prefix, stopped)
         else:
-            cursor = entries[-1].key
+            pos = entries[-1].key
     await _apply(store, moves)
-    return AgingPass(len(moves), lists, examined, more)
+    return AgingPass(len(moves), lists, examined, more, next_cursor)
 
 
 async def _apply(store: TaskStore, moves: list[tuple[str, str]]) -> None:

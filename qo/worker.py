@@ -647,8 +647,10 @@ class Worker:
                 timers["idem_scan"] = self.clock.now() + s.idempotency_sweep_interval * 12 * random.uniform(0.5, 1.5)
                 cursors["idem"] = await sweep_expired(self.queue, cursors["idem"])
 
-        async def aging() -> None:
-            self.stats["aged"] += (await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now())).moved
+        async def aging() -> None:  # each pass goes on where this worker's last one stopped
+            done = await age_ready(self.store, self.queue.plugins, s.aging, self.clock.now(), cursor=cursors.get("aging"))
+            cursors["aging"] = done.cursor
+            self.stats["aged"] += done.moved
 
         async def retention() -> None:
             for status, n in (await apply_retention(self.queue)).items():

@@ -262,7 +262,7 @@ def moved(key: str, q, priority: int) -> str:
     return keys.ready(q.name, priority, m.due, m.task_id, m.task_type)
 
 
-async def test_an_aging_pass_costs_requests_for_the_markers_it_moves_only(storage_url):
+async def test_an_aging_pass_moves_markers_in_jumps_and_costs_one_list_on_a_small_queue(storage_url):
     clock = FakeClock()
     q = await qo.connect(storage_url, queue="age", clock=clock, wrap_storage=CountingStorage)
     counter = q.storage
@@ -271,29 +271,37 @@ async def test_an_aging_pass_costs_requests_for_the_markers_it_moves_only(storag
     young = await put_markers(q, 150, 0, t0 + 250)        # waited 50 s: floor 0, stays
     normal = await put_markers(q, 120, 128, t0 + 250)     # stays
     high = await put_markers(q, 5, 200, t0)               # old, but above the floor: stays
-    top = await put_markers(q, 3, 255, t0)                # at the cap: never listed by the pass
+    top = await put_markers(q, 3, 255, t0)                # at the cap: never moved
     clock.set(t0 + 300)
     counter.reset()
 
     result = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
-    # LIST 1: 5 at 200 (stop at the first), 95 at 128 (stop); LIST 2: level 0, 10 move, stop
-    # (nothing sorts after level 0). One PUT per moved marker, one DeleteObjects for all.
-    assert counter.counts() == {"LIST": 2, "PUT": 10, "DELETE_BATCH": 1}
-    assert (result.moved, result.lists, result.more) == (10, 2, False)
+    # the head LIST (1000 keys) holds the whole index: it is the whole scan. 0 -> 160 is a
+    # jump of at least half the way to the cap: one PUT per moved marker, one DeleteObjects.
+    assert counter.counts() == {"LIST": 1, "PUT": 10, "DELETE_BATCH": 1}
+    assert (result.moved, result.lists, result.more, result.cursor) == (10, 1, False, None)
     after = set(await ready_keys(q))
     assert after == {moved(k, q, 160) for k in old} | set(young) | set(normal) | set(high) | set(top)
 
     counter.reset()  # a second pass right after: nothing is old enough to move further
     again = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
-    assert again.moved == 0 and counter.counts().get("PUT", 0) == 0 and "DELETE_BATCH" not in counter.counts()
+    assert again.moved == 0 and counter.counts() == {"LIST": 1}
 
-    clock.advance(60)  # old: 360 s -> 192; young: 110 s -> 32
+    clock.set(t0 + 479)  # old: 160 -> 224 and young: 0 -> 96 are short of a jump: nothing moves
+    assert (await age_ready(q.store, q.plugins, AgingSettings(), clock.now())).moved == 0
+    clock.set(t0 + 480)  # old and high reach the cap
     counter.reset()
-    later = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
-    assert later.moved == 160 and counter.counts()["PUT"] == 160 and counter.counts()["DELETE_BATCH"] == 1
+    capped = await age_ready(q.store, q.plugins, AgingSettings(), clock.now())
+    assert capped.moved == 15 and counter.counts() == {"LIST": 1, "PUT": 15, "DELETE_BATCH": 1}
+    clock.set(t0 + 490)  # young waited 240 s: floor 128, a jump from 0; normal stays at 128
+    # (a head window of 1000 keys: with the default 128, only those landing among the
+    # first 128 keys move, the rest once workers have claimed some of those)
+    first = await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), head=1000)
+    assert (first.moved, first.more) == (100, True)  # at most MAX_MOVES per pass
+    assert (await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), head=1000)).moved == 50
     after = set(await ready_keys(q))
-    assert {moved(k, q, 192) for k in old} | {moved(k, q, 32) for k in young} <= after
-    assert not (set(old) | set(young)) & after
+    assert after == ({moved(k, q, 255) for k in old + high} | {moved(k, q, 128) for k in young}
+                     | set(normal) | set(top))
     await q.close()
 
 
@@ -301,10 +309,11 @@ async def test_concurrent_passes_agree_and_never_lose_a_marker(storage_url):
     clock = FakeClock()
     a = await qo.connect(storage_url, queue="age2", clock=clock)
     b = await qo.connect(storage_url, queue="age2", clock=clock)
-    old = await put_markers(a, 60, 64, clock.now())
-    clock.advance(200)  # floor 96
-    await asyncio.gather(*(age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=7) for q in (a, b)))
-    assert sorted(await ready_keys(a)) == sorted(moved(k, a, 96) for k in old)
+    old = await put_markers(a, 60, 0, clock.now())
+    clock.advance(250)  # floor 128: a jump
+    await asyncio.gather(*(age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=7, head=1000)
+                           for q in (a, b)))
+    assert sorted(await ready_keys(a)) == sorted(moved(k, a, 128) for k in old)
     await a.close()
     await b.close()
 
@@ -313,12 +322,12 @@ async def test_a_pass_stops_after_max_moves_and_the_next_pass_continues(storage_
     clock = FakeClock()
     q = await qo.connect(storage_url, queue="age3", clock=clock)
     old = await put_markers(q, 25, 0, clock.now())
-    clock.advance(61)
+    clock.advance(241)  # floor 128
     first = await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=10, max_moves=20)
     assert (first.moved, first.more) == (20, True)
     second = await age_ready(q.store, q.plugins, AgingSettings(), clock.now(), page=10, max_moves=20)
     assert (second.moved, second.more) == (5, False)
-    assert sorted(await ready_keys(q)) == sorted(moved(k, q, 32) for k in old)
+    assert sorted(await ready_keys(q)) == sorted(moved(k, q, 128) for k in old)
     await q.close()
 
 
@@ -368,9 +377,9 @@ async def test_the_policy_is_a_plugin(storage_url):
 async def test_a_moved_marker_claims_and_a_retry_starts_again_from_the_tasks_priority(clocked):
     q, clock = clocked
     task = await q.submit("flaky", None, priority=10)
-    clock.advance(130)  # floor 64
+    clock.advance(490)  # at the cap (10 -> 128 would be short of a jump)
     assert (await age_ready(q.store, q.plugins, AgingSettings(), clock.now())).moved == 1
-    assert await ready_keys(q) == [keys.ready(q.name, 64, task.available_at, task.id, "flaky")]
+    assert await ready_keys(q) == [keys.ready(q.name, 255, task.available_at, task.id, "flaky")]
 
     worker = Worker(q, concurrency=1, aging=False, **FAST)
     attempts: list[int] = []
