@@ -51,6 +51,7 @@ class LeaseBook:
         self.dirty = False
         self._lock = asyncio.Lock()
         self.started_at = clock.now()
+        self._held = False  # the last record written named tasks
         #: the worker's counters, shown by ``queue.stats()`` (as of the last write)
         self.counts: dict[str, int] = {}
 
@@ -90,23 +91,26 @@ class LeaseBook:
     async def _write(self) -> None:
         rev = os.urandom(8).hex()  # tells our own landed write from somebody else's
         data = dumps({**self.record(), "rev": rev})
+        holding = bool(self.leases)
         now = self.clock.now()
         self.dirty = False
         if self.etag is not None:
             try:
                 self.etag = await self._put(data, rev, if_match=self.etag)
-                self.written_at = now
+                self.written_at, self._held = now, holding
                 return
             except PreconditionFailed:
                 self.evictions += 1
-                log.log(logging.WARNING if self.leases else logging.DEBUG,
+                # only a record that named tasks matters: an empty one going stale (an idle
+                # worker writes none) and being cleared by a sweep took nothing from us
+                log.log(logging.WARNING if self._held else logging.DEBUG,
                         "worker %s: record was taken over by recovery", self.worker_id)
         try:
             self.etag = await self._put(data, rev, if_none_match=True)
         except PreconditionFailed:  # a stale copy of ours is there: take it over by CAS
             blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
             self.etag = await self._put(data, rev, if_match=blob.etag)
-        self.written_at = now
+        self.written_at, self._held = now, holding
 
     async def _put(self, data: bytes, rev: str, **condition: Any) -> str:
         """A conditional write of our record. A refusal after a failure whose outcome
