@@ -25,7 +25,7 @@ import qo.handlers
 from qo.backends import open_storage
 from qo.cli import cli
 from qo.errors import ConfigurationError, InvalidInput, QoError
-from qo.model import MAX_INPUT_BYTES
+from qo.model import MAX_INPUT_BYTES, MAX_PAYLOAD_BYTES
 from qo.stored import MAX_VALUE_DEPTH
 
 NAN, INF = float("nan"), float("inf")
@@ -54,7 +54,7 @@ _circular.append(_circular)
 #: nested past the recursion limit, and just past MAX_VALUE_DEPTH (json encodes it; a
 #: stored task holding it would be unreadable)
 DEEP, TOO_DEEP = _deep(100_000), _deep(MAX_VALUE_DEPTH)
-BAD_INPUTS = [{1, 2}, b"x", object(), Custom(), NAN, INF, -INF, {"a": [NAN]}, "x" * (10 * 1024 * 1024),
+BAD_INPUTS = [{1, 2}, b"x", object(), Custom(), NAN, INF, -INF, {"a": [NAN]}, "x" * (MAX_PAYLOAD_BYTES + 1),
               "a\ud800", {"k\ud800": 1}, {(1, 2): 3}, DEEP, _circular, dt.datetime.now(dt.timezone.utc), TOO_DEEP,
               {"a": TOO_DEEP}]
 

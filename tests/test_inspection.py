@@ -72,13 +72,14 @@ async def _collect(agen) -> list:
 async def test_failed_newest_first_since_and_oldest_first(storage_url):
     q = await qo.connect(storage_url, queue="q")
     made = await build(q, 0, failures=4, cancels=0)
-    order = sorted(made["bad"], key=lambda t: 0)  # submit order
-    ended = {t.id: (await q.get(t.id)).finished_at for t in order}
-    by_end = sorted(ended, key=ended.get)
+    ended = {t.id: keys.ms((await q.get(t.id)).finished_at) for t in made["bad"]}
+    # the index's order: newest first, ties (the same millisecond) by id
+    by_end = sorted(ended, key=lambda i: (-ended[i], i))[::-1]
     assert [t.id async for t in q.list(status="failed")] == by_end
     assert [t.id async for t in q.list(status="failed", newest_first=True)] == by_end[::-1]
     assert [t.id async for t in q.list(status="failed", newest_first=True, limit=2)] == by_end[::-1][:2]
-    assert [t.id async for t in q.list(status="failed", since=ended[by_end[2]])] == by_end[2:]
+    since_third = [i for i in by_end if ended[i] >= ended[by_end[2]]]
+    assert [t.id async for t in q.list(status="failed", since=ended[by_end[2]] / 1000)] == since_third
     assert [t.id async for t in q.list(status="failed", since=dt.timedelta(hours=1))] == by_end
     assert [t.id async for t in q.list(status="failed", task_type="other")] == []
     await q.close()

@@ -68,19 +68,23 @@ def test_the_plugin_is_installed_and_loaded_from_its_entry_point():
     assert info.hooks == ["qo_effective_priority"]
 
 
+# qo's aging moves a marker only in jumps (to at least 128 levels higher, or the cap):
+# the policy's answer matters once it reaches a jump
+
+
 async def test_on_a_favoured_type_is_moved_up_sooner_than_the_default_would(tmp_path, fair_on):
-    # 20 s: too young for the default (60 s steps); 4x faster: one 15 s step -> 32
-    assert await levels_after(tmp_path, 20) == {"report": 32, "bulk": 0}
+    # 65 s: 4x faster, report has had 4 15-s steps (128: a jump); bulk 1 step (32: none)
+    assert await levels_after(tmp_path, 65) == {"report": 128, "bulk": 0}
 
 
 async def test_on_a_favoured_type_keeps_its_lead_as_both_age(tmp_path, fair_on):
-    # 65 s: the default raises bulk one step (32); report has had 4 steps (128)
-    assert await levels_after(tmp_path, 65) == {"report": 128, "bulk": 32}
+    # 250 s: the default raises bulk 4 steps (128); report reached the cap long ago
+    assert await levels_after(tmp_path, 250) == {"report": 255, "bulk": 128}
 
 
 async def test_off_the_default_policy_holds(tmp_path):
-    assert await levels_after(tmp_path, 20) == {"report": 0, "bulk": 0}
-    assert await levels_after(tmp_path, 65) == {"report": 32, "bulk": 32}
+    assert await levels_after(tmp_path, 65) == {"report": 0, "bulk": 0}
+    assert await levels_after(tmp_path, 250) == {"report": 128, "bulk": 128}
 
 
 async def test_switched_on_but_blocked_by_name_the_default_policy_holds(tmp_path, fair_on, monkeypatch):
