@@ -111,7 +111,7 @@ async def measure(url: str, queue: str, wrap_latency) -> dict:
 
     async def first_task() -> str:
         task = await q.submit("first", 1)
-        w = Worker(q, concurrency=4, **FAST)
+        w = Worker(q, concurrency=4)  # default polling: its loops follow time, not the history
         w.handler("first")(lambda input: input)
         run = asyncio.create_task(w.run())
         done = await waiter.wait(task.id, timeout=60)
