@@ -221,14 +221,10 @@ class LocalStorage:
             if not os.path.isdir(directory):
                 raise
             return
-        except FileNotFoundError:
+        except FileNotFoundError:  # make the parent, then this one (once more, above)
             self._makedirs(os.path.dirname(directory))
-            try:
-                os.mkdir(directory, self._dir_mode)
-            except FileExistsError:
-                if not os.path.isdir(directory):
-                    raise
-                return
+            self._makedirs(directory)
+            return
         if self._chmod:
             os.chmod(directory, self._dir_mode)
 
