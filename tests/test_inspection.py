@@ -143,7 +143,7 @@ async def test_stats_count_by_status_at_a_bounded_cost(storage_url):
         assert stats["counts"]["pending"] == 2 and stats["ready"] == 1 and stats["delayed"] == 1
         assert stats["ready_by_band"]["high"] == 1 and stats["dead_letters"] == 3
         assert all(stats["exact"][s] for s in ("pending", "failed", "cancelled", "blocked"))
-        assert 0 <= stats["oldest_due_age_s"] < 60 and 3500 < stats["next_delayed_in_s"] <= 3600
+        assert 0 <= stats["oldest_due_age_s"] < 60 and 3500 < stats["next_delayed_in_s"] <= 3601  # the server clock offset may move between calls
         costs.append(cost)
     assert costs[0] == costs[1], costs  # no task is read: history does not matter
     await small.close()
