@@ -350,3 +350,55 @@ def test_clock_offset_follows_a_skewed_server_and_a_jump():
     assert abs(st.clock_offset - (-4.5)) < 0.6
     st._observe({"ResponseMetadata": {"HTTPHeaders": {}}}, now, now)  # no Date: ignored
     assert abs(st.clock_offset - (-4.5)) < 0.6
+
+
+def test_moto_sorted_listing_answers_as_moto_does(moto_server):
+    """qo.testing.moto's indexed LIST gives moto's own answers: prefixes, delimiters,
+    start-after, pages; after deletes too (the index must follow them)."""
+    import random
+
+    import boto3
+
+    from qo.testing import moto as qo_moto
+
+    client = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
+    url = moto_server.new_bucket()
+    bucket = url.split("/")[2]
+    rng = random.Random(7)
+    names = sorted({"/".join(rng.choice("ab/c") for _ in range(rng.randint(1, 7))).replace("//", "/x/")
+                    + rng.choice(["", ".json", "/z"]) for _ in range(300)})
+    for name in names:
+        client.put_object(Bucket=bucket, Key=name, Body=b"x")
+    for name in names[::5]:
+        client.delete_object(Bucket=bucket, Key=name)
+    from moto.backends import get_backend
+
+    backend = get_backend("s3")["123456789012"]["global"]
+    fake = backend.buckets[bucket]
+    assert isinstance(fake.keys, qo_moto._SortedKeyStore)
+    assert fake.keys._names == sorted(dict.keys(fake.keys))
+
+    def listing(**kw):
+        pages, out = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, **kw), []
+        for page in pages:
+            out += [c["Key"] for c in page.get("Contents", [])]
+            out += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        return sorted(out)
+
+    alive = [n for n in names if n not in names[::5]]
+    for prefix in ["", "a", "a/", "b/c", "zz"]:
+        for delimiter in [None, "/"]:
+            for page_size in [1, 7, 1000]:
+                kw = {"Prefix": prefix, "PaginationConfig": {"PageSize": page_size}}
+                if delimiter:
+                    kw["Delimiter"] = delimiter
+                under = [n for n in alive if n.startswith(prefix)]
+                if delimiter:
+                    expected = sorted({prefix + n[len(prefix):].split("/", 1)[0] + "/"
+                                       if "/" in n[len(prefix):] else n for n in under})
+                else:
+                    expected = under
+                assert listing(**kw) == expected, (prefix, delimiter, page_size)
+        after = alive[len(alive) // 2]
+        got = client.list_objects_v2(Bucket=bucket, Prefix=prefix, StartAfter=after).get("Contents", [])
+        assert [c["Key"] for c in got] == [n for n in alive if n.startswith(prefix) and n > after][:1000]

@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from bisect import bisect_left, bisect_right
 from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
+from moto.s3.models import FakeBucket, FakeDeleteMarker, FakeTableStorageBucket, S3Backend
+from moto.s3.utils import _VersionedKeyStore
 from moto.server import ThreadedMotoServer
 from werkzeug.serving import make_server
 
@@ -67,6 +70,98 @@ def _atomic_writes(app: _WSGIApp) -> _WSGIApp:
     return wrapped
 
 
+class _SortedKeyStore(_VersionedKeyStore):
+    """moto's key store plus a sorted index of its names, so a LIST reads only its page.
+
+    moto lists a bucket by copying and scanning every key in it and then sorting the
+    matches: each LIST costs O(bucket), which makes long runs (the chaos run, a suite
+    sharing a server) slow down as the bucket grows. Writes already run one at a time
+    (:func:`_atomic_writes`); list operations under the GIL keep the index consistent
+    enough for concurrent reads, which skip a name whose key was deleted meanwhile.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._names: list[str] = sorted(dict.keys(self))
+
+    def _index(self, name: str) -> None:
+        i = bisect_left(self._names, name)
+        if i == len(self._names) or self._names[i] != name:
+            self._names.insert(i, name)
+
+    def _unindex(self, name: str) -> None:
+        i = bisect_left(self._names, name)
+        if i < len(self._names) and self._names[i] == name:
+            del self._names[i]
+
+    def __setitem__(self, key: str, value: Any) -> Any:
+        super().__setitem__(key, value)
+        self._index(key)
+
+    def setlist(self, key: Any, list_: Any) -> Any:
+        super().setlist(key, list_)
+        self._index(key)
+
+    def pop(self, key: str) -> None:  # type: ignore[override]
+        super().pop(key)
+        self._unindex(key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._unindex(key)
+
+    def scan(self, prefix: str, delimiter: str | None, after: str | None, limit: int) -> list[Any]:
+        """Up to ``limit`` keys and common prefixes under ``prefix``, in name order, after ``after``."""
+        names = self._names
+        i = bisect_right(names, after) if after is not None and after >= prefix else bisect_left(names, prefix)
+        out: list[Any] = []
+        while i < len(names) and len(out) < limit:
+            try:
+                name = names[i]
+            except IndexError:  # a delete shortened the index under us
+                break
+            if not name.startswith(prefix):
+                break
+            rest = name[len(prefix):]
+            if delimiter and delimiter in rest:
+                folder = prefix + rest.split(delimiter, 1)[0] + delimiter
+                if after is None or folder > after:
+                    out.append(folder)
+                # every name under the folder sorts before the folder's successor
+                i = bisect_left(names, folder[:-1] + chr(ord(folder[-1]) + 1))
+                continue
+            key = self.get(name)
+            if key is not None and not isinstance(key, FakeDeleteMarker):
+                out.append(key)
+            i += 1
+        return out
+
+
+def _install_sorted_listing() -> None:
+    """Give every bucket moto creates from now on a sorted index, and let LIST use it."""
+    if getattr(FakeBucket, "_qo_sorted", False):
+        return
+    bucket_init = FakeBucket.__init__
+    list_v2 = S3Backend.list_objects_v2
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        bucket_init(self, *args, **kwargs)
+        self.keys = _SortedKeyStore(self.keys)
+
+    def list_objects_v2(self: Any, bucket: Any, prefix: str | None, delimiter: str | None,
+                        continuation_token: str | None, start_after: str | None, max_keys: int) -> Any:
+        store = bucket.keys
+        if not isinstance(store, _SortedKeyStore) or isinstance(bucket, FakeTableStorageBucket):
+            return list_v2(self, bucket, prefix, delimiter, continuation_token, start_after, max_keys)
+        after = self._pagination_tokens.get(continuation_token) if continuation_token else start_after
+        found = store.scan(prefix or "", delimiter, after, max_keys + 1)
+        return self._truncate_result(found, max_keys)
+
+    FakeBucket.__init__ = init  # type: ignore[method-assign]
+    S3Backend.list_objects_v2 = list_objects_v2  # type: ignore[method-assign]
+    FakeBucket._qo_sorted = True  # type: ignore[attr-defined]
+
+
 class _Server(ThreadedMotoServer):
     """ThreadedMotoServer with an optional WSGI wrapper around moto's app."""
 
@@ -115,8 +210,7 @@ class MotoServer:
     def new_bucket(self, prefix: str = "") -> str:
         """Create a fresh, uniquely named bucket and return its URL.
 
-        moto lists a bucket by scanning every key in it, so tests that share one
-        bucket get slower as the run goes on; a bucket per test keeps LIST cheap.
+        A bucket per test keeps tests apart (and moto's own state small).
         """
         name = f"qo-{uuid.uuid4().hex[:20]}"
         self._create_bucket(name)
@@ -125,6 +219,7 @@ class MotoServer:
     def start(self) -> None:
         """Start serving and create the bucket (an existing one is reused)."""
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        _install_sorted_listing()
         self._server = _Server(_strip_conditions if self.ignore_conditions else None)
         self._server.start()
         self._port = self._server.get_host_and_port()[1]
