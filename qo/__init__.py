@@ -22,6 +22,8 @@ from .handlers import handler
 from .hookspecs import hookimpl
 from .model import Task
 from .queue import Queue, connect
+from .sync import SyncQueue, connect_sync
+from .task_function import TaskFunction, task
 from .worker import TaskContext, Worker, WorkerSettings
 from .storage import Blob, Entry, Storage
 
@@ -46,13 +48,17 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageUnavailable",
+    "SyncQueue",
     "TaskNotFound",
     "TaskStateError",
     "Task",
     "TaskContext",
+    "TaskFunction",
     "Worker",
     "WorkerSettings",
     "handler",
     "connect",
+    "connect_sync",
+    "task",
     "hookimpl",
 ]

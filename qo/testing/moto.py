@@ -51,19 +51,19 @@ def _no_app_server_header(app: _WSGIApp) -> _WSGIApp:
     return wrapped
 
 
-def _atomic_writes(app: _WSGIApp) -> _WSGIApp:
-    """WSGI middleware that runs writes one at a time.
+def _one_at_a_time(app: _WSGIApp) -> _WSGIApp:
+    """WSGI middleware that serves one request at a time, its body read inside the lock.
 
     moto checks If-Match / If-None-Match and then writes in two steps; under a threaded
     server two conditional writes can interleave between them and both succeed (seen
     as a lost update in the CAS race test). Real S3 is atomic here; so must be the
-    server we prove qo against. Reads stay concurrent.
+    server we prove qo against. Reads take the lock too: a GET streaming a key's value
+    while a PUT replaced it read a closed buffer (a 500), and a LIST raced a delete.
+    moto runs under the GIL either way, so little concurrency is lost.
     """
     lock = threading.Lock()
 
     def wrapped(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        if environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
-            return app(environ, start_response)
         with lock:
             return list(app(environ, start_response))
 
@@ -76,8 +76,7 @@ class _SortedKeyStore(_VersionedKeyStore):
     moto lists a bucket by copying and scanning every key in it and then sorting the
     matches: each LIST costs O(bucket), which makes long runs (the chaos run, a suite
     sharing a server) slow down as the bucket grows. Writes already run one at a time
-    (:func:`_atomic_writes`); list operations under the GIL keep the index consistent
-    enough for concurrent reads, which skip a name whose key was deleted meanwhile.
+    (:func:`_one_at_a_time`), so the index and the keys agree when a LIST reads them.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -176,7 +175,7 @@ class _Server(ThreadedMotoServer):
             create_backend_app,
         )
 
-        app = _atomic_writes(_no_app_server_header(DomainDispatcherApplication(create_backend_app)))
+        app = _one_at_a_time(_no_app_server_header(DomainDispatcherApplication(create_backend_app)))
         if self._wrap is not None:
             app = self._wrap(app)
         self._server = make_server(
