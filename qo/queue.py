@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import os
 import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
 from . import keys
-from .backends import default_url, open_storage
+from .backends import default_url, open_storage, url_scheme
 from .clock import Clock, SystemClock
 from .errors import DependencyError, InvalidInput, PreconditionFailed, QoError, TaskStateError
 from .dependencies import Dependencies, check_depends_on, check_policy, find_cycle, topological
@@ -543,6 +544,8 @@ async def connect(
     ``wrap_storage`` wraps the backend (request counting, fault injection).
     """
     url = default_url() if url is None else url
+    if url_scheme(url) == "":  # a bare path: resolved once, so every message names the same place
+        url = os.path.abspath(os.path.expanduser(url))
     if queue is None:
         from .config import load
 

@@ -103,12 +103,29 @@ class LocalStorage:
         self._thread_locks = [threading.Lock() for _ in range(64)]
         self._tmp = os.path.join(self.root, _RESERVED + "tmp")
         self._locks = os.path.join(self.root, _RESERVED + "locks")
-        self._open_root(_flag(allow_foreign_root, "allow_foreign_root"))
-        try:
-            self._makedirs(self._tmp)
-            self._makedirs(self._locks)
-        except OSError as exc:
-            raise StorageError(f"cannot create {self.root}: {exc.strerror}", backend=self.name) from None
+        self._allow_foreign = _flag(allow_foreign_root, "allow_foreign_root")
+        self._ready = False  # the root is checked (and has its tmp/ and locks/ directories)
+        self._ready_lock = threading.Lock()
+        self._root_ready(create=False)  # an existing root is checked now; a missing one is made by the first write
+
+    def _root_ready(self, create: bool) -> bool:
+        """Check the root once (and, with ``create``, make it): True when it is usable.
+        Reads of a store that does not exist find nothing and create nothing."""
+        if self._ready:
+            return True
+        with self._ready_lock:
+            if self._ready:
+                return True
+            if not create and not os.path.lexists(self.root):
+                return False
+            self._open_root(self._allow_foreign)
+            try:
+                self._makedirs(self._tmp)
+                self._makedirs(self._locks)
+            except OSError as exc:
+                raise StorageError(f"cannot create {self.root}: {exc.strerror}", backend=self.name) from None
+            self._ready = True
+            return True
 
     def _open_root(self, allow_foreign: bool) -> None:
         """Create the root (with the store's mode) or check the one there, before
@@ -249,7 +266,10 @@ class LocalStorage:
 
     @_storage_errors
     async def get(self, key: str) -> Blob:
-        data = self._read(self._path(key), key)
+        path = self._path(key)
+        if not self._root_ready(create=False):
+            raise NotFound("no such key (the store does not exist yet)", backend=self.name, key=key)
+        data = self._read(path, key)
         return Blob(data, _etag(data))
 
     @_storage_errors
@@ -258,6 +278,7 @@ class LocalStorage:
     ) -> str:
         path = self._path(key)
         data = check_put(data, if_match, if_none_match)
+        self._root_ready(create=True)
         self._parent(path, key)
         if if_match is None:  # CAS on an empty directory: "missing", PreconditionFailed below
             self._clear_empty_dir(path, key)
@@ -323,6 +344,8 @@ class LocalStorage:
     @_storage_errors
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         path = self._path(key)
+        if not self._root_ready(create=False):
+            return  # nothing to delete in a store that does not exist
         with self._locked(key):
             if if_match is not None:
                 try:
@@ -346,7 +369,7 @@ class LocalStorage:
     @_storage_errors
     async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
         validate_prefix(prefix)
-        if limit <= 0:
+        if limit <= 0 or not self._root_ready(create=False):
             return []
         head, _, name_start = prefix.rpartition("/")
         base = os.path.join(self.root, *head.split("/")) if head else self.root

@@ -66,6 +66,7 @@ async def test_private_store_is_owner_only_whatever_the_umask(tmp_path, umask, m
 async def test_a_rewrite_replaces_a_world_readable_file_of_an_older_version(tmp_path, umask):
     umask(0)
     storage = open_storage(str(tmp_path / "store"))
+    await storage.put("seed.json", b"{}")  # the store is made by its first write
     old = tmp_path / "store" / "old.json"
     old.write_bytes(b"{}")
     old.chmod(0o644)

@@ -12,6 +12,7 @@ from .purge import purge
 from .schedule import schedule
 from .settings import settings
 from .stats import stats
+from .submit_many import submit_many
 from .tasks import cancel, list_tasks, retry, status, submit, submit_graph
 from .worker import worker
 
@@ -24,6 +25,7 @@ def cli() -> None:
 
 cli.add_command(submit)
 cli.add_command(submit_graph)
+cli.add_command(submit_many)
 cli.add_command(status)
 cli.add_command(list_tasks)
 cli.add_command(stats)

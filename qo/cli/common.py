@@ -44,6 +44,18 @@ async def open_queue(url: str, queue_name: str):
     return await connect(url, queue=queue_name)
 
 
+async def say_if_no_objects(queue: Any) -> bool:
+    """After a read found nothing: if the queue holds no object at all (one LIST), say so
+    on stderr, naming where qo looked (a wrong --url or --queue is the usual cause)."""
+    from ..backends import redact_url
+
+    if await queue.store.backoff.call(lambda: queue.storage.list(f"{queue.name}/", limit=1)):
+        return False
+    click.echo(f"queue {queue.name!r} at {redact_url(queue.url)} has no objects: nothing was ever submitted "
+               "there (check --url and --queue; `qo config` shows the defaults)", err=True)
+    return True
+
+
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True, default=str))
 

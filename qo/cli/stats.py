@@ -10,7 +10,7 @@ import click
 
 from ..backends import redact_url
 from ..model import iso
-from .common import echo_json, open_queue, queue_options, run
+from .common import echo_json, open_queue, queue_options, run, say_if_no_objects
 
 
 def _age(seconds: float | None) -> str:
@@ -74,6 +74,8 @@ async def stats(as_json: bool, watch: float | None, url: str, queue_name: str) -
     small queue), whatever the queue's history."""
     async with await open_queue(url, queue_name) as queue:
         where = redact_url(queue.url)
+        if watch is None and not as_json and await say_if_no_objects(queue):
+            return
         while True:
             result = await queue.stats()
             if as_json:

@@ -17,7 +17,7 @@ from ..model import (CANCELLED, EXPIRED, FAILED, PRIORITY_LEVELS, RUNNING, STATU
                      check_task_type, iso)
 from ..payloads import human_size
 from ..stored import MAX_VALUE_DEPTH
-from .common import echo_json, open_queue, queue_options, run, say_skipped
+from .common import echo_json, open_queue, queue_options, run, say_if_no_objects, say_skipped
 from .parsing import MAX_GRAPH_BYTES, delay_to_time, parse_duration, parse_json_input, parse_time
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the task as one JSON object.")
@@ -112,6 +112,7 @@ async def status(task_id: str, payloads: bool, as_json: bool, url: str, queue_na
         try:
             task = await queue.get(task_id)
         except TaskNotFound as exc:
+            await say_if_no_objects(queue)
             raise _not_here(exc, queue) from None
         effective = task_effective_priority(queue.plugins, task, queue.clock.now())
         if payloads:
@@ -226,12 +227,14 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
             else:
                 rows.append((task, effective))
         say_skipped(queue, before)
+        empty = not rows and not shown and await say_if_no_objects(queue)
     if more:
         click.echo(f"more tasks match than the {limit} shown (use --limit, --since or --newest-first)", err=True)
     if as_json:
         return
     if not rows:
-        click.echo("no tasks", err=True)
+        if not empty:
+            click.echo("no tasks", err=True)
         return
     table = [("ID", "TYPE", "STATUS", "PRIORITY", "ATTEMPT", "UPDATED")]
     # PRIORITY: the task's own; "0->160" when aging has it competing higher now
