@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import shlex
+import shutil
 import sys
 import time
 from typing import Any
@@ -98,11 +100,22 @@ async def main(url: str, n: int, concurrency: int) -> int:
     where = "" if url == default_url() or secret else f" --url {shlex.quote(url)}"
     note = " (with QO_URL set to your storage URL)" if secret and url != default_url() else ""
     where += f" --queue {name}"
+    qo = qo_command()
     print(f"\ninspect them{note}")
-    print(f"  qo list{where} --status failed")
-    print(f"  qo status{where} {dead[0] if dead else tasks[0].id}")
-    print(f"  qo list{where}")
+    print(f"  {qo} list{where} --status failed")
+    print(f"  {qo} status{where} {dead[0] if dead else tasks[0].id}")
+    print(f"  {qo} list{where}")
     return 0 if sum(by_status.values()) == len(tasks) else 1
+
+
+def qo_command() -> str:
+    """How to run ``qo`` from here: ``qo`` when the shell finds this one, else its full
+    path (the demo often runs from a venv that is not activated)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "qo")
+    found = shutil.which("qo")
+    if found and os.path.realpath(found) == os.path.realpath(beside):
+        return "qo"
+    return shlex.quote(beside) if os.path.exists(beside) else "qo"
 
 
 def cli(argv: list[str] | None = None) -> int:

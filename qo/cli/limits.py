@@ -59,6 +59,8 @@ async def list_limits(as_json: bool, url: str, queue_name: str) -> None:
         say_skipped(queue, before)
     if not rows:
         click.echo("no limits", err=True)
+    elif not as_json:
+        click.echo(f"{'SCOPE':<28} {'LIMIT':<40} NOW")
     for row in rows:
         if as_json:
             echo_json(row)

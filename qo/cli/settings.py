@@ -24,6 +24,8 @@ def _rows(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _show(values: dict[str, Any], as_json: bool) -> None:
+    if not as_json:
+        click.echo(f"{'SETTING':<20} {'VALUE':<8} {'SOURCE':<18} MEANING")
     for row in _rows(values):
         if as_json:
             echo_json(row)
@@ -74,6 +76,9 @@ async def show(as_json: bool = False, url: str | None = None, queue_name: str | 
 @run
 async def set_settings(assignments: tuple[str, ...], as_json: bool, url: str | None, queue_name: str | None) -> None:
     """Set settings, e.g. max_retries=5 poll_max=2 aging_cap=200 aging=off; others are kept."""
+    for a in assignments:  # the shape is usage (exit 2); a bad value is reported (exit 1)
+        if "=" not in a or not a.partition("=")[0].strip():
+            raise click.BadParameter(f"{a!r} is not NAME=VALUE (e.g. max_retries=5)", param_hint="NAME=VALUE")
     changes = check_settings(dict(parse_assignment(a) for a in assignments))  # together, before connecting
     await _on_queue(url, queue_name, as_json, lambda s: s.set(changes))
 
