@@ -99,7 +99,8 @@ _CREDENTIALS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "Credent
 
 
 def map_error(
-    exc: BaseException, *, key: str | None, op: str = "", bucket: str = "", secrets: tuple[str, ...] = ()
+    exc: BaseException, *, key: str | None, op: str = "", bucket: str = "", secrets: tuple[str, ...] = (),
+    endpoint: str = "",
 ) -> StorageError:
     """The qo error for a botocore/aiohttp exception: names backend and key, never credentials.
 
@@ -137,7 +138,8 @@ def map_error(
     if name == "ProfileNotFound":
         return StorageError("the configured AWS profile does not exist", **where)
     if _is_transport(exc):
-        return StorageUnavailable(f"cannot reach the S3 endpoint ({name})", **where)
+        return StorageUnavailable(f"cannot reach the S3 endpoint {endpoint or '(AWS)'} ({name}): is it up, "
+                                  "and is the URL's endpoint_url right?", **where)
     return StorageError(f"S3 client error ({name})", **where)
 
 
@@ -317,7 +319,8 @@ class S3Storage:
         return self._root + validate_key(key)
 
     def _error(self, exc: BaseException, key: str | None, *, op: str = "") -> StorageError:
-        return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets)
+        endpoint = self.endpoint_url or f"(AWS{', region ' + self.region if self.region else ''})"
+        return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets, endpoint=endpoint)
 
     async def _call(self, op: str, key: str | None, **params: Any) -> dict[str, Any]:
         """One client call: observes the server clock; raises the mapped error."""

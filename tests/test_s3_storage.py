@@ -287,15 +287,38 @@ async def test_503_slowdown_is_unavailable_and_not_retried_by_botocore():
 
 
 async def test_connection_refused_is_unavailable():
-    st = S3Storage(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{closed_port()}")
+    port = closed_port()
+    st = S3Storage(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{port}")
     try:
         t0 = time.monotonic()
         with pytest.raises(StorageUnavailable) as info:
             await st.get("some/key")
         assert time.monotonic() - t0 < 10  # no botocore retries
         assert "some/key" in str(info.value)
+        assert f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in str(info.value)  # where it looked
     finally:
         await st.close()
+
+
+def test_cli_on_an_unreachable_endpoint_names_it_and_gives_up_after_a_few_tries(monkeypatch):
+    from click.testing import CliRunner
+
+    from qo.cli import build_cli
+    from qo.cli import common
+
+    calls = []
+    real = S3Storage.list
+
+    async def counted(self, *args, **kwargs):
+        calls.append(1)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Storage, "list", counted)
+    port = closed_port()
+    url = f"s3://bucket/p?endpoint_url=http%3A%2F%2F127.0.0.1%3A{port}"
+    r = CliRunner().invoke(build_cli(), ["list", "--url", url])
+    assert r.exit_code == 1 and f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in r.stderr
+    assert len(calls) == common.INTERACTIVE_ATTEMPTS  # a person waits about a second, not 9
 
 
 async def test_credentials_never_appear_in_errors_or_repr(moto_server):

@@ -38,10 +38,19 @@ def run(coro_fn: Callable[..., Awaitable[Any]]) -> Callable:
     return wrapper
 
 
-async def open_queue(url: str, queue_name: str):
-    from ..queue import connect
+#: a command a person waits on gives up on unreachable storage within about a second
+#: (5 tries); daemons (worker, scheduler) pass ``patient=True`` and keep the engine's
+INTERACTIVE_ATTEMPTS = 5
 
-    return await connect(url, queue=queue_name)
+
+async def open_queue(url: str, queue_name: str, *, patient: bool = False):
+    from ..queue import connect
+    from ..store import Backoff
+
+    queue = await connect(url, queue=queue_name)
+    if not patient:
+        queue.store.backoff = Backoff(attempts=INTERACTIVE_ATTEMPTS, cap=0.5)
+    return queue
 
 
 async def say_if_no_objects(queue: Any) -> bool:

@@ -185,7 +185,7 @@ async def run_scheduler(poll_max: float, log_level: str, url: str, queue_name: s
     from ..scheduler import Scheduler
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    queue = await open_queue(url, queue_name)
+    queue = await open_queue(url, queue_name, patient=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []

@@ -51,7 +51,7 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
     concurrency = config["concurrency"]
     overrides: dict[str, Any] = {name: config[name] for name in
                                  ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit")}
-    async with await open_queue(url, queue_name) as queue:
+    async with await open_queue(url, queue_name, patient=True) as queue:
         w = Worker(queue, concurrency=concurrency, **overrides)
         w.add_handlers(registry)
         logging.getLogger("qo.cli").info(
