@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
-from urllib.parse import urlsplit
 
-from .errors import ConfigurationError, InvalidInput
+from .errors import ConfigurationError
 from .plugins import Plugins, get_plugins
 from .storage import Storage
+from .urls import redact_url, url_scheme
+
+__all__ = ["DEFAULT_URL", "KNOWN_SCHEMES", "default_url", "open_storage", "redact_url", "url_scheme"]
 
 DEFAULT_URL = "./.qo"
-
-#: "s3//bucket", "s3:/bucket", "s3:bucket": a URL with a typo, not a relative path
-_LOOKS_LIKE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*(//|:/?)(?!/)")
 
 #: Where a scheme qo knows of comes from, for the "not installed" hint.
 KNOWN_SCHEMES = {
@@ -28,38 +26,6 @@ def default_url() -> str:
     from .config import load
 
     return load()["url"]
-
-
-def url_scheme(url: str) -> str:
-    """The scheme of ``url``; ``""`` for a bare filesystem path."""
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidInput("url", "must be a non-empty string")
-    if "\x00" in url:
-        raise InvalidInput("url", "must not contain NUL")
-    if "://" not in url:
-        if _LOOKS_LIKE_URL.match(url) or url.startswith(":"):
-            raise InvalidInput("url", f"{redact_url(url)!r} looks like a malformed URL (expected scheme://...)")
-        return ""
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError:
-        raise InvalidInput("url", f"malformed URL {redact_url(url)!r}") from None
-    if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
-        raise InvalidInput("url", f"malformed URL scheme in {redact_url(url)!r}")
-    return scheme
-
-
-def redact_url(url: str) -> str:
-    """The URL without userinfo or query values that could hold secrets."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    # only parameter names survive; a bare token (no '=') may itself be a secret
-    query = "&".join((p.split("=", 1)[0] if "=" in p else "") + "=..." for p in parts.query.split("&") if p)
-    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
-    return out + (f"?{query}" if query else "")
 
 
 def open_storage(

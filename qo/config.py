@@ -17,6 +17,7 @@ from typing import Any, Callable
 import attrs
 
 from .errors import ConfigurationError
+from .urls import redact_url
 
 
 def _str(v: Any) -> str:
@@ -93,7 +94,6 @@ class Config:
         return Config(out)
 
     def rows(self) -> list[dict[str, Any]]:
-        from .backends import redact_url
 
         rows = []
         for s in self.settings.values():

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from .model import Task
 from .queue import Queue
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .worker import Worker
 
 
 @attrs.define
@@ -19,7 +16,8 @@ class TaskContext:
 
     task: Task
     queue: Queue
-    worker: "Worker"
+    #: the ``qo.Worker`` running the task (not imported here: the worker imports this module)
+    worker: Any
     deadline: float
     #: each dependency's {"status", "output", "task_type"}, by task id; an output too large
     #: to hand inline has "output": None, "output_ref": the id and "output_bytes": its

@@ -15,13 +15,10 @@ import contextlib
 import logging
 import os
 import random
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from . import keys
 from .errors import QoError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +34,9 @@ FOREIGN_HINT_SECONDS = 5.0
 class Feed:
     """The listed candidates of one worker and what it knows about the ready index."""
 
-    def __init__(self, worker: "Worker"):
+    def __init__(self, worker: Any):
+        """``worker``: the ``qo.Worker`` whose slots this feeds (not imported here: the
+        worker imports this module)."""
         self.worker = worker
         self.buffer: collections.deque[keys.Marker] = collections.deque()
         self.buffer_at = 0.0

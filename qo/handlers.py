@@ -65,11 +65,10 @@ handler = default_registry.handler
 
 def import_handlers(module_names: list[str]) -> Registry:
     """Import modules (dotted names or ``path/to/file.py``) and collect their handlers:
-    the ``@qo.handler`` registry plus every ``qo.Worker`` defined at module level."""
+    the ``@qo.handler`` registry plus every ``qo.Worker`` defined at module level (found
+    by the handler ``Registry`` it carries, so this module need not import the worker)."""
     import runpy
     import sys
-
-    from .worker import Worker
 
     out = Registry()
     for name in module_names:
@@ -80,7 +79,8 @@ def import_handlers(module_names: list[str]) -> Registry:
                 sys.path.insert(0, "")
             namespace = vars(importlib.import_module(name))
         for value in namespace.values():
-            if isinstance(value, Worker):
+            # getattr_static: a lazy object's __getattr__ (Django's settings) is not run
+            if isinstance(inspect.getattr_static(value, "registry", None), Registry):
                 for h in value.registry.handlers.values():
                     out.add(h.task_type, h.fn)
     for h in default_registry.handlers.values():

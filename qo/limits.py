@@ -21,32 +21,9 @@ import attrs
 
 from .errors import CorruptObject, InvalidInput, NotFound
 from .keys import is_direct_child
+from .limit_model import BACKPRESSURE, Limit, read_state
 from .model import _short, check_task_type, dumps, is_utf8
 from .stored import decode
-
-BACKPRESSURE = ("delay", "wait", "skip")
-
-
-@attrs.frozen
-class Limit:
-    scope: str
-    rate: float | None = None  # starts per `per` seconds
-    per: float = 1.0
-    burst: float | None = None  # default: max(1, rate)
-    concurrency: int | None = None
-    backpressure: str = "delay"
-
-    @property
-    def per_second(self) -> float | None:
-        return None if self.rate is None else self.rate / self.per
-
-    @property
-    def capacity(self) -> float:
-        return float(self.burst if self.burst is not None else max(1.0, self.rate or 1.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
 
 def check_scope(scope: Any) -> str:
     if not isinstance(scope, str):
@@ -190,8 +167,6 @@ class Limits:
 
     async def list(self) -> list[dict[str, Any]]:
         """Each limit with its current tokens and running count (``key:*``: its buckets)."""
-        from .ratelimit import read_state
-
         now = self.queue.clock.now()
         out = []
         for limit in await self.definitions():

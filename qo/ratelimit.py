@@ -25,63 +25,12 @@ from typing import Any
 
 import attrs
 
-from . import stored
-from .errors import CorruptObject, NotFound, PreconditionFailed
+from .errors import PreconditionFailed
+from .limit_model import BucketState, parse_state, read_state
 from .limits import Limit, Limits, bucket_id, scope_id, state_key
-from .model import Task, dumps
+from .model import Task
 
-
-@attrs.define
-class BucketState:
-    tokens: float
-    at: float
-    running: dict[str, float] = attrs.field(factory=dict)  # task id -> lease expiry
-    etag: str | None = None
-
-    def refill(self, limit: Limit, now: float) -> None:
-        if limit.per_second is not None:
-            self.tokens = min(limit.capacity, self.tokens + max(0.0, now - self.at) * limit.per_second)
-        self.at = max(self.at, now)
-
-    def live_running(self, now: float) -> dict[str, float]:
-        return {t: exp for t, exp in self.running.items() if exp > now}
-
-    def to_json(self) -> bytes:
-        return dumps({"tokens": self.tokens, "at": self.at, "running": self.running})
-
-
-async def read_state(queue: Any, key: str, limit: Limit, now: float) -> BucketState:
-    """The bucket as stored (a bucket never written is full), refilled to ``now``."""
-    store = queue.store
-    try:
-        blob = await store.backoff.call(lambda: store.storage.get(key))
-    except NotFound:
-        state = BucketState(limit.capacity, now)
-    else:
-        try:
-            state = parse_state(blob.data, key, blob.etag, backend=store.storage.name)
-            if state.tokens < 0 or state.at > now + 3600 or any(e > now + 7 * 86400 for e in state.running.values()):
-                raise CorruptObject(key, "tokens below zero, or times far in the future", backend=store.storage.name)
-        except CorruptObject as exc:
-            # the state is derived and short-lived: start it afresh (a full bucket, the
-            # state of a limit never used), replacing the bad version by CAS
-            store.bad.report(exc, "replaced by a full bucket")
-            state = BucketState(limit.capacity, now, {}, blob.etag)
-    state.refill(limit, now)
-    return state
-
-
-_STATE_CHECKS = {"tokens": stored.is_number, "at": stored.is_number, "running": stored.is_dict}
-
-
-def parse_state(data: bytes, key: str, etag: str, *, backend: str = "") -> BucketState:
-    """A bucket's state as stored at ``key``; ``CorruptObject`` if unusable."""
-    d = stored.check_fields(stored.decode(data, key, backend=backend), key, _STATE_CHECKS,
-                            required=("tokens", "at"), backend=backend)
-    running = d.get("running") or {}
-    if not all(isinstance(k, str) and stored.is_number(v) for k, v in running.items()):
-        raise CorruptObject(key, "field 'running' is not a map of entries to expiry times", backend=backend)
-    return BucketState(float(d["tokens"]), float(d["at"]), dict(running), etag)
+__all__ = ["BucketState", "Decision", "TokenBucketLimiter", "parse_state", "read_state"]
 
 
 @attrs.frozen

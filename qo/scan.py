@@ -20,7 +20,7 @@ from .idempotency import decode_record
 from .leases import parse_record
 from .limits import defs_prefix, parse_limit, state_prefix
 from .model import Task
-from .ratelimit import parse_state
+from .limit_model import parse_state
 from .schedule_model import Schedule, schedules_prefix
 
 
