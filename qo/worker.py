@@ -28,6 +28,7 @@ from .feed import Feed
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
+from .meter import RequestRates
 from .model import PENDING, RUNNING, Task
 from .outage import Outages
 from .payloads import attempt_input, discard_output, store_output
@@ -85,6 +86,7 @@ class Worker:
         self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
         self.stats: collections.Counter[str] = collections.Counter()
         self.book.counts = self.stats  # the record carries them (queue.stats())
+        self.book.requests = RequestRates(queue.requests, self.clock)  # and the queue's requests
         #: one log line per task event, and the summary while busy (qo/worker_log.py)
         self.tasklog = TaskLog(self.worker_id, queue.name, self.clock)
         self.limiter = queue.plugins.hook.qo_rate_limiter(
