@@ -185,6 +185,7 @@ class Worker:
         await self._meet_peers()
         self.feed.poll = self.settings.poll_min
         self._until_idle = until_idle
+        self._lifecycle("qo_worker_started")
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance"),
                       asyncio.create_task(self._summaries(), name="qo-summary")]
@@ -199,6 +200,7 @@ class Worker:
             for t in background + slots:
                 t.cancel()
             await asyncio.gather(*background, *slots, return_exceptions=True)
+            self._lifecycle("qo_worker_stopping")
             for sig in installed:
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(QoError):
@@ -213,6 +215,13 @@ class Worker:
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    def _lifecycle(self, hook: str) -> None:
+        """Call ``qo_worker_started`` or ``qo_worker_stopping``; a plugin's exception is logged."""
+        try:
+            getattr(self.queue.plugins.hook, hook)(worker=self)
+        except Exception:
+            log.exception("worker %s: a %s plugin failed", self.worker_id, hook)
 
     async def _drain(self, slots: list[asyncio.Task]) -> None:
         """Let the running tasks finish; after ``shutdown_timeout`` cancel the async
