@@ -48,6 +48,12 @@ def _positive(v: Any) -> float:
     return float(v)
 
 
+def _log_format(v: Any) -> str:
+    if v not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return v
+
+
 @attrs.frozen
 class Option:
     name: str
@@ -68,6 +74,8 @@ OPTIONS = {o.name: o for o in [
            "on SIGTERM/SIGINT, seconds running tasks get before async handlers are cancelled"),
     Option("storage_failure_limit", "QO_STORAGE_FAILURE_LIMIT", 60.0, _positive,
            "a drain (--until-idle) gives up after storage failed this long, seconds"),
+    Option("log_format", "QO_LOG_FORMAT", "text", _log_format,
+           "what qo worker and qo schedule run log: text, or json (one object per line)"),
 ]}
 
 

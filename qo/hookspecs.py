@@ -182,6 +182,40 @@ def qo_task_event(event: str, task: Task) -> None:
 
 
 # ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def qo_worker_started(worker: Any) -> None:
+    """A worker has started: it is about to claim its first task. Broadcast.
+
+    Called inside ``await worker.run()``, on the worker's event loop, once its record is
+    written and its peers met, before the first claim; so an implementation may start
+    an asyncio task of its own there (e.g. a periodic ``await worker.queue.stats()``),
+    and stop it in :func:`qo_worker_stopping`. Must not block. Called again by each
+    ``run()`` of the same worker. An exception raised here is logged and does not stop
+    the worker.
+
+    :param worker: the :class:`qo.Worker`: ``worker.queue`` (its ``qo.Queue``),
+        ``worker.worker_id``, ``worker.settings``.
+    """
+
+
+@hookspec
+def qo_worker_stopping(worker: Any) -> None:
+    """A worker is stopping: its slots have ended (or a forced exit gave up on them). Broadcast.
+
+    Called in ``worker.run()``'s cleanup, on the worker's event loop, before its last
+    record write; always after a :func:`qo_worker_started` of the same run, whether the
+    run ended on a signal, ``stop()``, idleness or an error. Stop here what was started
+    there. An exception raised here is logged and does not affect the shutdown.
+
+    :param worker: the :class:`qo.Worker` that is stopping.
+    """
+
+
+# ---------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------
 

@@ -54,6 +54,9 @@ class LeaseBook:
         self._held = False  # the last record written named tasks
         #: the worker's counters, shown by ``queue.stats()`` (as of the last write)
         self.counts: dict[str, int] = {}
+        #: the queue's request counts (qo.meter.RequestRates), carried as ``requests`` and
+        #: ``requests_per_minute`` (none: the record carries neither)
+        self.requests: Any = None
 
     def record(self) -> dict[str, Any]:
         return {
@@ -65,7 +68,14 @@ class LeaseBook:
             "leases": self.leases,
             "started_at": self.started_at,
             "counts": {k: self.counts.get(k, 0) for k in COUNTED},
+            **self._requests(),
         }
+
+    def _requests(self) -> dict[str, Any]:
+        if self.requests is None:
+            return {}
+        since, per_minute = self.requests.sample()
+        return {"requests": since, "requests_per_minute": per_minute}
 
     async def announce(self, entries: dict[str, dict[str, str]]) -> None:
         """Name tasks we are about to claim; returns only once the record is stored."""

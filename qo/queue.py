@@ -39,6 +39,7 @@ from .model import (
 )
 from .limits import Limits, check_rate_limit_key
 from .listing import list_tasks
+from .meter import meter_of
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .payloads import load as load_payload, offload_input
 from .plugins import Plugins, get_plugins
@@ -101,6 +102,9 @@ class Queue:
         self.clock = clock or SystemClock(storage)
         self.url = url
         self.store = TaskStore(storage, self.name)
+        #: requests made through ``storage`` so far, by operation (qo/meter.py; shared by
+        #: the queues opened on the same storage object)
+        self.requests = meter_of(storage)
         self.idempotency = Idempotency(self)
         self.dependencies = Dependencies(self)
         #: the queue's shared settings in the bucket (``qo/queue_settings.py``)

@@ -46,6 +46,14 @@ async def _count(queue: Any, prefix: str, on_key: Any = None) -> tuple[int, bool
     return n, False
 
 
+def _numbers(value: Any) -> dict[str, float]:
+    """A record's ``{op: number}`` field as stored, or {} if absent or not that shape."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0}
+
+
 def band_of(priority: int) -> str:
     for name, low in BANDS:
         if priority >= low:
@@ -102,7 +110,11 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
         workers.append({"worker_id": r["worker_id"], "host": r.get("host"), "pid": r.get("pid"), "alive": alive,
                         "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "running": len(r["leases"]),
                         "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
-                        "started_at": r.get("started_at")})
+                        "started_at": r.get("started_at"),
+                        # the requests its queue made since started_at, and per minute lately
+                        # (qo/meter.py); empty from a worker of an older release
+                        "requests": _numbers(r.get("requests")),
+                        "requests_per_minute": _numbers(r.get("requests_per_minute"))})
         if alive:
             running += len(r["leases"])
             completed += counts.get("completed", 0) if isinstance(counts.get("completed", 0), int) else 0

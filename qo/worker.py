@@ -28,6 +28,7 @@ from .feed import Feed
 from .handlers import Handler, Registry
 from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
+from .meter import RequestRates
 from .model import PENDING, RUNNING, Task
 from .outage import Outages
 from .payloads import attempt_input, discard_output, store_output
@@ -36,6 +37,7 @@ from .retention import apply_retention
 from .queue import Queue
 from .queue_settings import overlay, replaced
 from .transitions import Claimed, Expired, Missed, claim, completed, failed, finish, handed_back, requeued_at
+from .worker_log import TaskLog
 from .worker_settings import WorkerSettings
 
 __all__ = ["Worker", "WorkerSettings", "TaskContext"]
@@ -84,6 +86,9 @@ class Worker:
         self.book = LeaseBook(self.store, self.worker_id, self.clock, self.settings.lease_ttl)
         self.stats: collections.Counter[str] = collections.Counter()
         self.book.counts = self.stats  # the record carries them (queue.stats())
+        self.book.requests = RequestRates(queue.requests, self.clock)  # and the queue's requests
+        #: one log line per task event, and the summary while busy (qo/worker_log.py)
+        self.tasklog = TaskLog(self.worker_id, queue.name, self.clock)
         self.limiter = queue.plugins.hook.qo_rate_limiter(
             storage=queue.storage, config={"queue": queue, "lease_ttl": self.settings.lease_ttl,
                                            "refresh_interval": self.settings.limits_refresh}) or NoLimits()
@@ -180,8 +185,10 @@ class Worker:
         await self._meet_peers()
         self.feed.poll = self.settings.poll_min
         self._until_idle = until_idle
+        self._lifecycle("qo_worker_started")
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
-        background = [asyncio.create_task(self._maintenance(), name="qo-maintenance")]
+        background = [asyncio.create_task(self._maintenance(), name="qo-maintenance"),
+                      asyncio.create_task(self._summaries(), name="qo-summary")]
         if until_idle:
             background.append(asyncio.create_task(self._watch_idle(), name="qo-idle"))
         try:
@@ -193,6 +200,7 @@ class Worker:
             for t in background + slots:
                 t.cancel()
             await asyncio.gather(*background, *slots, return_exceptions=True)
+            self._lifecycle("qo_worker_stopping")
             for sig in installed:
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(QoError):
@@ -207,6 +215,13 @@ class Worker:
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    def _lifecycle(self, hook: str) -> None:
+        """Call ``qo_worker_started`` or ``qo_worker_stopping``; a plugin's exception is logged."""
+        try:
+            getattr(self.queue.plugins.hook, hook)(worker=self)
+        except Exception:
+            log.exception("worker %s: a %s plugin failed", self.worker_id, hook)
 
     async def _drain(self, slots: list[asyncio.Task]) -> None:
         """Let the running tasks finish; after ``shutdown_timeout`` cancel the async
@@ -345,6 +360,7 @@ class Worker:
             return  # a forced exit: stays unsettled, named in our record
         self._unsettled.discard(task.id)
         self.stats["expired"] += 1
+        self.tasklog.expired(task)
         emit(self.queue.plugins, "expired", task)
         await self._release(task)
 
@@ -393,6 +409,7 @@ class Worker:
         ends as an outcome (a failed attempt), never as a task left running."""
         ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds)
         run: asyncio.Future | None = None
+        started: float | None = None
         try:
             handler = self.registry.handlers.get(task.task_type)
             if handler is None:  # its marker named a type we handle; the task another
@@ -401,9 +418,11 @@ class Worker:
             value = await attempt_input(self.queue, task) if task.input_ref is not None else task.input
             if task.depends_on:
                 ctx.dependencies = await self.queue.dependencies.results(task)
+            self.tasklog.started(task)
             emit(self.queue.plugins, "started", task)
             run = asyncio.ensure_future(self._invoke(handler, value, ctx))
-            self._running[task.id] = (run, handler, self.clock.now())
+            started = self.clock.now()
+            self._running[task.id] = (run, handler, started)
             output, error = await self._watch(run, ctx)
         except asyncio.CancelledError:
             # a forced exit (or run() itself cancelled): what still runs stays in our
@@ -433,7 +452,9 @@ class Worker:
             else:
                 delay = self._retry_delay(task, error)
                 change = failed(error, delay, now)
-        if await self._settle(task, etag, change, now, handing_back) is False and output_ref is not None:
+        ran = now - started if started is not None else None
+        if await self._settle(task, etag, change, now, handing_back, error=error, ran=ran) is False \
+                and output_ref is not None:
             await discard_output(self.queue, output_ref)  # not recorded: nobody will read it
 
     def _retry_delay(self, task: Task, error: BaseException) -> float | None:
@@ -444,8 +465,8 @@ class Worker:
                           self.worker_id, task.id)
             return 10.0
 
-    async def _settle(self, task: Task, etag: str, change: Any, now: float,
-                      handing_back: bool = False) -> bool | None:
+    async def _settle(self, task: Task, etag: str, change: Any, now: float, handing_back: bool = False, *,
+                      error: BaseException | None = None, ran: float | None = None) -> bool | None:
         """Store the outcome (and a retry's marker, or an ended task's index entry),
         through storage outages: the task stays in our record, its lease renewed, until
         both are stored; a forced exit leaves it there for recovery (None). Then release
@@ -482,16 +503,24 @@ class Worker:
         self._unsettled.discard(task.id)
         if lost or stored is None:
             self.stats["lost_lease"] += 1
-            log.warning("task %s: lease lost; result of attempt %d discarded", task.id, task.attempt)
+            self.tasklog.lease_lost(task)
             return False
         final = stored[0]
         if final.status == PENDING and handing_back:
             self.stats["handed_back"] += 1
+            self.tasklog.handed_back(final)
         elif final.status == PENDING:
             self.stats["retried"] += 1
+            self.tasklog.retried(final, error, ran or 0.0, max(0.0, final.available_at - now))
             emit(self.queue.plugins, "retried", final)
         else:
             self.stats[final.status] += 1
+            if final.status == "completed":
+                self.tasklog.completed(final, ran or 0.0)
+            elif final.status == "failed":
+                self.tasklog.failed(final, error, ran)
+            elif final.status == "cancelled":
+                self.tasklog.cancelled(final)
             emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
         return True
@@ -535,6 +564,7 @@ class Worker:
             remaining = ctx.deadline - self.clock.now()
             if remaining <= 0:
                 run.cancel()
+                self.tasklog.timed_out(ctx.task, ctx.task.timeout_seconds)
                 return None, TimeoutError(f"handler exceeded timeout_seconds={ctx.task.timeout_seconds}")
             timer = asyncio.ensure_future(self.clock.sleep(remaining))
             try:
@@ -755,12 +785,25 @@ class Worker:
 
     async def _sweep(self):
         """Recover the tasks of dead workers; learn how many workers are alive."""
-        report = await sweep(self.store, self.clock, self_id=self.worker_id,
-                             emit=lambda ev, t: emit(self.queue.plugins, ev, t), on_end=self._release)
+        def emitted(event: str, task: Task) -> None:
+            if event == "failed":  # recovered, its attempts used up: a dead letter
+                self.tasklog.failed(task, None, None)
+            else:
+                self.tasklog.recovered(task)
+            emit(self.queue.plugins, event, task)
+
+        report = await sweep(self.store, self.clock, self_id=self.worker_id, emit=emitted, on_end=self._release)
         self.feed.peers = set(report.alive)
         self.limiter.workers = len(self.feed.peers) + 1
         self.stats["recovered"] += len(report.recovered)
         return report
+
+    async def _summaries(self) -> None:
+        """Every ``log_summary_interval`` seconds: one summary line if anything started or
+        ended meanwhile (silent while idle)."""
+        while not self._stopping.is_set():
+            await self._sleep(self.settings.log_summary_interval)
+            self.tasklog.summary(len(self._running))
 
     async def _watch_idle(self) -> None:
         """Stop once nothing of ours is pending, delayed or running anywhere."""

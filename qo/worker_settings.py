@@ -66,6 +66,9 @@ class WorkerSettings:
     #: ``run(until_idle=True)`` gives up (raising StorageError) once storage has kept
     #: failing this long; a daemon worker keeps trying, with capped backoff
     storage_failure_limit: float = attrs.field(default=60.0, validator=_positive)
+    #: while busy, one summary line (tasks/s, outcomes, running) per this many seconds
+    #: (qo/worker_log.py); nothing is said for an interval in which no task started or ended
+    log_summary_interval: float = attrs.field(default=10.0, validator=_positive)
     orphan_grace: float = attrs.field(default=ORPHAN_GRACE_SECONDS, validator=_positive)
     worker_id: str | None = None
 

@@ -51,7 +51,7 @@ TICK_EVERY = 2.0
 LIMITED_SCOPE = "task_type:limited"  # a real limit (never refusing) whose state object gets poisoned
 LOG_FORMAT = "%(created).3f %(process)d %(name)s %(levelname)s %(message)s"
 BAD_LINE = re.compile(r"unreadable object (\S+): ")
-LEASE_LOST = re.compile(r"task ([0-9a-f]{24}): lease lost")
+LEASE_LOST = re.compile(r"task ([0-9a-f]{24}) \S+(?: \(queue \S+\))?: lease lost")  # qo/worker_log.py
 
 
 def worker_settings(**overrides):

@@ -125,3 +125,23 @@ def events():
     plugins.register(log, name="test-events")
     yield log
     plugins.unregister("test-events")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A command run in process (CliRunner) sets up logging (qo/cli/logs.py): a handler on
+    the root logger writing to that run's stderr, the root's level, the SDK loggers'
+    levels. Put them back after each test."""
+    import logging
+
+    from qo.cli.logs import SDK_LOGGERS
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sdk = {name: logging.getLogger(name).level for name in SDK_LOGGERS}
+    yield
+    for h in [h for h in root.handlers if h not in handlers and getattr(h, "_qo_cli", False)]:
+        root.removeHandler(h)
+    root.setLevel(level)
+    for name, lvl in sdk.items():
+        logging.getLogger(name).setLevel(lvl)

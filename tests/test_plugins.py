@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import types
 
@@ -479,3 +480,36 @@ def test_strict_mode_makes_the_cli_fail_with_one_line(fake_dist, monkeypatch):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: qo plugin 'bad' (distribution 'qo-bad') not loaded: import failed: RuntimeError: boom (QO_STRICT_PLUGINS=1)"
     )
+
+
+async def test_worker_started_and_stopping_bracket_each_run(queue, fast_settings, caplog):
+    from qo.plugins import get_plugins
+    from qo.worker import Worker
+
+    class Watcher:
+        def __init__(self):
+            self.calls = []
+
+        @qo.hookimpl
+        def qo_worker_started(self, worker):
+            asyncio.get_running_loop()  # on the worker's loop: it may start a task there
+            self.calls.append(("started", worker.worker_id, len(worker._running)))
+
+        @qo.hookimpl
+        def qo_worker_stopping(self, worker):
+            self.calls.append(("stopping", worker.worker_id, len(worker._running)))
+            raise RuntimeError("a broken plugin")  # logged, the shutdown goes on
+
+    watcher = Watcher()
+    plugins = get_plugins()
+    plugins.register(watcher, name="test-lifecycle")
+    try:
+        worker = Worker(queue, settings=fast_settings)
+        worker.handler("t")(lambda v: v)
+        await queue.submit("t", 1)
+        for _ in range(2):
+            await worker.run(until_idle=True)
+    finally:
+        plugins.unregister("test-lifecycle")
+    assert watcher.calls == [("started", worker.worker_id, 0), ("stopping", worker.worker_id, 0)] * 2
+    assert "a qo_worker_stopping plugin failed" in caplog.text

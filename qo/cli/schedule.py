@@ -16,10 +16,10 @@ from ..errors import InvalidInput
 from ..model import PRIORITY_LEVELS, iso
 from ..schedule_model import CATCH_UP_POLICIES, Schedule, check_name
 from .common import echo_json, open_queue, queue_options, run, say_skipped
+from .logs import configure, location, log_options
 from ..model import MAX_INPUT_BYTES
 from .parsing import parse_json_input
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the schedule as one JSON object.")
 #: field of an InvalidInput -> the option a user typed
 OPTION_OF = {"cron": "--cron", "task_type": "--type", "input": "--input", "timezone": "--timezone",
@@ -175,16 +175,15 @@ trigger = _simple("trigger", "trigger", "Fire NAME once now (a new task); its cr
 @schedule.command("run")
 @click.option("--poll-max", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Longest pause between passes: new and changed schedules are seen within this.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
-              show_default=True, help="Logging to stderr at this level.")
+@log_options
 @queue_options
 @run
-async def run_scheduler(poll_max: float, log_level: str, url: str, queue_name: str) -> None:
+async def run_scheduler(poll_max: float, log_level: str, log_format: str | None, url: str, queue_name: str) -> None:
     """The scheduler daemon, until SIGTERM/SIGINT. Run any number, anywhere: every fire
     time still produces exactly one task."""
     from ..scheduler import Scheduler
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, log_format)
     queue = await open_queue(url, queue_name, patient=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -195,7 +194,7 @@ async def run_scheduler(poll_max: float, log_level: str, url: str, queue_name: s
             installed.append(sig)
     try:
         scheduler = Scheduler(queue, poll_max=poll_max)
-        logging.getLogger("qo.cli").info("scheduler on queue %r at %s", queue.name, redact_url(queue.url))
+        logging.getLogger("qo.cli").info("scheduler on queue %r at %s", queue.name, location(queue.url))
         stats: dict[str, Any] = dict(await scheduler.run(stop))
     finally:
         for sig in installed:

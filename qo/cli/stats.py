@@ -39,12 +39,17 @@ def render(stats: dict[str, Any], where: str) -> str:
              ]
     if stats["next_delayed_in_s"] is not None:
         lines.append(f"  delayed    next due in {_age(stats['next_delayed_in_s'])}")
+    rpm = [sum(w.get("requests_per_minute", {}).values()) for w in stats["workers"]
+           if w["alive"] and w.get("requests_per_minute")]
     lines.append(f"  workers    {stats['live_workers']} live; completed by them since they started: "
-                 f"{stats['completed_by_live_workers']}")
+                 f"{stats['completed_by_live_workers']}"
+                 + (f"; their storage requests: {sum(rpm):,.0f}/min" if rpm else ""))
     for w in stats["workers"]:
         state = "live" if w["alive"] else "STALE (its tasks are recovered)"
+        requests = (f"   requests {sum(w['requests_per_minute'].values()):,.0f}/min"
+                    if w.get("requests_per_minute") else "")
         lines.append(f"    {w['worker_id']:<36} {state:<5} heartbeat {_age(w['heartbeat_age_s'])} ago   "
-                     f"running {w['running']}   completed {w['completed']}   failed {w['failed']}")
+                     f"running {w['running']}   completed {w['completed']}   failed {w['failed']}{requests}")
     if stats["schedules"]:
         lines.append("  schedules")
         for s in stats["schedules"]:

@@ -11,14 +11,11 @@ from typing import Any
 
 import click
 
-from ..backends import redact_url
 from ..errors import ConfigurationError, QoError
 from ..handlers import Registry, import_handlers
 from ..config import load as load_config
 from .common import open_queue, queue_options, run
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
+from .logs import configure, location, log_options
 
 @click.command()
 @click.argument("modules", metavar="MODULE...", nargs=-1, required=True)
@@ -27,8 +24,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
               help="Exit once no task of a handled type is pending, blocked or running (drain the queue).")
 @click.option("--poll-max", type=float, help="Longest pause between polls while idle, in seconds.")
 @click.option("--lease-ttl", type=float, help="Seconds after which a silent worker is presumed dead.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
-              show_default=True, help="Logging to stderr at this level.")
+@log_options
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0.001), default=None,
               help="On SIGTERM/SIGINT, seconds running tasks get to finish before async handlers are "
                    "cancelled and handed back (sync handlers are waited for; a second signal exits "
@@ -38,16 +34,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 @queue_options
 @run
 async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: bool, poll_max: float | None,
-                 lease_ttl: float | None, shutdown_timeout: float | None, log_level: str, with_scheduler: bool,
+                 lease_ttl: float | None, shutdown_timeout: float | None, log_level: str, log_format: str | None,
+                 with_scheduler: bool,
                  url: str, queue_name: str) -> None:
     """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
     from ..scheduler import Scheduler
     from ..worker import Worker
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = configure(log_level, log_format, load_config().with_flags(
+        concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl, shutdown_timeout=shutdown_timeout))
     registry = load_registry(list(modules))
-    config = load_config().with_flags(concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl,
-                                      shutdown_timeout=shutdown_timeout)
     concurrency = config["concurrency"]
     overrides: dict[str, Any] = {name: config[name] for name in
                                  ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit")}
@@ -56,7 +52,7 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
         w.add_handlers(registry)
         logging.getLogger("qo.cli").info(
             "worker %s on queue %r at %s: concurrency %d, handlers: %s%s", w.worker_id, queue.name,
-            redact_url(queue.url), w.settings.concurrency,
+            location(queue.url), w.settings.concurrency,
             ", ".join(sorted(registry.handlers)), " (until idle)" if until_idle else "")
         stop_scheduler = asyncio.Event()
         scheduling = asyncio.ensure_future(Scheduler(queue).run(stop_scheduler)) if with_scheduler else None
@@ -66,7 +62,11 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
             stop_scheduler.set()  # the worker stopped (signal, idle or error): so does its scheduler
             if scheduling is not None:
                 await scheduling
-    click.echo(summary(w.worker_id, stats), err=True)
+    if config["log_format"] == "json":  # every line of a json log parses
+        logging.getLogger("qo.cli").info(summary(w.worker_id, stats), extra={
+            "event": "stopped", "worker_id": w.worker_id, "queue": w.queue.name})
+    else:
+        click.echo(summary(w.worker_id, stats), err=True)
     if w.forced:  # a second signal: handler threads may still run; do not wait for them
         sys.stderr.flush()
         os._exit(1)

@@ -13,6 +13,8 @@ from typing import Any
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from .gauges import QueueGauges, Refresher
+
 #: run times: from tens of milliseconds to an hour
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 #: queue waits: up to a day (a task may be scheduled ahead or wait behind a backlog)
@@ -35,6 +37,9 @@ class Metrics:
         self.queue_wait_seconds = Histogram(
             "qo_task_queue_wait_seconds", "Time from a task's creation to the start of its first attempt, "
             "by task type.", ["task_type"], buckets=WAIT_BUCKETS, registry=self.registry)
+        #: the queue as a whole, from queue.stats() snapshots (qo_metrics/gauges.py)
+        self.queue = QueueGauges(self.registry)
+        self.refresher = Refresher(self.queue)
 
     def observe(self, event: str, task: Any) -> None:
         """Record one ``qo_task_event``."""

@@ -1,4 +1,5 @@
-"""The hook implementations: task events feed the metrics; ``qo worker`` gets ``--metrics-port``."""
+"""The hook implementations: task events feed the counters, a running worker refreshes the
+queue gauges from ``queue.stats()``; ``qo worker`` gets ``--metrics-port``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ OPTION_NAME = "metrics_port"
 @qo.hookimpl
 def qo_task_event(event: str, task: qo.Task) -> None:
     METRICS.observe(event, task)
+
+
+@qo.hookimpl
+def qo_worker_started(worker: qo.Worker) -> None:
+    METRICS.refresher.start(worker)  # the qo_queue_* gauges, from queue.stats() snapshots
+
+
+@qo.hookimpl
+def qo_worker_stopping(worker: qo.Worker) -> None:
+    METRICS.refresher.stop(worker)
 
 
 def _start_server(ctx: click.Context, param: click.Parameter, port: int | None) -> None:

@@ -54,7 +54,7 @@ def test_the_plugin_is_loaded_through_its_entry_point():
 
     info = get_plugins().info["metrics"]
     assert info.status == "loaded" and info.distribution == "qo-metrics"
-    assert info.hooks == ["qo_cli_commands", "qo_task_event"]
+    assert info.hooks == ["qo_cli_commands", "qo_task_event", "qo_worker_started", "qo_worker_stopping"]
 
 
 def test_a_worker_run_is_counted_by_type_and_event(tmp_path):
