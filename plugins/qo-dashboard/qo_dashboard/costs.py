@@ -99,6 +99,7 @@ class RequestMeter:
         self.counts, self.window, self.clock = counts, window, clock
         self.samples: deque[tuple[float, dict[str, int]]] = deque()
         self.started = clock()
+        self.baseline = dict(counts())  # what the counter held before this meter
         self.sample()
 
     def sample(self) -> None:
@@ -115,5 +116,11 @@ class RequestMeter:
         return {op: (c1.get(op, 0) - c0.get(op, 0)) * 60.0 / elapsed for op in OPS}
 
     def total(self) -> dict[str, int]:
+        """Requests by operation since this meter was made."""
         current = self.counts()
-        return {op: current.get(op, 0) for op in OPS}
+        return {op: current.get(op, 0) - self.baseline.get(op, 0) for op in OPS}
+
+    @property
+    def span(self) -> float:
+        """Seconds the rate is measured over (the window, or less since the start)."""
+        return min(self.window, self.clock() - self.samples[0][0])

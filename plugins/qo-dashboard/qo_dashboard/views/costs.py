@@ -25,7 +25,9 @@ async def page(request: web.Request) -> web.Response:
     for w in stats["workers"]:
         rpm = w.get("requests_per_minute") if isinstance(w.get("requests_per_minute"), dict) else {}
         total = w.get("requests") if isinstance(w.get("requests"), dict) else {}
-        workers.append({"worker_id": w["worker_id"], "alive": w["alive"], "rpm": sum_rates([rpm]),
+        rates = sum_rates([rpm])
+        workers.append({"worker_id": w["worker_id"], "alive": w["alive"], "rpm": rates,
+                        "month": monthly_cost(rates, prices),
                         "reported": bool(rpm or total), "total": sum(v for v in total.values()
                                                                       if isinstance(v, int))})
     live = [w for w in workers if w["alive"]]
@@ -40,6 +42,6 @@ async def page(request: web.Request) -> web.Response:
         reporting=sum(1 for w in live if w["reported"]),
         dash_month=None if dash_rpm is None else monthly_cost(dash_rpm, prices),
         worker_month=monthly_cost(worker_rpm, prices),
-        dash_total=dash_total, window_s=meter.window if meter is not None else 0,
+        dash_total=dash_total, window_s=meter.span if meter is not None else 0,
         uptime=time.time() - app["started"], source=PRICES_SOURCE, as_of=PRICES_AS_OF,
         refresh_cost=app["refresh_cost"], custom_prices=prices != DEFAULT_PRICES)
