@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 import click
@@ -48,7 +49,10 @@ def dashboard(ctx: click.Context, host: str, port: int, allow_actions: bool, aut
         raise click.UsageError(f"--host {host} is not a loopback address: give --auth-token TOKEN (or "
                                "QO_DASHBOARD_TOKEN), or --insecure-no-auth to serve it to anyone who can reach it",
                                ctx=ctx)
-    _serve(host, port, allow_actions, auth_token, refresh, prices, url, queue_name)
+    try:
+        _serve(host, port, allow_actions, auth_token, refresh, prices, url, queue_name)
+    except KeyboardInterrupt:  # before the handlers were installed
+        click.echo("stopped", err=True)
 
 
 @run
@@ -75,10 +79,18 @@ async def _serve(host: str, port: int, allow_actions: bool, auth_token: str | No
         click.echo(f"qo dashboard of queue {queue.name!r} at {redact_url(str(queue.url))}: "
                    f"http://{shown}:{port}/  ({'actions allowed' if allow_actions else 'read-only'}"
                    f"{', auth token required' if auth_token else ''}; Ctrl-C stops)")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+                pass
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         except asyncio.CancelledError:
             pass
+        click.echo("stopped", err=True)
     finally:
         await runner.cleanup()
         await queue.close()

@@ -52,6 +52,11 @@ def usd(value: float) -> str:
     return f"${value:,.0f}"
 
 
+def per(seconds: float) -> str:
+    """A rate's period: ``/s``, ``/min``, ``/h``, else ``per 2.5 s``."""
+    return {1.0: "/s", 60.0: "/min", 3600.0: "/h", 86400.0: "/day"}.get(float(seconds), f"per {age(seconds)}")
+
+
 def pretty(value: Any) -> str:
     try:
         return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
@@ -59,4 +64,4 @@ def pretty(value: Any) -> str:
         return repr(value)
 
 
-FILTERS = {"iso": iso, "age": age, "num": num, "usd": usd, "pretty": pretty}
+FILTERS = {"iso": iso, "age": age, "num": num, "usd": usd, "pretty": pretty, "per": per}

@@ -55,8 +55,8 @@ async def test_overview_counts_bands_workers_and_refresh_cost(client, seeded):
     assert "Oldest due task waits" in html and "in 5" in html or "in 6" in html  # next delayed ~1 h
     assert "1 live of 2" in html
     live = re.search(r'<td class="mono">w-live</td>.*?</tr>', html, re.S).group(0)
-    assert "st-running\">live<" in live and re.findall(r'<td class="num r">([^<]+)</td>', live) == \
-        ["2.0 s ago", "1", "3", "0"]
+    cells = re.findall(r'<td class="num r">([^<]+)</td>', live)
+    assert "st-running\">live<" in live and re.match(r"\d+(\.\d)? s ago", cells[0]) and cells[1:] == ["1", "3", "0"]
     gone = re.search(r'<td class="mono">w-gone</td>.*?</tr>', html, re.S).group(0)
     assert "stale" in gone and "2.0 min ago" in gone or "120 s" in gone or "2 min ago" in gone
     assert re.search(r"each refresh: \d+ requests to the store, ~\d+/min", html)
@@ -148,7 +148,7 @@ async def test_schedules_limits_costs_pages(client, seeded):
     html = await text(await client.get("/schedules"))
     assert "nightly" in html and "0 3 * * *" in html and "Europe/Paris" in html and "active" in html
     html = await text(await client.get("/limits"))
-    assert "task_type:later" in html and ">20<" in html and "10 per 1.0 s" in html
+    assert "task_type:later" in html and ">20<" in html and "10/s" in html
     html = await text(await client.get("/costs"))
     assert "aws.amazon.com/s3/pricing" in html and "2026-11-29" in html
     assert re.search(r'<td class="mono">LIST</td><td class="num r">\$0.0050</td>\s*<td class="num r">[1-9]', html)
