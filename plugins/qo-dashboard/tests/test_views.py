@@ -117,7 +117,6 @@ async def test_task_page_shows_error_traceback_dependencies(client, seeded):
 
 
 async def test_task_with_a_traceback(client, queue):
-    from helpers import run_worker  # noqa: F401 - a handler that raises a plain exception
     import qo
     from qo.worker import WorkerSettings
 
@@ -134,14 +133,17 @@ async def test_task_with_a_traceback(client, queue):
 
 
 async def test_schedule_origin_on_task_page(client, seeded, queue):
-    csrf = csrf_of(await text(await client.get("/schedules")))
-    resp = await client.post("/schedules/nightly/trigger", data={"csrf": csrf}, allow_redirects=False)
-    assert resp.status == 303
-    fired = (await queue.schedules.get("nightly")).last_task_id
-    # trigger does not touch the fire state: last_task_id is the last cron fire (none yet)
-    if fired:
-        html = await text(await client.get(f"/tasks/{fired}"))
-        assert "nightly" in html
+    """The task a schedule fired last names that schedule (found from the schedule's
+    ``last_task_id``: the task itself does not record its origin)."""
+    store = queue.schedules.store
+    schedule, etag = await store.load("nightly")
+    schedule.last_task_id = seeded["normal"].id  # as a scheduler's fire writes it
+    await store.replace(schedule, etag)
+    html = await text(await client.get(f"/tasks/{seeded['normal'].id}"))
+    assert re.search(r'<dt>schedule</dt><dd><a href="/schedules">nightly</a>', html)
+    html = await text(await client.get(f"/tasks/{seeded['urgent'].id}"))
+    assert "<dt>schedule</dt><dd><span class=\"muted\">" in html
+    assert f'href="/tasks/{seeded["normal"].id}"' in await text(await client.get("/schedules"))
 
 
 async def test_schedules_limits_costs_pages(client, seeded):
