@@ -23,7 +23,7 @@ import qo
 from qo.worker import WorkerSettings
 from qo_dashboard import create_app
 
-from helpers import FAST, run_worker, write_ended, write_worker
+from dashboard_helpers import FAST, run_worker, write_ended, write_worker
 
 CHROMIUM = os.environ.get("QO_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -11,7 +11,7 @@ import pytest
 
 from qo.model import FAILED, PENDING
 
-from helpers import csrf_of, run_worker, write_worker
+from dashboard_helpers import csrf_of, run_worker, write_worker
 
 XSS = "<script>alert(1)</script>"
 

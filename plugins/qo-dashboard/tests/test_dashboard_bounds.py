@@ -14,7 +14,7 @@ import pytest
 
 from qo_dashboard.tasklist import MAX_LISTS, MAX_READS
 
-from helpers import write_ended, write_worker
+from dashboard_helpers import write_ended, write_worker
 
 PAGES = ["/", "/fragments/overview", "/tasks", "/tasks?status=failed", "/tasks?status=completed",
          "/tasks?status=pending", "/dead-letters", "/schedules", "/limits", "/costs"]
