@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 
 from qo.counting import OPS
 
-#: where the default prices come from, and when they were read
+#: where the default prices come from, and the date they were last checked (against
+#: secondary sources quoting that page; the page itself was not fetched here)
 PRICES_SOURCE = "Amazon S3 pricing, S3 Standard, US East (N. Virginia): https://aws.amazon.com/s3/pricing/"
 PRICES_AS_OF = "2026-11-29"
 DEFAULT_PRICES: dict[str, float] = {
