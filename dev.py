@@ -7,7 +7,9 @@
 
 Each also installs Azurite (the Azure Storage emulator, for the az:// tests and the
 benchmark) with npm into .azurite/ when it is missing; without npm the Azure tests are
-skipped, saying why.
+skipped, saying why. And Chromium from the system's packages (apt-get, as root) for the
+dashboard's real-browser tests, driven by playwright's Python package (never a browser
+download); without it those tests are skipped, saying why (under CI=1 they fail).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def _fingerprint() -> str:
 
 
 def ensure_venv() -> None:
-    """Create the virtualenv and install qo (editable, with test extras) and plugins/; Azurite."""
+    """Create the virtualenv and install qo (editable, with test extras) and plugins/; Azurite; Chromium."""
     ensure_azurite()
+    ensure_chromium()
     stamp = VENV / ".qo-installed"
     if stamp.exists() and stamp.read_text() == _fingerprint():
         return
@@ -46,8 +49,39 @@ def ensure_venv() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", str(d)))], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", f"{d}{_extra(d)}"))],
+                   check=True)
     stamp.write_text(_fingerprint())
+
+
+def _extra(plugin_dir: Path) -> str:
+    """``[test]`` for a plugin that declares a test extra (qo-dashboard: playwright)."""
+    return "[test]" if "\ntest = [" in (plugin_dir / "pyproject.toml").read_text() else ""
+
+
+CHROMIUM = Path(os.environ.get("QO_CHROMIUM", "/usr/bin/chromium"))
+
+
+def ensure_chromium() -> None:
+    """Install Debian's ``chromium`` with apt-get when it is missing and we may (root, apt).
+
+    Otherwise say so and go on: the dashboard's browser tests skip with that reason.
+    """
+    if CHROMIUM.exists():
+        return
+    apt = shutil.which("apt-get")
+    if apt is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        print(f"{CHROMIUM} not found: the dashboard's browser tests will be skipped "
+              "(install the chromium package to run them).", flush=True)
+        return
+    print("installing chromium (apt-get) for the dashboard's browser tests", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "env": env}
+    done = subprocess.run([apt, "-qq", "update"], **quiet)
+    if done.returncode == 0:
+        done = subprocess.run([apt, "-qq", "install", "-y", "--no-install-recommends", "chromium"], **quiet)
+    if done.returncode != 0 or not CHROMIUM.exists():
+        print("apt-get could not install chromium: the dashboard's browser tests will be skipped.", flush=True)
 
 
 def ensure_azurite() -> None:

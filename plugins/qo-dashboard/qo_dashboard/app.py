@@ -1,0 +1,87 @@
+"""The aiohttp application: ``create_app(queue, ...)`` wires the pages, the safety
+middlewares, the templates (Jinja2, autoescaped) and the static files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jinja2
+from aiohttp import web
+
+from qo.backends import redact_url
+from qo.counting import CountingStorage
+
+from . import fmt, security
+from .costs import DEFAULT_PRICES, RequestMeter
+from .history import Throughput
+from .state import STATE, state
+from .views import actions, costs, limits, overview, schedules, tasks
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+HTMX = "htmx-2.0.4.min.js"
+
+
+def templates() -> jinja2.Environment:
+    """Templates with autoescaping on for every file: a task's input, output and error are
+    written by whoever submits or runs tasks, so nothing is rendered unescaped unless a
+    template says so (none does)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt.FILTERS)
+    return env
+
+
+def create_app(queue: Any, *, allow_actions: bool = False, auth_token: str | None = None,
+               refresh: float = 5.0, prices: Mapping[str, float] | None = None,
+               secret: bytes | None = None) -> web.Application:
+    """The dashboard of ``queue``. Its requests are counted (the cost meter) when the queue
+    was opened with ``wrap_storage=qo.counting.CountingStorage``."""
+    app = web.Application(middlewares=[security.headers_middleware()])
+    guard = security.Guard(auth_token, secret)
+    app.middlewares.append(security.auth_middleware(guard))
+    counter = queue.storage if isinstance(queue.storage, CountingStorage) else None
+    app[STATE] = dict(
+        queue=queue, guard=guard, allow_actions=allow_actions, refresh=float(refresh),
+        prices=dict(prices or DEFAULT_PRICES), counter=counter, env=templates(),
+        meter=RequestMeter(counter.counts) if counter is not None else None,
+        throughput=Throughput(), store_label=redact_url(str(queue.url)), started=time.time(),
+        refresh_cost=None,
+    )
+    app.router.add_get("/", overview.page)
+    app.router.add_get("/fragments/overview", overview.fragment)
+    app.router.add_get("/tasks", tasks.listing)
+    app.router.add_get("/tasks/{id}", tasks.detail)
+    app.router.add_get("/dead-letters", tasks.dead_letters)
+    app.router.add_post("/actions/retry", actions.retry)
+    app.router.add_post("/actions/cancel", actions.cancel)
+    app.router.add_get("/schedules", schedules.page)
+    app.router.add_post("/schedules/{name}/{action}", schedules.act)
+    app.router.add_get("/limits", limits.page)
+    app.router.add_get("/costs", costs.page)
+    app.router.add_get("/login", overview.login_form)
+    app.router.add_post("/login", overview.login)
+    app.router.add_static("/static/", STATIC, append_version=False)
+    return app
+
+
+def render(request: web.Request, template: str, *, http_status: int = 200, **context: Any) -> web.Response:
+    """``template`` with the context every page shares (nav, queue, store, csrf)."""
+    app = state(request)
+    if app["meter"] is not None:
+        app["meter"].sample()
+    body = app["env"].get_template(template).render(
+        queue_name=app["queue"].name, store=app["store_label"], allow_actions=app["allow_actions"],
+        csrf=app["guard"].csrf_token, csrf_field=security.CSRF_FIELD, path=request.path,
+        path_qs=request.path_qs, htmx=HTMX, refresh=app["refresh"], now=app["queue"].clock.now(),
+        msg=request.query.get("msg"), auth=app["guard"].auth_token is not None,
+        **context)
+    return web.Response(text=body, content_type="text/html", status=http_status)
+
+
+def counted(request: web.Request) -> int:
+    """Requests to the store made so far by this dashboard (0 when not counted)."""
+    counter = state(request)["counter"]
+    return counter.total if counter is not None else 0

@@ -1,0 +1,104 @@
+"""Actions (POST, ``--allow-actions`` and a CSRF token required): retry and cancel one
+task, many selected, or all of a status at once (``queue.retry_many``/``cancel_many``).
+Each answers with a redirect back to the page it came from, saying what it did."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..state import state
+from yarl import URL
+
+from qo.errors import QoError, TaskNotFound, TaskStateError
+from qo.keys import TASK_ID, TASK_TYPE
+
+from .. import params, security
+
+#: actions in flight at once
+CONCURRENCY = 16
+MAX_SELECTED = 500
+
+
+def _ids(form: Any) -> list[str]:
+    ids = form.getall("id", [])
+    if len(ids) > MAX_SELECTED:
+        raise params.bad("id", f"at most {MAX_SELECTED} tasks at once")
+    for value in ids:
+        if not isinstance(value, str) or not TASK_ID.match(value):
+            raise params.bad("id", f"{str(value)[:40]!r} is not a task id")
+    return list(dict.fromkeys(ids))
+
+
+def _back(form: Any, msg: str) -> web.HTTPSeeOther:
+    target = URL(security.local_path(str(form.get("back") or "/")))
+    return web.HTTPSeeOther(str(target.update_query(msg=msg)))
+
+
+async def _each(ids: list[str], action: Callable[[str], Awaitable[Any]]) -> tuple[int, int, list[str]]:
+    """(changed, skipped, errors) after ``action`` on each id, ``CONCURRENCY`` at a time."""
+    slots = asyncio.Semaphore(CONCURRENCY)
+    done = skipped = 0
+    errors: list[str] = []
+
+    async def one(task_id: str) -> None:
+        nonlocal done, skipped
+        async with slots:
+            try:
+                await action(task_id)
+                done += 1
+            except (TaskStateError, TaskNotFound):
+                skipped += 1
+            except QoError as exc:
+                errors.append(f"{task_id}: {exc}")
+
+    await asyncio.gather(*(one(i) for i in ids))
+    return done, skipped, errors
+
+
+def _say(verb: str, done: int, skipped: int, errors: list[str]) -> str:
+    msg = f"{verb} {done} task{'s' if done != 1 else ''}"
+    if skipped:
+        msg += f"; {skipped} skipped (not in a state to be {verb}, or changed meanwhile)"
+    if errors:
+        msg += f"; {len(errors)} failed: {errors[0]}"
+    return msg
+
+
+def _all_filter(form: Any) -> str | None:
+    task_type = form.get("type") or None
+    if task_type is not None and (not isinstance(task_type, str) or not TASK_TYPE.match(task_type)):
+        raise params.bad("type", "is not a task type")
+    return task_type
+
+
+async def retry(request: web.Request) -> web.Response:
+    form = await security.check_action(request)
+    queue = state(request)["queue"]
+    every = form.get("all")
+    if every:
+        if every not in ("failed", "cancelled", "expired"):
+            raise params.bad("all", "is not failed, cancelled or expired")
+        n = await queue.retry_many(every, _all_filter(form))
+        raise _back(form, f"retried {n} {every} task{'s' if n != 1 else ''}")
+    ids = _ids(form)
+    if not ids:
+        raise _back(form, "nothing selected")
+    raise _back(form, _say("retried", *await _each(ids, queue.retry)))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    form = await security.check_action(request)
+    queue = state(request)["queue"]
+    every = form.get("all")
+    if every:
+        if every not in ("pending", "blocked"):
+            raise params.bad("all", "is not pending or blocked")
+        n = await queue.cancel_many(every, _all_filter(form))
+        raise _back(form, f"cancelled {n} {every} task{'s' if n != 1 else ''}")
+    ids = _ids(form)
+    if not ids:
+        raise _back(form, "nothing selected")
+    raise _back(form, _say("cancelled", *await _each(ids, queue.cancel)))
