@@ -100,11 +100,11 @@ async def main(url: str, n: int, concurrency: int) -> int:
     where = "" if url == default_url() or secret else f" --url {shlex.quote(url)}"
     note = " (with QO_URL set to your storage URL)" if secret and url != default_url() else ""
     where += f" --queue {name}"
-    qo = qo_command()
+    command = qo_command()
     print(f"\ninspect them{note}")
-    print(f"  {qo} list{where} --status failed")
-    print(f"  {qo} status{where} {dead[0] if dead else tasks[0].id}")
-    print(f"  {qo} list{where}")
+    print(f"  {command} list{where} --status failed")
+    print(f"  {command} status{where} {dead[0] if dead else tasks[0].id}")
+    print(f"  {command} list{where}")
     return 0 if sum(by_status.values()) == len(tasks) else 1
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import attrs
 
-from .errors import InvalidInput
+from .errors import ConfigurationError, InvalidInput, QoError
 from .model import check_task_type
 
 
@@ -72,12 +72,18 @@ def import_handlers(module_names: list[str]) -> Registry:
 
     out = Registry()
     for name in module_names:
-        if name.endswith(".py"):
-            namespace = runpy.run_path(name)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")
-            namespace = vars(importlib.import_module(name))
+        try:
+            if name.endswith(".py"):
+                namespace = runpy.run_path(name)
+            else:
+                if "" not in sys.path:
+                    sys.path.insert(0, "")
+                namespace = vars(importlib.import_module(name))
+        except QoError:
+            raise
+        except Exception as exc:  # one line naming the module, the error and where it was raised
+            raise ConfigurationError(f"cannot import handlers from {name}: {type(exc).__name__}: {exc}"
+                                     f"{_where(exc)}") from exc
         for value in namespace.values():
             # getattr_static: a lazy object's __getattr__ (Django's settings) is not run
             if isinstance(inspect.getattr_static(value, "registry", None), Registry):
@@ -86,3 +92,14 @@ def import_handlers(module_names: list[str]) -> Registry:
     for h in default_registry.handlers.values():
         out.add(h.task_type, h.fn)
     return out
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file.py:12)``: the last frame the error passed through, or nothing."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {exc.filename}:{exc.lineno})"
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+

@@ -64,7 +64,17 @@ class NoLimits:
 
 
 class Worker:
-    """Runs handlers for due tasks of ``queue``: ``await Worker(queue).run()``."""
+    """Runs handlers for due tasks of ``queue``: ``await Worker(queue).run()``.
+
+    ``Worker([q1, q2, ...], concurrency, weights=None)`` runs several queues under one
+    concurrency budget, in strict order or by weight (``qo/multi_worker.py``)."""
+
+    def __new__(cls, queue: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(queue, (list, tuple)):
+            from .multi_worker import MultiQueueWorker
+
+            return MultiQueueWorker(queue, *args, worker_class=cls, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, queue: Queue, concurrency: int | None = None, *,
                  settings: WorkerSettings | None = None, **overrides: Any):
@@ -93,6 +103,11 @@ class Worker:
             storage=queue.storage, config={"queue": queue, "lease_ttl": self.settings.lease_ttl,
                                            "refresh_interval": self.settings.limits_refresh}) or NoLimits()
         self._stopping = asyncio.Event()
+        #: a multi-queue worker's shared concurrency budget and this queue's rank in it
+        self.gate: tuple[Any, int] | None = None
+        #: a multi-queue worker's check that every queue is idle (``run(until_idle=True)``)
+        self.idle_gate: Callable[[Any], Awaitable[bool]] | None = None
+        self.handle_signals = True  # False when a multi-queue worker forwards them
         self._reset()
 
     def _reset(self) -> None:
@@ -176,7 +191,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="qo-handler")
         installed = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.handle_signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
@@ -186,7 +201,10 @@ class Worker:
         self.feed.poll = self.settings.poll_min
         self._until_idle = until_idle
         self._lifecycle("qo_worker_started")
-        slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(self.settings.concurrency)]
+        # under a multi-queue gate one more slot than the budget, so a queue always has a
+        # candidate waiting at the gate when one of its tasks ends (strict order holds)
+        n = self.settings.concurrency + (1 if self.gate is not None else 0)
+        slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(n)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance"),
                       asyncio.create_task(self._summaries(), name="qo-summary")]
         if until_idle:
@@ -287,6 +305,10 @@ class Worker:
             marker = await self.feed.next()
             if marker is None:
                 continue
+            if self.gate is not None and not await self._through_gate():
+                self.feed.forget(marker.task_id)  # stopping: not claimed, its lease leaves the record
+                self.feed.done(marker)
+                continue
             try:
                 await self._process(marker)
             except asyncio.CancelledError:
@@ -297,6 +319,28 @@ class Worker:
                 await self._sleep(self.settings.poll_min)
             finally:
                 self.feed.done(marker)
+                if self.gate is not None:
+                    self.gate[0].release(self.gate[1])
+
+    async def _through_gate(self) -> bool:
+        """A multi-queue worker's slot for this candidate: True once granted, False if the
+        worker stops first."""
+        gate, rank = self.gate  # type: ignore[misc]
+        acquire = asyncio.ensure_future(gate.acquire(rank))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([acquire, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+            if not self._stopping.is_set():
+                return True
+            gate.release(rank)
+            return False
+        acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+        return False
 
     # -- one task -----------------------------------------------------------------
 
@@ -812,7 +856,7 @@ class Worker:
             if self._running or not self.feed.empty:
                 continue
             try:
-                if await self._queue_idle():
+                if await self._queue_idle() and (self.idle_gate is None or await self.idle_gate(self)):
                     self.stop()
                     return
             except QoError as exc:

@@ -393,6 +393,23 @@ def test_worker_without_handlers(tmp_path):
     proc = run_qo("worker", "no_such_module", "--url", str(tmp_path / "store"), cwd=tmp_path)
     assert proc.returncode == 1 and "no_such_module" in proc.stderr and "Traceback" not in proc.stderr
     assert run_qo("worker", "--url", str(tmp_path / "store"), cwd=tmp_path).returncode == 2
+    assert "@qo.handler(" in run_qo("worker", "empty_module.py", "--url", str(tmp_path / "store"),
+                                    cwd=tmp_path).stderr  # the decorator the README shows
+
+
+def test_a_handler_module_that_raises_on_import_is_one_line(tmp_path):
+    (tmp_path / "broken_handlers.py").write_text("import qo\n\nSETTINGS = {}\nKEY = SETTINGS['api_key']\n")
+    for module in ("broken_handlers.py", "broken_handlers"):
+        proc = run_qo("worker", module, "--until-idle", "--url", str(tmp_path / "store"), cwd=tmp_path)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"error: cannot import handlers from {module}: KeyError: 'api_key' (at ")
+        assert "broken_handlers.py:4)" in lines[0]
+    (tmp_path / "bad_syntax.py").write_text("def f(:\n")
+    proc = run_qo("worker", "bad_syntax.py", "--url", str(tmp_path / "store"), cwd=tmp_path)
+    assert proc.returncode == 1 and "SyntaxError" in proc.stderr and "bad_syntax.py:1)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "store").exists()
 
 
 def test_doctor(storage_url):
