@@ -1,6 +1,7 @@
 """qo: a distributed task queue that needs nothing but a bucket."""
 
 from .errors import (
+    Cancelled,
     ConfigurationError,
     CorruptObject,
     DependencyError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blob",
+    "Cancelled",
     "ConfigurationError",
     "CorruptObject",
     "DependencyError",

@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 
+from .errors import Cancelled
 from .model import Task
 from .queue import Queue
 
@@ -23,6 +24,15 @@ class TaskContext:
     #: to hand inline has "output": None, "output_ref": the id and "output_bytes": its
     #: size, and is read with ``dependency_output`` (``qo/dependencies.py``, ``results``)
     dependencies: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    #: True once someone ran ``qo cancel`` on this task (``queue.cancel``): learned with
+    #: the worker's heartbeat, at no extra request. A handler that checks it stops early
+    #: (``raise_if_cancelled``); the task then ends ``cancelled``, not retried.
+    cancel_requested: bool = False
+
+    def raise_if_cancelled(self) -> None:
+        """Raise ``qo.Cancelled`` if this task's cancel was requested (a cheap check: no I/O)."""
+        if self.cancel_requested:
+            raise Cancelled(f"task {self.task.id}: cancel requested")
 
     @property
     def task_id(self) -> str:

@@ -103,5 +103,10 @@ class Retry(Exception):
         super().__init__(message or (f"retry requested in {delay}s" if delay is not None else "retry requested"))
 
 
+class Cancelled(Exception):
+    """Raised by ``ctx.raise_if_cancelled()`` when the task's cancel was requested
+    (``qo cancel ID``): the attempt ends and the task ends ``cancelled``."""
+
+
 class Fail(Exception):
     """Raised by a handler: fail now, no retry; the task goes to the dead letter."""

@@ -8,7 +8,6 @@ every task the worker may have been running, without scanning all tasks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -57,6 +56,10 @@ class LeaseBook:
         #: the queue's request counts (qo.meter.RequestRates), carried as ``requests`` and
         #: ``requests_per_minute`` (none: the record carries neither)
         self.requests: Any = None
+        #: task id -> "request" or "terminate": cancels a ``queue.cancel`` wrote into our
+        #: record (``request_cancel``), learned when our next write found the record changed
+        self.cancels: dict[str, str] = {}
+        self._rev: str | None = None  # the rev of our last stored write
 
     def record(self) -> dict[str, Any]:
         return {
@@ -84,6 +87,7 @@ class LeaseBook:
 
     def release(self, task_id: str) -> None:
         """Forget a task whose final state (and marker) is stored; written lazily."""
+        self.cancels.pop(task_id, None)
         if self.leases.pop(task_id, None) is not None:
             self.dirty = True
 
@@ -107,9 +111,14 @@ class LeaseBook:
         if self.etag is not None:
             try:
                 self.etag = await self._put(data, rev, if_match=self.etag)
-                self.written_at, self._held = now, holding
+                self.written_at, self._held, self._rev = now, holding, rev
                 return
             except PreconditionFailed:
+                changed = await self._cancel_requests()
+                if changed is not None:  # a canceller added requests to our record: keep going
+                    self.etag = await self._put(data, rev, if_match=changed)
+                    self.written_at, self._held, self._rev = now, holding, rev
+                    return
                 self.evictions += 1
                 # only a record that named tasks matters: an empty one going stale (an idle
                 # worker writes none) and being cleared by a sweep took nothing from us
@@ -120,7 +129,24 @@ class LeaseBook:
         except PreconditionFailed:  # a stale copy of ours is there: take it over by CAS
             blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
             self.etag = await self._put(data, rev, if_match=blob.etag)
-        self.written_at, self._held = now, holding
+        self.written_at, self._held, self._rev = now, holding, rev
+
+    async def _cancel_requests(self) -> str | None:
+        """After our CAS was refused: if the stored record is still our last write plus
+        cancel requests (``request_cancel``), learn them and return its etag; None when
+        it is gone or someone else's (recovery took it)."""
+        try:
+            blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
+            stored_record = stored.decode(blob.data, self.key)
+        except (NotFound, CorruptObject):
+            return None
+        cancels = stored_record.get("cancel")
+        if self._rev is None or stored_record.get("rev") != self._rev or not isinstance(cancels, dict):
+            return None
+        for task_id, mode in cancels.items():
+            if isinstance(task_id, str) and task_id in self.leases:
+                self.cancels[task_id] = "terminate" if mode == "terminate" else "request"
+        return blob.etag
 
     async def _put(self, data: bytes, rev: str, **condition: Any) -> str:
         """A conditional write of our record. A refusal after a failure whose outcome
@@ -256,3 +282,31 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
         elif task.ended_key(store.queue) is not None:  # ... or before its ended/ index marker
             await store.put_marker(task.ended_key(store.queue))
     return out
+
+
+async def request_cancel(store: TaskStore, worker_id: str, task_id: str, terminate: bool) -> bool:
+    """Tell the worker running ``task_id`` that its cancel was requested, by adding it to
+    the ``cancel`` map of the worker's record (CAS, keeping the worker's own ``rev``): the
+    worker's next heartbeat finds its CAS refused, reads the record once, learns the
+    request and writes on. False when the record does not name the task (it ended, or
+    its worker is gone: recovery and the stored ``cancel_requested`` do the rest)."""
+    key = keys.worker(store.queue, worker_id)
+    for _ in range(8):  # the worker's own writes race ours: read again
+        try:
+            blob = await store.backoff.call(lambda: store.storage.get(key))
+            record = stored.decode(blob.data, key)
+        except (NotFound, CorruptObject):
+            return False
+        if not isinstance(record.get("leases"), dict) or task_id not in record["leases"]:
+            return False
+        cancels = record.get("cancel") if isinstance(record.get("cancel"), dict) else {}
+        if cancels.get(task_id) == "terminate" or (cancels.get(task_id) == "request" and not terminate):
+            return True
+        record["cancel"] = {**cancels, task_id: "terminate" if terminate else "request"}
+        try:
+            await store.backoff.call(lambda: store.storage.put(key, dumps(record), if_match=blob.etag))
+            return True
+        except PreconditionFailed:
+            continue
+    return False
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import datetime as dt
 import math
 import os
@@ -58,6 +59,8 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 #: alone this long before a worker drops it. A producer re-writes its marker when its
 #: own writes took longer than half of this, so a live producer never loses a task.
 ORPHAN_GRACE_SECONDS = 120.0
+
+log = logging.getLogger(__name__)
 
 SUBMIT_OPTIONS = (
     "priority", "schedule_at", "max_retries", "timeout_seconds",
@@ -410,10 +413,15 @@ class Queue:
 
     # -- change -------------------------------------------------------------------
 
-    async def cancel(self, task_id: str) -> Task:
+    async def cancel(self, task_id: str, *, terminate: bool = False) -> Task:
         """Cancel a pending or blocked task. A running one is marked ``cancel_requested``:
-        it is not retried, and ends ``cancelled`` unless its attempt completes."""
+        it is not retried, and ends ``cancelled`` unless its attempt completes. Its worker
+        learns it with its next heartbeat (``ctx.cancel_requested``); with ``terminate``,
+        an async handler is then cancelled (``asyncio`` cancellation) and the task ends
+        ``cancelled`` (a sync handler cannot be interrupted: it sees the flag)."""
         check_task_id(task_id)
+        if not isinstance(terminate, bool):
+            raise InvalidInput("terminate", "must be True or False")
         while True:
             task, etag = await self.store.load(task_id)
             now = self.clock.now()
@@ -421,6 +429,7 @@ class Queue:
                 raise TaskStateError(f"task {task_id} is already {task.status}")
             if task.status == RUNNING:
                 if task.cancel_requested:
+                    await self._tell_worker(task, terminate)
                     return task
                 task.cancel_requested = True
             else:
@@ -443,7 +452,21 @@ class Queue:
                 await self.store.delete_markers(old_markers)
                 emit(self.plugins, "cancelled", task)
                 await self.dependencies.release(task)  # a cancelled dependency counts as failed
+            else:
+                await self._tell_worker(task, terminate)
             return task
+
+    async def _tell_worker(self, task: Task, terminate: bool) -> None:
+        """Best effort: the stored ``cancel_requested`` is what counts; this only makes the
+        running handler see it (at the worker's next heartbeat) or stops it (terminate)."""
+        from .leases import request_cancel
+
+        if task.worker_id is None:
+            return
+        try:
+            await request_cancel(self.store, task.worker_id, task.id, terminate)
+        except QoError as exc:
+            log.warning("task %s: cancel stored, but its worker could not be told: %s", task.id, exc)
 
     async def retry(self, task_id: str) -> Task:
         """Put a failed (dead-lettered), cancelled or expired task back to pending, attempts

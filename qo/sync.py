@@ -236,9 +236,9 @@ class SyncQueue:
 
     # -- change ---------------------------------------------------------------------
 
-    def cancel(self, task_id: str) -> Task:
+    def cancel(self, task_id: str, *, terminate: bool = False) -> Task:
         """See :meth:`qo.Queue.cancel`."""
-        return self._call("cancel", lambda: self.async_queue.cancel(task_id))
+        return self._call("cancel", lambda: self.async_queue.cancel(task_id, terminate=terminate))
 
     def retry(self, task_id: str) -> Task:
         """See :meth:`qo.Queue.retry`."""

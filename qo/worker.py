@@ -22,7 +22,7 @@ import attrs
 from . import keys
 from .aging import age_ready
 from .context import TaskContext
-from .errors import CorruptObject, Fail, InvalidInput, PreconditionFailed, QoError, StorageError, TaskNotFound
+from .errors import Cancelled, CorruptObject, Fail, InvalidInput, PreconditionFailed, QoError, StorageError, TaskNotFound
 from .events import emit
 from .feed import Feed
 from .handlers import Handler, Registry
@@ -116,6 +116,10 @@ class Worker:
         self._running: dict[str, tuple[asyncio.Future, Handler, float]] = {}
         #: claimed tasks whose outcome is not stored yet: our record keeps naming them
         self._unsettled: set[str] = set()
+        #: task id -> the context of what runs now (``ctx.cancel_requested`` is set on it)
+        self._contexts: dict[str, TaskContext] = {}
+        #: tasks whose async handler we cancelled on ``qo cancel --terminate``
+        self._terminated: set[str] = set()
         self._waiting = 0
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()  # a second signal: exit now
@@ -451,7 +455,8 @@ class Worker:
     async def _execute(self, task: Task, etag: str) -> None:
         """Run the handler of a claimed task and store the outcome. Whatever raises here
         ends as an outcome (a failed attempt), never as a task left running."""
-        ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds)
+        ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds,
+                          cancel_requested=task.cancel_requested)
         run: asyncio.Future | None = None
         started: float | None = None
         try:
@@ -467,6 +472,8 @@ class Worker:
             run = asyncio.ensure_future(self._invoke(handler, value, ctx))
             started = self.clock.now()
             self._running[task.id] = (run, handler, started)
+            self._contexts[task.id] = ctx
+            self._apply_cancels()  # a request learned while the attempt was being set up
             output, error = await self._watch(run, ctx)
         except asyncio.CancelledError:
             # a forced exit (or run() itself cancelled): what still runs stays in our
@@ -478,6 +485,8 @@ class Worker:
             output, error = None, exc
         finally:
             self._running.pop(task.id, None)
+            self._contexts.pop(task.id, None)
+            self._terminated.discard(task.id)
         now = self.clock.now()
         handing_back = run is not None and run.cancelled() and self._interrupting
         output_ref = None
@@ -602,6 +611,21 @@ class Worker:
         except QoError as exc:
             log.warning("task %s: releasing dependents failed (the sweep will retry): %s", task.id, exc)
 
+    def _apply_cancels(self) -> None:
+        """Cancels written into our record (``queue.cancel``): the handler sees
+        ``ctx.cancel_requested``; with terminate an async handler is cancelled now (a
+        thread cannot be stopped: a sync handler only sees the flag)."""
+        for task_id, mode in self.book.cancels.items():
+            ctx = self._contexts.get(task_id)
+            if ctx is None:
+                continue
+            ctx.cancel_requested = True
+            entry = self._running.get(task_id)
+            if mode == "terminate" and entry is not None and entry[1].is_async and not entry[0].done() \
+                    and task_id not in self._terminated:
+                self._terminated.add(task_id)
+                entry[0].cancel()
+
     async def _watch(self, run: asyncio.Future, ctx: TaskContext) -> tuple[Any, BaseException | None]:
         """Wait for the handler, enforcing the attempt's deadline on the queue's clock."""
         while True:
@@ -617,6 +641,8 @@ class Worker:
                 timer.cancel()
             if run.done():
                 if run.cancelled():
+                    if ctx.task.id in self._terminated:
+                        return None, Cancelled(f"task {ctx.task.id}: cancelled (qo cancel --terminate)")
                     return None, TimeoutError("handler was cancelled")
                 exc = run.exception()
                 return (None, exc) if exc is not None else (run.result(), None)
@@ -702,6 +728,7 @@ class Worker:
         async def heartbeat() -> None:
             if self.book.leases and self.book.due(s.heartbeat):
                 await self.book.write()
+                self._apply_cancels()  # requests learned with this write, if any
                 await self.limiter.renew()  # concurrency slots live as long as leases
             elif self.book.dirty and self.book.etag is not None:
                 await self.book.write()  # say promptly that we hold nothing any more

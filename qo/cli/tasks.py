@@ -245,12 +245,12 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
-async def _change(task_id: str, url: str, queue_name: str, action: str) -> Task:
+async def _change(task_id: str, url: str, queue_name: str, action: str, **options: Any) -> Task:
     """Run ``queue.cancel`` or ``queue.retry`` on one task, saying where qo looked if it is not there."""
     check_task_id(task_id)
     async with await open_queue(url, queue_name) as queue:
         try:
-            return await getattr(queue, action)(task_id)
+            return await getattr(queue, action)(task_id, **options)
         except TaskNotFound as exc:
             raise _not_here(exc, queue) from None
 
@@ -294,12 +294,16 @@ def _plural(n: int) -> str:
 @click.option("--type", "task_type", metavar="T", help="With --status: only tasks of this type.")
 @click.option("--since", metavar="AGE|TIME", help="With --status: only tasks created since then: 1h, 2d, an ISO time.")
 @click.option("--yes", is_flag=True, help="With --status and no --type: yes, every type.")
+@click.option("--terminate", is_flag=True,
+              help="With ID of a running task: cancel its async handler (asyncio cancellation) once its "
+                   "worker hears of it (its next heartbeat); the task ends cancelled. A sync handler "
+                   "cannot be interrupted: it sees ctx.cancel_requested.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the task (with --status: {\"cancelled\": N}) as one JSON object.")
 @queue_options
 @run
 async def cancel(task_id: str | None, bulk_status: str | None, task_type: str | None, since: str | None,
-                 yes: bool, as_json: bool, url: str, queue_name: str) -> None:
+                 yes: bool, terminate: bool, as_json: bool, url: str, queue_name: str) -> None:
     """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status.
 
     With --status pending|blocked (and no ID): cancel every such task, --type T only, or
@@ -309,17 +313,23 @@ async def cancel(task_id: str | None, bulk_status: str | None, task_type: str | 
     says how many changed. Cost: the listing of that status plus 4-5 requests a task.
     """
     _bulk_usage(task_id, bulk_status, "--status", {"--type": task_type, "--since": since, "--yes": yes})
+    if terminate and task_id is None:
+        raise click.UsageError("--terminate takes the ID of one running task")
     if task_id is None:
         if task_type is None and not yes:
             raise click.UsageError(f"--status {bulk_status} without --type cancels {bulk_status} tasks of "
                                    "every type: add --yes to mean it, or --type T")
         await _cancel_many(bulk_status, task_type, since, as_json, url, queue_name)
         return
-    task = await _change(task_id, url, queue_name, "cancel")
+    task = await _change(task_id, url, queue_name, "cancel", terminate=terminate)
     if as_json:
         echo_json(task.public_dict())
+    elif task.status == RUNNING and terminate:
+        click.echo(f"terminate requested: {task.id} is running; its worker cancels an async handler at its "
+                   "next heartbeat and the task ends cancelled")
     elif task.status == RUNNING:
-        click.echo(f"cancel requested: {task.id} is running; it ends cancelled unless this attempt completes")
+        click.echo(f"cancel requested: {task.id} is running; its handler sees ctx.cancel_requested at its "
+                   "worker's next heartbeat, and the task ends cancelled unless this attempt completes")
     else:
         click.echo(task.status)
 
