@@ -204,7 +204,15 @@ class Worker:
         await self._meet_peers()
         self.feed.poll = self.settings.poll_min
         self._until_idle = until_idle
-        self._lifecycle("qo_worker_started")
+        try:
+            self._lifecycle("qo_worker_started", strict=True)
+        except QoError:  # a plugin refused (its setting is invalid): start nothing, leave nothing
+            with contextlib.suppress(QoError):
+                await self.book.remove()
+            self._pool.shutdown(wait=False)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            raise
         # under a multi-queue gate one more slot than the budget, so a queue always has a
         # candidate waiting at the gate when one of its tasks ends (strict order holds)
         n = self.settings.concurrency + (1 if self.gate is not None else 0)
@@ -238,10 +246,16 @@ class Worker:
             raise self.fatal
         return self.stats
 
-    def _lifecycle(self, hook: str) -> None:
-        """Call ``qo_worker_started`` or ``qo_worker_stopping``; a plugin's exception is logged."""
+    def _lifecycle(self, hook: str, strict: bool = False) -> None:
+        """Call ``qo_worker_started`` or ``qo_worker_stopping``; a plugin's exception is
+        logged, except a ``QoError`` from ``qo_worker_started`` (``strict``): that is a
+        plugin refusing to run (an invalid setting), and the worker does not start."""
         try:
             getattr(self.queue.plugins.hook, hook)(worker=self)
+        except QoError:
+            if strict:
+                raise
+            log.exception("worker %s: a %s plugin failed", self.worker_id, hook)
         except Exception:
             log.exception("worker %s: a %s plugin failed", self.worker_id, hook)
 

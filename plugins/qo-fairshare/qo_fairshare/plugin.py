@@ -16,12 +16,16 @@ priority. ``step_seconds``, ``step_levels`` and ``cap`` come from the asking wor
 aging settings (``task.aging``), else qo's defaults (60 s, 32 levels, 255).
 
 The settings are read from the environment at every call, so switching is immediate.
+An invalid setting stops a worker at start-up (``qo_worker_started`` raises the
+``InvalidInput`` naming the variable); where the hook is asked without a worker (``qo
+status``) it has no opinion then, and says so once.
 The hookimpl is ``tryfirst``: entry points load in name order, and ``fairshare`` sorts
 before qo's built-in ``priority``, which would otherwise be asked first and answer.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -31,6 +35,9 @@ import qo
 
 _ON = ("1", "on", "true", "yes")
 _OFF = ("", "0", "off", "false", "no")
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 DEFAULT_STEP_SECONDS = 60.0
 DEFAULT_STEP_LEVELS = 32
@@ -70,9 +77,21 @@ def fair_priority(level: int, waited_s: float, boost: float, step_seconds: float
     return max(level, min(cap, steps * step_levels))
 
 
+@qo.hookimpl
+def qo_worker_started(worker: Any) -> None:
+    """Check the settings once, at start-up: an invalid one stops the worker there."""
+    FairShareSettings.from_env()
+
+
 @qo.hookimpl(tryfirst=True)
 def qo_effective_priority(task: Any, waited_s: float) -> int | None:
-    settings = FairShareSettings.from_env()
+    try:
+        settings = FairShareSettings.from_env()
+    except qo.InvalidInput as exc:  # a worker refused to start on it; elsewhere: no opinion
+        if str(exc) not in _warned:
+            _warned.add(str(exc))
+            log.error("qo-fairshare is off: %s", exc)
+        return None
     if not settings.enabled or getattr(task, "task_type", None) not in settings.types:
         return None  # no opinion: the default policy (or the next plugin) decides
     aging = getattr(task, "aging", None)

@@ -65,7 +65,7 @@ def test_the_plugin_is_installed_and_loaded_from_its_entry_point():
     plugins = fresh_plugins()
     info = plugins.info["fairshare"]
     assert (info.status, info.distribution) == ("loaded", "qo-fairshare")
-    assert info.hooks == ["qo_effective_priority"]
+    assert info.hooks == ["qo_effective_priority", "qo_worker_started"]
 
 
 # qo's aging moves a marker only in jumps (to at least 128 levels higher, or the cap):
@@ -128,3 +128,29 @@ def test_the_rule_is_monotone_and_the_same_from_a_raised_level():
 def test_bad_settings_are_named(name, value):
     with pytest.raises(qo.InvalidInput, match=name):
         FairShareSettings.from_env({"QO_FAIRSHARE": "on", name: value})
+
+
+async def test_an_invalid_setting_stops_the_worker_at_start_up_and_is_said_once(tmp_path, fair_on, monkeypatch,
+                                                                               caplog):
+    monkeypatch.setenv("QO_FAIRSHARE_BOOST", "0.5")
+    q = await qo.connect(str(tmp_path / "store"), queue="fair", plugins=fresh_plugins())
+    try:
+        task = await q.submit("report")
+        w = qo.Worker(q, poll_max=0.05)
+        w.handler("report")(lambda input: None)
+        with pytest.raises(qo.InvalidInput) as e:
+            await w.run(until_idle=True)
+        assert e.value.field == "QO_FAIRSHARE_BOOST"
+        assert (await q.get(task.id)).status == "pending"  # nothing was claimed
+        assert [e.key async for e in _records(q)] == []  # and no worker record was left
+        entry = types.SimpleNamespace(task_type="report", priority=0, aging=None)
+        for _ in range(3):  # asked outside a worker (qo status): no opinion, said once
+            assert qo_effective_priority(entry, 600.0) is None
+        assert sum("qo-fairshare is off" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await q.close()
+
+
+async def _records(q):
+    for e in await q.storage.list(keys.workers_prefix(q.name)):
+        yield e
