@@ -109,3 +109,16 @@ def test_the_demo_hints_name_a_qo_that_runs(monkeypatch):
     assert demo.qo_command() == (beside if os.path.exists(beside) else "qo")
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
     assert demo.qo_command() == "qo"
+
+
+def test_a_worker_on_a_missing_bucket_says_so_first(moto_server, tmp_path):
+    import subprocess
+
+    (tmp_path / "mb_handlers.py").write_text("import qo\n\n@qo.handler('mb')\ndef mb(i):\n    return i\n")
+    url = moto_server.url("p", bucket="no-such-bucket")
+    qo_bin = Path(sys.executable).with_name("qo")
+    done = subprocess.run([str(qo_bin), "worker", "mb_handlers.py", "--until-idle", "--url", url],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "error: bucket 'no-such-bucket' does not exist" in done.stderr
+    assert "could not be read" not in done.stderr and "Traceback" not in done.stderr
