@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -47,11 +48,24 @@ def ensure_venv() -> None:
     if not (BIN / "python").exists():
         print(f"creating virtualenv {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
+    started = time.monotonic()
+    names = ", ".join(d.name for d in PLUGIN_DIRS)
+    print(f"installing qo (editable, with its s3 and test extras) and {len(PLUGIN_DIRS)} plugins ({names}) "
+          "with pip ...", flush=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", f"{d}{_extra(d)}"))],
-                   check=True)
+    _quietly([*pip, "--upgrade", "pip"])
+    _quietly([*pip, "-e", f"{ROOT}[s3,test]", *(x for d in PLUGIN_DIRS for x in ("-e", f"{d}{_extra(d)}"))])
     stamp.write_text(_fingerprint())
+    print(f"installed in {time.monotonic() - started:.0f} s into {VENV}", flush=True)
+
+
+def _quietly(cmd: list[str]) -> None:
+    """Run pip with its output kept: shown only if it fails (a machine's pip
+    configuration can make every install print pages of warnings)."""
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        print(done.stdout, flush=True)
+        raise SystemExit(f"pip failed (exit {done.returncode}): {' '.join(cmd[3:6])} ...")
 
 
 def _extra(plugin_dir: Path) -> str:

@@ -122,3 +122,19 @@ def test_a_worker_on_a_missing_bucket_says_so_first(moto_server, tmp_path):
     assert done.returncode == 1
     assert "error: bucket 'no-such-bucket' does not exist" in done.stderr
     assert "could not be read" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dev_py_keeps_pip_quiet_unless_it_fails(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qo_dev_script", ROOT / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    noisy = [sys.executable, "-c", "import sys\nfor i in range(169): print('WARNING: Location ignored', i)"]
+    dev._quietly(noisy)
+    assert capsys.readouterr().out == ""  # 169 warnings, none shown
+    failing = [sys.executable, "-c", "print('ERROR: no matching distribution'); raise SystemExit(3)"]
+    with pytest.raises(SystemExit) as e:
+        dev._quietly(failing)
+    assert "pip failed (exit 3)" in str(e.value)
+    assert "ERROR: no matching distribution" in capsys.readouterr().out
