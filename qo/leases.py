@@ -59,6 +59,9 @@ class LeaseBook:
         #: task id -> "request" or "terminate": cancels a ``queue.cancel`` wrote into our
         #: record (``request_cancel``), learned when our next write found the record changed
         self.cancels: dict[str, str] = {}
+        #: how many handlers run now (the worker sets it): the record's ``running``, which
+        #: ``queue.stats()`` shows; the leases also name candidates about to be claimed
+        self.running: Any = None
         self._rev: str | None = None  # the rev of our last stored write
 
     def record(self) -> dict[str, Any]:
@@ -69,6 +72,7 @@ class LeaseBook:
             "heartbeat_at": self.clock.now(),
             "lease_ttl": self.lease_ttl,
             "leases": self.leases,
+            **({"running": self.running()} if self.running is not None else {}),
             "started_at": self.started_at,
             "counts": {k: self.counts.get(k, 0) for k in COUNTED},
             **self._requests(),

@@ -107,8 +107,14 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
     for r in sorted(records, key=lambda r: r["worker_id"]):
         alive = now <= r["heartbeat_at"] + r["lease_ttl"]
         counts = r.get("counts") if isinstance(r.get("counts"), dict) else {}
+        # the handlers running at the record's last write; a record of an older release
+        # has only its leases, which also name candidates about to be claimed
+        held = r.get("running")
+        held = held if isinstance(held, int) and not isinstance(held, bool) and 0 <= held <= len(r["leases"]) \
+            else len(r["leases"])
         workers.append({"worker_id": r["worker_id"], "host": r.get("host"), "pid": r.get("pid"), "alive": alive,
-                        "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "running": len(r["leases"]),
+                        "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "running": held,
+                        "leases": len(r["leases"]),
                         "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
                         "started_at": r.get("started_at"),
                         # the requests its queue made since started_at, and per minute lately
@@ -116,7 +122,7 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
                         "requests": _numbers(r.get("requests")),
                         "requests_per_minute": _numbers(r.get("requests_per_minute"))})
         if alive:
-            running += len(r["leases"])
+            running += held
             completed += counts.get("completed", 0) if isinstance(counts.get("completed", 0), int) else 0
     schedules = await queue.schedules.list()
     limits = await queue.limits.list()

@@ -97,6 +97,7 @@ class Worker:
         self.stats: collections.Counter[str] = collections.Counter()
         self.book.counts = self.stats  # the record carries them (queue.stats())
         self.book.requests = RequestRates(queue.requests, self.clock)  # and the queue's requests
+        self.book.running = lambda: len(self._running)  # and what runs now
         #: one log line per task event, and the summary while busy (qo/worker_log.py)
         self.tasklog = TaskLog(self.worker_id, queue.name, self.clock)
         self.limiter = queue.plugins.hook.qo_rate_limiter(

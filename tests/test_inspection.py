@@ -207,3 +207,38 @@ def test_cli_stats_and_list_options(storage_url):
 async def test_bad_since_is_an_error_naming_it(queue, since):
     with pytest.raises(qo.InvalidInput, match="since"):
         [t async for t in queue.list(since=since)]
+
+
+async def test_stats_running_counts_handlers_not_candidates(storage_url):
+    """A worker's record names the candidates it is about to claim too; stats() shows how
+    many handlers run (the record's own count), never more than the concurrency."""
+    import asyncio
+
+    from conftest import FAST
+
+    q = await qo.connect(storage_url, queue="q")
+    try:
+        await q.submit_many([("block", None)] * 12)
+        release = asyncio.Event()
+        started = []
+        w = qo.Worker(q, 2, **dict(FAST, heartbeat_interval=0.1))
+
+        @w.handler("block")
+        async def block(input, ctx):
+            started.append(1)
+            await release.wait()
+
+        runner = asyncio.create_task(w.run(until_idle=True))
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if len(started) == 2:
+                break
+        await asyncio.sleep(0.3)  # a heartbeat writes the count
+        stats = await q.stats()
+        mine = [x for x in stats["workers"] if x["worker_id"] == w.worker_id][0]
+        assert stats["counts"]["running"] == 2 and mine["running"] == 2
+        assert mine["leases"] >= 2
+        release.set()
+        await asyncio.wait_for(runner, 60)
+    finally:
+        await q.close()
