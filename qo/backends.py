@@ -15,9 +15,9 @@ DEFAULT_URL = "./.qo"
 
 #: Where a scheme qo knows of comes from, for the "not installed" hint.
 KNOWN_SCHEMES = {
-    "s3": "pip install 'qo[s3]'",
-    "memory": "pip install qo-memory (plugins/qo-memory)",
-    "az": "pip install qo-azure (plugins/qo-azure)",
+    "s3": "pip install 'qo-queue[s3]' (from a checkout: pip install '.[s3]')",
+    "memory": "pip install qo-memory (from a checkout: pip install ./plugins/qo-memory)",
+    "az": "pip install qo-azure (from a checkout: pip install ./plugins/qo-azure)",
 }
 
 

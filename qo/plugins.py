@@ -30,7 +30,7 @@ ENTRY_POINT_GROUP = "qo"
 #: Built-ins the engine cannot work without; configuration cannot block these.
 ESSENTIAL = frozenset({"retry", "cron"})
 #: The distribution whose entry points are the built-ins.
-QO_DISTRIBUTION = "qo"
+QO_DISTRIBUTION = "qo-queue"
 #: qo's own entry points (pyproject.toml): no other distribution may take these names.
 BUILTINS = frozenset({"local", "s3", "retry", "priority", "cron", "ratelimit"})
 #: Load failures of a plugin's import: anything it raises, exits included.

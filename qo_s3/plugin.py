@@ -20,7 +20,7 @@ def qo_storage(url: str, options: dict[str, Any]) -> Any:
     try:
         import s3fs  # noqa: F401
     except ImportError:
-        raise qo.ConfigurationError("s3:// needs: pip install 'qo[s3]'") from None
+        raise qo.ConfigurationError("s3:// needs s3fs: pip install 'qo-queue[s3]' (from a checkout: pip install '.[s3]')") from None
     from .storage import S3Storage
 
     return S3Storage(url, **options)

@@ -213,7 +213,7 @@ class S3Storage:
         try:
             import s3fs  # noqa: F401  (checked now so a missing extra fails at connect)
         except ImportError:
-            raise ConfigurationError("s3:// needs: pip install 'qo[s3]'") from None
+            raise ConfigurationError("s3:// needs s3fs: pip install 'qo-queue[s3]' (from a checkout: pip install '.[s3]')") from None
         self._root = self.prefix + "/" if self.prefix else ""
         self._server_clock = ServerClock()
         self._fs: Any = None

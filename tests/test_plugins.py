@@ -20,7 +20,7 @@ def test_builtins_load_through_the_entry_point_group():
     plugins.load_entry_points()
     info = plugins.info
     assert {"local", "s3", "retry"} <= set(info)
-    assert info["local"].status == "loaded" and info["local"].distribution == "qo"
+    assert info["local"].status == "loaded" and info["local"].distribution == "qo-queue"
     assert "qo_storage" in info["local"].hooks
     assert {"", "file", "s3"} <= set(plugins.schemes())  # third-party backends may add more
 
@@ -308,7 +308,7 @@ def test_a_third_party_plugin_named_like_a_builtin_is_skipped_and_names_both(fak
     plugins = Plugins()
     with caplog.at_level("WARNING", logger="qo.plugins"):
         plugins.load_entry_points()
-    assert plugins.info["cron"].distribution == "qo" and plugins.info["cron"].status == "loaded"
+    assert plugins.info["cron"].distribution == "qo-queue" and plugins.info["cron"].status == "loaded"
     assert plugins.info["cron"].source == "qo.policies.cron"
     skipped = {i.name: i for i in plugins.skipped}
     assert set(skipped) == {"cron", "retry"} and all(i.status == "skipped" for i in skipped.values())

@@ -18,7 +18,7 @@ from .worker import worker
 
 
 @click.group()
-@click.version_option(package_name="qo")
+@click.version_option(package_name="qo-queue")
 def cli() -> None:
     """qo: a distributed task queue that needs nothing but a bucket."""
 

@@ -20,7 +20,7 @@ def qo_storage(url: str, options: dict[str, Any]) -> Any:
     try:
         import azure.storage.blob.aio  # noqa: F401
     except ImportError:
-        raise qo.ConfigurationError("az:// needs: pip install qo-azure (azure-storage-blob, aiohttp)") from None
+        raise qo.ConfigurationError("az:// needs azure-storage-blob and aiohttp: pip install qo-azure (from a checkout: pip install ./plugins/qo-azure)") from None
     from .storage import AzureStorage
 
     return AzureStorage(url, **options)

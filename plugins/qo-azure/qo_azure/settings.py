@@ -45,7 +45,7 @@ _ENV_KEY = ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY")
 _NO_CREDENTIALS = (
     "no Azure credentials: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with "
     "AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, or install azure-identity "
-    "(pip install 'qo-azure[identity]') for DefaultAzureCredential"
+    "(pip install 'qo-azure[identity]'; from a checkout: pip install './plugins/qo-azure[identity]') for DefaultAzureCredential"
 )
 #: Azurite's published development account key (UseDevelopmentStorage=true); not a secret
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
