@@ -58,6 +58,24 @@ class Registry:
         return deco
 
 
+class HandlerHost:
+    """``handler``, ``add_handlers`` and ``handles`` over ``self.registry``: what a worker
+    (of one queue or several) offers for registering handlers."""
+
+    registry: Registry
+
+    def handler(self, task_type: str | Callable | None = None) -> Callable:
+        """Decorator registering an async or plain function for ``task_type``."""
+        return self.registry.handler(task_type)
+
+    def add_handlers(self, registry: Registry) -> None:
+        for h in registry.handlers.values():
+            self.registry.add(h.task_type, h.fn)
+
+    def handles(self, task_type: str) -> bool:
+        return task_type in self.registry.handlers
+
+
 #: Handlers declared with ``@qo.handler`` in any imported module.
 default_registry = Registry()
 handler = default_registry.handler

@@ -20,10 +20,10 @@ import asyncio
 import collections
 import contextlib
 import signal
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .errors import InvalidInput
-from .handlers import Registry
+from .handlers import HandlerHost, Registry
 
 __all__ = ["MultiQueueWorker", "SlotGate"]
 
@@ -94,7 +94,7 @@ def parse_queue_spec(text: str) -> tuple[str, int | None]:
     return name, int(weight)
 
 
-class MultiQueueWorker:
+class MultiQueueWorker(HandlerHost):
     """Runs handlers for the due tasks of several queues under one concurrency budget
     (module docstring). Built by ``qo.Worker([q1, q2, ...], ...)``."""
 
@@ -126,7 +126,7 @@ class MultiQueueWorker:
         self.workers = [worker_class(q, concurrency, settings=settings, **overrides) for q in queues]
         self.settings = self.workers[0].settings
         self.worker_id = self.workers[0].worker_id
-        self.registry = Registry()
+        self.registry = Registry()  # one set of handlers, shared by every queue's worker
         self.gate = SlotGate(self.settings.concurrency, len(queues), weights)
         for rank, w in enumerate(self.workers):
             w.registry = self.registry  # one set of handlers for every queue
@@ -137,18 +137,6 @@ class MultiQueueWorker:
     def __repr__(self) -> str:
         order = f"weights {self.weights}" if self.weights else "strict order"
         return f"<MultiQueueWorker {[q.name for q in self.queues]} ({order}), concurrency {self.settings.concurrency}>"
-
-    # -- handlers: one registry shared by every queue's worker -------------------------
-
-    def handler(self, task_type: str | Callable | None = None) -> Callable:
-        return self.registry.handler(task_type)
-
-    def add_handlers(self, registry: Registry) -> None:
-        for h in registry.handlers.values():
-            self.registry.add(h.task_type, h.fn)
-
-    def handles(self, task_type: str) -> bool:
-        return task_type in self.registry.handlers
 
     # -- running ----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from .context import TaskContext
 from .errors import Cancelled, CorruptObject, Fail, InvalidInput, PreconditionFailed, QoError, StorageError, TaskNotFound
 from .events import emit
 from .feed import Feed
-from .handlers import Handler, Registry
+from .handlers import Handler, HandlerHost, Registry
 from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
 from .meter import RequestRates
@@ -63,7 +63,7 @@ class NoLimits:
         return None
 
 
-class Worker:
+class Worker(HandlerHost):
     """Runs handlers for due tasks of ``queue``: ``await Worker(queue).run()``.
 
     ``Worker([q1, q2, ...], concurrency, weights=None)`` runs several queues under one
@@ -132,19 +132,6 @@ class Worker:
         self.delayed_due: float | None = None
         #: why ``run(until_idle=True)`` gave up (storage failing too long); raised by run()
         self.fatal: QoError | None = None
-
-    # -- handlers -----------------------------------------------------------------
-
-    def handler(self, task_type: str | Callable | None = None) -> Callable:
-        """Decorator registering an async or plain function for ``task_type``."""
-        return self.registry.handler(task_type)
-
-    def add_handlers(self, registry: Registry) -> None:
-        for h in registry.handlers.values():
-            self.registry.add(h.task_type, h.fn)
-
-    def handles(self, task_type: str) -> bool:
-        return task_type in self.registry.handlers
 
     # -- running ------------------------------------------------------------------
 

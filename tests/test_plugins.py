@@ -36,7 +36,7 @@ def test_a_plugin_can_be_blocked_by_name_but_not_an_essential_one(monkeypatch):
         from qo.backends import open_storage
 
         open_storage("s3://bucket/x", plugins=plugins)
-    assert "s3://" in str(err.value) and "pip install 'qo[s3]'" in str(err.value)
+    assert "s3://" in str(err.value) and "pip install 'qo-queue[s3]'" in str(err.value)
 
 
 def test_a_misspelt_hook_is_reported_not_fatal():
@@ -314,11 +314,11 @@ def test_a_third_party_plugin_named_like_a_builtin_is_skipped_and_names_both(fak
     assert set(skipped) == {"cron", "retry"} and all(i.status == "skipped" for i in skipped.values())
     assert skipped["cron"].error == (
         "plugin name 'cron' of distribution 'evil-dist' clashes with qo's built-in 'cron' "
-        "(distribution 'qo'); rename its entry point"
+        "(distribution 'qo-queue'); rename its entry point"
     )
     assert modules["cron"] not in sys.modules  # never imported
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("'evil-dist'" in w and "'qo'" in w and "'cron'" in w for w in warnings)
+    assert any("'evil-dist'" in w and "'qo-queue'" in w and "'cron'" in w for w in warnings)
     import qo.policies.cron
 
     assert [i.plugin for i in plugins.hook.qo_next_fire.get_hookimpls()] == [qo.policies.cron]
@@ -329,7 +329,7 @@ def test_a_builtin_name_clash_is_fatal_in_strict_mode(fake_dist):
     plugins = Plugins(strict=True)
     with pytest.raises(qo.PluginError) as err:
         plugins.load_entry_points()
-    assert "'evil-dist'" in str(err.value) and "distribution 'qo'" in str(err.value)
+    assert "'evil-dist'" in str(err.value) and "distribution 'qo-queue'" in str(err.value)
     assert "'local'" in str(err.value) and "QO_STRICT_PLUGINS=1" in str(err.value)
 
 
@@ -457,7 +457,7 @@ def test_plugins_cli_shows_skipped_and_broken_plugins_with_the_reason(fake_dist)
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert any(line.split()[:3] == ["cron", "loaded", "qo"] for line in lines)
+    assert any(line.split()[:3] == ["cron", "loaded", "qo-queue"] for line in lines)
     assert any(line.split()[:3] == ["cron", "skipped", "evil-dist"] for line in lines)
     assert any(line.split()[:3] == ["bad", "broken", "evil-dist"] for line in lines)
     assert "error: plugin name 'cron' of distribution 'evil-dist' clashes with qo's built-in 'cron'" in result.output
@@ -465,7 +465,7 @@ def test_plugins_cli_shows_skipped_and_broken_plugins_with_the_reason(fake_dist)
     assert "not loaded: 2 plugin(s)" in result.output
     rows = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)
     assert {(r["name"], r["status"], r["distribution"]) for r in rows} >= {
-        ("cron", "loaded", "qo"), ("cron", "skipped", "evil-dist"), ("bad", "broken", "evil-dist")}
+        ("cron", "loaded", "qo-queue"), ("cron", "skipped", "evil-dist"), ("bad", "broken", "evil-dist")}
 
 
 def test_strict_mode_makes_the_cli_fail_with_one_line(fake_dist, monkeypatch):
