@@ -22,7 +22,7 @@ from .model import BLOCKED, CANCELLED, EXPIRED, FAILED, PENDING, RUNNING, Task, 
 #: statuses ``retry_many`` takes: the ends a person may undo (queue.retry)
 RETRYABLE = (FAILED, CANCELLED, EXPIRED)
 #: statuses ``cancel_many`` takes; ``running``: ask those tasks to stop (cancel_requested)
-CANCELLABLE = (PENDING, BLOCKED, RUNNING)
+CANCELLABLE = (PENDING, BLOCKED, RUNNING, FAILED)
 #: actions in flight at once: each is 2-4 requests, so this bounds a bulk action's
 #: request rate without making a large one slow
 CONCURRENCY = 16
@@ -109,13 +109,17 @@ async def retry_many(queue: Any, status: Any, task_type: Any, since: Any, progre
 
 async def cancel_many(queue: Any, status: Any, task_type: Any, since: Any, progress: Any) -> int:
     """``Queue.cancel_many``: cancel every ``status`` task (of ``task_type``, created since
-    ``since``); ``running``: request their cancel. Oldest first (the next to be claimed)."""
+    ``since``); ``running``: request their cancel; ``failed``: give the dead letters up
+    (they end ``cancelled``). Oldest first (the next to be claimed)."""
     when = check(queue, status, CANCELLABLE, task_type, since, progress)
 
     async def action(task: Task) -> bool:
         if task.status == RUNNING and task.cancel_requested:
             return False  # asked already: nothing to change
-        await queue.cancel(task.id)
+        try:
+            await queue.cancel(task.id)
+        except TaskStateError:  # ended meanwhile (a running one completed): not ours to count
+            return False
         return True
 
     return await apply(queue.list(status=status, task_type=task_type, limit=None, since=when), action, progress)

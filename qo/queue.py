@@ -414,7 +414,9 @@ class Queue:
     # -- change -------------------------------------------------------------------
 
     async def cancel(self, task_id: str, *, terminate: bool = False) -> Task:
-        """Cancel a pending or blocked task. A running one is marked ``cancel_requested``:
+        """Cancel a pending or blocked task; a failed one (a dead letter) is given up on: it
+        leaves the dead letters as ``cancelled`` (its dependents took its failure already).
+        A running one is marked ``cancel_requested``:
         it is not retried, and ends ``cancelled`` unless its attempt completes. Its worker
         learns it with its next heartbeat (``ctx.cancel_requested``); with ``terminate``,
         an async handler is then cancelled (``asyncio`` cancellation) and the task ends
@@ -425,6 +427,8 @@ class Queue:
         while True:
             task, etag = await self.store.load(task_id)
             now = self.clock.now()
+            if task.status == FAILED:
+                return await self._dismiss(task, etag, now)
             if task.status in TERMINAL:
                 raise TaskStateError(f"task {task_id} is already {task.status}")
             if task.status == RUNNING:
@@ -455,6 +459,23 @@ class Queue:
             else:
                 await self._tell_worker(task, terminate)
             return task
+
+    async def _dismiss(self, task: Task, etag: str, now: float) -> Task:
+        """A dead letter given up on: failed -> cancelled. The new ``ended/`` marker is
+        written before the CAS and the old one deleted after it, as for any end; a crash
+        in between leaves an index marker every reader verifies against the task."""
+        old = task.ended_key(self.name)
+        task.status, task.finished_at, task.updated_at = CANCELLED, now, now
+        await self.store.put_marker(task.ended_key(self.name))
+        try:
+            await self.store.replace(task, etag)
+        except PreconditionFailed:
+            await self.store.delete_markers([task.ended_key(self.name)])
+            return await self.cancel(task.id)  # changed under us (retried?): look again
+        if old is not None:
+            await self.store.delete_markers([old])
+        emit(self.plugins, "cancelled", task)
+        return task
 
     async def _tell_worker(self, task: Task, terminate: bool) -> None:
         """Best effort: the stored ``cancel_requested`` is what counts; this only makes the

@@ -364,3 +364,36 @@ def test_cli_bad_values_are_errors_naming_them(backend, storage_url, args, named
     assert out.exit_code == 1 and named in out.stderr and "Traceback" not in out.output, out.output
     if backend == "local":  # checked before connecting: the store is not even created
         assert not os.path.exists(storage_url)
+
+
+async def test_a_dead_letter_given_up_on_leaves_the_dead_letters(storage_url):
+    """cancel() of a failed task: it ends cancelled, moves from ended/failed to
+    ended/cancelled, and cancel_many("failed") does it to every dead letter."""
+    import qo
+    from qo import keys
+
+    from conftest import FAST
+
+    q = await qo.connect(storage_url, queue="q")
+    try:
+        tasks = await q.submit_many([("boom", {"i": i}, {"max_retries": 0}) for i in range(3)])
+        w = qo.Worker(q, 2, **FAST)
+
+        @w.handler("boom")
+        async def boom(input, ctx):
+            raise qo.Fail("no")
+
+        await w.run(until_idle=True)
+        assert [t.status async for t in q.list(status="failed")] == ["failed"] * 3
+        one = await q.cancel(tasks[0].id)
+        assert one.status == "cancelled"
+        assert {t.id async for t in q.list(status="cancelled")} == {tasks[0].id}
+        assert await q.cancel_many("failed", task_type="boom") == 2
+        assert [t async for t in q.list(status="failed")] == []
+        assert (await q.stats())["dead_letters"] == 0
+        assert len(await q.storage.list(keys.ended_prefix(q.name, "cancelled"))) == 3
+        with pytest.raises(qo.TaskStateError):
+            await q.cancel(tasks[0].id)  # cancelled: nothing left to give up
+        assert (await q.retry(tasks[1].id)).status == "pending"  # still retryable
+    finally:
+        await q.close()

@@ -290,7 +290,8 @@ def _plural(n: int) -> str:
 @click.command()
 @click.argument("task_id", metavar="[ID]", required=False)
 @click.option("--status", "bulk_status", type=click.Choice(CANCELLABLE),
-              help="Instead of ID: cancel every task in this state (running: ask each to stop).")
+              help="Instead of ID: cancel every task in this state (running: ask each to stop; "
+                   "failed: give the dead letters up, they end cancelled).")
 @click.option("--type", "task_type", metavar="T", help="With --status: only tasks of this type.")
 @click.option("--since", metavar="AGE|TIME", help="With --status: only tasks created since then: 1h, 2d, an ISO time.")
 @click.option("--yes", is_flag=True, help="With --status and no --type: yes, every type.")
@@ -304,7 +305,8 @@ def _plural(n: int) -> str:
 @run
 async def cancel(task_id: str | None, bulk_status: str | None, task_type: str | None, since: str | None,
                  yes: bool, terminate: bool, as_json: bool, url: str, queue_name: str) -> None:
-    """Cancel a pending or blocked task; a running one is asked to stop. Prints the new status.
+    """Cancel a pending or blocked task; a running one is asked to stop; a failed one (a dead
+    letter) is given up on and ends cancelled. Prints the new status.
 
     With --status pending|blocked (and no ID): cancel every such task, --type T only, or
     all types with --yes (a guard against emptying the queue by accident); a cancelled
