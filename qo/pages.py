@@ -63,9 +63,11 @@ class TaskPage:
 class _Budget:
     def __init__(self) -> None:
         self.lists = 0
+        self.exhausted = False  # a LIST was refused: the page stopped at its bound
 
     async def list(self, queue: Any, prefix: str, start_after: str | None) -> list[Any] | None:
         if self.lists >= MAX_LISTS:
+            self.exhausted = True
             return None
         self.lists += 1
         return await queue.store.list(prefix, start_after=start_after, limit=1000)
@@ -113,7 +115,7 @@ async def task_page(queue: Any, status: str | None, task_type: str | None, since
                 if len(shown) >= limit:
                     break
     more = examined < len(candidates) or not complete
-    capped = capped or not complete
+    capped = capped or budget.exhausted
     next_cursor = candidates[examined - 1][1] if more and examined else (after if more else None)
     return TaskPage(shown, next_cursor, budget.lists, reads, capped and more)
 
