@@ -205,7 +205,7 @@ def _compact(value: Any) -> str:
               help="Only tasks created (failed/cancelled/skipped/expired: ended) since then: 1h, 2d, or an ISO time.")
 @click.option("--page-size", type=click.IntRange(1, 500), default=None, metavar="N",
               help="With --newest-first: one page of N tasks at a bounded cost, then the command for the next.")
-@click.option("--after", metavar="CURSOR", help="With --newest-first: the page after CURSOR (printed after a page).")
+@click.option("--after", metavar="CURSOR", help="With --newest-first: the page after CURSOR (printed after a page; --url is left out of that line when it holds credentials or query values).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @queue_options
 @run
