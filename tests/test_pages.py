@@ -188,3 +188,17 @@ def test_cli_list_pages_with_after(storage_url):
     assert r.exit_code == 2 and "--newest-first" in r.output
     r = CliRunner().invoke(build_cli(), base + ["--after", "q/tasks/x"])
     assert r.exit_code == 1 and "after" in r.output
+
+
+async def test_a_page_stopped_at_its_bound_says_so_and_goes_on(queue, backend):
+    if backend != "local":
+        pytest.skip("writing 250 tasks to moto or Azurite takes too long for this suite; the bound is the same code")
+    wanted = await write_ended(queue, 1, "completed", task_type="y", age=5000)
+    await write_ended(queue, 250, "completed", task_type="x", age=100)
+    first = await queue.page("completed", "y", limit=5)
+    assert first.tasks == [] and first.reads == MAX_READS and first.capped and first.next_cursor is not None
+    second = await queue.page("completed", "y", after=first.next_cursor, limit=5)
+    assert [t.id for t in second.tasks] == wanted and second.next_cursor is None and not second.capped
+    # a page that stops because it is full is not capped
+    full = await queue.page("completed", limit=5)
+    assert len(full.tasks) == 5 and full.next_cursor is not None and not full.capped
