@@ -21,12 +21,16 @@ from .errors import (
 )
 from .handlers import handler
 from .hookspecs import hookimpl
-from .model import Task
+from . import counting
+from .durations import parse_duration
+from .model import STATUSES, Task, check_task_id, check_task_type
+from .pages import TaskPage
 from .queue import Queue, connect
 from .sync import SyncQueue, connect_sync
 from .task_function import TaskFunction, task
 from .worker import TaskContext, Worker, WorkerSettings
 from .storage import Blob, Entry, Storage
+from .urls import redact_url
 
 __version__ = "0.1.0"
 
@@ -47,6 +51,7 @@ __all__ = [
     "Queue",
     "Retry",
     "ScheduleNotFound",
+    "STATUSES",
     "Storage",
     "StorageError",
     "StorageUnavailable",
@@ -56,6 +61,7 @@ __all__ = [
     "Task",
     "TaskContext",
     "TaskFunction",
+    "TaskPage",
     "Worker",
     "WorkerSettings",
     "handler",
@@ -63,4 +69,9 @@ __all__ = [
     "connect_sync",
     "task",
     "hookimpl",
+    "check_task_id",
+    "check_task_type",
+    "counting",
+    "parse_duration",
+    "redact_url",
 ]

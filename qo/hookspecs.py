@@ -225,6 +225,9 @@ def qo_cli_commands(cli: click.Group) -> None:
     """Add subcommands to the ``qo`` command line. Broadcast.
 
     Called after the core commands are attached: ``cli.add_command(my_command)``.
+    ``qo.cli.common`` is part of the plugin API for implementers: ``queue_options``
+    (``--url``/``--queue`` with qo's defaults), ``run`` (an async command body; a
+    ``QoError`` is one line on stderr and exit 1) and ``open_queue(url, queue_name)``.
 
     :param cli: the root click group.
     """

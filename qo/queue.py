@@ -21,6 +21,7 @@ from .model import (
     BLOCKED,
     CANCELLED,
     COMPLETED,
+    ENDED_INDEXED,
     EXPIRED,
     FAILED,
     PENDING,
@@ -51,6 +52,7 @@ from .transitions import requeued_at
 
 GRAPH_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}\Z")
 if TYPE_CHECKING:  # pragma: no cover
+    from .pages import TaskPage
     from .schedules import Schedules
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -379,6 +381,55 @@ class Queue:
             return
         async for task in list_tasks(self, status, task_type, limit, newest_first=newest_first, since=since_ts):
             yield task
+
+    async def page(
+        self, status: str | None = None, task_type: str | None = None,
+        since: datetime | dt.timedelta | float | None = None, *, after: str | None = None, limit: int = 50,
+    ) -> "TaskPage":
+        """One page of tasks, newest first: ``qo.TaskPage`` with ``tasks``, ``next_cursor``
+        (pass it as ``after`` for the next page; None: no more), the ``lists`` and
+        ``reads`` it cost, and ``capped`` (it stopped at a bound). ``status``, ``task_type``
+        and ``since`` filter as in :meth:`list`; ``limit``: 1 to 500.
+
+        Bounded whatever the queue's history: at most 24 LISTs and ``max(limit, 200)``
+        GETs a page, over the indexes :meth:`list` reads (``qo/pages.py``)."""
+        from .pages import MAX_LIMIT, task_page
+
+        if status is not None and status not in STATUSES:
+            raise InvalidInput("status", f"{_short(status)} is not one of {', '.join(STATUSES)}")
+        if task_type is not None:
+            check_task_type(task_type)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise InvalidInput("limit", f"{_short(limit)} is not an integer from 1 to {MAX_LIMIT}")
+        if after is not None and (not isinstance(after, str) or not after or len(after) > 1024):
+            raise InvalidInput("after", f"{_short(after)} is not a cursor (a page's next_cursor)")
+        return await task_page(self, status, task_type, self._since(since), after, limit)
+
+    async def ended_times(self, status: str = "failed",
+                          since: datetime | dt.timedelta | float | None = None) -> list[tuple[float, str, str]]:
+        """``(ended_at, task_id, task_type)`` of the tasks that ended in ``status``
+        (failed, cancelled, skipped or expired) at or after ``since``, newest first, from
+        the ended index without reading a task: one LIST, so at most 1000 (1000 returned:
+        there may be more)."""
+        from .pages import ended_times
+
+        if status not in ENDED_INDEXED:
+            raise InvalidInput("status", f"{_short(status)} is not one of {', '.join(sorted(ENDED_INDEXED))}")
+        return await ended_times(self, status, self._since(since))
+
+    async def dependents(self, task_id: str) -> list[tuple[str, str]]:
+        """``(task_id, task_type)`` of the tasks that wait on ``task_id`` (submitted with
+        ``depends_on`` it, still blocked on it): one LIST, at most 1000."""
+        from .pages import dependents
+
+        return await dependents(self, check_task_id(task_id))
+
+    def effective_priority(self, task: Task) -> int:
+        """The priority ``task`` competes at now: its own unless it is pending and due,
+        then what the aging policy (``qo_effective_priority``) gives for its wait. No request."""
+        from .aging import task_effective_priority
+
+        return task_effective_priority(self.plugins, task, self.clock.now())
 
     async def purge(self, status: str, older_than: dt.timedelta | float, task_type: str | None = None, *,
                     dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> int:

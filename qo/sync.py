@@ -230,6 +230,25 @@ class SyncQueue:
 
         return rows()
 
+    def page(self, status: str | None = None, task_type: str | None = None,
+             since: datetime | dt.timedelta | float | None = None, *, after: str | None = None,
+             limit: int = 50) -> Any:
+        """See :meth:`qo.Queue.page`: one ``qo.TaskPage``, newest first, with a cursor."""
+        return self._call("page", lambda: self.async_queue.page(status, task_type, since, after=after, limit=limit))
+
+    def ended_times(self, status: str = "failed",
+                    since: datetime | dt.timedelta | float | None = None) -> list[tuple[float, str, str]]:
+        """See :meth:`qo.Queue.ended_times`."""
+        return self._call("ended_times", lambda: self.async_queue.ended_times(status, since))
+
+    def dependents(self, task_id: str) -> list[tuple[str, str]]:
+        """See :meth:`qo.Queue.dependents`."""
+        return self._call("dependents", lambda: self.async_queue.dependents(task_id))
+
+    def effective_priority(self, task: Task) -> int:
+        """See :meth:`qo.Queue.effective_priority` (no request)."""
+        return self.async_queue.effective_priority(task)
+
     def stats(self) -> dict[str, Any]:
         """See :meth:`qo.Queue.stats`."""
         return self._call("stats", self.async_queue.stats)

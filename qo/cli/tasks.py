@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import time
 from typing import Any
 
@@ -202,21 +203,41 @@ def _compact(value: Any) -> str:
 @click.option("--newest-first", is_flag=True, help="Newest first (default: oldest first).")
 @click.option("--since", metavar="AGE|TIME",
               help="Only tasks created (failed/cancelled/skipped/expired: ended) since then: 1h, 2d, or an ISO time.")
+@click.option("--page-size", type=click.IntRange(1, 500), default=None, metavar="N",
+              help="With --newest-first: one page of N tasks at a bounded cost, then the command for the next.")
+@click.option("--after", metavar="CURSOR", help="With --newest-first: the page after CURSOR (printed after a page; --url is left out of that line when it holds credentials or query values).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @queue_options
 @run
 async def list_tasks(status_filter: str | None, task_type: str | None, limit: int, newest_first: bool,
-                     since: str | None, as_json: bool, url: str, queue_name: str) -> None:
+                     since: str | None, page_size: int | None, after: str | None, as_json: bool, url: str,
+                     queue_name: str) -> None:
     """List tasks, oldest first. Each status is read from its own index: the cost follows
-    the rows shown (completed tasks have none: bound that listing with --since)."""
+    the rows shown (completed tasks have none: bound that listing with --since).
+
+    With --page-size or --after (and --newest-first): one page, newest first, at a
+    bounded cost (at most 24 LISTs and 200 GETs, or N if larger); the command for the
+    next page follows on stderr ("more: qo list ... --after CURSOR")."""
+    paged = page_size is not None or after is not None
+    if paged and not newest_first:
+        raise click.UsageError("--page-size and --after page newest first: add --newest-first")
+    if paged and click.get_current_context().get_parameter_source("limit") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--limit and --page-size cannot be used together (a page holds --page-size tasks)")
     rows: list[tuple[Task, int]] = []
     when = _since(since)
     more = False
+    next_cursor: str | None = None
     async with await open_queue(url, queue_name) as queue:
         before = queue.store.bad.count
         shown = 0
-        async for task in queue.list(status=status_filter, task_type=task_type, limit=limit + 1 if limit else None,
-                                     newest_first=newest_first, since=when):
+        if paged:
+            page = await queue.page(status_filter, task_type, when, after=after, limit=page_size or 50)
+            next_cursor, limit = page.next_cursor, 0
+            found: Any = _each_task(page.tasks)
+        else:
+            found = queue.list(status=status_filter, task_type=task_type, limit=limit + 1 if limit else None,
+                               newest_first=newest_first, since=when)
+        async for task in found:
             if limit and shown >= limit:
                 more = True  # one more than asked: say so, do not show it
                 break
@@ -230,12 +251,36 @@ async def list_tasks(status_filter: str | None, task_type: str | None, limit: in
         empty = not rows and not shown and await say_if_no_objects(queue)
     if more:
         click.echo(f"more tasks match than the {limit} shown (use --limit, --since or --newest-first)", err=True)
-    if as_json:
-        return
-    if not rows:
-        if not empty:
-            click.echo("no tasks", err=True)
-        return
+    if not as_json:
+        if not rows:
+            if not empty:
+                click.echo("no tasks", err=True)
+        else:
+            _table(rows)
+    if next_cursor is not None:
+        command = _next_page_command(status_filter, task_type, since, page_size, url, queue_name, next_cursor)
+        click.echo(f"more: {command}", err=True)
+
+
+async def _each_task(tasks: list[Task]) -> Any:
+    for task in tasks:
+        yield task
+
+
+def _next_page_command(status: str | None, task_type: str | None, since: str | None, page_size: int | None,
+                       url: str | None, queue_name: str | None, cursor: str) -> str:
+    """The ``qo list`` that shows the next page (``--url`` only when it holds no secret)."""
+    args = ["qo", "list", "--newest-first"]
+    for option, value in (("--status", status), ("--type", task_type), ("--since", since),
+                          ("--page-size", page_size), ("--queue", queue_name)):
+        if value is not None:
+            args += [option, str(value)]
+    if url is not None and redact_url(url) == url:
+        args += ["--url", url]
+    return " ".join(shlex.quote(a) for a in args + ["--after", cursor])
+
+
+def _table(rows: list[tuple[Task, int]]) -> None:
     table = [("ID", "TYPE", "STATUS", "PRIORITY", "ATTEMPT", "UPDATED")]
     # PRIORITY: the task's own; "0->160" when aging has it competing higher now
     table += [(t.id, t.task_type, t.status, str(t.priority) + (f"->{e}" if e != t.priority else ""),

@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from qo.backend_kit import SecretScrubber, scrub
-from qo.errors import StorageUnavailable
+from qo import StorageUnavailable
 from qo.storage import NotFound, PreconditionFailed, StorageError
 
 __all__ = ["map_error", "scrub", "remember_secrets", "is_transport"]

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlsplit
 import attrs
 
 from qo.backend_kit import split_bucket_url
-from qo.errors import ConfigurationError, InvalidInput
+from qo import ConfigurationError, InvalidInput
 
 __all__ = ["AzureSettings", "parse_url", "resolve", "parse_connection_string", "check_blob_name", "DEVSTORE_KEY"]
 

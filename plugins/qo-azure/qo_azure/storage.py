@@ -25,7 +25,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob.aio import ContainerClient
 
 from qo.backend_kit import ServerClock
-from qo.errors import InvalidInput, StorageUnavailable
+from qo import InvalidInput, StorageUnavailable
 from qo.storage import (
     Blob,
     Entry,

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import jinja2
 from aiohttp import web
 
-from qo.backends import redact_url
+from qo import redact_url
 from qo.counting import CountingStorage
 
 from . import fmt, security

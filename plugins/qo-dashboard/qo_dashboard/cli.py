@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from qo.backends import redact_url
+from qo import redact_url
 from qo.cli.common import queue_options, run
 from qo.counting import CountingStorage
 

@@ -4,9 +4,9 @@
   keeps it in memory from successive ``stats()`` snapshots: the growth of each live
   worker's ``completed`` counter between two refreshes, credited to the minute of the
   refresh. It covers the time the dashboard has been open (the page says since when).
-- failed: read from the ``ended/failed/`` index, newest first: one LIST of at most 1000
-  keys per refresh; each key carries its end time, so this half of the chart is right
-  from the first refresh.
+- failed: ``queue.ended_times("failed", since=an hour ago)``, from the ended index,
+  newest first: one LIST of at most 1000 keys per refresh; each key carries its end
+  time, so this half of the chart is right from the first refresh.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from qo import keys
-
 MINUTES = 60
+#: what one ``queue.ended_times`` call returns at most (documented there)
+ENDED_TIMES_LIMIT = 1000
 
 
 class Throughput:
@@ -58,18 +58,13 @@ class Throughput:
 
 
 async def failures(queue: Any, now: float) -> tuple[Counter[int], bool]:
-    """Failed tasks per minute over the last hour from one LIST of ``ended/failed/``;
-    and whether that is all of them (False: more than 1000 failed within the hour)."""
+    """Failed tasks per minute over the last hour from ``queue.ended_times`` (one LIST);
+    and whether that is all of them (False: 1000 or more failed within the hour)."""
     out: Counter[int] = Counter()
-    entries = await queue.store.list(keys.ended_prefix(queue.name, "failed"), limit=1000)
-    for entry in entries:
-        e = keys.parse_ended(entry.key)
-        if e is None:
-            continue
-        if e.finished_at < now - MINUTES * 60:
-            return out, True
-        out[int(e.finished_at // 60)] += 1
-    return out, len(entries) < 1000
+    times = await queue.ended_times("failed", since=now - MINUTES * 60)
+    for ended_at, _task_id, _task_type in times:
+        out[int(ended_at // 60)] += 1
+    return out, len(times) < ENDED_TIMES_LIMIT
 
 
 def chart(completed: Counter[int], failed: Counter[int], now: float, *, width: int = 720,

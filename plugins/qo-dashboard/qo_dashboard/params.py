@@ -7,10 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from qo.durations import parse_duration
-from qo.errors import InvalidInput
-from qo.keys import TASK_ID, TASK_TYPE
-from qo.model import STATUSES
+from qo import STATUSES, InvalidInput, check_task_id, check_task_type, parse_duration
 
 #: a listing cursor: an index key or a task id, as the dashboard wrote it
 CURSOR = re.compile(r"^[A-Za-z0-9_.:/\-]{1,600}\Z")
@@ -38,8 +35,11 @@ def status(request: web.Request, field: str = "status", allowed: tuple[str, ...]
 
 def task_type(request: web.Request, field: str = "type") -> str | None:
     value = one(request, field)
-    if value is not None and not TASK_TYPE.match(value):
-        raise bad(field, f"{value[:40]!r} is not a task type")
+    if value is not None:
+        try:
+            check_task_type(value, field)
+        except InvalidInput:
+            raise bad(field, f"{value[:40]!r} is not a task type") from None
     return value
 
 
@@ -78,6 +78,8 @@ def cursor(request: web.Request, field: str = "after") -> str | None:
 
 
 def task_id(value: Any, field: str = "id") -> str:
-    if not isinstance(value, str) or not TASK_ID.match(value):
-        raise bad(field, f"{str(value)[:40]!r} is not a task id")
+    try:
+        check_task_id(value, field)
+    except InvalidInput:
+        raise bad(field, f"{str(value)[:40]!r} is not a task id") from None
     return value

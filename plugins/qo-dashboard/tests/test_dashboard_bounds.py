@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from qo_dashboard.tasklist import MAX_LISTS, MAX_READS
+from qo.pages import MAX_LISTS, MAX_READS
 
 from dashboard_helpers import write_ended, write_worker
 

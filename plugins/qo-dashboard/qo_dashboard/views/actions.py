@@ -12,8 +12,7 @@ from aiohttp import web
 from ..state import state
 from yarl import URL
 
-from qo.errors import QoError, TaskNotFound, TaskStateError
-from qo.keys import TASK_ID, TASK_TYPE
+from qo import InvalidInput, QoError, TaskNotFound, TaskStateError, check_task_id, check_task_type
 
 from .. import params, security
 
@@ -27,8 +26,10 @@ def _ids(form: Any) -> list[str]:
     if len(ids) > MAX_SELECTED:
         raise params.bad("id", f"at most {MAX_SELECTED} tasks at once")
     for value in ids:
-        if not isinstance(value, str) or not TASK_ID.match(value):
-            raise params.bad("id", f"{str(value)[:40]!r} is not a task id")
+        try:
+            check_task_id(value, "id")
+        except InvalidInput:
+            raise params.bad("id", f"{str(value)[:40]!r} is not a task id") from None
     return list(dict.fromkeys(ids))
 
 
@@ -69,8 +70,11 @@ def _say(verb: str, done: int, skipped: int, errors: list[str]) -> str:
 
 def _all_filter(form: Any) -> str | None:
     task_type = form.get("type") or None
-    if task_type is not None and (not isinstance(task_type, str) or not TASK_TYPE.match(task_type)):
-        raise params.bad("type", "is not a task type")
+    if task_type is not None:
+        try:
+            check_task_type(task_type, "type")
+        except InvalidInput:
+            raise params.bad("type", "is not a task type") from None
     return task_type
 
 

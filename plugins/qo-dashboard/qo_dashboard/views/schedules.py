@@ -7,8 +7,7 @@ from aiohttp import web
 from ..state import state
 from yarl import URL
 
-from qo.errors import QoError
-from qo.schedule_model import SCHEDULE_NAME
+from qo import InvalidInput, QoError
 
 from .. import params, security
 
@@ -27,8 +26,6 @@ async def act(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.match_info["action"]
     if action not in ACTIONS:
         raise params.bad("action", f"is not one of {', '.join(ACTIONS)}")
-    if not SCHEDULE_NAME.match(name):
-        raise params.bad("name", "is not a schedule name")
     schedules = state(request)["queue"].schedules
     try:
         if action == "trigger":
@@ -37,6 +34,10 @@ async def act(request: web.Request) -> web.Response:
         else:
             await getattr(schedules, action)(name)
             msg = f"{'paused' if action == 'pause' else 'resumed'} {name}"
+    except InvalidInput as exc:
+        if exc.field != "name":
+            raise
+        raise params.bad("name", "is not a schedule name") from None  # checked before any request
     except QoError as exc:
         msg = f"{action} {name}: {exc}"
     raise web.HTTPSeeOther(str(URL("/schedules").update_query(msg=msg)))

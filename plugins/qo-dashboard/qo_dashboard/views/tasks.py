@@ -9,13 +9,9 @@ from aiohttp import web
 
 from ..state import state
 
-from qo import keys
-from qo.aging import task_effective_priority
-from qo.errors import CorruptObject, TaskNotFound
-from qo.model import STATUSES
+import qo
 
 from .. import params
-from ..tasklist import CursorError, page as task_page
 
 RETRYABLE = ("failed", "cancelled", "expired")
 CANCELLABLE = ("pending", "blocked", "running")
@@ -25,9 +21,13 @@ async def _listing(request: web.Request, *, status: str | None, task_type: str |
                    since: float | None) -> dict[str, Any]:
     limit = params.limit(request)
     after = params.cursor(request)
+    queue = state(request)["queue"]
     try:
-        result = await task_page(state(request)["queue"], status, task_type, since, after, limit)
-    except CursorError:
+        result = await queue.page(status, task_type, None if since is None else queue.clock.now() - since,
+                                  after=after, limit=limit)
+    except qo.InvalidInput as exc:
+        if exc.field != "after":
+            raise
         raise params.bad("after", "is not a cursor of this listing") from None
     query = {k: v for k, v in request.query.items() if k not in ("after", "msg")}
     more = None
@@ -46,7 +46,7 @@ async def listing(request: web.Request) -> web.Response:
     since_text = params.one(request, "since")
     since = params.since(request)
     found = await _listing(request, status=status, task_type=task_type, since=since)
-    return render(request, "tasks.html", active="tasks", statuses=STATUSES, status=status or "",
+    return render(request, "tasks.html", active="tasks", statuses=qo.STATUSES, status=status or "",
                   task_type=task_type or "", since=since_text or "", retryable=RETRYABLE,
                   cancellable=CANCELLABLE, **found)
 
@@ -69,23 +69,19 @@ async def detail(request: web.Request) -> web.Response:
     task_id = params.task_id(request.match_info["id"])
     try:
         task = await queue.get(task_id)
-    except TaskNotFound:
+    except qo.TaskNotFound:
         return render(request, "not_found.html", http_status=404, active="tasks", what=f"task {task_id}")
-    except CorruptObject as exc:
+    except qo.CorruptObject as exc:
         return render(request, "not_found.html", http_status=500, active="tasks", what=f"task {task_id}: {exc}")
-    now = queue.clock.now()
     dependents: list[tuple[str, str]] = []
     if task.has_dependents:  # one LIST, only when the task says it has dependents
-        for entry in await queue.store.list(keys.deps_prefix(queue.name, task.id), limit=1000):
-            edge = keys.parse_dep(entry.key)
-            if edge is not None:
-                dependents.append((edge[1], edge[2]))
+        dependents = await queue.dependents(task.id)
     origin = None
     for schedule in await queue.schedules.list():  # one LIST + one GET per schedule
         if schedule.last_task_id == task.id:
             origin = schedule.name
     try:
-        effective = task_effective_priority(queue.plugins, task, now)
+        effective = queue.effective_priority(task)
     except Exception:  # a plugin's bad answer must not hide the task
         effective = None
     return render(request, "task.html", active="tasks", task=task, dependents=dependents, origin=origin,

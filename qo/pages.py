@@ -1,10 +1,10 @@
-"""A page of tasks, newest first, at a bounded cost whatever the queue's history.
+"""Pages of tasks, newest first, with a cursor, at a bounded cost per page whatever the
+queue's history: ``await queue.page(...)`` (docs/architecture.md §5g).
 
-``queue.list`` has no cursor, so the dashboard pages over the same indexes that
-``qo/listing.py`` reads (docs/architecture.md §5g), with a cursor of its own (``after``):
+It reads the same indexes as ``qo/listing.py`` (``queue.list``):
 
 - failed, cancelled, skipped, expired: the ``ended/{status}/`` index, newest first by
-  key; the cursor is the last index key shown (LIST ``start_after`` it);
+  key; the cursor is the last index key shown (the next page LISTs ``start_after`` it);
 - pending, blocked, running: the ``ready/`` + ``delayed/`` markers, the ``deps/`` edges,
   the worker records; ids sorted newest first (ids are time-ordered); the cursor is the
   last id shown;
@@ -13,9 +13,14 @@
   needs more than ``WINDOW_PAGES`` pages is halved first, so the newest keys are found
   without listing a busy hour whole.
 
-Every candidate is read (one GET) and shown only if the task is in that state now.
-Bounds per page: at most ``MAX_LISTS`` LISTs and ``MAX_READS`` GETs. A page that hit a
-bound says so and offers "more" from where it stopped.
+Every candidate is read (one GET) and shown only if the task is in that state now
+(indexes are projections: a stale entry costs one GET, never a wrong row).
+
+Bounds per page: at most ``MAX_LISTS`` LISTs (of up to 1000 keys) and at most
+``max(limit, MAX_READS)`` GETs. A filter on the type, or ``completed`` (no index), reads
+tasks to know whether they match, so such a page may read more than it shows. A page
+stopped at a bound says so (``capped``) and its ``next_cursor`` goes on from where it
+stopped. Cursors are opaque strings: one belongs to the listing (status) that wrote it.
 """
 
 from __future__ import annotations
@@ -25,55 +30,63 @@ from typing import Any
 
 import attrs
 
-from qo import keys
-from qo.errors import CorruptObject, TaskNotFound
-from qo.listing import live_records
-from qo.model import BLOCKED, COMPLETED, ENDED_INDEXED, PENDING, RUNNING, Task
+from . import keys
+from .errors import CorruptObject, InvalidInput, TaskNotFound
+from .listing import live_records
+from .model import BLOCKED, COMPLETED, ENDED_INDEXED, PENDING, RUNNING, Task
 
 #: LIST requests one page may make, at most
 MAX_LISTS = 24
-#: tasks one page may read (GET), at most: a filter on type or on ``completed`` reads
-#: the tasks to know, so a page may read more than it shows
+#: tasks one page may read (GET), at most (or ``limit``, if larger)
 MAX_READS = 200
+#: the largest ``limit`` of a page
+MAX_LIMIT = 500
 #: pages of 1000 keys one window of ``tasks/`` may take before it is halved
 WINDOW_PAGES = 2
+#: tasks read at once
 READ_AHEAD = 32
 
 
-@attrs.define
-class Page:
+@attrs.frozen
+class TaskPage:
+    """One page of ``queue.page``: ``tasks`` newest first; ``next_cursor`` (None: nothing
+    more) to pass as ``after`` for the next page; the ``lists`` and ``reads`` (GETs) it
+    cost; ``capped``: it stopped at a bound, more may exist beyond what it looked at."""
+
     tasks: list[Task]
-    next_cursor: str | None  # "more": list again with after=this
+    next_cursor: str | None
     lists: int = 0
     reads: int = 0
-    capped: bool = False  # stopped at a bound (more may exist beyond what was looked at)
+    capped: bool = False
 
 
 class _Budget:
     def __init__(self) -> None:
         self.lists = 0
+        self.exhausted = False  # a LIST was refused: the page stopped at its bound
 
     async def list(self, queue: Any, prefix: str, start_after: str | None) -> list[Any] | None:
         if self.lists >= MAX_LISTS:
+            self.exhausted = True
             return None
         self.lists += 1
         return await queue.store.list(prefix, start_after=start_after, limit=1000)
 
 
-class CursorError(ValueError):
-    """A cursor that does not belong to this listing."""
+def _bad_cursor() -> InvalidInput:
+    return InvalidInput("after", "is not a cursor of this listing (pass the next_cursor of a page of the same status)")
 
 
-async def page(queue: Any, status: str | None, task_type: str | None, since_s: float | None,
-               after: str | None, limit: int) -> Page:
-    """Up to ``limit`` tasks, newest first, after cursor ``after``."""
+async def task_page(queue: Any, status: str | None, task_type: str | None, since: float | None,
+                    after: str | None, limit: int) -> TaskPage:
+    """Up to ``limit`` tasks, newest first, after cursor ``after`` (arguments checked by the caller)."""
     now = queue.clock.now()
-    since = None if since_s is None else now - since_s
     budget = _Budget()
+    max_reads = max(MAX_READS, limit)
     # exact: every candidate is (barring a stale index entry) a row; else the filter is
-    # known only once a task is read, and up to MAX_READS may be
+    # known only once a task is read, and up to max_reads may be
     exact = task_type is None and status != COMPLETED
-    want = limit + 1 if exact else MAX_READS + 1
+    want = limit + 1 if exact else max_reads + 1
     if status in ENDED_INDEXED:
         candidates, complete = await _ended(queue, budget, status, task_type, since, after, want)
     elif status in (PENDING, BLOCKED, RUNNING):
@@ -88,10 +101,10 @@ async def page(queue: Any, status: str | None, task_type: str | None, since_s: f
     examined = reads = 0
     capped = False
     while examined < len(candidates) and len(shown) < limit:
-        if reads >= MAX_READS:
+        if reads >= max_reads:
             capped = True
             break
-        n = min(READ_AHEAD, limit - len(shown) if exact else READ_AHEAD, MAX_READS - reads)
+        n = min(READ_AHEAD, limit - len(shown) if exact else READ_AHEAD, max_reads - reads)
         batch = candidates[examined:examined + n]
         tasks = await asyncio.gather(*(_load(queue, task_id) for task_id, _ in batch))
         reads += len(batch)
@@ -102,9 +115,9 @@ async def page(queue: Any, status: str | None, task_type: str | None, since_s: f
                 if len(shown) >= limit:
                     break
     more = examined < len(candidates) or not complete
-    capped = capped or not complete
+    capped = capped or budget.exhausted
     next_cursor = candidates[examined - 1][1] if more and examined else (after if more else None)
-    return Page(shown, next_cursor, budget.lists, reads, capped and more)
+    return TaskPage(shown, next_cursor, budget.lists, reads, capped and more)
 
 
 async def _load(queue: Any, task_id: str) -> Task | None:
@@ -117,8 +130,8 @@ async def _load(queue: Any, task_id: str) -> Task | None:
 async def _ended(queue: Any, budget: _Budget, status: str, task_type: str | None, since: float | None,
                  after: str | None, want: int) -> tuple[list[tuple[str, str]], bool]:
     prefix = keys.ended_prefix(queue.name, status)
-    if after is not None and not after.startswith(prefix):
-        raise CursorError("after")
+    if after is not None and (not after.startswith(prefix) or keys.parse_ended(after) is None):
+        raise _bad_cursor()
     out: list[tuple[str, str]] = []
     cursor = after
     while True:
@@ -143,7 +156,7 @@ async def _ended(queue: Any, budget: _Budget, status: str, task_type: str | None
 async def _indexed(queue: Any, budget: _Budget, status: str, task_type: str | None, since: float | None,
                    after: str | None, want: int) -> tuple[list[tuple[str, str]], bool]:
     if after is not None and not keys.TASK_ID.match(after):
-        raise CursorError("after")
+        raise _bad_cursor()
     found: dict[str, str] = {}  # id -> type
     complete = True
     if status == RUNNING:
@@ -184,7 +197,7 @@ async def _tasks(queue: Any, budget: _Budget, since: float | None, after: str | 
                  now: float) -> tuple[list[tuple[str, str]], bool]:
     """Ids from ``tasks/``, newest first, below ``after``, created at or after ``since``."""
     if after is not None and not keys.TASK_ID.match(after):
-        raise CursorError("after")
+        raise _bad_cursor()
     prefix = keys.tasks_prefix(queue.name)
     first = await budget.list(queue, prefix, None)  # the oldest task bounds the search
     if not first:
@@ -231,3 +244,34 @@ async def _tasks(queue: Any, budget: _Budget, since: float | None, after: str | 
             return out, True
         upper, hi = f"{prefix}{keys.id_floor(start)}", start
         width = width if halved else width * 4
+
+
+#: entries ``ended_times`` reads, at most (one LIST page)
+ENDED_TIMES_LIMIT = 1000
+
+
+async def ended_times(queue: Any, status: str, since: float | None) -> list[tuple[float, str, str]]:
+    """(ended_at, task_id, task_type) from the ``ended/{status}/`` index, newest first,
+    ended at or after ``since``: one LIST of at most ``ENDED_TIMES_LIMIT`` keys (each key
+    carries its end time; no task is read). As many entries as the limit: there may be more."""
+    entries = await queue.store.list(keys.ended_prefix(queue.name, status), limit=ENDED_TIMES_LIMIT)
+    out: list[tuple[float, str, str]] = []
+    for entry in entries:
+        e = keys.parse_ended(entry.key)
+        if e is None or e.status != status:
+            continue
+        if since is not None and keys.ms(e.finished_at) < keys.ms(since):
+            break  # newest first: the rest ended before ``since``
+        out.append((e.finished_at, e.task_id, e.task_type))
+    return out
+
+
+async def dependents(queue: Any, task_id: str) -> list[tuple[str, str]]:
+    """(task_id, task_type) of the tasks waiting on ``task_id``: one LIST of its
+    ``deps/`` edges (at most 1000), none when the task says it has no dependents."""
+    out: list[tuple[str, str]] = []
+    for entry in await queue.store.list(keys.deps_prefix(queue.name, task_id), limit=1000):
+        edge = keys.parse_dep(entry.key)
+        if edge is not None:
+            out.append((edge[1], edge[2]))
+    return out
