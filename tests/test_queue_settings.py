@@ -242,17 +242,17 @@ def test_the_cli_sets_shows_and_unsets_and_submit_uses_them(storage_url):
     assert plain.exit_code == 0 and "aging                False" in plain.output
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["settings", "set", "bogus=1"], "settings.bogus"),
-    (["settings", "set", "max_retries"], "is not NAME=VALUE"),
-    (["settings", "set", "poll_min=5", "poll_max=1"], "settings.poll_max"),
-    (["settings", "set", "aging_cap=x"], "settings.aging_cap"),
-    (["settings", "unset", "bogus"], "settings.bogus"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["settings", "set", "bogus=1"], "settings.bogus", 1),
+    (["settings", "set", "max_retries"], "is not NAME=VALUE", 2),  # the shape: a usage error
+    (["settings", "set", "poll_min=5", "poll_max=1"], "settings.poll_max", 1),
+    (["settings", "set", "aging_cap=x"], "settings.aging_cap", 1),
+    (["settings", "unset", "bogus"], "settings.bogus", 1),
 ])
-def test_the_cli_rejects_bad_settings_before_creating_anything(tmp_path, argv, message):
+def test_the_cli_rejects_bad_settings_before_creating_anything(tmp_path, argv, message, code):
     url = str(tmp_path / "fresh")
     out = CliRunner().invoke(build_cli(), [*argv, "--url", url])
-    assert out.exit_code == 1 and message in out.output
+    assert out.exit_code == code and message in out.output
     assert not (tmp_path / "fresh").exists()
 
 

@@ -119,7 +119,7 @@ def test_plugin_claims_only_s3_urls(monkeypatch):
     assert plugin.qo_storage(url="file:///tmp/x", options={}) is None
     assert plugin.qo_storage(url="/tmp/x", options={}) is None
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the extra were not installed
-    with pytest.raises(qo.ConfigurationError, match=r"pip install 'qo\[s3\]'"):
+    with pytest.raises(qo.ConfigurationError, match=r"pip install 'qo-queue\[s3\]' \(from a checkout: pip install '\.\[s3\]'\)"):
         plugin.qo_storage(url="s3://bucket/p", options={})
 
 
