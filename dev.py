@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
         args = [str(BIN / "pytest"), *rest] if rest else [
-            str(BIN / "pytest"), "-q", "-n", "2", "tests", *(str(d) for d in PLUGIN_DIRS)]
+            str(BIN / "pytest"), "-q", "-n", "2", "--durations=25", "tests", *(str(d) for d in PLUGIN_DIRS)]
     elif cmd == "demo":
         args = [str(BIN / "python"), "-m", "qo.demo", *rest]
     else:
