@@ -79,30 +79,24 @@ def _all_filter(form: Any) -> str | None:
 
 
 async def retry(request: web.Request) -> web.Response:
-    form = await security.check_action(request)
-    queue = state(request)["queue"]
-    every = form.get("all")
-    if every:
-        if every not in ("failed", "cancelled", "expired"):
-            raise params.bad("all", "is not failed, cancelled or expired")
-        n = await queue.retry_many(every, _all_filter(form))
-        raise _back(form, f"retried {n} {every} task{'s' if n != 1 else ''}")
-    ids = _ids(form)
-    if not ids:
-        raise _back(form, "nothing selected")
-    raise _back(form, _say("retried", *await _each(ids, queue.retry)))
+    return await _act(request, "retried", ("failed", "cancelled", "expired"), "retry_many", "retry")
 
 
 async def cancel(request: web.Request) -> web.Response:
+    return await _act(request, "cancelled", ("pending", "blocked"), "cancel_many", "cancel")
+
+
+async def _act(request: web.Request, verb: str, statuses: tuple[str, ...], many: str, one: str) -> web.Response:
+    """A POSTed action on the selected ids, or on every task of a status (``all``)."""
     form = await security.check_action(request)
     queue = state(request)["queue"]
     every = form.get("all")
     if every:
-        if every not in ("pending", "blocked"):
-            raise params.bad("all", "is not pending or blocked")
-        n = await queue.cancel_many(every, _all_filter(form))
-        raise _back(form, f"cancelled {n} {every} task{'s' if n != 1 else ''}")
+        if every not in statuses:
+            raise params.bad("all", f"is not {', '.join(statuses[:-1])} or {statuses[-1]}")
+        n = await getattr(queue, many)(every, _all_filter(form))
+        raise _back(form, f"{verb} {n} {every} task{'s' if n != 1 else ''}")
     ids = _ids(form)
     if not ids:
         raise _back(form, "nothing selected")
-    raise _back(form, _say("cancelled", *await _each(ids, queue.cancel)))
+    raise _back(form, _say(verb, *await _each(ids, getattr(queue, one))))
