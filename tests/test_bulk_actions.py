@@ -251,7 +251,7 @@ BAD_ARGS = [
     ("retry_many", dict(since=dt.timedelta(hours=-1)), "since"),
     ("retry_many", dict(since=dt.datetime(2030, 1, 1)), "since"),  # naive
     ("retry_many", dict(progress=5), "progress"),
-    ("cancel_many", dict(status="failed"), "status"),
+    ("cancel_many", dict(status="completed"), "status"),
     ("cancel_many", dict(status="bogus"), "status"),
     ("cancel_many", dict(task_type="a/b"), "task_type"),
     ("cancel_many", dict(since=float("nan")), "since"),
