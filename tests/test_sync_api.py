@@ -126,10 +126,10 @@ def test_sync_queue_refuses_a_running_event_loop(storage_url):
 
 
 def test_close_stops_the_loop_thread_and_later_calls_fail(storage_url):
-    before = {t.ident for t in threading.enumerate()}
+    before = set(threading.enumerate())  # the threads themselves: an ended thread's ident is reused
     q = qo.connect_sync(storage_url, queue="q")
-    new = [t for t in threading.enumerate() if t.ident not in before and t.name == "qo-sync-loop"]
-    assert len(new) == 1
+    new = [t for t in threading.enumerate() if t not in before and t.name == "qo-sync-loop"]
+    assert new == [q._runner._thread] and new[0].is_alive()
     q.close()
     q.close()  # idempotent
     assert q.closed and not new[0].is_alive()

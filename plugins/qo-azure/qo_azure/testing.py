@@ -179,6 +179,18 @@ class Azurite:
         self.create_container(name)
         return self.url(name, prefix)
 
+    def delete_container(self, name: str) -> None:
+        """Delete ``name`` and its blobs (a missing one is fine): Azurite keeps everything
+        in memory, and a suite that leaves every test's container behind slows it down."""
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.storage.blob import BlobServiceClient
+
+        with BlobServiceClient.from_connection_string(self.connection_string, retry_total=2) as client:
+            try:
+                client.delete_container(name)
+            except ResourceNotFoundError:
+                pass
+
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         stop_process(proc)
