@@ -28,6 +28,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        #: something reads these metrics (``serve`` ran): only then do workers pay for the
+        #: queue gauges' ``stats()`` snapshots (or when QO_METRICS_STATS_INTERVAL is set)
+        self.served = False
         self.tasks = Counter(
             "qo_tasks_total", "Task lifecycle events observed by this process, by task type and event.",
             ["task_type", "event"], registry=self.registry)
@@ -76,4 +79,6 @@ METRICS = Metrics()
 
 def serve(port: int, addr: str = "127.0.0.1", metrics: Metrics = METRICS) -> Any:
     """Serve ``metrics`` at ``http://addr:port/metrics`` from a daemon thread."""
-    return prometheus_client.start_http_server(port, addr=addr, registry=metrics.registry)
+    server = prometheus_client.start_http_server(port, addr=addr, registry=metrics.registry)
+    metrics.served = True  # from now on a worker's start also starts the queue gauges
+    return server

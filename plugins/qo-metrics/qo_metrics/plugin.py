@@ -3,6 +3,7 @@ queue gauges from ``queue.stats()``; ``qo worker`` gets ``--metrics-port``."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -21,7 +22,10 @@ def qo_task_event(event: str, task: qo.Task) -> None:
 
 @qo.hookimpl
 def qo_worker_started(worker: qo.Worker) -> None:
-    METRICS.refresher.start(worker)  # the qo_queue_* gauges, from queue.stats() snapshots
+    # the qo_queue_* gauges, from queue.stats() snapshots: ~20 requests a minute, paid only
+    # when someone reads them (--metrics-port) or asks (QO_METRICS_STATS_INTERVAL)
+    if METRICS.served or os.environ.get("QO_METRICS_STATS_INTERVAL", "").strip():
+        METRICS.refresher.start(worker)
 
 
 @qo.hookimpl

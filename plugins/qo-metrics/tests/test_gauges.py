@@ -125,3 +125,27 @@ def test_no_refresh_when_turned_off(tmp_path, monkeypatch):
 
     asyncio.run(main())
     assert gauges("off") == {}
+
+
+def test_no_stats_requests_while_nobody_reads_the_metrics(tmp_path, monkeypatch):
+    """A worker of a process that serves no metrics (no --metrics-port) and sets no
+    interval pays nothing for the gauges: no stats() snapshot, no request."""
+    monkeypatch.delenv("QO_METRICS_STATS_INTERVAL", raising=False)
+    monkeypatch.setattr(METRICS, "served", False)
+    seen = []
+
+    async def main() -> None:
+        queue = await qo.connect(str(tmp_path / "s"), queue="quiet")
+        worker = qo.Worker(queue, poll_min=0.01, poll_max=0.05)
+
+        @worker.handler("t")
+        async def t(v):
+            seen.append(dict(METRICS.refresher.running))
+            return v
+
+        await queue.submit("t", 1)
+        await worker.run(until_idle=True)
+        await queue.close()
+
+    asyncio.run(main())
+    assert seen == [{}] and gauges("quiet") == {}
