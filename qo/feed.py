@@ -163,7 +163,7 @@ class Feed:
             self.deleting.update(batch)
             try:
                 await self.worker.store.delete_markers(batch)
-            except QoError:
+            except BaseException:  # failed, or cancelled (a stopping worker flushes once more)
                 self.trash.extend(batch)
                 if len(self.trash) > TRASH_MAX:  # deletes keep failing: the oldest claimed
                     del self.trash[:len(self.trash) - TRASH_MAX]  # markers are dead; any worker drops them

@@ -143,3 +143,33 @@ async def test_a_lost_response_to_our_own_record_write_is_not_an_eviction(storag
     await book.write()  # and the next write goes through with that etag
     assert book.evictions == 0
     await q.close()
+
+
+async def test_a_worker_stopped_while_deleting_markers_deletes_them_on_its_way_out(storage_url):
+    # Found by CI (Azurite's batch delete is slow): the worker's stop cancelled the
+    # maintenance task in the middle of a marker batch delete; the batch was neither
+    # deleted nor kept, and the claimed marker stayed in the ready index.
+    import contextlib
+
+    q = await qo.connect(storage_url, queue="reg6")
+    worker = Worker(q)
+    key = keys.ready(q.name, 5, 1_800_000_000.0, "0" * 24, "t")
+    await worker.store.put_marker(key)
+    delete_markers, started = worker.store.delete_markers, asyncio.Event()
+
+    async def hangs(batch):
+        started.set()
+        await asyncio.Event().wait()
+
+    worker.store.delete_markers = hangs
+    worker.feed.drop_later(key)
+    flushing = asyncio.create_task(worker.feed.flush())
+    await started.wait()
+    flushing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flushing
+    assert worker.feed.trash == [key] and not worker.feed.deleting
+    worker.store.delete_markers = delete_markers
+    await worker.feed.flush()  # what the stopping worker does last
+    assert [e.key for e in await q.storage.list(keys.ready_prefix(q.name))] == []
+    await q.close()
