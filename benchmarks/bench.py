@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py --backend local|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
-        [--priorities uniform|mixed]
+        [--priorities uniform|mixed] [--bulk]
 
 Prints one JSON object per backend run (see benchmarks/README.md for every figure).
 Progress goes to stderr; ``--json-only`` silences it.
@@ -275,7 +275,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
 
 
 async def submit(url: str, n: int, latency_s: float, before: Any = None,
-                 priorities: str = "uniform") -> tuple[float, dict[str, int], dict[str, int], int | None]:
+                 priorities: str = "uniform", bulk: bool = False) -> tuple[float, dict[str, int], dict[str, int], int | None]:
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
     counter = q.storage
     assert isinstance(counter, CountingStorage)
@@ -291,7 +291,7 @@ async def submit(url: str, n: int, latency_s: float, before: Any = None,
             items = [(TASK_TYPE, {"i": i}, {"priority": rng.choice(PRIORITY_MIX)}) for i in range(n)]
         else:
             items = [(TASK_TYPE, {"i": i}) for i in range(n)]
-        await q.submit_many(items, concurrency=32)
+        await q.submit_many(items, concurrency=32, bulk=bulk)
         elapsed = time.perf_counter() - t0
         http_after = http_requests(counter)
         http = None if http_before is None or http_after is None else http_after - http_before
@@ -371,7 +371,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     azurite: Any = None
     tmp: str | None = None
     result: dict[str, Any] = {"backend": backend, "tasks": n, "workers": w, "concurrency": c,
-                              "priorities": args.priorities,
+                              "priorities": args.priorities, "bulk": args.bulk,
                               "latency_ms": latency_ms}
     load_before = load_average()
     if backend == "s3":
@@ -412,7 +412,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         log(args, f"{backend}: submitting {n} tasks")
         reset_server = (lambda: server.stats(reset=True)) if server else None
         submit_s, submit_counts, submit_failures, submit_http = asyncio.run(
-            submit(url, n, client_latency, reset_server, args.priorities))
+            submit(url, n, client_latency, reset_server, args.priorities, args.bulk))
         server_submit = server.stats(reset=True) if server else None
         result["submit_tasks_per_s"] = round(n / submit_s, 1)
 
@@ -536,6 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("local", "s3", "azure", "both", "all"), default="both",
                    help="both: local then s3; all: local, s3, then azure (Azurite)")
     p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--bulk", action="store_true",
+                   help="submit through submit_many's bulk path (packs of up to 256 tasks); default: one object per task")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--concurrency", type=int, default=32, help="slots per worker")
     p.add_argument("--latency-ms", type=float, default=None,

@@ -13,9 +13,11 @@ ran, finished meanwhile) or vanished (``TaskNotFound``) is skipped and not count
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from . import keys
 from .errors import InvalidInput, TaskNotFound, TaskStateError
 from .model import BLOCKED, CANCELLED, EXPIRED, FAILED, PENDING, RUNNING, Task, _short, check_task_type
 
@@ -57,11 +59,19 @@ async def apply(tasks: AsyncIterator[Task], action: Callable[[Task], Awaitable[b
     running: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
     listed = done = 0
+    #: tasks of one pack change one after another: each is a CAS of the same object
+    packs: dict[str, asyncio.Lock] = {}
+
+    def turn(task: Task) -> Any:
+        pack = keys.pack_of(task.id)
+        return contextlib.nullcontext() if pack is None else packs.setdefault(pack[0], asyncio.Lock())
 
     async def one(task: Task) -> None:
         nonlocal done
         try:
-            if not await action(task):
+            async with turn(task):
+                changed = await action(task)
+            if not changed:
                 return
         except (TaskStateError, TaskNotFound):
             return  # changed state (or vanished) since it was listed: not ours to change

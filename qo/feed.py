@@ -54,6 +54,8 @@ class Feed:
         self.poll = worker.settings.poll_min
         self.next_poll_at = 0.0
         self.nothing_listed = False
+        #: tasks of packs this worker holds, waiting for a slot (before any listed marker)
+        self.local: collections.deque[Any] = collections.deque()
         #: live workers other than this one (from the last sweep)
         self.peers: set[str] = set()
         self.lock = asyncio.Lock()
@@ -64,14 +66,27 @@ class Feed:
     @property
     def empty(self) -> bool:
         """No candidate listed or taken, and the last listing found nothing of ours."""
-        return not self.taken and not self.buffer and self.nothing_listed
+        return not self.taken and not self.buffer and not self.local and self.nothing_listed
 
-    async def next(self) -> keys.Marker | None:
+    def hand_out(self, items: list[Any]) -> None:
+        """Tasks of a claimed pack: the slots take them before anything listed."""
+        self.local.extend(items)
+        self.new_work.set()
+
+    async def next(self) -> Any:
         """The next candidate for a slot, listing again when the buffer is empty or old;
         None once the worker stops."""
         w = self.worker
         async with self.lock:
             while not w._stopping.is_set():
+                if self.local:
+                    item = self.local.popleft()
+                    self.taken.add(item.key)
+                    return item
+                if w.packs.full:  # enough tasks held: list again once a pack is let go
+                    await w._sleep(w.settings.poll_max, wake=self.new_work)
+                    self.new_work.clear()
+                    continue
                 now = w.clock.now()
                 if self.buffer and now - self.buffer_at <= w.settings.buffer_max_age:
                     m = self.buffer.popleft()

@@ -5,6 +5,7 @@ source of truth) and carry in their names what a worker needs to choose work wit
 reading the task: priority, due time, id and task type.
 
     {q}/tasks/{id}.json                                the task
+    {q}/packs/{pack_id}.json                           up to 256 tasks submitted in bulk (qo/packs.py)
     {q}/ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}    due: ascending LIST = most urgent first
     {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
@@ -26,6 +27,8 @@ import time
 import attrs
 
 TASK_ID = re.compile(r"^[0-9a-f]{24}\Z")
+#: a pack's id: a task id's first 21 characters, the 13th 8-f (qo/packs.py)
+PACK_ID = re.compile(r"^[0-9a-f]{12}[89a-f][0-9a-f]{8}\Z")
 TASK_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,127}\Z")
 WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
 
@@ -44,12 +47,47 @@ def new_task_id() -> str:
         last, seq = _id_last
         if ms_now <= last:
             ms_now, seq = last, seq + 1
-            if seq > 0xFFFF:
+            if seq > 0x7FFF:  # the top bit marks the ids of packed tasks (new_pack_id)
                 ms_now, seq = last + 1, 0
         else:
             seq = 0
         _id_last[:] = [ms_now, seq]
     return f"{ms_now:012x}{seq:04x}{os.urandom(4).hex()}"
+
+
+def new_pack_id() -> str:
+    """21 hex chars: 12 of milliseconds, 4 of a sequence with its top bit set (no single
+    task's id has it), 5 random. Its tasks' ids append their index in 3 hex digits."""
+    ms_now = int(time.time() * 1000)
+    with _id_lock:
+        last, seq = _id_last
+        if ms_now <= last:
+            ms_now, seq = last, seq + 1
+            if seq > 0x7FFF:
+                ms_now, seq = last + 1, 0
+        else:
+            seq = 0
+        _id_last[:] = [ms_now, seq]
+    return f"{ms_now:012x}{0x8000 | seq:04x}{os.urandom(3).hex()[:5]}"
+
+
+def pack_of(task_id: str) -> tuple[str, int] | None:
+    """(pack id, index) of a task that was submitted in a pack, else None."""
+    if len(task_id) == 24 and PACK_ID.match(task_id[:21]) and TASK_ID.match(task_id):
+        return task_id[:21], int(task_id[21:], 16)
+    return None
+
+
+def entry_id(pack_id: str, index: int) -> str:
+    return f"{pack_id}{index:03x}"
+
+
+def pack(queue: str, pack_id: str) -> str:
+    return f"{queue}/packs/{pack_id}.json"
+
+
+def packs_prefix(queue: str) -> str:
+    return f"{queue}/packs/"
 
 
 def task(queue: str, task_id: str) -> str:
@@ -213,8 +251,12 @@ class Marker:
     kind: str  # "ready" | "delayed"
     priority: int
     due: float
-    task_id: str
+    task_id: str  # a pack's marker: the pack id (21 hex characters)
     task_type: str
+
+    @property
+    def is_pack(self) -> bool:
+        return len(self.task_id) == 21
 
 
 def parse_marker(key: str) -> Marker | None:
@@ -238,7 +280,8 @@ def parse_marker(key: str) -> Marker | None:
         due = int(due_s) / 1000
     except (ValueError, IndexError):
         return None
-    if not (0 <= priority <= 255 and TASK_ID.match(task_id) and TASK_TYPE.match(task_type)):
+    if not (0 <= priority <= 255 and (TASK_ID.match(task_id) or PACK_ID.match(task_id))
+            and TASK_TYPE.match(task_type)):
         return None
     return Marker(key, kind, priority, due, task_id, task_type)
 

@@ -19,6 +19,7 @@ import attrs
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, QoError, StorageUnavailable, TaskNotFound
 from .model import PENDING, RUNNING, _short, dumps
+from .packs import clone
 from .store import TaskStore
 from .transitions import abandoned, finish
 
@@ -148,7 +149,8 @@ class LeaseBook:
         if self._rev is None or stored_record.get("rev") != self._rev or not isinstance(cancels, dict):
             return None
         for task_id, mode in cancels.items():
-            if isinstance(task_id, str) and task_id in self.leases:
+            pack = keys.pack_of(task_id) if isinstance(task_id, str) else None
+            if isinstance(task_id, str) and (task_id in self.leases or (pack is not None and pack[0] in self.leases)):
                 self.cancels[task_id] = "terminate" if mode == "terminate" else "request"
         return blob.etag
 
@@ -209,7 +211,7 @@ def parse_record(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
     record = stored.check_fields(stored.decode(data, key, backend=backend), key, _RECORD_CHECKS,
                                  required=tuple(_RECORD_CHECKS), backend=backend)
     for task_id, lease in record["leases"].items():
-        if not keys.TASK_ID.match(task_id) or not isinstance(lease, dict):
+        if not (keys.TASK_ID.match(task_id) or keys.PACK_ID.match(task_id)) or not isinstance(lease, dict):
             raise CorruptObject(key, f"lease {_short(task_id)} is not a task id with its lease", backend=backend)
         stored.check_fields(lease, key, _LEASE_CHECKS, required=("lease",), backend=backend)
     return record
@@ -264,6 +266,13 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
     worker_id = record.get("worker_id")
     out: list[str] = []
     for task_id, lease in (record.get("leases") or {}).items():
+        if keys.PACK_ID.match(task_id):
+            try:
+                out += await recover_pack(store, clock, task_id, worker_id, lease.get("lease"),
+                                          emit=emit, on_end=on_end)
+            except QoError:
+                pass
+            continue
         try:
             task, etag = await store.load(task_id)
         except (TaskNotFound, QoError):
@@ -288,6 +297,51 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
     return out
 
 
+async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: Any, lease_id: Any, *,
+                       emit: Any = None, on_end: Any = None) -> list[str]:
+    """A dead worker's pack, still under its lease: its running tasks are retried in the
+    pack (pending, the attempt counted) or dead-lettered once their attempts are used;
+    the lease is cleared and the pack gets a new marker (docs/architecture.md §5k)."""
+    for _ in range(10):
+        try:
+            pack, etag = await store.packs.load(pack_id)
+        except TaskNotFound:
+            return []
+        if pack.status != "running" or (pack.lease or {}).get("lease_id") != lease_id:
+            return []  # not claimed, or held under another lease: nothing of this worker's
+        now = clock.now()
+        new, out, ended, tasks = clone(pack), [], [], []
+        for i in range(len(new.entries)):
+            if new.status_of(i) != RUNNING:
+                continue
+            task = new.task(i)
+            if task.lease_id != lease_id:
+                continue  # running on its own (a single claim of a task of the pack)
+            abandoned(f"worker {worker_id} stopped renewing its lease", now)(task)
+            task.updated_at = now
+            new.put(i, task)
+            out.append(task.id)
+            tasks.append(task)
+            if task.ended_key(store.queue) is not None:
+                ended.append(task.ended_key(store.queue))
+        requeued = new.settle_status(now)
+        for key in ended:  # the ended/ index first: readers verify it against the task
+            await store.put_marker(key)
+        try:
+            await store.packs.replace(new, etag)
+        except PreconditionFailed:
+            continue
+        if requeued:
+            await store.put_marker(new.marker_key(store.queue))
+        for task in tasks:
+            if emit:
+                emit("recovered" if task.status == PENDING else task.status, task)
+            if task.status != PENDING and on_end is not None:
+                await on_end(task)  # dead-lettered: its dependents learn of it
+        return out
+    return []
+
+
 async def request_cancel(store: TaskStore, worker_id: str, task_id: str, terminate: bool) -> bool:
     """Tell the worker running ``task_id`` that its cancel was requested, by adding it to
     the ``cancel`` map of the worker's record (CAS, keeping the worker's own ``rev``): the
@@ -301,7 +355,9 @@ async def request_cancel(store: TaskStore, worker_id: str, task_id: str, termina
             record = stored.decode(blob.data, key)
         except (NotFound, CorruptObject):
             return False
-        if not isinstance(record.get("leases"), dict) or task_id not in record["leases"]:
+        pack = keys.pack_of(task_id)
+        if not isinstance(record.get("leases"), dict) or not (
+                task_id in record["leases"] or (pack is not None and pack[0] in record["leases"])):
             return False
         cancels = record.get("cancel") if isinstance(record.get("cancel"), dict) else {}
         if cancels.get(task_id) == "terminate" or (cancels.get(task_id) == "request" and not terminate):

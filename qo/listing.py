@@ -58,7 +58,7 @@ async def list_tasks(queue: Any, status: str | None, task_type: str | None, limi
             return (status is None or task.status == status) and (task_type is None or task.task_type == task_type)
 
     found = 0
-    async for task in _read(queue, candidates, keep):
+    async for task in _read(queue, candidates, keep, newest_first):
         yield task
         found += 1
         if limit is not None and found >= limit:
@@ -66,21 +66,28 @@ async def list_tasks(queue: Any, status: str | None, task_type: str | None, limi
 
 
 async def _read(queue: Any, candidates: AsyncIterator[tuple[str, Any]],
-                keep: Callable[[Task, Any], bool]) -> AsyncIterator[Task]:
+                keep: Callable[[Task, Any], bool], newest_first: bool = False) -> AsyncIterator[Task]:
     """Read the candidates ``READ_AHEAD`` at a time, in order; keep those ``keep`` accepts.
-    A candidate that vanished or is unreadable (reported once) is skipped."""
+    A candidate that vanished or is unreadable (reported once) is skipped. A pack's id
+    stands for all its tasks (one GET of the pack, read once per listing)."""
+    packs = PackReader(queue)
 
-    async def one(task_id: str) -> Task | None:
+    async def one(task_id: str) -> list[Task]:
         try:
-            return (await queue.store.load(task_id))[0]
+            if keys.PACK_ID.match(task_id):
+                tasks = await packs.tasks(task_id)
+                return tasks[::-1] if newest_first else tasks
+            if keys.pack_of(task_id) is not None:
+                return [await packs.task(task_id)]
+            return [(await queue.store.load(task_id))[0]]
         except (TaskNotFound, CorruptObject):
-            return None
+            return []
 
     batch: list[tuple[str, Any]] = []
 
     async def flush() -> list[Task]:
-        tasks = await asyncio.gather(*(one(task_id) for task_id, _ in batch))
-        out = [t for t, (_, hint) in zip(tasks, batch) if t is not None and keep(t, hint)]
+        found = await asyncio.gather(*(one(task_id) for task_id, _ in batch))
+        out = [t for tasks, (_, hint) in zip(found, batch) for t in tasks if keep(t, hint)]
         batch.clear()
         return out
 
@@ -141,6 +148,48 @@ async def _pending(queue: Any) -> AsyncIterator[tuple[str, str]]:
                 yield m.task_id, m.task_type
 
 
+class PackReader:
+    """Tasks of packs for one listing: each pack is read once (one GET), however many
+    of its tasks are listed; a task that moved out is read from its own object."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+        self.read: dict[str, asyncio.Future] = {}
+
+    async def pack(self, pack_id: str) -> Any:
+        if pack_id not in self.read:
+            self.read[pack_id] = asyncio.ensure_future(self.queue.store.packs.load(pack_id))
+            if len(self.read) > 256:  # a long listing: forget the oldest
+                self.read.pop(next(iter(self.read)))
+        return (await self.read[pack_id])[0]
+
+    async def tasks(self, pack_id: str) -> list[Task]:
+        pack = await self.pack(pack_id)
+        return [t for t in await asyncio.gather(*(self._entry(pack, i) for i in range(len(pack.entries))))
+                if t is not None]
+
+    async def task(self, task_id: str) -> Task:
+        pack_id, index = keys.pack_of(task_id)  # type: ignore[misc]
+        pack = await self.pack(pack_id)
+        if index >= len(pack.entries):
+            raise TaskNotFound(task_id)
+        task = await self._entry(pack, index)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def _entry(self, pack: Any, index: int) -> Task | None:
+        try:
+            if pack.status_of(index) == "moved":
+                return (await self.queue.store.load(pack.task_id(index)))[0]
+            return pack.task(index, keys.pack(self.queue.name, pack.id), backend=self.queue.storage.name)
+        except CorruptObject as exc:
+            self.queue.store.bad.report(exc)
+            return None
+        except TaskNotFound:
+            return None
+
+
 async def _running(queue: Any) -> AsyncIterator[tuple[str, str]]:
     for record in await live_records(queue, alive_only=False):
         for task_id, lease in record["leases"].items():
@@ -176,20 +225,58 @@ async def live_records(queue: Any, *, alive_only: bool = True, limit: int = 1000
 
 
 async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIterator[tuple[str, Any]]:
-    """Task ids from ``tasks/`` in creation order; newest first reads back from now in
-    windows of time growing fourfold (1 h, 4 h, 16 h, ...) until ``since`` or the oldest."""
-    prefix = keys.tasks_prefix(queue.name)
+    """Task ids from ``tasks/`` and pack ids from ``packs/`` (a pack stands for its
+    tasks), merged in creation order."""
+    singles = _objects(queue, keys.tasks_prefix(queue.name), _single_id, newest_first, since)
+    packs = _objects(queue, keys.packs_prefix(queue.name), _pack_id, newest_first, since)
+    async for candidate in _merge(singles, packs, newest_first):
+        yield candidate
+
+
+def _single_id(key: str) -> str | None:
+    """A task object's id; a task that moved out of its pack is listed with the pack."""
+    task_id = keys.task_id_of(key)
+    return task_id if task_id is not None and keys.pack_of(task_id) is None else None
+
+
+def _pack_id(key: str) -> str | None:
+    parts = key.split("/")
+    if len(parts) == 3 and parts[1] == "packs" and parts[2].endswith(".json") and keys.PACK_ID.match(parts[2][:-5]):
+        return parts[2][:-5]
+    return None
+
+
+async def _merge(a: AsyncIterator[tuple[str, Any]], b: AsyncIterator[tuple[str, Any]],
+                 reverse: bool) -> AsyncIterator[tuple[str, Any]]:
+    """Two streams of ids, each in order, as one (a pack id sorts as its first task's)."""
+    end = object()
+    x = await anext(a, end)
+    y = await anext(b, end)
+    while x is not end or y is not end:
+        take_x = y is end or (x is not end and ((x[0] > y[0]) if reverse else (x[0] <= y[0])))  # type: ignore[index]
+        if take_x:
+            yield x  # type: ignore[misc]
+            x = await anext(a, end)
+        else:
+            yield y  # type: ignore[misc]
+            y = await anext(b, end)
+
+
+async def _objects(queue: Any, prefix: str, id_of: Callable[[str], str | None], newest_first: bool,
+                   since: float | None) -> AsyncIterator[tuple[str, Any]]:
+    """Ids of the objects under ``prefix`` in creation order; newest first reads back from
+    now in windows of time growing fourfold (1 h, 4 h, 16 h, ...) until ``since`` or the oldest."""
     floor = f"{prefix}{keys.id_floor(since)}" if since is not None else None
     if not newest_first:
         async for entry in pages(queue, prefix, start_after=floor):
-            task_id = keys.task_id_of(entry.key)
+            task_id = id_of(entry.key)
             if task_id is not None:
                 yield task_id, None
         return
     first = await queue.store.list(prefix, limit=1)
     if not first:
         return
-    oldest = keys.id_time(keys.task_id_of(first[0].key) or "0" * 24)
+    oldest = keys.id_time(id_of(first[0].key) or "0" * 24)
     low_limit = max(oldest, since) if since is not None else oldest
     upper: str | None = None  # keys at or above it were yielded by a later window
     width, now = 3600.0, queue.clock.now()
@@ -199,7 +286,7 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
         async for entry in pages(queue, prefix, start_after=f"{prefix}{keys.id_floor(start)}"):
             if upper is not None and entry.key >= upper:
                 break
-            task_id = keys.task_id_of(entry.key)
+            task_id = id_of(entry.key)
             if task_id is not None:
                 window.append(task_id)
         for task_id in reversed(window):

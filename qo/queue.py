@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
-from . import keys
+from . import keys, pack_submit
 from .backends import default_url, open_storage, url_scheme
 from .clock import Clock, SystemClock
 from .errors import DependencyError, InvalidInput, PreconditionFailed, QoError, TaskStateError
@@ -221,11 +221,16 @@ class Queue:
         *,
         concurrency: int = 32,
         progress: Callable[[int, int], None] | None = None,
+        bulk: bool = True,
     ) -> list[Task]:
         """Submit many ``(type, input[, options])`` tuples; all are validated before any is written.
 
         ``options`` takes the keyword arguments of :meth:`submit`. Returns the tasks in
-        order (for an idempotency key already used: the existing task).
+        order (for an idempotency key already used: the existing task). With ``bulk``
+        (the default), tasks that carry no idempotency key, dependency, rate-limit key,
+        expiry or future due time are written in packs of up to 256 (two requests a
+        pack; each task keeps its own id, status, retries and outcome: docs/architecture.md
+        §5k); ``bulk=False`` writes one object per task.
         """
         prepared: list[tuple[Task, IdempotencyRequest | None]] = []
         if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
@@ -242,24 +247,33 @@ class Queue:
             except InvalidInput as exc:
                 raise InvalidInput(f"items[{i}].{exc.field}", exc.message) from None
         check_non_negative_int(concurrency, "concurrency", 1024)
+        if not isinstance(bulk, bool):
+            raise InvalidInput("bulk", "must be True or False")
         tasks: list[Task] = [t for t, _ in prepared]
         sem = asyncio.Semaphore(max(1, concurrency))
         done = 0
         errors: list[tuple[int, BaseException]] = []
 
-        async def one(i: int, task: Task, request: IdempotencyRequest | None) -> None:
+        def count(n: int) -> None:
             nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, len(tasks))
+
+        async def one(i: int, task: Task, request: IdempotencyRequest | None) -> None:
             async with sem:
                 try:
                     tasks[i] = await self._submit(task, request)
                 except QoError as exc:
                     errors.append((i, exc))
                     return
-            done += 1
-            if progress is not None:
-                progress(done, len(tasks))
+            count(1)
 
-        await asyncio.gather(*(one(i, t, r) for i, (t, r) in enumerate(prepared)))
+        packs, single = pack_submit.plan(prepared, self.clock.now()) if bulk else ([], range(len(prepared)))
+        await asyncio.gather(
+            pack_submit.write_packs(self, tasks, packs, concurrency=concurrency, grace=ORPHAN_GRACE_SECONDS,
+                                    done=count, errors=errors),
+            *(one(i, *prepared[i]) for i in single))
         if errors:
             failed = {i for i, _ in errors}
             raise BulkSubmitError([None if i in failed else t for i, t in enumerate(tasks)], sorted(errors, key=lambda e: e[0]))
@@ -503,7 +517,7 @@ class Queue:
                 if task.status == CANCELLED:
                     await self.store.delete_markers([task.ended_key(self.name)])
                 continue  # changed under us: look again
-            if task.status == CANCELLED:
+            if task.status == CANCELLED and "#entry:" not in etag:  # a task in a pack has no marker of its own
                 await self.store.delete_markers(old_markers)
                 emit(self.plugins, "cancelled", task)
                 await self.dependencies.release(task)  # a cancelled dependency counts as failed

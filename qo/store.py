@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, TypeVar
 from . import keys
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
 from .model import Task, new_rev
+from .packs import PackStore
 from .storage import Storage, delete_many
 from .stored import BadObjects
 
@@ -51,13 +52,18 @@ class TaskStore:
         self.backoff = backoff or Backoff()
         #: unreadable objects met through this store: each logged once and counted
         self.bad = bad if bad is not None else BadObjects()
+        #: the packs of this queue (tasks submitted in bulk, qo/packs.py)
+        self.packs = PackStore(self)
 
     def key(self, task_id: str) -> str:
         return keys.task(self.queue, task_id)
 
     async def load(self, task_id: str) -> tuple[Task, str]:
         """The task and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
-        (reported once) if what is stored is not a task this release can use."""
+        (reported once) if what is stored is not a task this release can use. A task
+        submitted in a pack is read from its pack (one GET)."""
+        if keys.pack_of(task_id) is not None:
+            return await self.packs.load_task(task_id)
         key = self.key(task_id)
         try:
             blob = await self.backoff.call(lambda: self.storage.get(key))
@@ -105,7 +111,10 @@ class TaskStore:
                 and current.input == ours.input and current.input_ref == ours.input_ref)
 
     async def replace(self, task: Task, etag: str) -> str:
-        """Compare-and-swap ``task`` over version ``etag``; ``PreconditionFailed`` if it changed."""
+        """Compare-and-swap ``task`` over version ``etag``; ``PreconditionFailed`` if it changed.
+        A task in a pack (its etag names its entry) is written into its pack."""
+        if "#entry:" in etag:
+            return await self.packs.replace_task(task, etag)
         task.rev = new_rev()
         data, key = task.to_json(), self.key(task.id)
         for attempt in range(1, self.backoff.attempts + 1):

@@ -177,11 +177,11 @@ class SyncQueue:
         return self._call("submit", lambda: self.async_queue.submit(task_type, input, **options))
 
     def submit_many(self, items: Iterable[Sequence[Any]], *, concurrency: int = 32,
-                    progress: Callable[[int, int], None] | None = None) -> list[Task]:
+                    progress: Callable[[int, int], None] | None = None, bulk: bool = True) -> list[Task]:
         """See :meth:`qo.Queue.submit_many` (``progress`` is called on the queue's loop thread)."""
         items = list(items) if not isinstance(items, (str, bytes, dict)) else items
         return self._call("submit_many", lambda: self.async_queue.submit_many(
-            items, concurrency=concurrency, progress=progress))
+            items, concurrency=concurrency, progress=progress, bulk=bulk))
 
     def submit_graph(self, nodes: dict[str, dict[str, Any]]) -> dict[str, Task]:
         """See :meth:`qo.Queue.submit_graph`."""

@@ -31,6 +31,7 @@ from .leases import LeaseBook, new_worker_id, sweep
 from .meter import RequestRates
 from .model import PENDING, RUNNING, Task
 from .outage import Outages
+from .pack_runner import FLUSH_AFTER, PackItem, PackRunner
 from .payloads import attempt_input, discard_output, store_output
 from .promotion import promote_due
 from .retention import apply_retention
@@ -113,6 +114,8 @@ class Worker(HandlerHost):
 
     def _reset(self) -> None:
         self.feed = Feed(self)
+        #: the packs this worker holds (tasks submitted in bulk, qo/pack_runner.py)
+        self.packs = PackRunner(self)
         #: task id -> (handler future, handler, started at) of what runs now
         self._running: dict[str, tuple[asyncio.Future, Handler, float]] = {}
         #: claimed tasks whose outcome is not stored yet: our record keeps naming them
@@ -221,6 +224,11 @@ class Worker(HandlerHost):
             self._lifecycle("qo_worker_stopping")
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            if not self._forced.is_set():
+                try:  # tasks of held packs not started go back; every outcome is written
+                    await self.packs.close()
+                except Exception:  # what is not written stays named in our record
+                    log.exception("worker %s: letting go of its packs failed", self.worker_id)
             with contextlib.suppress(QoError):
                 await self.feed.flush()
             self.feed.forget_all()
@@ -350,7 +358,13 @@ class Worker(HandlerHost):
 
     # -- one task -----------------------------------------------------------------
 
-    async def _process(self, marker: keys.Marker) -> None:
+    async def _process(self, marker: keys.Marker | PackItem) -> None:
+        if isinstance(marker, PackItem):
+            await self.packs.run_item(marker)
+            return
+        if marker.is_pack:
+            await self._process_pack(marker)
+            return
         lease_id = self.feed.take_lease(marker.task_id)
         if lease_id is None:
             return
@@ -400,6 +414,32 @@ class Worker(HandlerHost):
                 except Exception as exc:  # the entries expire with their lease
                     log.warning("worker %s: releasing the limits of %s failed: %s", self.worker_id,
                                 marker.task_id, exc)
+
+    async def _process_pack(self, marker: keys.Marker) -> None:
+        """Claim a pack (one CAS for up to 256 tasks): its tasks go to the slots. The
+        record names the pack until its last outcome is stored (qo/pack_runner.py)."""
+        if self.packs.full:  # enough held: leave it to others, or to us later
+            self.feed.forget(marker.task_id)
+            return
+        lease_id = self.feed.take_lease(marker.task_id)
+        if lease_id is None:
+            return
+        claimed = False
+        try:
+            result = await self.packs.claim(marker, lease_id)
+            if isinstance(result, Missed):
+                self.stats["missed"] += 1
+                if result.corrupt:
+                    self.stats["bad_objects"] += 1
+                if result.stale:
+                    self.feed.look_again_later(marker, self.clock.now(), dead=result.dead, keep=result.keep)
+                return
+            claimed = True
+            self.stats["claimed_packs"] += 1
+            await self.feed.drop(marker.key)
+        finally:
+            if not claimed:
+                self.book.release(marker.task_id)
 
     async def _expired(self, task: Task) -> None:
         """A task the claim found past its ``expires_at`` is stored ``expired``: write its
@@ -454,9 +494,10 @@ class Worker(HandlerHost):
         if key.startswith(keys.delayed_prefix(self.queue.name)):
             self.delayed_due = min(self.delayed_due or task.available_at, task.available_at)
 
-    async def _execute(self, task: Task, etag: str) -> None:
+    async def _execute(self, task: Task, etag: str, settle: Callable[..., Awaitable[Any]] | None = None) -> None:
         """Run the handler of a claimed task and store the outcome. Whatever raises here
-        ends as an outcome (a failed attempt), never as a task left running."""
+        ends as an outcome (a failed attempt), never as a task left running. ``settle``:
+        how the outcome is stored instead of a CAS of its own (a task of a pack)."""
         ctx = TaskContext(task, self.queue, self, self.clock.now() + task.timeout_seconds,
                           cancel_requested=task.cancel_requested)
         run: asyncio.Future | None = None
@@ -508,6 +549,11 @@ class Worker(HandlerHost):
                 delay = self._retry_delay(task, error)
                 change = failed(error, delay, now)
         ran = now - started if started is not None else None
+        if settle is not None:
+            if output_ref is not None and handing_back:
+                await discard_output(self.queue, output_ref)
+            await settle(task, change, now, handing_back, error=error, ran=ran)
+            return
         if await self._settle(task, etag, change, now, handing_back, error=error, ran=ran) is False \
                 and output_ref is not None:
             await discard_output(self.queue, output_ref)  # not recorded: nobody will read it
@@ -560,7 +606,13 @@ class Worker(HandlerHost):
             self.stats["lost_lease"] += 1
             self.tasklog.lease_lost(task)
             return False
-        final = stored[0]
+        await self._ended(stored[0], error, ran, handing_back)
+        return True
+
+    async def _ended(self, final: Task, error: BaseException | None, ran: float | None,
+                     handing_back: bool = False) -> None:
+        """Count, log and emit a stored outcome; wake the dependents of an ended task."""
+        now = self.clock.now()
         if final.status == PENDING and handing_back:
             self.stats["handed_back"] += 1
             self.tasklog.handed_back(final)
@@ -578,7 +630,6 @@ class Worker(HandlerHost):
                 self.tasklog.cancelled(final)
             emit(self.queue.plugins, {"completed": "succeeded"}.get(final.status, final.status), final)
             await self._release(final)
-        return True
 
     async def _until_stored(self, attempt: Callable[[], Awaitable[None]]) -> bool:
         """Run ``attempt`` until no storage error stops it, backing off through an outage
@@ -762,6 +813,7 @@ class Worker(HandlerHost):
                 log.info("worker %s: deleted %d %s tasks past their retention", self.worker_id, n, status)
 
         async def flush() -> None:
+            await self.packs.tick(self.clock.now())
             feed = self.feed
             if feed.trash and (not feed.buffer or self.clock.now() - feed.flushed_at >= 0.25):
                 await feed.flush()
@@ -804,6 +856,8 @@ class Worker(HandlerHost):
             self._check_outages()
             wake = min(timers["promote"], timers["sweep"], timers["aging"],
                        self.book.written_at + s.heartbeat if self.book.leases else timers["sweep"])
+            if self.packs.busy:  # held packs' outcomes are written within FLUSH_AFTER
+                wake = min(wake, now + FLUSH_AFTER)
             if stopping:
                 wake = self.book.written_at + s.heartbeat
             await self._nap(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)),
@@ -917,7 +971,7 @@ class Worker(HandlerHost):
                 if m.key not in self.feed.skip:
                     return False
                 try:  # a marker we skip may have become claimable since: look at its task
-                    task, _ = await self.store.load(m.task_id)
+                    task, _ = await (self.store.packs.load(m.task_id) if m.is_pack else self.store.load(m.task_id))
                 except QoError:
                     continue
                 if task.status == PENDING and keys.ms(task.available_at) == keys.ms(m.due):
@@ -928,4 +982,4 @@ class Worker(HandlerHost):
             cursor = entries[-1].key
         # claimed markers not yet deleted: idle once they are (a delete that keeps
         # failing ends the drain with an error after storage_failure_limit)
-        return not (self._running or self.feed.taken or self.feed.buffer or self.feed.trash)
+        return not (self._running or self.feed.taken or self.feed.buffer or self.feed.trash or self.packs.busy)

@@ -15,8 +15,9 @@ def _settings(**overrides):
     return WorkerSettings(**base)
 
 
-def run_counting_worker(url: str, queue: str, log_dir: str, concurrency: int = 4) -> dict:
-    """Run a worker until idle; every execution appends '<task id>\\n' to a per-process log."""
+def run_counting_worker(url: str, queue: str, log_dir: str, concurrency: int = 4, pause: float = 0.0) -> dict:
+    """Run a worker until idle; every execution appends '<task id>\\n' to a per-process
+    log (after ``pause`` seconds: a slower handler lets late starters join in)."""
     import qo
     from qo.worker import Worker
 
@@ -27,6 +28,8 @@ def run_counting_worker(url: str, queue: str, log_dir: str, concurrency: int = 4
 
         @worker.handler("count")
         async def count(input, ctx):
+            if pause:
+                await asyncio.sleep(pause)
             with open(path, "a") as f:
                 f.write(ctx.task.id + "\n")
             return input
@@ -90,3 +93,38 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
                 return f.read()
         time.sleep(0.02)
     raise TimeoutError(path)
+
+
+def run_pack_victim(url: str, queue: str, log_path: str, lease_ttl: float) -> None:
+    """A worker whose ``step`` tasks below 20 end at once and the others hang: killed
+    mid-pack by the test. Each start appends the task id to ``log_path``."""
+    import qo
+    from qo.worker import Worker
+
+    async def main() -> None:
+        q = await qo.connect(url, queue=queue)
+        worker = Worker(q, settings=_settings(concurrency=4, lease_ttl=lease_ttl, aging=False))
+
+        @worker.handler("step")
+        async def step(input, ctx):
+            with open(log_path, "a") as f:
+                f.write(ctx.task.id + "\n")
+            if input >= 20:
+                await asyncio.sleep(3600)
+            return input
+
+        await worker.run()
+
+    asyncio.run(main())
+
+
+def wait_for_lines(path: str, n: int, timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().split()
+            if len(lines) >= n:
+                return lines
+        time.sleep(0.02)
+    raise TimeoutError(f"{path}: fewer than {n} lines")

@@ -165,7 +165,7 @@ async def test_cancel_many_pending_of_one_type_leaves_the_others(queue):
     a = await queue.submit_many([("a", i) for i in range(5)] + [("a", 9, {"schedule_at": later})])
     b = await queue.submit_many([("b", i) for i in range(4)] + [("b", 9, {"schedule_at": later})])
     b_markers = [k for k in await marker_keys(queue) if k.endswith("-b")]
-    assert len(b_markers) == 5
+    assert len(b_markers) == 2  # a pack of four (submit_many's bulk path), one delayed task
     calls: list[tuple[int, int]] = []
     assert await queue.cancel_many("pending", "a", progress=lambda d, n: calls.append((d, n))) == 6
     assert await statuses(queue, a) == ["cancelled"] * 6  # due and delayed alike
@@ -231,11 +231,17 @@ async def test_the_cost_is_the_listing_plus_four_requests_a_task(storage_url):
         assert await q.retry_many() == 3
         # one LIST of ended/failed/ and a GET per row; then GET, marker PUT, CAS, ended/ delete
         assert q.storage.counts() == {"LIST": 1, "GET": 3 + 3, "PUT": 3, "PUT_COND": 3, "DELETE_BATCH": 3}
-        await q.submit_many([("x", i) for i in range(3)])
+        await q.submit_many([("x", i) for i in range(3)], bulk=False)
         q.storage.reset()
         assert await q.cancel_many("pending", "x") == 3
         # the LISTs of ready/ and delayed/ and a GET per row; then GET, ended/ PUT, CAS, markers' delete
         assert q.storage.counts() == {"LIST": 2, "GET": 3 + 3, "PUT": 3, "PUT_COND": 3, "DELETE_BATCH": 3}
+        await q.submit_many([("y", i) for i in range(3)])  # one pack
+        q.storage.reset()
+        assert await q.cancel_many("pending", "y") == 3
+        # the LISTs and one GET of the pack; then GET, ended/ PUT, CAS of the pack per
+        # task, and the pack's marker deleted with its last pending task
+        assert q.storage.counts() == {"LIST": 2, "GET": 1 + 3, "PUT": 3, "PUT_COND": 3, "DELETE_BATCH": 1}
     finally:
         await q.close()
 

@@ -90,13 +90,16 @@ def _reject_constant(name: str) -> Any:
 @click.option("--rate-limit-key", metavar="KEY", help="Put every task under the key:KEY (or key:*) limit.")
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Submits in flight at once.")
+@click.option("--bulk/--no-bulk", default=True, show_default=True,
+              help="Write the tasks in packs of up to 256 (two requests a pack; each task keeps its id, "
+                   "status and retries); --no-bulk: one object per task.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per task instead of its id.")
 @click.option("--quiet", is_flag=True, help="No progress bar on standard error.")
 @queue_options
 @run
 async def submit_many(task_type: str, source: str, priority: str | None, delay_text: str | None,
                       at_text: str | None, max_retries: int | None, timeout_seconds: float | None,
-                      rate_limit_key: str | None, concurrency: int, as_json: bool, quiet: bool,
+                      rate_limit_key: str | None, concurrency: int, bulk: bool, as_json: bool, quiet: bool,
                       url: str, queue_name: str) -> None:
     """Submit one task of TYPE per line of --input-lines; prints the ids in line order."""
     if at_text is not None and delay_text is not None:
@@ -123,7 +126,7 @@ async def submit_many(task_type: str, source: str, priority: str | None, delay_t
                 chunk = inputs[start:start + CHUNK]
                 try:
                     tasks = await queue.submit_many([(task_type, x, options) for x in chunk],
-                                                    concurrency=concurrency)
+                                                    concurrency=concurrency, bulk=bulk)
                 except BulkSubmitError as exc:
                     _print(exc.tasks, as_json)
                     written = start + sum(1 for t in exc.tasks if t is not None)

@@ -1,0 +1,340 @@
+"""Packs: up to 256 tasks submitted in bulk, stored in one object (docs/architecture.md §5k).
+
+A pack is ``{q}/packs/{pack_id}.json``: the fields its tasks share (``template``) and,
+per task, only what differs (``entries``). A task in a pack has an ordinary task id
+(the pack id and its index), so ``queue.get`` finds it with one GET of its pack. The
+pack is the single source of truth for its tasks, except an entry that ``moved`` out:
+it left the pack as an ordinary ``tasks/{id}.json`` (a retry) and keeps a snapshot of
+the state it left with, in case the process that moved it died before writing it.
+
+This module is the object and its reads and writes; the worker's side (claim, run,
+coalesced outcomes) is ``qo/pack_runner.py``, recovery is in ``qo/leases.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import random
+from typing import Any, Callable, ClassVar
+
+import attrs
+
+from . import keys, stored
+from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev
+
+#: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
+PACK_SIZE = 256
+#: a pack's encoded size when it is written, at most (inputs are at most 64 KiB inline)
+PACK_BYTES = 1024 * 1024
+MOVED = "moved"
+#: a pack's own status: pending (claimable), running (a worker holds its lease), done
+PACK_STATUSES = ("pending", "running", "done")
+#: task fields every entry carries itself, never from the template
+_OWN = ("id", "rev", "schema")
+
+
+def entry_fingerprint(entry: dict[str, Any]) -> str:
+    """A short digest of one entry as stored: a per-entry version for compare-and-swap."""
+    return hashlib.sha256(dumps(entry)).hexdigest()[:16]
+
+
+@attrs.define
+class Pack(StoredRecord):
+    """Tasks of one type and priority, written together by ``submit_many``."""
+
+    id: str
+    task_type: str
+    priority: int
+    status: str = "pending"
+    available_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    #: the worker holding the pack: {"worker_id", "lease_id", "claimed_at"}; None when pending
+    lease: dict[str, Any] | None = None
+    claims: int = 0
+    template: dict[str, Any] = attrs.field(factory=dict)
+    entries: list[dict[str, Any]] = attrs.field(factory=list)
+    kind: str = "pack"
+    rev: str = ""
+    schema: int = SCHEMA_VERSION
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    FIELD_CHECKS: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "id": stored.matches(keys.PACK_ID),
+        "task_type": stored.matches(keys.TASK_TYPE),
+        "priority": lambda v: stored.is_int(v, 0, 255),
+        "status": stored.one_of(*PACK_STATUSES),
+        "available_at": stored.is_number,
+        "created_at": stored.is_number,
+        "updated_at": stored.is_number,
+        "lease": stored.optional(lambda v: isinstance(v, dict) and isinstance(v.get("lease_id"), str)
+                                 and isinstance(v.get("worker_id"), str)),
+        "claims": stored.is_int,
+        "template": stored.is_dict,
+        "entries": lambda v: isinstance(v, list) and 0 < len(v) <= 4096 and all(isinstance(e, dict) for e in v),
+        "kind": stored.one_of("pack"),
+        "rev": stored.is_str,
+        "schema": stored.is_int,
+    }
+    REQUIRED: ClassVar[tuple[str, ...]] = ("id", "task_type", "priority", "status", "template", "entries")
+
+    @classmethod
+    def build(cls, pack_id: str, tasks: list[Task], now: float) -> "Pack":
+        """A new pending pack of ``tasks`` (already given their entry ids)."""
+        first = tasks[0].to_dict()
+        template = {k: v for k, v in first.items() if k not in _OWN and k != "input"}
+        pack = cls(id=pack_id, task_type=tasks[0].task_type, priority=tasks[0].priority,
+                   available_at=now, created_at=now, updated_at=now, template=template,
+                   entries=[{} for _ in tasks])
+        for i, task in enumerate(tasks):
+            pack.put(i, task)
+        return pack
+
+    @classmethod
+    def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> "Pack":
+        pack = super().from_json(data, key, backend=backend)
+        if key != "?" and not key.endswith(f"/packs/{pack.id}.json"):
+            raise CorruptObject(key, f"holds pack {pack.id}, not the one its key names", backend=backend)
+        return pack
+
+    def key(self, queue: str) -> str:
+        return keys.pack(queue, self.id)
+
+    def marker_key(self, queue: str) -> str:
+        """The pack's ready marker: its id (21 hex characters) where a task's id would be."""
+        return keys.ready(queue, self.priority, self.available_at, self.id, self.task_type)
+
+    def task_id(self, index: int) -> str:
+        return keys.entry_id(self.id, index)
+
+    def status_of(self, index: int) -> str:
+        return self.entries[index].get("status", self.template.get("status", PENDING))
+
+    def task(self, index: int, key: str = "?", *, backend: str = "") -> Task:
+        """Entry ``index`` as a task (``CorruptObject`` if the entry is unusable). A moved
+        entry gives the snapshot of the state it left the pack with."""
+        entry = self.entries[index]
+        if entry.get("status") == MOVED:
+            snapshot = entry.get("task")
+            if not isinstance(snapshot, dict):
+                raise CorruptObject(key, f"entry {index} moved out without its snapshot", backend=backend)
+            d = {**snapshot, "id": self.task_id(index)}
+        else:
+            d = {**self.template, **entry, "id": self.task_id(index)}
+            d.setdefault("rev", "")
+        stored.check_fields(d, key, Task.FIELD_CHECKS, required=Task.REQUIRED, backend=backend)
+        return Task.from_dict(d)
+
+    def put(self, index: int, task: Task) -> None:
+        """Store ``task`` as entry ``index``: only what differs from the template."""
+        d = task.to_dict()
+        self.entries[index] = {k: v for k, v in d.items()
+                               if k not in ("id", "schema") and (k == "rev" or self.template.get(k, attrs.NOTHING) != v)}
+
+    def move_out(self, index: int, task: Task) -> None:
+        """Entry ``index`` leaves the pack as ``task`` (pending again: a retry); its
+        snapshot stays, in case ``tasks/{id}.json`` was never written."""
+        d = task.to_dict()
+        d.pop("id", None)
+        self.entries[index] = {"status": MOVED, "task": d}
+
+    def settle_status(self, now: float) -> bool:
+        """The pack's own status from its entries': running while its holder has entries
+        running, pending while some are pending, else done. True when the pack became
+        claimable again (a holder let go of pending entries): it is due now, never at its
+        previous due time, and the caller owes it a new ready marker."""
+        statuses = {self.status_of(i) for i in range(len(self.entries))}
+        self.updated_at = now
+        if self.status == "running" and self.lease is not None and RUNNING in statuses:
+            return False
+        if PENDING in statuses:
+            requeued = self.status != "pending"
+            if requeued:
+                self.available_at = max(now, self.available_at + 0.001)
+            self.status, self.lease = "pending", None
+            return requeued
+        self.status, self.lease = "done", None
+        return False
+
+
+def split_etag(etag: str) -> tuple[str, str]:
+    """(pack etag, entry fingerprint) of an entry's etag (see ``entry_etag``)."""
+    pack_etag, sep, fingerprint = etag.rpartition("#entry:")
+    if not sep:
+        raise PreconditionFailed("not the version of a task in a pack")
+    return pack_etag, fingerprint
+
+
+def entry_etag(pack_etag: str, entry: dict[str, Any]) -> str:
+    """The version of one entry: its pack's etag and the entry's fingerprint. A CAS with
+    it succeeds while the entry is unchanged, whatever happened to its siblings."""
+    return f"{pack_etag}#entry:{entry_fingerprint(entry)}"
+
+
+class PackStore:
+    """Reads and compare-and-swap writes of packs, for a ``qo.store.TaskStore``."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        #: pack id -> (etag, pack) as last read or written here: a CAS over a version we
+        #: hold needs no read first (bounded; a stale entry only costs a refused CAS)
+        self._known: dict[str, tuple[str, Pack]] = {}
+
+    def _remember(self, pack: Pack, etag: str) -> None:
+        self._known.pop(pack.id, None)
+        self._known[pack.id] = (etag, pack)
+        if len(self._known) > 64:
+            self._known.pop(next(iter(self._known)))
+
+    @property
+    def storage(self) -> Any:
+        return self.store.storage
+
+    def key(self, pack_id: str) -> str:
+        return keys.pack(self.store.queue, pack_id)
+
+    async def load(self, pack_id: str) -> tuple[Pack, str]:
+        """The pack and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
+        (reported once) if it is unusable."""
+        key = self.key(pack_id)
+        try:
+            blob = await self.store.backoff.call(lambda: self.storage.get(key))
+        except NotFound:
+            raise TaskNotFound(pack_id) from None
+        try:
+            pack = Pack.from_json(blob.data, key, backend=self.storage.name)
+        except CorruptObject as exc:
+            self.store.bad.report(exc)
+            raise
+        self._remember(clone(pack), blob.etag)
+        return pack, blob.etag
+
+    async def create(self, pack: Pack) -> str:
+        """Create-only write of a new pack (a lost response that landed is recognised)."""
+        return await self._write(pack, None)
+
+    async def replace(self, pack: Pack, etag: str) -> str:
+        """CAS ``pack`` over ``etag``; ``PreconditionFailed`` if it changed."""
+        return await self._write(pack, etag)
+
+    async def _write(self, pack: Pack, etag: str | None) -> str:
+        etag = await self._put(pack, etag)
+        self._remember(clone(pack), etag)
+        return etag
+
+    async def _put(self, pack: Pack, etag: str | None) -> str:
+        pack.rev = new_rev()
+        data, key = pack.to_json(), self.key(pack.id)
+        backoff = self.store.backoff
+        for attempt in range(1, backoff.attempts + 1):
+            try:
+                if etag is None:
+                    return await self.storage.put(key, data, if_none_match=True)
+                return await self.storage.put(key, data, if_match=etag)
+            except StorageUnavailable:
+                if attempt == backoff.attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(backoff.cap, backoff.base * 2**attempt)))
+                try:
+                    blob = await backoff.call(lambda: self.storage.get(key))
+                except NotFound:
+                    if etag is None:
+                        continue  # did not land: create again
+                    raise PreconditionFailed("pack vanished", backend=self.storage.name, key=key) from None
+                if etag is not None and blob.etag == etag:
+                    continue  # did not land: try again
+                try:
+                    landed = Pack.from_json(blob.data, key, backend=self.storage.name).rev == pack.rev
+                except CorruptObject:
+                    landed = False
+                if landed:
+                    return blob.etag  # landed; only the response was lost
+                raise PreconditionFailed("changed by another writer", backend=self.storage.name, key=key) from None
+        raise AssertionError("unreachable")
+
+    # -- one task of a pack, as the rest of qo sees a task --------------------------
+
+    async def load_task(self, task_id: str) -> tuple[Task, str]:
+        """Task ``task_id`` of its pack, with an entry etag (``entry_etag``); a task that
+        moved out is read from its own object (written from the snapshot if missing)."""
+        pack_id, index = keys.pack_of(task_id)  # type: ignore[misc]
+        pack, etag = await self.load(pack_id)
+        if index >= len(pack.entries):
+            raise TaskNotFound(task_id)
+        key = self.key(pack_id)
+        if pack.status_of(index) == MOVED:
+            return await self._moved(pack, index, key)
+        try:
+            task = pack.task(index, key, backend=self.storage.name)
+        except CorruptObject as exc:
+            self.store.bad.report(exc)
+            raise
+        return task, entry_etag(etag, pack.entries[index])
+
+    async def _moved(self, pack: Pack, index: int, key: str) -> tuple[Task, str]:
+        task_key = keys.task(self.store.queue, pack.task_id(index))
+        try:
+            blob = await self.store.backoff.call(lambda: self.storage.get(task_key))
+            return self.store.decode(blob.data, task_key), blob.etag
+        except NotFound:
+            pass
+        snapshot = pack.task(index, key, backend=self.storage.name)
+        return snapshot, await self.write_moved(snapshot)
+
+    async def write_moved(self, task: Task) -> str:
+        """Write the object of a task that moved out of its pack (create-only: whoever
+        wrote it first wrote the same snapshot); its etag."""
+        task_key = keys.task(self.store.queue, task.id)
+        try:
+            return await self.store.backoff.call(lambda: self.storage.put(task_key, task.to_json(),
+                                                                          if_none_match=True))
+        except PreconditionFailed:
+            blob = await self.store.backoff.call(lambda: self.storage.get(task_key))
+            return blob.etag
+
+    async def replace_task(self, task: Task, etag: str) -> str:
+        """CAS one task of a pack over its entry etag: the pack is rewritten with only this
+        entry changed, as long as this entry is as ``etag`` saw it (its siblings may have
+        changed: re-read and try again). A task going back to ``pending`` (a retry) moves
+        out: the pack keeps its snapshot, then ``tasks/{id}.json`` is written; the etag
+        returned is then that object's."""
+        pack_id, index = keys.pack_of(task.id)  # type: ignore[misc]
+        pack_etag, fingerprint = split_etag(etag)
+        known = self._known.get(pack_id)
+        pack: Pack | None = clone(known[1]) if known is not None and known[0] == pack_etag else None
+        for _ in range(50):
+            if pack is None:
+                pack, pack_etag = await self.load(pack_id)
+            if index >= len(pack.entries) or entry_fingerprint(pack.entries[index]) != fingerprint:
+                raise PreconditionFailed("changed by another writer", backend=self.storage.name,
+                                         key=self.key(pack_id))
+            now = task.updated_at
+            task.rev = new_rev()
+            moving = task.status == PENDING
+            if moving:
+                pack.move_out(index, task)
+            else:
+                pack.put(index, task)
+            was, marker = pack.status, pack.marker_key(self.store.queue)
+            requeued = pack.settle_status(max(now, pack.updated_at))
+            try:
+                new_etag = await self.replace(pack, pack_etag)
+            except PreconditionFailed:
+                pack = None  # a sibling changed (or this entry): read again
+                continue
+            if requeued:
+                await self.store.put_marker(pack.marker_key(self.store.queue))
+            elif was == "pending" and pack.status == "done":  # its last pending task ended
+                await self.store.delete_markers([marker])
+            if moving:
+                return await self.write_moved(task)
+            return entry_etag(new_etag, pack.entries[index])
+        raise PreconditionFailed("the pack kept changing", backend=self.storage.name, key=self.key(pack_id))
+
+
+def clone(pack: Pack) -> Pack:
+    """A deep copy to change and write (the copy in hand stays as stored)."""
+    return copy.deepcopy(pack)

@@ -1,0 +1,294 @@
+"""Packs: submit_many's bulk path keeps every per-task guarantee at under one request
+per task (docs/architecture.md §5k). Every test runs on each backend."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import multiprocessing
+import os
+import signal
+from typing import Any
+
+import pytest
+
+import qo
+from qo import keys
+from qo.counting import CountingStorage
+from qo.errors import InvalidInput
+from qo.leases import recover_pack
+from qo.packs import PACK_SIZE
+from qo.worker import Worker
+
+import procs
+
+FAST = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.2, buffer_max_age=0.5, shutdown_timeout=5.0)
+CTX = multiprocessing.get_context("spawn")
+
+
+async def keys_under(q: qo.Queue, prefix: str) -> list[str]:
+    return [e.key for e in await q.storage.list(f"{q.name}/{prefix}")]
+
+
+# -- submit and read ---------------------------------------------------------------------
+
+
+async def test_a_bulk_submission_is_a_few_packs_and_every_task_reads_in_one_get(storage_url):
+    q = await qo.connect(storage_url, queue="pk", wrap_storage=CountingStorage)
+    items = [("resize", {"n": i}, {"max_retries": i % 3}) for i in range(300)] + [("mail", i) for i in range(5)]
+    tasks = await q.submit_many(items)
+    # 300 resize tasks: packs of 256 and 44; 5 mail tasks: one pack. A marker and a pack each.
+    assert q.storage.counts() == {"GET": 1, "PUT": 3, "PUT_COND": 3}  # the GET: the queue's settings
+    assert len(await keys_under(q, "packs/")) == 3 and await keys_under(q, "tasks/") == []
+    assert len({keys.pack_of(t.id)[0] for t in tasks}) == 3
+    assert [keys.pack_of(t.id)[1] for t in tasks[:3]] == [0, 1, 2] and keys.pack_of(tasks[256].id)[1] == 0
+    q.storage.reset()
+    got = await q.get(tasks[257].id)
+    assert q.storage.counts() == {"GET": 1}
+    assert (got.id, got.task_type, got.input, got.max_retries, got.status, got.attempt) == (
+        tasks[257].id, "resize", {"n": 257}, 257 % 3, "pending", 0)
+    assert (await q.get(tasks[-1].id)).input == 4
+    with pytest.raises(qo.TaskNotFound):
+        await q.get(keys.entry_id(keys.pack_of(tasks[-1].id)[0], 5))  # past the pack's end
+    await q.close()
+
+
+async def test_what_a_pack_cannot_keep_goes_the_single_path(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    parent = await q.submit("p", None)
+    tasks = await q.submit_many([
+        ("a", 1), ("a", 2),
+        ("a", 3, {"idempotency_key": "k"}), ("a", 4, {"schedule_at": later}),
+        ("a", 5, {"depends_on": [parent.id]}), ("a", 6, {"rate_limit_key": "x"}),
+        ("a", 7, {"expires_at": later}), ("a", "x" * 70_000),
+        ("b", 1),  # a group of one
+    ])
+    assert [keys.pack_of(t.id) is not None for t in tasks] == [True, True] + [False] * 7
+    singles = await q.submit_many([("a", i) for i in range(3)], bulk=False)
+    assert all(keys.pack_of(t.id) is None for t in singles)
+    with pytest.raises(InvalidInput) as err:
+        await q.submit_many([("a", 1)], bulk="yes")
+    assert err.value.field == "bulk"
+    await q.close()
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+async def test_a_worker_drains_packs_under_one_request_per_task_end_to_end(storage_url):
+    q = await qo.connect(storage_url, queue="pk", wrap_storage=CountingStorage)
+    tasks = await q.submit_many([("noop", i) for i in range(600)])
+    worker = Worker(q, concurrency=16, aging=False, **FAST)
+    ran: collections.Counter[int] = collections.Counter()
+
+    @worker.handler("noop")
+    async def noop(x: int) -> int:
+        ran[x] += 1
+        return x * 2
+
+    stats = await worker.run(until_idle=True)
+    assert ran == {i: 1 for i in range(600)} and stats["completed"] == 600 and stats["claimed_packs"] == 3
+    counts = q.storage.counts()
+    total = sum(counts.values())
+    assert total < 600, counts  # submit, claim, outcomes, marker deletes, record writes, LISTs
+    done = [await q.get(t.id) for t in tasks[::97]]
+    assert {(t.status, t.output, t.attempt) for t in done} == {("completed", t.input * 2, 1) for t in done} \
+        or all(t.status == "completed" and t.output == t.input * 2 and t.attempt == 1 for t in done)
+    assert await keys_under(q, "ready/") == []
+    assert [t.id async for t in q.list(status="completed", limit=None)] == [t.id for t in tasks]
+    await q.close()
+
+
+async def test_a_retry_leaves_the_pack_and_a_dead_letter_stays_in_it(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("job", i, {"max_retries": 1}) for i in range(6)])
+    worker = Worker(q, concurrency=4, aging=False, **FAST)
+    attempts: collections.Counter[int] = collections.Counter()
+
+    @worker.handler("job")
+    async def job(x: int, ctx: Any) -> str:
+        attempts[x] += 1
+        if x == 1 and ctx.attempt == 1:
+            raise qo.Retry(delay=0.05)  # runs again, as a task of its own
+        if x == 2:
+            raise ValueError("always")  # two attempts, then the dead letter
+        return "ok"
+
+    await worker.run(until_idle=True)
+    assert attempts == {0: 1, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1}
+    retried, dead = await q.get(tasks[1].id), await q.get(tasks[2].id)
+    assert (retried.status, retried.attempt, retried.output) == ("completed", 2, "ok")
+    assert (dead.status, dead.attempt, dead.last_error["type"]) == ("failed", 2, "ValueError")
+    # the retried task moved out to an object of its own; the dead letter did too (its
+    # first attempt retried), and its ended/ index marker names it
+    assert sorted(await keys_under(q, "tasks/")) == sorted(keys.task("pk", t.id) for t in (tasks[1], tasks[2]))
+    assert [t.id async for t in q.list(status="failed")] == [tasks[2].id]
+    await q.close()
+
+
+async def test_dead_letters_cancel_and_retry_of_tasks_inside_a_pack(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("job", i, {"max_retries": 0}) for i in range(5)])
+    await q.cancel(tasks[3].id)  # pending in a pending pack: ends now, never runs
+    assert (await q.get(tasks[3].id)).status == "cancelled"
+    worker = Worker(q, concurrency=2, aging=False, **FAST)
+    ran: list[int] = []
+    healed = False
+
+    @worker.handler("job")
+    async def job(x: int) -> int:
+        ran.append(x)
+        if x == 0 and not healed:
+            raise ValueError("bad input")
+        return x
+
+    await worker.run(until_idle=True)
+    assert sorted(ran) == [0, 1, 2, 4]
+    failed = await q.get(tasks[0].id)
+    assert failed.status == "failed" and keys.pack_of(failed.id) is not None
+    assert await keys_under(q, "tasks/") == []  # no retry: still in the pack
+    assert [t.id async for t in q.list(status="failed")] == [tasks[0].id]
+    assert [t.id async for t in q.list(status="cancelled")] == [tasks[3].id]
+    healed = True
+    again = await q.retry(tasks[0].id)  # a dead letter retried: leaves the pack
+    assert again.status == "pending" and await keys_under(q, "tasks/") == [keys.task("pk", tasks[0].id)]
+    await worker.run(until_idle=True)
+    assert (await q.get(tasks[0].id)).status == "completed" and ran.count(0) == 2
+    assert [t.id async for t in q.list(status="failed")] == []
+    await q.close()
+
+
+async def test_priority_orders_packs_and_single_tasks_alike(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    await q.submit("t", "single-100", priority=100)
+    await q.submit_many([("t", f"pack-200-{i}", {"priority": 200}) for i in range(3)])
+    await q.submit("t", "single-255", priority=255)
+    await q.submit_many([("t", f"pack-50-{i}", {"priority": 50}) for i in range(3)])
+    worker = Worker(q, concurrency=1, aging=False, **FAST)
+    order: list[str] = []
+
+    @worker.handler("t")
+    async def t(x: str) -> None:
+        order.append(x)
+
+    await worker.run(until_idle=True)
+    assert order == ["single-255", "pack-200-0", "pack-200-1", "pack-200-2", "single-100",
+                     "pack-50-0", "pack-50-1", "pack-50-2"]
+    await q.close()
+
+
+async def test_a_running_task_of_a_pack_learns_its_cancel(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("slow", i) for i in range(2)])
+    worker = Worker(q, concurrency=1, aging=False, heartbeat_interval=0.1, **FAST)
+    started = asyncio.Event()
+
+    @worker.handler("slow")
+    async def slow(x: int, ctx: Any) -> str:
+        if x == 0:
+            started.set()
+            for _ in range(500):
+                ctx.raise_if_cancelled()
+                await asyncio.sleep(0.01)
+        return "done"
+
+    run = asyncio.create_task(worker.run(until_idle=True))
+    await asyncio.wait_for(started.wait(), 30)
+    assert (await q.get(tasks[0].id)).status == "running"
+    await q.cancel(tasks[1].id)  # not started yet: asked to cancel
+    await q.cancel(tasks[0].id)  # running: its worker learns it with its next heartbeat
+    await asyncio.wait_for(run, 30)
+    first, second = await q.get(tasks[0].id), await q.get(tasks[1].id)
+    assert first.status == "cancelled" and second.status == "cancelled"
+    await q.close()
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+async def test_a_pack_recovered_under_its_holder_discards_the_holders_outcomes(storage_url):
+    """The holder's lease is lost (recovery took the pack: its heartbeat was presumed
+    dead); its later flush is refused and none of its outcomes lands."""
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("job", i) for i in range(3)])
+    worker = Worker(q, concurrency=1, aging=False, **FAST)
+    gate = asyncio.Event()
+    pack_id = keys.pack_of(tasks[0].id)[0]
+
+    @worker.handler("job")
+    async def job(x: int) -> int:
+        if x == 0 and not gate.is_set():
+            pack, _ = await q.store.packs.load(pack_id)
+            assert pack.status == "running"
+            recovered = await recover_pack(q.store, q.clock, pack_id, pack.lease["worker_id"],
+                                           pack.lease["lease_id"])
+            assert sorted(recovered) == sorted(t.id for t in tasks)
+            gate.set()
+        return x
+
+    stats = await worker.run(until_idle=True)
+    assert gate.is_set() and stats["lost_lease"] >= 1
+    # recovered: back to pending with the attempt counted, then run again (now or later)
+    for t in tasks:
+        got = await q.get(t.id)
+        assert got.status == "completed" and got.attempt == 2, got
+    await q.close()
+
+
+async def test_four_worker_processes_run_each_task_of_2000_in_packs_exactly_once(storage_url, tmp_path):
+    q = await qo.connect(storage_url, queue="pkrace")
+    tasks = await q.submit_many([("count", i) for i in range(2000)])  # 8 packs
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    loop = asyncio.get_running_loop()
+    with CTX.Pool(4) as pool:
+        results = [pool.apply_async(procs.run_counting_worker, (storage_url, "pkrace", str(log_dir), 8, 0.02))
+                   for _ in range(4)]
+        stats = await loop.run_in_executor(None, lambda: [r.get(timeout=240) for r in results])
+    runs: collections.Counter[str] = collections.Counter()
+    for f in log_dir.iterdir():
+        runs.update(f.read_text().split())
+    assert set(runs) == {t.id for t in tasks}
+    assert max(runs.values()) == 1, [t for t, n in runs.items() if n > 1]
+    assert sum(s.get("completed", 0) for s in stats) == 2000
+    assert sum(1 for s in stats if s.get("claimed_packs")) >= 2  # the packs were shared
+    assert collections.Counter([t.status async for t in q.list(limit=None)]) == {"completed": 2000}
+    assert await q.storage.list(keys.ready_prefix("pkrace")) == []
+    await q.close()
+
+
+async def test_a_sigkilled_holder_s_pack_finishes_elsewhere_without_rerunning_what_was_stored(
+        storage_url, tmp_path):
+    q = await qo.connect(storage_url, queue="pkkill")
+    tasks = await q.submit_many([("step", i, {"max_retries": 3}) for i in range(40)])
+    log = tmp_path / "ran.log"
+    victim = CTX.Process(target=procs.run_pack_victim, args=(storage_url, "pkkill", str(log), 0.5))
+    victim.start()
+    try:
+        procs.wait_for_lines(str(log), 24)  # 20 ended, 4 running (concurrency 4)
+        await asyncio.sleep(0.7)  # the holder's timed flush (0.5 s) stores what ended
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+    finally:
+        if victim.is_alive():
+            victim.kill()
+    before = [await q.get(t.id) for t in tasks]
+    stored = {t.id for t in before if t.status == "completed"}
+    assert stored and any(t.status == "running" for t in before)
+    rescuer = Worker(q, concurrency=8, aging=False, lease_ttl=0.5, **FAST)
+    rescued: list[str] = []
+
+    @rescuer.handler("step")
+    async def step(x: int, ctx: Any) -> int:
+        rescued.append(ctx.task.id)
+        return x
+
+    await asyncio.wait_for(rescuer.run(until_idle=True), 60)
+    after = {t.id: await q.get(t.id) for t in tasks}
+    assert all(t.status == "completed" for t in after.values())
+    assert not stored & set(rescued)  # what the dead holder stored is never run again
+    assert {t.id for t in before if t.status != "completed"} == set(rescued)
+    assert all(after[i].attempt == 2 for i in rescued)  # the abandoned attempt counted
+    await q.close()
