@@ -25,7 +25,7 @@ from . import counting
 from .durations import parse_duration
 from .model import STATUSES, Task, check_task_id, check_task_type
 from .pages import TaskPage
-from .queue import Queue, connect
+from .queue import BulkSubmitError, Queue, connect
 from .sync import SyncQueue, connect_sync
 from .task_function import TaskFunction, task
 from .worker import TaskContext, Worker, WorkerSettings
@@ -49,6 +49,7 @@ __all__ = [
     "PreconditionFailed",
     "QoError",
     "Queue",
+    "BulkSubmitError",
     "Retry",
     "ScheduleNotFound",
     "STATUSES",

@@ -55,20 +55,33 @@ def new_task_id() -> str:
     return f"{ms_now:012x}{seq:04x}{os.urandom(4).hex()}"
 
 
-def new_pack_id() -> str:
-    """21 hex chars: 12 of milliseconds, 4 of a sequence with its top bit set (no single
-    task's id has it), 5 random. Its tasks' ids append their index in 3 hex digits."""
+_pack_last = [0, 0]  # last millisecond, pack sequence within it
+
+
+def new_pack_id(count: int) -> str:
+    """21 hex chars for a pack of ``count`` tasks (1-4096): 12 of milliseconds, 1 of a
+    per-process sequence of packs with its top bit set (no single task's id has it), 3
+    of ``count - 1`` (so the pack's marker says how many tasks it holds), 5 random. Its
+    tasks' ids append their index in 3 hex digits. A collision between processes is
+    caught by the pack's create-only write (a new id is drawn)."""
+    if not 1 <= count <= 4096:
+        raise ValueError(f"a pack holds 1 to 4096 tasks, not {count}")
     ms_now = int(time.time() * 1000)
     with _id_lock:
-        last, seq = _id_last
+        last, seq = _pack_last
         if ms_now <= last:
             ms_now, seq = last, seq + 1
-            if seq > 0x7FFF:
+            if seq > 7:
                 ms_now, seq = last + 1, 0
         else:
             seq = 0
-        _id_last[:] = [ms_now, seq]
-    return f"{ms_now:012x}{0x8000 | seq:04x}{os.urandom(3).hex()[:5]}"
+        _pack_last[:] = [ms_now, seq]
+    return f"{ms_now:012x}{8 | seq:x}{count - 1:03x}{os.urandom(3).hex()[:5]}"
+
+
+def pack_size(pack_id: str) -> int:
+    """How many tasks the pack ``pack_id`` was written with (its id says so)."""
+    return int(pack_id[13:16], 16) + 1
 
 
 def pack_of(task_id: str) -> tuple[str, int] | None:

@@ -164,13 +164,18 @@ class PackReader:
         return (await self.read[pack_id])[0]
 
     async def tasks(self, pack_id: str) -> list[Task]:
+        """The tasks still in the pack (one that moved out is listed from its own object)."""
         pack = await self.pack(pack_id)
-        return [t for t in await asyncio.gather(*(self._entry(pack, i) for i in range(len(pack.entries))))
+        return [t for t in await asyncio.gather(*(self._entry(pack, i) for i in range(len(pack.entries))
+                                                  if pack.status_of(i) != "moved"))
                 if t is not None]
 
     async def task(self, task_id: str) -> Task:
         pack_id, index = keys.pack_of(task_id)  # type: ignore[misc]
-        pack = await self.pack(pack_id)
+        try:
+            pack = await self.pack(pack_id)
+        except TaskNotFound:  # an id shaped like a pack's that is a task of its own
+            return (await self.queue.store.load_object(task_id))[0]
         if index >= len(pack.entries):
             raise TaskNotFound(task_id)
         task = await self._entry(pack, index)
@@ -234,9 +239,8 @@ async def _tasks(queue: Any, newest_first: bool, since: float | None) -> AsyncIt
 
 
 def _single_id(key: str) -> str | None:
-    """A task object's id; a task that moved out of its pack is listed with the pack."""
-    task_id = keys.task_id_of(key)
-    return task_id if task_id is not None and keys.pack_of(task_id) is None else None
+    """A task object's id (a task that moved out of its pack too: its pack skips it)."""
+    return keys.task_id_of(key)
 
 
 def _pack_id(key: str) -> str | None:

@@ -170,14 +170,40 @@ class PackRunner:
             task.lease_id = task.lease_deadline = task.worker_id = None
             task.cancel_requested = True
             run.outcomes[item.index] = Outcome(task)
+        elif not await self._limits_pass(task):  # the worker stops while it waits
+            run.waiting.add(item.index)  # handed back with the others not started
+            return
         else:
             run.running.add(item.index)
             try:
                 await w._execute(task, "", settle=lambda *a, **kw: self._settle(run, item.index, *a, **kw))
             finally:
                 run.running.discard(item.index)
+                if w.limiter.limits:
+                    await self._leave_limits(task)
         if not run.waiting and not run.running:
             await self.flush(run)
+
+    async def _limits_pass(self, task: Task) -> bool:
+        """Wait until every limit that applies to ``task`` (its type's, the global one)
+        grants it; the pack's lease is held meanwhile. False if the worker stops first."""
+        w = self.worker
+        if not w.limiter.limits:
+            return True
+        while not w._stopping.is_set():
+            decision = await w.limiter.acquire(task)
+            if decision.granted:
+                return True
+            w.stats["throttled"] += 1
+            now = w.clock.now()
+            await w._sleep(min(max(0.01, (decision.retry_at or now + 1.0) - now), 5.0))
+        return False
+
+    async def _leave_limits(self, task: Task) -> None:
+        try:
+            await self.worker.limiter.release(task.id)
+        except Exception as exc:  # the entries expire with their lease
+            log.warning("worker %s: releasing the limits of %s failed: %s", self.worker.worker_id, task.id, exc)
 
     async def _settle(self, run: PackRun, index: int, task: Task, change: Any, now: float,
                       handing_back: bool, *, error: BaseException | None, ran: float | None) -> None:

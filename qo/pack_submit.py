@@ -8,7 +8,7 @@ import asyncio
 from typing import Any, Callable
 
 from . import keys
-from .errors import QoError
+from .errors import PreconditionFailed, QoError
 from .events import emit
 from .model import PAYLOAD_INLINE_BYTES, PENDING, Task, dumps
 from .packs import PACK_BYTES, PACK_SIZE, Pack
@@ -61,19 +61,26 @@ async def write_packs(queue: Any, tasks: list[Task], packs: list[list[int]], *, 
     sem = asyncio.Semaphore(max(1, min(concurrency, 8)))
 
     async def one(indexes: list[int]) -> None:
-        pack_id = keys.new_pack_id()
         members = [tasks[i] for i in indexes]
-        for n, task in enumerate(members):
-            task.id = keys.entry_id(pack_id, n)
         async with sem:
-            now = queue.clock.now()
-            pack = Pack.build(pack_id, members, now)
             try:
-                marker = pack.marker_key(queue.name)
-                await queue.store.put_marker(marker)
-                await queue.store.packs.create(pack)
-                if queue.clock.now() - now > grace / 2:
-                    await queue.store.put_marker(marker)  # a worker may have dropped it as an orphan
+                for attempt in range(3):
+                    pack_id = keys.new_pack_id(len(members))
+                    for n, task in enumerate(members):
+                        task.id = keys.entry_id(pack_id, n)
+                    now = queue.clock.now()
+                    pack = Pack.build(pack_id, members, now)
+                    marker = pack.marker_key(queue.name)
+                    await queue.store.put_marker(marker)
+                    try:
+                        await queue.store.packs.create(pack)
+                    except PreconditionFailed:  # another producer drew the same id: draw again
+                        if attempt == 2:
+                            raise
+                        continue
+                    if queue.clock.now() - now > grace / 2:
+                        await queue.store.put_marker(marker)  # a worker may have dropped it as an orphan
+                    break
             except QoError as exc:
                 errors.extend((i, exc) for i in indexes)
                 return

@@ -29,6 +29,9 @@ from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, 
 PACK_SIZE = 256
 #: a pack's encoded size when it is written, at most (inputs are at most 64 KiB inline)
 PACK_BYTES = 1024 * 1024
+#: a handler's output over this many bytes is stored apart from its pack (§5i): the
+#: pack is rewritten by every flush, so it stays small
+PACK_OUTPUT_INLINE = 16 * 1024
 MOVED = "moved"
 #: a pack's own status: pending (claimable), running (a worker holds its lease), done
 PACK_STATUSES = ("pending", "running", "done")
@@ -261,7 +264,10 @@ class PackStore:
         """Task ``task_id`` of its pack, with an entry etag (``entry_etag``); a task that
         moved out is read from its own object (written from the snapshot if missing)."""
         pack_id, index = keys.pack_of(task_id)  # type: ignore[misc]
-        pack, etag = await self.load(pack_id)
+        try:
+            pack, etag = await self.load(pack_id)
+        except TaskNotFound:  # an id shaped like a pack's that is a task of its own
+            return await self.store.load_object(task_id)
         if index >= len(pack.entries):
             raise TaskNotFound(task_id)
         key = self.key(pack_id)
@@ -275,11 +281,9 @@ class PackStore:
         return task, entry_etag(etag, pack.entries[index])
 
     async def _moved(self, pack: Pack, index: int, key: str) -> tuple[Task, str]:
-        task_key = keys.task(self.store.queue, pack.task_id(index))
         try:
-            blob = await self.store.backoff.call(lambda: self.storage.get(task_key))
-            return self.store.decode(blob.data, task_key), blob.etag
-        except NotFound:
+            return await self.store.load_object(pack.task_id(index))
+        except TaskNotFound:
             pass
         snapshot = pack.task(index, key, backend=self.storage.name)
         return snapshot, await self.write_moved(snapshot)
@@ -295,12 +299,22 @@ class PackStore:
             blob = await self.store.backoff.call(lambda: self.storage.get(task_key))
             return blob.etag
 
+    @staticmethod
+    def _leaves(pack: Pack, index: int, task: Task) -> bool:
+        """A pending task leaves its pack when it becomes pending again (a retry) or its
+        due time or priority change: the pack's one marker no longer speaks for it. A
+        pending task that stays as it was (a dependent marks it, a cancel is asked) stays."""
+        if pack.status_of(index) != PENDING:
+            return True
+        before = {**pack.template, **pack.entries[index]}
+        return before.get("available_at") != task.available_at or before.get("priority") != task.priority
+
     async def replace_task(self, task: Task, etag: str) -> str:
         """CAS one task of a pack over its entry etag: the pack is rewritten with only this
         entry changed, as long as this entry is as ``etag`` saw it (its siblings may have
         changed: re-read and try again). A task going back to ``pending`` (a retry) moves
-        out: the pack keeps its snapshot, then ``tasks/{id}.json`` is written; the etag
-        returned is then that object's."""
+        out (``_leaves``): the pack keeps its snapshot, then ``tasks/{id}.json`` is
+        written; the etag returned is then that object's."""
         pack_id, index = keys.pack_of(task.id)  # type: ignore[misc]
         pack_etag, fingerprint = split_etag(etag)
         known = self._known.get(pack_id)
@@ -313,7 +327,7 @@ class PackStore:
                                          key=self.key(pack_id))
             now = task.updated_at
             task.rev = new_rev()
-            moving = task.status == PENDING
+            moving = task.status == PENDING and self._leaves(pack, index, task)
             if moving:
                 pack.move_out(index, task)
             else:

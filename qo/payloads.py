@@ -67,13 +67,15 @@ async def offload_input(queue: Any, task: Task) -> None:
     task.input, task.input_ref = None, make_ref(key, data)
 
 
-async def store_output(queue: Any, task: Task, output: Any) -> tuple[Any, dict[str, Any] | None]:
+async def store_output(queue: Any, task: Task, output: Any,
+                       inline: int | None = None) -> tuple[Any, dict[str, Any] | None]:
     """A handler's ``output`` as the finish CAS should store it: ``(value, None)`` when
-    small, else ``(None, ref)`` once it is PUT at this attempt's own key. ``InvalidInput``
-    naming ``output`` if it is not JSON or over ``MAX_PAYLOAD_BYTES``; a storage error
-    as raised (the attempt fails and is retried)."""
+    at most ``inline`` bytes (default ``PAYLOAD_INLINE_BYTES``), else ``(None, ref)``
+    once it is PUT at this attempt's own key. ``InvalidInput`` naming ``output`` if it
+    is not JSON or over ``MAX_PAYLOAD_BYTES``; a storage error as raised (the attempt
+    fails and is retried)."""
     data = encode_value(output, "output")
-    if len(data) <= model.PAYLOAD_INLINE_BYTES:
+    if len(data) <= (model.PAYLOAD_INLINE_BYTES if inline is None else inline):
         return json.loads(data), None
     key = keys.payload_output(queue.name, task.id, task.attempt, task.lease_id)
     store = queue.store

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import attrs
 
 from . import keys
-from .errors import CorruptObject, InvalidInput, TaskNotFound
+from .errors import CorruptObject, InvalidInput, NotFound, TaskNotFound
 from .listing import pages
 from .payloads import delete_for as delete_payloads
 from .model import ENDED_INDEXED, TERMINAL, Task, _short, check_task_type
@@ -80,8 +80,9 @@ def check_purge(status: Any, older_than: Any, task_type: Any) -> tuple[str, floa
 
 async def purge(queue: Any, status: str, older_than: float, task_type: str | None = None, *,
                 dry_run: bool = False, progress: Callable[[int, int], None] | None = None,
-                max_examined: int = MAX_EXAMINED) -> PurgeReport:
-    """Delete the tasks of ``status`` that ended more than ``older_than`` seconds ago."""
+                max_examined: int = MAX_EXAMINED, packs: bool = True) -> PurgeReport:
+    """Delete the tasks of ``status`` that ended more than ``older_than`` seconds ago.
+    ``packs``: and the packs whose every task is such a task (a pack goes as a whole)."""
     status, older_than, task_type = check_purge(status, older_than, task_type)
     now = queue.clock.now()
     cutoff = now - older_than
@@ -95,6 +96,8 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
 
     async def judge(task_id: str) -> tuple[str, str | None, bool] | None:
         async with sem:
+            if keys.pack_of(task_id) is not None and await _in_a_pack(queue, task_id):
+                return None  # a task of a pack goes with its pack (below)
             try:
                 task, _ = await queue.store.load(task_id)
             except (TaskNotFound, CorruptObject):
@@ -131,7 +134,97 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
                 batch = []
     batch += [x for x in await asyncio.gather(*(judge(t) for t in pending)) if x is not None]
     await delete(batch)
+    if packs and not report.more:
+        async def rule(task: Task) -> str | None:
+            return await _kept_because(queue, task, status, cutoff, task_type, now)
+
+        await purge_packs(queue, rule, cutoff, report, dry_run=dry_run, progress=progress,
+                          max_examined=max_examined)
     return report
+
+
+async def purge_packs(queue: Any, rule: Callable[[Task], Any], before: float, report: PurgeReport, *,
+                      dry_run: bool = False, progress: Callable[[int, int], None] | None = None,
+                      max_examined: int = MAX_EXAMINED) -> None:
+    """Delete the packs made before ``before`` whose every task ``rule`` lets go (None),
+    in one batch with their tasks' ``ended/`` entries and moved-out objects, after
+    their payloads stored apart. A pack still in use, or holding one task to keep,
+    stays whole (a pack's ids sort by creation time: newer ones are not read)."""
+    prefix = keys.packs_prefix(queue.name)
+    end = f"{prefix}{keys.id_floor(before)}"
+    sem = asyncio.Semaphore(CONCURRENCY)
+    moved: set[str] = set()  # tasks that left their pack: their objects go with it
+
+    async def judge(pack_id: str) -> list[Task] | None:
+        async with sem:
+            try:
+                pack, _ = await queue.store.packs.load(pack_id)
+            except (TaskNotFound, CorruptObject):
+                return None
+            if pack.status != "done":
+                report.kept["pack in use"] = report.kept.get("pack in use", 0) + 1
+                return None
+            tasks: list[Task] = []
+            for i in range(len(pack.entries)):
+                if pack.status_of(i) == "moved":  # its own object: read it, never re-made
+                    moved.add(pack.task_id(i))
+                    try:
+                        blob = await queue.store.backoff.call(
+                            lambda: queue.storage.get(keys.task(queue.name, pack.task_id(i))))
+                        task = queue.store.decode(blob.data, keys.task(queue.name, pack.task_id(i)))
+                    except NotFound:
+                        continue
+                    except CorruptObject:
+                        return None
+                else:
+                    try:
+                        task = pack.task(i)
+                    except CorruptObject:
+                        return None
+                why = await rule(task)
+                if why is not None:
+                    report.kept[why] = report.kept.get(why, 0) + 1
+                    return None
+                tasks.append(task)
+        return tasks
+
+    async def delete(pack_id: str, tasks: list[Task]) -> None:
+        if not dry_run:
+            await delete_payloads(queue, [t.id for t in tasks if t.input_ref is not None or t.output_ref is not None])
+            doomed = [keys.pack(queue.name, pack_id)] + [keys.task(queue.name, t.id) for t in tasks if t.id in moved]
+            doomed += [k for k in (t.ended_key(queue.name) for t in tasks) if k]
+            for i in range(0, len(doomed), 1000):
+                await queue.store.delete_markers(doomed[i:i + 1000])
+        report.deleted += len(tasks)
+        if progress is not None:
+            progress(report.deleted, report.examined)
+
+    ids: list[str] = []
+    async for entry in pages(queue, prefix):
+        if entry.key >= end or report.examined >= max_examined:
+            report.more = entry.key < end
+            break
+        parts = entry.key[len(prefix):]
+        if "/" in parts or not parts.endswith(".json") or not keys.PACK_ID.match(parts[:-5]):
+            continue
+        ids.append(parts[:-5])
+        report.examined += keys.pack_size(parts[:-5])
+    for i in range(0, len(ids), 64):
+        chunk = ids[i:i + 64]
+        for pack_id, tasks in zip(chunk, await asyncio.gather(*(judge(p) for p in chunk))):
+            if tasks is not None:
+                await delete(pack_id, tasks)
+
+
+async def _in_a_pack(queue: Any, task_id: str) -> bool:
+    """Whether the pack ``task_id`` names exists (then the task goes with it)."""
+    try:
+        await queue.store.packs.load(keys.pack_of(task_id)[0])  # type: ignore[index]
+    except TaskNotFound:
+        return False
+    except CorruptObject:
+        return True  # reported; kept until somebody looks
+    return True
 
 
 async def _kept_because(queue: Any, task: Task, status: str, cutoff: float, task_type: str | None,
@@ -200,10 +293,23 @@ async def apply_retention(queue: Any, *, max_examined: int = MAX_EXAMINED) -> di
     setting for it. Returns the number deleted by status."""
     settings = await queue.settings.get()
     deleted: dict[str, int] = {}
+    cutoffs: dict[str, float] = {}
+    now = queue.clock.now()
     for status in sorted(TERMINAL):
         name = RETENTION_OF[status]
         older_than = settings.get(name, RETENTION_DEFAULTS[name])
-        report = await purge(queue, status, older_than, max_examined=max_examined)
+        cutoffs[status] = now - older_than
+        report = await purge(queue, status, older_than, max_examined=max_examined, packs=False)
         if report.deleted:
             deleted[status] = report.deleted
+
+    async def rule(task: Task) -> str | None:  # each task of a pack by its own status's retention
+        if task.status not in cutoffs:
+            return "not finished"
+        return await _kept_because(queue, task, task.status, cutoffs[task.status], None, now)
+
+    packs = PurgeReport()
+    await purge_packs(queue, rule, max(cutoffs.values()), packs, max_examined=max_examined)
+    if packs.deleted:
+        deleted["packed"] = packs.deleted
     return deleted

@@ -2,7 +2,8 @@
 
 Every number comes from an index that already exists, never from reading tasks:
 
-- pending: the ``ready/`` and ``delayed/`` markers (keys carry priority and due time);
+- pending: the ``ready/`` and ``delayed/`` markers (keys carry priority and due time; a
+  pack's marker counts the tasks it was written with: its id says how many);
 - blocked: the distinct children named by ``deps/`` edges;
 - failed, cancelled, skipped, expired: the ``ended/`` index;
 - running and workers: the worker records (heartbeat, leases, counters);
@@ -38,8 +39,9 @@ async def _count(queue: Any, prefix: str, on_key: Any = None) -> tuple[int, bool
     for _ in range(MAX_PAGES):
         page = await queue.store.list(prefix, start_after=cursor, limit=1000)
         for entry in page:
-            if on_key is None or on_key(entry.key) is not False:
-                n += 1
+            weight = True if on_key is None else on_key(entry.key)
+            if weight is not False:  # a pack's marker counts the tasks it holds
+                n += weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
         if len(page) < 1000:
             return n, True
         cursor = page[-1].key
@@ -69,14 +71,15 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
     next_delayed: list[float] = []
     children: set[str] = set()
 
-    def ready(key: str) -> bool:
+    def ready(key: str) -> bool | int:
         m = keys.parse_marker(key)
         if m is None or m.kind != "ready":
             return False
-        bands[band_of(m.priority)] += 1
+        weight = keys.pack_size(m.task_id) if m.is_pack else 1
+        bands[band_of(m.priority)] += weight
         if not oldest_due or m.due < oldest_due[0]:
             oldest_due[:] = [m.due]
-        return True
+        return weight
 
     def delayed(key: str) -> bool:
         m = keys.parse_marker(key)
@@ -110,11 +113,11 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
         # the handlers running at the record's last write; a record of an older release
         # has only its leases, which also name candidates about to be claimed
         held = r.get("running")
-        held = held if isinstance(held, int) and not isinstance(held, bool) and 0 <= held <= len(r["leases"]) \
-            else len(r["leases"])
+        named = sum(keys.pack_size(t) if keys.PACK_ID.match(t) else 1 for t in r["leases"])  # a pack names its tasks
+        held = held if isinstance(held, int) and not isinstance(held, bool) and 0 <= held <= named else named
         workers.append({"worker_id": r["worker_id"], "host": r.get("host"), "pid": r.get("pid"), "alive": alive,
                         "heartbeat_age_s": round(now - r["heartbeat_at"], 1), "running": held,
-                        "leases": len(r["leases"]),
+                        "leases": named,  # the tasks its record names (a pack's: all of them)
                         "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
                         "started_at": r.get("started_at"),
                         # the requests its queue made since started_at, and per minute lately

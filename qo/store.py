@@ -64,6 +64,11 @@ class TaskStore:
         submitted in a pack is read from its pack (one GET)."""
         if keys.pack_of(task_id) is not None:
             return await self.packs.load_task(task_id)
+        return await self.load_object(task_id)
+
+    async def load_object(self, task_id: str) -> tuple[Task, str]:
+        """The task stored in ``tasks/{id}.json`` (a task of a pack that moved out, or
+        any single task), whatever its id looks like."""
         key = self.key(task_id)
         try:
             blob = await self.backoff.call(lambda: self.storage.get(key))

@@ -32,6 +32,7 @@ from .meter import RequestRates
 from .model import PENDING, RUNNING, Task
 from .outage import Outages
 from .pack_runner import FLUSH_AFTER, PackItem, PackRunner
+from .packs import PACK_OUTPUT_INLINE
 from .payloads import attempt_input, discard_output, store_output
 from .promotion import promote_due
 from .retention import apply_retention
@@ -538,7 +539,8 @@ class Worker(HandlerHost):
         else:
             if error is None:
                 try:  # a large output is PUT at this attempt's own key before the finish CAS
-                    output, output_ref = await store_output(self.queue, task, output)
+                    output, output_ref = await store_output(
+                        self.queue, task, output, PACK_OUTPUT_INLINE if settle is not None else None)
                 except InvalidInput as exc:
                     error = Fail(f"handler returned an unusable output: {exc.message}")
                 except QoError as exc:  # storage failed: an ordinary failed attempt

@@ -230,8 +230,8 @@ def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, second
 
     rng = random.Random(seed)
     out_path = os.path.join(work_dir, f"submits-{os.getpid()}.jsonl")
-    kinds = ["plain", "idem", "graph", "flaky"] + (["limited"] if limited else [])
-    weights = [4, 3, 1, 1] + ([1] if limited else [])
+    kinds = ["plain", "idem", "graph", "flaky", "bulk"] + (["limited"] if limited else [])
+    weights = [4, 3, 1, 1, 1] + ([1] if limited else [])
 
     async def main() -> None:
         q = await qo.connect(url, queue=QUEUE, wrap_storage=_wrap(seed, faults))
@@ -250,6 +250,20 @@ def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, second
                     if kind in ("plain", "flaky", "limited"):
                         t = await q.submit(kind, {"tag": tag}, max_retries=20)
                         record(kind=kind, tag=tag, ids=[t.id])
+                    elif kind == "bulk":  # a pack (submit_many's bulk path), some of it flaky
+                        tags = [f"{tag}-{j}" for j in range(rng.randint(2, 12))]
+                        items = [("flaky" if rng.random() < 0.2 else "plain", {"tag": t}, {"max_retries": 20})
+                                 for t in tags]
+                        try:
+                            got = await q.submit_many(items)
+                        except qo.BulkSubmitError as exc:
+                            done = [(t, x.id) for t, x in zip(tags, exc.tasks) if x is not None]
+                            if done:
+                                record(kind=kind, tag=tag, tags=[t for t, _ in done], ids=[i for _, i in done])
+                            record(kind=kind, tag=tag, tags=[t for t, x in zip(tags, exc.tasks) if x is None],
+                                   raised=f"BulkSubmitError: {exc}")
+                        else:
+                            record(kind=kind, tag=tag, tags=tags, ids=[t.id for t in got])
                     elif kind == "idem":
                         tag = f"key-{rng.randrange(key_pool)}"  # shared by producers: collisions
                         t = await q.submit("idem", {"tag": tag}, idempotency_key=tag, max_retries=20)
@@ -265,7 +279,10 @@ def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, second
                         got = await q.submit_graph(nodes)
                         record(kind=kind, tag=tag, ids=[got[n].id for n in "abc"])
                 except qo.QoError as exc:
-                    record(kind=kind, tag=tag, raised=f"{type(exc).__name__}: {exc}")
+                    if kind == "bulk":
+                        record(kind=kind, tag=tag, tags=tags, raised=f"{type(exc).__name__}: {exc}")
+                    else:
+                        record(kind=kind, tag=tag, raised=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(rng.uniform(0, pause))
         _dump_faults(q.storage, work_dir)
         await q.close()
@@ -462,6 +479,47 @@ async def without_live_lease(storage: Any, key: str, now: float, window: float,
     return f"{why}; lease deadline {now - task.lease_deadline:.0f}s ago"
 
 
+async def pack_without_live_lease(storage: Any, key: str, now: float, window: float,
+                                  stats: collections.Counter | None = None) -> str | None:
+    """Why the pack at ``key`` is left ``running`` without a live lease, or None: it was
+    claimed more than ``window`` s ago, its holder's record does not name it under its
+    lease with a heartbeat younger than ``window`` s, and it is still the same version."""
+    from qo import keys
+    from qo.errors import CorruptObject, NotFound
+    from qo.packs import Pack
+
+    stats = collections.Counter() if stats is None else stats
+    try:
+        blob = await storage.get(key)
+        pack = Pack.from_json(blob.data, key)
+    except (NotFound, CorruptObject):
+        return None
+    stats["sampled_packs"] += 1
+    if pack.status != "running" or pack.lease is None:
+        return None
+    stats["running_packs"] += 1
+    if float(pack.lease.get("claimed_at") or 0) > now - window:
+        return None
+    holder = pack.lease["worker_id"]
+    try:
+        rec = json.loads((await storage.get(keys.worker(QUEUE, holder))).data)
+    except NotFound:
+        why = f"worker {holder} has no record"
+    else:
+        lease = (rec.get("leases") or {}).get(pack.id)
+        if not isinstance(lease, dict) or lease.get("lease") != pack.lease["lease_id"]:
+            why = f"worker {holder}'s record does not name it under its lease"
+        elif float(rec.get("heartbeat_at", 0)) < now - window:
+            why = f"worker {holder}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
+        else:
+            return None
+    try:
+        again = await storage.get(key)
+    except NotFound:
+        return None
+    return None if again.etag != blob.etag else f"pack {pack.id}: {why}"
+
+
 async def _sampler(url: str, t_start: float, window: float, every: float, size: int,
                    poison: Callable[[], set[str]], found: dict[str, str], stats: collections.Counter,
                    stop: threading.Event) -> None:
@@ -489,6 +547,11 @@ async def _sampler(url: str, t_start: float, window: float, every: float, size: 
                         why = await without_live_lease(q.storage, e.key, now, window, stats)
                         if why is not None:
                             found.setdefault(e.key[len(prefix):-len(".json")], why)
+                packs = keys.packs_prefix(QUEUE)
+                for e in await q.storage.list(packs, start_after=f"{packs}{int(at * 1000):012x}", limit=4):
+                    why = await pack_without_live_lease(q.storage, e.key, now, window, stats)
+                    if why is not None:
+                        found.setdefault(e.key[len(packs):-len(".json")], why)
             except qo.QoError:
                 stats["sample_errors"] += 1
     finally:
@@ -703,7 +766,29 @@ async def _read_tasks(storage: Any, poison: set[str], problems: list[str]) -> tu
         tasks[t.id] = t
 
     await asyncio.gather(*(one(e.key) for e in entries))
+    await _read_packs(storage, tasks, problems)
     return tasks, left
+
+
+async def _read_packs(storage: Any, tasks: dict, problems: list[str]) -> None:
+    """The tasks inside packs (submit_many's bulk path); a task that moved out of its
+    pack was read from its own object already."""
+    from qo import keys
+    from qo.errors import CorruptObject
+    from qo.packs import MOVED, Pack
+
+    for entry in await _every_key(storage, keys.packs_prefix(QUEUE)):
+        try:
+            pack = Pack.from_json((await storage.get(entry.key)).data, entry.key)
+        except CorruptObject as exc:
+            problems.append(f"{entry.key} is unreadable: {exc.reason}")
+            continue
+        for i in range(len(pack.entries)):
+            if pack.status_of(i) == MOVED:
+                if pack.task_id(i) not in tasks:
+                    problems.append(f"task {pack.task_id(i)} moved out of its pack, and its object is missing")
+                continue
+            tasks[pack.task_id(i)] = pack.task(i)
 
 
 def explain_reruns(runs: dict[str, list[tuple[float, int, str]]], types: dict[str, str], kills: dict[str, float],
@@ -804,7 +889,7 @@ async def _drain_and_check(url: str, work_dir: str, drain_timeout: float, chaos_
     for _, line in _read_lines(os.path.join(work_dir, "submits-*.jsonl")):
         rec = json.loads(line)
         kind = rec["kind"]
-        tags = [rec["tag"] + n for n in "abc"] if kind == "graph" else [rec["tag"]]
+        tags = rec["tags"] if "tags" in rec else [rec["tag"] + n for n in "abc"] if kind == "graph" else [rec["tag"]]
         if "raised" in rec:
             raised[kind] += 1
             raised_tags.update(tags)

@@ -147,7 +147,7 @@ async def test_submit_and_drain_stay_within_the_request_budget(storage_url: str)
     counter = queue.storage
     assert isinstance(counter, CountingStorage)
     try:
-        await queue.submit_many([("noop", {"i": i}) for i in range(n)])
+        await queue.submit_many([("noop", {"i": i}) for i in range(n)], bulk=False)  # the single path (packs: test_packs.py)
         submit = counter.counts()
         assert submit.get("PUT_COND") == n and submit.get("PUT") == n  # task + ready marker
         counter.reset()

@@ -197,7 +197,7 @@ async def test_large_dependency_outputs_are_handed_by_reference(queue, fast_sett
 
     small = await queue.submit("make", 10)
     huge = await queue.submit("make", MAX_INLINE_OUTPUT_BYTES + 1)
-    mediums = await queue.submit_many([("make", medium) for _ in range(n_medium)])
+    mediums = await queue.submit_many([("make", medium) for _ in range(n_medium)], bulk=False)  # outputs inline up to 64 KiB
     await worker.run(until_idle=True)
     parents = [small.id, huge.id, *(m.id for m in mediums)]
 

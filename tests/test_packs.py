@@ -292,3 +292,54 @@ async def test_a_sigkilled_holder_s_pack_finishes_elsewhere_without_rerunning_wh
     assert {t.id for t in before if t.status != "completed"} == set(rescued)
     assert all(after[i].attempt == 2 for i in rescued)  # the abandoned attempt counted
     await q.close()
+
+
+# -- inspection and retention -----------------------------------------------------------------
+
+
+async def test_stats_count_packed_tasks_and_retention_deletes_a_pack_whole(storage_url):
+    import time
+
+    from qo.clock import FakeClock
+    from qo.retention import apply_retention
+
+    q = await qo.connect(storage_url, queue="pk")
+    await q.settings.set(retention_completed="2d", retention_failed="5d")
+    ok = await q.submit_many([("ok", i) for i in range(5)])
+    mixed = await q.submit_many([("mix", i, {"max_retries": 0}) for i in range(4)])
+    assert (await q.stats())["counts"]["pending"] == 9  # two pack markers, nine tasks
+    worker = Worker(q, concurrency=4, aging=False, **FAST)
+
+    @worker.handler("ok")
+    async def ok_(x: int) -> int:
+        return x
+
+    @worker.handler("mix")
+    async def mix(x: int) -> int:
+        if x == 0:
+            raise qo.Fail("no")
+        return x
+
+    await worker.run(until_idle=True)
+    assert [t.id async for t in q.list(status="failed")] == [mixed[0].id]
+    ok_pack, mixed_pack = (keys.pack("pk", keys.pack_of(t[0].id)[0]) for t in (ok, mixed))
+
+    async def later(days: float) -> qo.Queue:
+        return await qo.connect(storage_url, queue="pk", clock=FakeClock(time.time() + days * 86400))
+
+    at3 = await later(3)
+    assert await apply_retention(at3) == {"packed": 5}  # the mixed pack keeps its dead letter 5 days
+    assert await keys_under(q, "packs/") == [mixed_pack]
+    with pytest.raises(qo.TaskNotFound):
+        await q.get(ok[0].id)
+    at6 = await later(6)
+    assert await apply_retention(at6) == {"packed": 4}
+    assert await keys_under(q, "packs/") == [] and await keys_under(q, "ended/") == []
+    more = await q.submit_many([("ok", i) for i in range(3)])
+    await worker.run(until_idle=True)
+    at8 = await later(8)
+    assert await at8.purge("failed", dt.timedelta(days=1)) == 0  # a pack of completed tasks
+    assert await at8.purge("completed", dt.timedelta(days=1)) == 3
+    assert await keys_under(q, "packs/") == []
+    for x in (q, at3, at6, at8):
+        await x.close()

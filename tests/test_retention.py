@@ -47,7 +47,7 @@ async def task_keys(q) -> set[str]:
 
 async def test_purge_deletes_only_what_is_old_enough_of_that_status(storage_url):
     q = await qo.connect(storage_url, queue="q")
-    done = await q.submit_many([("ok", i) for i in range(6)])
+    done = await q.submit_many([("ok", i) for i in range(6)], bulk=False)  # packs: tests/test_packs.py
     dead = [await q.submit("bad", i, max_retries=0) for i in range(2)]
     waiting = await q.submit("nobody", 1)
     await run_all(q, ok=lambda input: input, bad=fail)
@@ -111,7 +111,7 @@ async def test_retention_keeps_a_parent_while_a_dependent_waits_on_it(storage_ur
 async def test_retention_pass_uses_the_queue_settings_and_costs_what_it_deletes(storage_url):
     q = await qo.connect(storage_url, queue="q")
     await q.settings.set(retention_completed="2d", retention_failed="5d")
-    await q.submit_many([("ok", i) for i in range(20)])
+    await q.submit_many([("ok", i) for i in range(20)], bulk=False)  # packs: tests/test_packs.py
     for i in range(3):
         await q.submit("bad", i, max_retries=0)
     await run_all(q, ok=lambda input: input, bad=fail)
