@@ -4,7 +4,10 @@
 - The aiobotocore client comes from ``s3fs.S3FileSystem.set_session()`` (credentials,
   region and endpoint resolution as s3fs users know them); the calls go straight to the
   client because s3fs's high-level API has no conditional writes.
-- botocore retries are off: the engine retries ``StorageUnavailable``, not the plugin.
+- botocore retries are off (``total_max_attempts=1``, which wins over ``AWS_MAX_ATTEMPTS``
+  and profiles' ``max_attempts``): the engine retries ``StorageUnavailable``, not the
+  plugin, so qo's backoff is never multiplied by botocore's. A throttle (``SlowDown``,
+  429, 503) is ``Throttled``, retried from a longer wait.
 
 URL: ``s3://bucket[/prefix][?endpoint_url=...&region=...&profile=...&addressing_style=...]``.
 Settings, most specific first: constructor options, URL query, ``QO_S3_*`` environment,
@@ -21,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from qo.backend_kit import SecretScrubber, ServerClock, scrub, split_bucket_url
-from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
+from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable, Throttled
 from qo.storage import (
     Blob,
     Entry,
@@ -124,7 +127,7 @@ def map_error(
         if code in _NO_KEY or (status == 404 and not code):
             return NotFound(f"no such key {detail}", **where)
         if code in _THROTTLED or status in (429, 503):
-            return StorageUnavailable(f"throttled: {message or 'slow down'} {detail}", **where)
+            return Throttled(f"throttled: {message or 'slow down'} {detail}", **where)
         if code in _TRANSIENT or (status >= 500 and code != "NotImplemented"):
             return StorageUnavailable(f"server error: {message or code} {detail}", **where)
         hint = _HINTS.get(code, "").format(bucket=bucket)
