@@ -287,6 +287,7 @@ async def test_503_slowdown_is_throttled_and_not_retried_by_botocore(monkeypatch
         with pytest.raises(Throttled, match="SlowDown"):
             await st.put("q/tasks/k", b"x", if_none_match=True)
         assert _SlowDown.hits == 1  # the engine retries, not botocore
+        assert st.pacer.throttles == 1 and st.pacer.rate("q/tasks/") == st.pacer.floor  # paced from now on
     finally:
         await st.close()
         server.shutdown()

@@ -1,6 +1,7 @@
 """Throttling: the store says "slow down" (S3 ``503 SlowDown``, Azure ``ServerBusy``, a
 429). It is a kind of its own (``qo.Throttled``), retried from a longer wait
-(``qo.store.Backoff``)."""
+(``qo.store.Backoff``); the S3 backend paces a throttled prefix
+(``qo.backend_kit.Pacer``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import qo
+from qo.backend_kit import Pacer
 from qo.errors import StorageUnavailable, Throttled
 from qo.store import Backoff
 from qo.testing.faults import FaultyStorage
@@ -94,3 +96,60 @@ async def test_task_writes_back_off_from_throttles_and_land_once(storage_url):
         assert {t.status for t in listed} == {"cancelled"}
     finally:
         await q.close()
+
+
+# -- Pacer --------------------------------------------------------------------------
+
+
+async def test_the_pacer_paces_a_prefix_only_once_it_was_throttled():
+    fake = FakeTime()
+    p = Pacer(clock=fake.now, sleep=fake.sleep)
+    assert p.partition("q/tasks/abc.json") == "q/tasks/" and p.partition("q/ready/128/x") == "q/ready/"
+    assert p.partition("q/settings.json") == "q/" and p.partition(None) == ""
+    part = "q/tasks/"
+    for _ in range(40):  # 40 accepted within a second: no pacing, no waiting
+        sent = await p.wait(part)
+        p.done(part, sent, throttled=False)
+        fake.t += 0.01
+    assert fake.slept == [] and p.rate(part) is None
+    p.done(part, fake.t, throttled=True)
+    assert p.rate(part) == pytest.approx(0.7 * 40)  # from what the store accepted
+    assert p.rate("q/ready/") is None  # other prefixes go on unpaced
+    start = fake.t
+    for _ in range(10):
+        await p.wait(part)
+    # spaced at ~1/28 s (the rate grows a little with each request sent)
+    assert 9 / 29 < fake.t - start < 9 / 27
+
+
+async def test_the_pacer_decreases_once_per_window_grows_with_use_and_lets_go():
+    fake = FakeTime()
+    p = Pacer(clock=fake.now, sleep=fake.sleep, floor=5.0, quiet=60.0)
+    part = "q/tasks/"
+    p.done(part, fake.t, throttled=True)
+    assert p.rate(part) == 5.0  # nothing accepted yet: the floor
+    fake.t += 2.0
+    rate = p.rate(part)
+    sent = await p.wait(part)
+    assert p.rate(part) > rate  # sending grows it
+    p.done(part, sent, throttled=True)
+    rate = p.rate(part)
+    assert rate == pytest.approx(5.0)  # 0.7 x, but never below the floor
+    p = Pacer(clock=fake.now, sleep=fake.sleep)
+    for _ in range(100):
+        p.done(part, fake.t, throttled=False)
+    p.done(part, fake.t, throttled=True)
+    assert p.rate(part) == pytest.approx(70.0)
+    p.done(part, fake.t + 0.5, throttled=True)  # sent before the store forgot the old pace
+    assert p.rate(part) == pytest.approx(70.0)
+    fake.t += 1.5
+    p.done(part, fake.t, throttled=True)
+    assert p.rate(part) == pytest.approx(49.0)
+    for _ in range(49):  # a second's worth at the full rate: +20 %
+        await p.wait(part)
+    assert p.rate(part) == pytest.approx(49.0 * 1.2, rel=0.03)
+    assert p.throttles == 3
+    fake.t += 61.0  # a quiet minute: no longer paced
+    slept = len(fake.slept)
+    await p.wait(part)
+    assert p.rate(part) is None and len(fake.slept) == slept
