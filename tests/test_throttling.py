@@ -1,11 +1,15 @@
 """Throttling: the store says "slow down" (S3 ``503 SlowDown``, Azure ``ServerBusy``, a
 429). It is a kind of its own (``qo.Throttled``), retried from a longer wait
 (``qo.store.Backoff``); the S3 backend paces a throttled prefix
-(``qo.backend_kit.Pacer``)."""
+(``qo.backend_kit.Pacer``); a test server throttles per prefix
+(``qo.testing.slowdown.SlowDown``); and a worker drains a throttled prefix."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 
+import attrs
 import pytest
 
 import qo
@@ -13,6 +17,7 @@ from qo.backend_kit import Pacer
 from qo.errors import StorageUnavailable, Throttled
 from qo.store import Backoff
 from qo.testing.faults import FaultyStorage
+from qo.testing.slowdown import SLOWDOWN_BODY, SlowDown, partition_of
 
 
 class FakeTime:
@@ -153,3 +158,97 @@ async def test_the_pacer_decreases_once_per_window_grows_with_use_and_lets_go():
     slept = len(fake.slept)
     await p.wait(part)
     assert p.rate(part) is None and len(fake.slept) == slept
+
+
+# -- the SlowDown middleware ----------------------------------------------------------------
+
+
+def _environ(method: str, path: str, query: str = "", body: bytes = b"") -> dict:
+    return {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+            "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+
+
+def test_slowdown_partitions_like_s3_and_refuses_above_the_rate():
+    assert partition_of("b", "q/tasks/x.json", 2) == "b/q/tasks/"
+    assert partition_of("b", "p/q/tasks/x.json", 3) == "b/p/q/tasks/"
+    assert partition_of("b", "q/x.json", 2) == "b/q/" and partition_of("b", "", 2) == "b/"
+    now = [0.0]
+    s = SlowDown(3, clock=lambda: now[0])
+    assert s.partition(_environ("GET", "/b/q/tasks/x.json")) == "b/q/tasks/"
+    assert s.partition(_environ("GET", "/b", "list-type=2&prefix=q%2Fready%2F128%2F")) == "b/q/ready/"
+    body = b"<Delete><Object><Key>q/ready/128/0001-a-t</Key></Object><Quiet>true</Quiet></Delete>"
+    env = _environ("POST", "/b", "delete", body)
+    assert s.partition(env) == "b/q/ready/"
+    assert env["wsgi.input"].read() == body  # put back for moto
+
+    served = []
+    app = s(lambda environ, start: served.append(1) or [b"ok"])
+    statuses = []
+    for _ in range(5):
+        out = app(_environ("PUT", "/b/q/tasks/x.json", body=b"{}"), lambda st, h: statuses.append(st))
+        now[0] += 0.1
+    assert len(served) == 3 and statuses == ["503 Slow Down", "503 Slow Down"] and out == [SLOWDOWN_BODY]
+    app(_environ("GET", "/b/q/ready/1"), lambda st, h: statuses.append(st))  # another prefix
+    now[0] = 1.05  # the first admission left the window
+    app(_environ("GET", "/b/q/tasks/x.json"), lambda st, h: statuses.append(st))
+    assert len(served) == 5
+    stats = s.stats(reset=True)
+    assert (stats["requests"], stats["slowdowns"]) == (7, 2)
+    assert stats["partitions"]["b/q/tasks/"] == {"requests": 6, "slowdowns": 2, "peak": 5}
+    assert s.stats()["slowdowns"] == 0 and s.slowdowns == 0
+    with pytest.raises(ValueError):
+        SlowDown(0)
+
+
+# -- S3: a worker drains a throttled prefix ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def throttled_s3():
+    """A moto server of its own that answers 503 SlowDown above 40 requests/s per
+    ``bucket/{queue}/{kind}/`` (a test sets ``throttle.rate`` as it needs)."""
+    from qo.testing.moto import MotoServer
+
+    throttle = SlowDown(40)
+    server = MotoServer(middleware=throttle)
+    server.start()
+    yield server, throttle
+    server.stop()
+
+
+async def test_a_worker_drains_a_throttled_prefix_backing_off(throttled_s3, fast_settings):
+    """S3 only: SlowDown is S3's answer to a hot prefix (the local store never throttles;
+    Azure's ServerBusy is mapped to the same Throttled and retried by the same Backoff).
+
+    40 requests/s per prefix; 30 tasks need ~120 requests to ``q/tasks/`` (create, claim
+    GET and CAS, outcome CAS), which one worker of 8 slots asks for at ~150/s. Every
+    task completes once; the server sent SlowDowns; and the client kept close to the
+    allowed rate instead of hammering: few refusals, no second much above the rate."""
+    server, throttle = throttled_s3
+    throttle.rate = 40
+    url = server.new_bucket()  # no prefix: keys are q/tasks/..., each kind a partition
+    bucket = url.split("/")[2]
+    q = await qo.connect(url, queue="q")
+    try:
+        q.store.backoff = Backoff(cap=1.0, throttle_cap=1.0)  # no wait in this test longer than 1 s
+        await q.submit_many([("t", i) for i in range(30)])
+        worker = qo.Worker(q, settings=attrs.evolve(fast_settings, concurrency=8))
+        ran: list[int] = []
+
+        @worker.handler("t")
+        async def t(value):
+            ran.append(value)
+
+        await asyncio.wait_for(worker.run(until_idle=True), 30)
+        assert sorted(ran) == list(range(30))  # every task ran, once
+        assert {task.status async for task in q.list(limit=None)} == {"completed"}
+    finally:
+        await q.close()
+    stats = throttle.stats()
+    tasks = stats["partitions"][f"{bucket}/q/tasks/"]
+    assert tasks["slowdowns"] > 0 and q.storage.pacer.throttles > 0
+    mine = [p for name, p in stats["partitions"].items() if name.startswith(bucket + "/")]
+    requests, slowdowns = sum(p["requests"] for p in mine), sum(p["slowdowns"] for p in mine)
+    assert slowdowns < 0.15 * requests, (slowdowns, requests)
+    assert tasks["slowdowns"] < 0.25 * tasks["requests"], tasks
+    assert tasks["peak"] <= 2 * 40, tasks  # requests arriving within any one second
