@@ -131,10 +131,10 @@ class TaskStore:
         for attempt in range(1, self.backoff.attempts + 1):
             try:
                 return await self.storage.put(key, data, if_match=etag)
-            except StorageUnavailable as exc:
+            except StorageUnavailable as failure:
                 if attempt == self.backoff.attempts:
                     raise
-                await self.backoff.pause(attempt, exc)
+                await self.backoff.pause(attempt, failure)
                 try:
                     blob = await self.backoff.call(lambda: self.storage.get(key))
                 except NotFound:
