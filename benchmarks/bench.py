@@ -2,13 +2,14 @@
 
     python benchmarks/bench.py --backend local|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
-        [--priorities uniform|mixed] [--bulk]
+        [--priorities uniform|mixed] [--bulk] [--slowdown-rate N [--slowdown-depth 3]]
 
 Prints one JSON object per backend run (see benchmarks/README.md for every figure).
 Progress goes to stderr; ``--json-only`` silences it.
 
 - s3: a moto server (benchmarks/s3_server.py) in a subprocess on a free loopback port,
-  adding ``--latency-ms`` (default 25) to every request, for every worker process.
+  adding ``--latency-ms`` (default 25) to every request, for every worker process; with
+  ``--slowdown-rate N`` it answers ``503 SlowDown`` above N requests/s per prefix.
 - azure: Azurite (qo-azure's ``qo_azure.testing.Azurite``, the Azure Storage emulator)
   on a free loopback port, a fresh container; ``--latency-ms`` (default 25) is added in
   each process by ``qo.counting.LatencyStorage`` (Azurite has no latency option).
@@ -155,8 +156,10 @@ def load_average() -> float | None:
 class S3Server:
     """benchmarks/s3_server.py in a subprocess; stopped by its own pid."""
 
-    def __init__(self, latency_ms: float):
+    def __init__(self, latency_ms: float, slowdown_rate: float | None = None, slowdown_depth: int = 3):
         self.latency_ms = latency_ms
+        self.slowdown = (["--slowdown-rate", str(slowdown_rate), "--slowdown-depth", str(slowdown_depth)]
+                         if slowdown_rate else [])
         self.proc: subprocess.Popen | None = None
         self.endpoint_url = ""
         self.bucket = "qo-bench"
@@ -164,7 +167,7 @@ class S3Server:
     def start(self, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "s3_server.py"), "--port", "0",
-             "--latency-ms", str(self.latency_ms), "--bucket", self.bucket],
+             "--latency-ms", str(self.latency_ms), "--bucket", self.bucket, *self.slowdown],
             stdout=subprocess.PIPE, text=True,
         )
         deadline = time.monotonic() + timeout
@@ -376,8 +379,11 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     load_before = load_average()
     if backend == "s3":
         client_latency = 0.0  # the server adds it, for every process
-        server = S3Server(latency_ms)
-        log(args, f"s3: starting moto server ({latency_ms:g} ms per request)")
+        server = S3Server(latency_ms, args.slowdown_rate, args.slowdown_depth)
+        throttling = (f", 503 SlowDown above {args.slowdown_rate:g} requests/s per prefix"
+                      if args.slowdown_rate else "")
+        log(args, f"s3: starting moto server ({latency_ms:g} ms per request{throttling})")
+        result["slowdown_rate"] = args.slowdown_rate
         server.start()
         url = server.url(f"bench-{uuid.uuid4().hex[:8]}")
         result["latency_injection"] = "server (moto, every request)"
@@ -470,10 +476,13 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 "per_task": round((submit_http + drain_http) / n, 3),
             }
         if server_submit is not None and server_drain is not None:
+            slowdowns = {"submit": server_submit.pop("SLOWDOWN", 0), "drain": server_drain.pop("SLOWDOWN", 0)}
             result["server_counted_requests"] = {
                 "submit": sum(server_submit.values()), "drain": sum(server_drain.values()),
                 "client_counted": sum(total.values()), "drain_by_op": server_drain,
             }
+            if args.slowdown_rate:  # refused requests, already inside the counts above
+                result["server_slowdowns"] = slowdowns
 
         # verify, uncounted
         statuses = asyncio.run(status_counts(url))
@@ -553,7 +562,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
     p.add_argument("--priorities", choices=("uniform", "mixed"), default="uniform",
                    help="uniform: every task at 128; mixed: drawn from 0/64/128/192/255 (fixed seed)")
+    p.add_argument("--slowdown-rate", type=float, default=None,
+                   help="s3: the server answers 503 SlowDown above N requests/s per prefix (default: never)")
+    p.add_argument("--slowdown-depth", type=int, default=3,
+                   help="s3: a prefix is the key up to its Nth '/' (default 3: bench-x/{queue}/{kind}/)")
     args = p.parse_args(argv)
+    if args.slowdown_rate is not None and args.slowdown_rate <= 0:
+        p.error("--slowdown-rate must be > 0")
     if args.tasks < 1 or args.workers < 1 or not 1 <= args.concurrency <= 1024:
         p.error("--tasks and --workers must be >= 1, --concurrency 1..1024")
     if args.idle_seconds < 0 or args.trickle_tasks < 0 or args.trickle_interval < 0:

@@ -1,6 +1,7 @@
 """A moto S3 server on loopback with a fixed latency per request, for benchmarks.
 
     python benchmarks/s3_server.py [--port 0] [--latency-ms 25] [--bucket qo-bench]
+                                   [--slowdown-rate N [--slowdown-depth 2]]
 
 Prints one JSON line ``{"port": ..., "endpoint_url": ..., "bucket": ...}`` once the
 bucket exists and the server is serving, then serves until killed. Every request waits
@@ -9,6 +10,13 @@ S3 round trip of ~25 ms. Writes reach moto one at a time: moto's conditional PUT
 check-then-write, not atomic under a threaded server (S3's is). ``GET /__stats`` returns the requests counted so far by kind
 (GET, PUT, PUT_COND, LIST, DELETE, DELETE_BATCH, ...); ``POST /__stats`` returns them
 and resets. The server-side counts cross-check the client-side CountingStorage.
+
+``--slowdown-rate N`` throttles as S3 does (``qo.testing.slowdown.SlowDown``): at most N
+requests per second (sliding 1 s window) per partition prefix, the key up to and
+including its ``--slowdown-depth``-th ``/`` (2: ``{queue}/{kind}/`` for a bucket without
+a prefix); above it, ``503 SlowDown`` after the latency. A refused request still counts
+under its kind (the client counts it too); ``SLOWDOWN`` in the counts says how many were
+refused.
 
 Same logic as /work/shared/bench/s3_counting_server.py, kept here so that the benchmark
 needs nothing outside the repository.
@@ -46,10 +54,14 @@ def classify(environ: dict[str, Any]) -> str:
     return method
 
 
-def make_app(latency_s: float) -> tuple[Callable, Counter, threading.Lock]:
+def make_app(latency_s: float, slowdown_rate: float | None = None,
+             slowdown_depth: int = 2) -> tuple[Callable, Counter, threading.Lock]:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
+    from qo.testing.slowdown import SlowDown
+
     moto_app = DomainDispatcherApplication(create_backend_app)
+    throttle = SlowDown(slowdown_rate, depth=slowdown_depth) if slowdown_rate else None
     counts: Counter[str] = Counter()
     lock = threading.Lock()
     writes = threading.Lock()
@@ -66,6 +78,10 @@ def make_app(latency_s: float) -> tuple[Callable, Counter, threading.Lock]:
             counts[classify(environ)] += 1
         if latency_s:
             time.sleep(latency_s)
+        if throttle is not None and not throttle.admit(throttle.partition(environ)):
+            with lock:
+                counts["SLOWDOWN"] += 1
+            return throttle.refuse(environ, start_response)
 
         def start(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
             # werkzeug sends its own Server header; aiohttp's strict parser rejects two
@@ -89,13 +105,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--latency-ms", type=float, default=25.0)
     parser.add_argument("--bucket", default="qo-bench")
+    parser.add_argument("--slowdown-rate", type=float, default=None,
+                        help="503 SlowDown above N requests/s per partition prefix (default: never)")
+    parser.add_argument("--slowdown-depth", type=int, default=2,
+                        help="a partition prefix is the key up to its Nth '/' (default 2: {queue}/{kind}/)")
     args = parser.parse_args(argv)
+    if args.slowdown_rate is not None and args.slowdown_rate <= 0:
+        parser.error("--slowdown-rate must be > 0")
+    if args.slowdown_depth < 0:
+        parser.error("--slowdown-depth must be >= 0")
 
     from moto.moto_server.werkzeug_app import MotoRequestHandler
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app, counts, lock = make_app(args.latency_ms / 1000)
+    app, counts, lock = make_app(args.latency_ms / 1000, args.slowdown_rate, args.slowdown_depth)
     server = make_server("127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

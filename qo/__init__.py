@@ -18,6 +18,7 @@ from .errors import (
     StorageUnavailable,
     TaskNotFound,
     TaskStateError,
+    Throttled,
 )
 from .handlers import handler
 from .hookspecs import hookimpl
@@ -59,6 +60,7 @@ __all__ = [
     "SyncQueue",
     "TaskNotFound",
     "TaskStateError",
+    "Throttled",
     "Task",
     "TaskContext",
     "TaskFunction",

@@ -6,20 +6,25 @@ plugins/qo-azure; part of the public plugin API):
 - :class:`SecretScrubber`: a logging filter that replaces known credentials with
   ``***`` in the records of an SDK's loggers, and :func:`scrub` for error texts;
 - :func:`split_bucket_url`: ``scheme://bucket/prefix?query`` checked the same way for
-  every such backend.
+  every such backend;
+- :class:`Pacer`: spacing the requests to a prefix the store has throttled, so that a
+  process sends about what the store accepts instead of a burst of refusals.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import deque
 from email.utils import parsedate_to_datetime
-from typing import Iterable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import InvalidInput
 from .storage import validate_key
 
-__all__ = ["ServerClock", "SecretScrubber", "scrub", "split_bucket_url", "MAX_DRIFT"]
+__all__ = ["ServerClock", "SecretScrubber", "scrub", "split_bucket_url", "Pacer", "MAX_DRIFT"]
 
 #: clocks drift apart by at most ~100 ppm: the offset bounds widen by that over time
 MAX_DRIFT = 1e-4
@@ -128,3 +133,102 @@ def split_bucket_url(url: str, scheme: str, *, query: Mapping[str, str],
             raise InvalidInput("url", f"unknown query parameter {name[:40]!r} (known: {', '.join(sorted(query))})")
         settings[query[name]] = value
     return parts.netloc, prefix, settings
+
+
+class _Lane:
+    """The pace of one throttled prefix."""
+
+    __slots__ = ("rate", "next_at", "changed_at")
+
+    def __init__(self, rate: float, now: float):
+        self.rate, self.next_at, self.changed_at = rate, now, now
+
+
+class Pacer:
+    """Client-side pacing of the prefixes a store throttles (one per storage object).
+
+    A backend calls ``sent_at = await pacer.wait(part)`` before a request and
+    ``pacer.done(part, sent_at, throttled)`` after it, ``part`` being
+    ``pacer.partition(key)`` (the key up to its ``depth``-th ``/``: ``{queue}/{kind}/``
+    for qo's keys). Nothing is paced, and a request costs a dict lookup, until a
+    request to a prefix is throttled. From then on that prefix's requests leave evenly
+    spaced at ``rate`` per second:
+
+    - at the first throttle, ``decrease`` (0.7) times the rate the store accepted there
+      over the last ``window`` (1 s); at each later one, ``decrease`` times the rate;
+      never below ``floor``. A throttle of a request sent less than a window after the
+      last decrease is ignored: the store's count still holds requests sent at the old
+      pace;
+    - each request sent grows the rate so that sending at the full rate for a second
+      grows it by ``growth`` (20 %): a prefix used below its rate does not earn more;
+    - ``quiet`` seconds (60) without a throttle, or a rate past ``ceiling``, and the
+      prefix is no longer paced.
+
+    Every process pacing this way shares a prefix's capacity as TCP flows share a link
+    (additive increase, multiplicative decrease). The engine's ``Backoff`` still
+    retries the throttled request; the pacer only spaces what is sent.
+    """
+
+    def __init__(self, *, depth: int = 2, floor: float = 5.0, decrease: float = 0.7, growth: float = 0.2,
+                 quiet: float = 60.0, ceiling: float = 100_000.0, window: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] | None = None):
+        self.depth, self.floor, self.decrease, self.growth = depth, floor, decrease, growth
+        self.quiet, self.ceiling, self.window, self._clock, self._sleep = quiet, ceiling, window, clock, sleep
+        self._accepted: dict[str, deque[float]] = {}  # per prefix: times of accepted requests
+        self._lanes: dict[str, _Lane] = {}
+        self.throttles = 0  #: throttled requests seen
+
+    def partition(self, key: str | None) -> str:
+        """``key`` up to and including its ``depth``-th ``/`` (its last, if fewer)."""
+        key = key or ""
+        cut = 0
+        for _ in range(self.depth):
+            end = key.find("/", cut)
+            if end < 0:
+                break
+            cut = end + 1
+        return key[:cut]
+
+    def rate(self, part: str) -> float | None:
+        """Requests per second allowed to ``part``; None while it is not paced."""
+        lane = self._lanes.get(part)
+        return None if lane is None else lane.rate
+
+    async def wait(self, part: str) -> float:
+        """Wait for this request's turn to ``part``; returns when it is sent."""
+        lane = self._lanes.get(part)
+        now = self._clock()
+        if lane is None:
+            return now
+        if lane.rate >= self.ceiling or now - lane.changed_at >= self.quiet:
+            del self._lanes[part]
+            return now
+        slot = max(now, lane.next_at)
+        lane.next_at = slot + 1.0 / lane.rate
+        lane.rate *= (1.0 + self.growth) ** (1.0 / lane.rate)
+        if slot <= now:
+            return now
+        await (self._sleep or asyncio.sleep)(slot - now)
+        return self._clock()
+
+    def done(self, part: str, sent_at: float, throttled: bool) -> None:
+        """The request to ``part`` sent at ``sent_at`` was accepted, or throttled."""
+        now = self._clock()
+        accepted = self._accepted.get(part)
+        if accepted is None:
+            if len(self._accepted) >= 1024:  # forget prefixes quiet for a window
+                self._accepted = {p: d for p, d in self._accepted.items() if d and d[-1] > now - self.window}
+            accepted = self._accepted[part] = deque()
+        while accepted and accepted[0] <= now - self.window:
+            accepted.popleft()
+        if not throttled:
+            accepted.append(now)
+            return
+        self.throttles += 1
+        lane = self._lanes.get(part)
+        if lane is None:  # the first throttle: start from what was accepted
+            self._lanes[part] = _Lane(max(self.floor, self.decrease * len(accepted) / self.window), now)
+        elif sent_at >= lane.changed_at + self.window:
+            lane.rate = max(self.floor, self.decrease * lane.rate)
+            lane.changed_at = now

@@ -95,6 +95,12 @@ class StorageUnavailable(StorageError):
     """
 
 
+class Throttled(StorageUnavailable):
+    """The store asked us to slow down (S3 ``503 SlowDown``, Azure ``ServerBusy``, any
+    429): transient, like every ``StorageUnavailable``, but retried from a longer wait
+    (``qo.store.Backoff``), so many clients spread out instead of hammering a prefix."""
+
+
 class Retry(Exception):
     """Raised by a handler: try again after ``delay`` seconds (counts as an attempt)."""
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
 import re
 from typing import Any
 
@@ -258,11 +257,11 @@ class Idempotency:
             try:
                 await store.storage.put(key, data, if_none_match=True)
                 return
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 uncertain = True
                 if attempt == store.backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(store.backoff.cap, store.backoff.base * 2 ** attempt)))
+                await store.backoff.pause(attempt, exc)
             except PreconditionFailed:
                 if not uncertain:
                     raise

@@ -162,11 +162,11 @@ class LeaseBook:
         for attempt in range(1, self.store.backoff.attempts + 1):
             try:
                 return await self.store.storage.put(self.key, data, **condition)
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 uncertain = True
                 if attempt == self.store.backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(self.store.backoff.cap, self.store.backoff.base * 2**attempt)))
+                await self.store.backoff.pause(attempt, exc)
             except PreconditionFailed:
                 if uncertain:
                     try:

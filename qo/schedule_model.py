@@ -9,10 +9,8 @@ whether its write landed (as for tasks, see ``qo/store.py``).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
-import random
 import re
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar
@@ -247,10 +245,10 @@ class ScheduleStore:
                 if etag is None:
                     return await self.storage.put(key, data, if_none_match=True)
                 return await self.storage.put(key, data, if_match=etag)
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 if attempt == self.backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(self.backoff.cap, self.backoff.base * 2**attempt)))
+                await self.backoff.pause(attempt, exc)
                 try:  # the outcome is unknown: our rev stored means it landed
                     blob = await self.backoff.call(lambda: self.storage.get(key))
                 except NotFound:

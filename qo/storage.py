@@ -12,7 +12,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import attrs
 
-from .errors import InvalidInput, NotFound, PreconditionFailed, StorageError, StorageUnavailable
+from .errors import InvalidInput, NotFound, PreconditionFailed, StorageError, StorageUnavailable, Throttled
 
 __all__ = [
     "Blob",
@@ -22,6 +22,7 @@ __all__ = [
     "PreconditionFailed",
     "StorageError",
     "StorageUnavailable",
+    "Throttled",
     "validate_key",
     "check_put",
     "delete_many",
@@ -66,7 +67,9 @@ class Storage(Protocol):
       directory), in lexicographic order of their UTF-8 bytes, after ``start_after``,
       at most ``limit``.
     - Transient failures raise ``StorageUnavailable``; the engine, not the backend,
-      retries them.
+      retries them. A throttle (the store says to slow down: S3 ``SlowDown``, any 429
+      or 503) raises its subclass ``Throttled``, which the engine retries from a longer
+      wait; the backend's SDK retries nothing itself.
     """
 
     name: str

@@ -15,7 +15,7 @@ import random
 from typing import Awaitable, Callable, TypeVar
 
 from . import keys
-from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
+from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound, Throttled
 from .model import Task, new_rev
 from .packs import PackStore
 from .storage import Storage, delete_many
@@ -26,19 +26,39 @@ T = TypeVar("T")
 
 
 class Backoff:
-    """Retry policy for transient storage errors: ``attempts`` tries, capped, jittered."""
+    """Retry policy for transient storage errors: ``attempts`` tries, capped, full jitter.
 
-    def __init__(self, attempts: int = 8, base: float = 0.05, cap: float = 2.0):
+    Before try ``n + 1`` it waits ``uniform(0, min(cap, base * 2**n))``. A throttle
+    (``Throttled``: S3 ``SlowDown``, Azure ``ServerBusy``, a 429 or 503) waits from
+    ``throttle_base`` (0.2 s) doubling to ``throttle_cap`` (5 s), still full jitter: the
+    store is telling every client of the prefix to slow down, and drawn waits spread
+    them out where equal ones would return together. ``sleep`` is for tests.
+    """
+
+    def __init__(self, attempts: int = 8, base: float = 0.05, cap: float = 2.0, *,
+                 throttle_base: float = 0.2, throttle_cap: float = 5.0,
+                 sleep: Callable[[float], Awaitable[object]] | None = None):
         self.attempts, self.base, self.cap = attempts, base, cap
+        self.throttle_base, self.throttle_cap = throttle_base, max(throttle_cap, cap)
+        self.sleep = sleep
+
+    def delay(self, attempt: int, exc: BaseException | None = None) -> float:
+        """Seconds to wait after try ``attempt`` (1-based) failed with ``exc``."""
+        base, cap = (self.throttle_base, self.throttle_cap) if isinstance(exc, Throttled) else (self.base, self.cap)
+        return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+    async def pause(self, attempt: int, exc: BaseException | None = None) -> None:
+        """Wait before the next try (for callers that run their own retry loop)."""
+        await (self.sleep or asyncio.sleep)(self.delay(attempt, exc))
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
                 return await fn()
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 if attempt == self.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(self.cap, self.base * 2**attempt)))
+                await self.pause(attempt, exc)
         raise AssertionError("unreachable")
 
 
@@ -92,11 +112,11 @@ class TaskStore:
         for attempt in range(1, self.backoff.attempts + 1):
             try:
                 return await self.storage.put(key, data, if_none_match=True)
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 uncertain = True
                 if attempt == self.backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(self.backoff.cap, self.backoff.base * 2**attempt)))
+                await self.backoff.pause(attempt, exc)
             except PreconditionFailed:
                 if uncertain:  # maybe our own earlier attempt landed
                     current, etag = await self.load(task.id)
@@ -125,10 +145,10 @@ class TaskStore:
         for attempt in range(1, self.backoff.attempts + 1):
             try:
                 return await self.storage.put(key, data, if_match=etag)
-            except StorageUnavailable:
+            except StorageUnavailable as failure:
                 if attempt == self.backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(self.backoff.cap, self.backoff.base * 2**attempt)))
+                await self.backoff.pause(attempt, failure)
                 try:
                     blob = await self.backoff.call(lambda: self.storage.get(key))
                 except NotFound:

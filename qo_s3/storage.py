@@ -4,7 +4,12 @@
 - The aiobotocore client comes from ``s3fs.S3FileSystem.set_session()`` (credentials,
   region and endpoint resolution as s3fs users know them); the calls go straight to the
   client because s3fs's high-level API has no conditional writes.
-- botocore retries are off: the engine retries ``StorageUnavailable``, not the plugin.
+- botocore retries are off (``total_max_attempts=1``, which wins over ``AWS_MAX_ATTEMPTS``
+  and profiles' ``max_attempts``): the engine retries ``StorageUnavailable``, not the
+  plugin, so qo's backoff is never multiplied by botocore's. A throttle (``SlowDown``,
+  429, 503) is ``Throttled``, retried from a longer wait; and from then on the requests
+  to that prefix (``{queue}/{kind}/``) are paced to about what S3 accepted there
+  (:class:`qo.backend_kit.Pacer`), so one process does not keep bursting into it.
 
 URL: ``s3://bucket[/prefix][?endpoint_url=...&region=...&profile=...&addressing_style=...]``.
 Settings, most specific first: constructor options, URL query, ``QO_S3_*`` environment,
@@ -20,8 +25,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from qo.backend_kit import SecretScrubber, ServerClock, scrub, split_bucket_url
-from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable
+from qo.backend_kit import Pacer, SecretScrubber, ServerClock, scrub, split_bucket_url
+from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable, Throttled
 from qo.storage import (
     Blob,
     Entry,
@@ -124,7 +129,7 @@ def map_error(
         if code in _NO_KEY or (status == 404 and not code):
             return NotFound(f"no such key {detail}", **where)
         if code in _THROTTLED or status in (429, 503):
-            return StorageUnavailable(f"throttled: {message or 'slow down'} {detail}", **where)
+            return Throttled(f"throttled: {message or 'slow down'} {detail}", **where)
         if code in _TRANSIENT or (status >= 500 and code != "NotImplemented"):
             return StorageUnavailable(f"server error: {message or code} {detail}", **where)
         hint = _HINTS.get(code, "").format(bucket=bucket)
@@ -189,6 +194,8 @@ class S3Storage:
 
     name = "s3"
     page_size = 1000  #: keys per ListObjectsV2 request (S3's maximum); tests lower it
+    #: requests are paced per prefix of this many levels of qo's key once S3 throttled one
+    pace_depth = 2
 
     def __init__(self, url: str, **options: Any):
         self.bucket, self.prefix, settings = parse_url(url)
@@ -216,6 +223,7 @@ class S3Storage:
             raise ConfigurationError("s3:// needs s3fs: pip install 'qo-queue[s3]' (from a checkout: pip install '.[s3]')") from None
         self._root = self.prefix + "/" if self.prefix else ""
         self._server_clock = ServerClock()
+        self.pacer = Pacer(depth=self.pace_depth)
         self._fs: Any = None
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -322,15 +330,21 @@ class S3Storage:
         endpoint = self.endpoint_url or f"(AWS{', region ' + self.region if self.region else ''})"
         return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets, endpoint=endpoint)
 
-    async def _call(self, op: str, key: str | None, **params: Any) -> dict[str, Any]:
-        """One client call: observes the server clock; raises the mapped error."""
+    async def _call(self, op: str, key: str | None, *, pace: str | None = None, **params: Any) -> dict[str, Any]:
+        """One client call, paced by the prefix of ``pace`` (default ``key``): observes
+        the server clock; raises the mapped error."""
         client = await self._s3(key)
+        part = self.pacer.partition(pace if pace is not None else key)
+        sent_at = await self.pacer.wait(part)
         t0 = time.time()
         try:
             resp = await getattr(client, op)(Bucket=self.bucket, **params)
         except Exception as exc:
             self._observe(getattr(exc, "response", None), t0, time.time())
-            raise self._error(exc, key, op=op) from None
+            error = self._error(exc, key, op=op)
+            self.pacer.done(part, sent_at, throttled=isinstance(error, Throttled))
+            raise error from None
+        self.pacer.done(part, sent_at, throttled=False)
         self._observe(resp, t0, time.time())
         return resp
 
@@ -397,7 +411,7 @@ class S3Storage:
         if not keys:
             return
         objects = [{"Key": self._key(k)} for k in keys]
-        resp = await self._call("delete_objects", None, Delete={"Objects": objects, "Quiet": True})
+        resp = await self._call("delete_objects", None, pace=keys[0], Delete={"Objects": objects, "Quiet": True})
         for err in resp.get("Errors") or []:
             if err.get("Code") == "NoSuchKey":
                 continue

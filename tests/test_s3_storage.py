@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
 import qo
-from qo.storage import NotFound, PreconditionFailed, StorageError, StorageUnavailable
+from qo.storage import NotFound, PreconditionFailed, StorageError, StorageUnavailable, Throttled
 from qo_s3 import plugin
 from qo_s3.storage import S3Storage, map_error, parse_url
 
@@ -217,9 +217,12 @@ async def test_ignore_conditions_server_accepts_a_second_create_only_put(lax_ser
     [
         (client_error("ConditionalRequestConflict", 409), PreconditionFailed),
         (client_error("PreconditionFailed", 412), PreconditionFailed),
-        (client_error("SlowDown", 503), StorageUnavailable),
-        (client_error("Throttling", 400), StorageUnavailable),
-        (client_error("RequestLimitExceeded", 400), StorageUnavailable),
+        (client_error("SlowDown", 503), Throttled),
+        (client_error("ServiceUnavailable", 503), Throttled),
+        (client_error("", 503), Throttled),
+        (client_error("TooManyRequests", 429), Throttled),
+        (client_error("Throttling", 400), Throttled),
+        (client_error("RequestLimitExceeded", 400), Throttled),
         (client_error("InternalError", 500), StorageUnavailable),
         (client_error("RequestTimeout", 400), StorageUnavailable),
         (client_error("BadGateway", 502), StorageUnavailable),
@@ -271,15 +274,20 @@ class _SlowDown(BaseHTTPRequestHandler):
         pass
 
 
-async def test_503_slowdown_is_unavailable_and_not_retried_by_botocore():
+async def test_503_slowdown_is_throttled_and_not_retried_by_botocore(monkeypatch):
+    # botocore's own retry settings from the environment must not add attempts
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    _SlowDown.hits = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowDown)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     st = S3Storage(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{server.server_port}")
     try:
-        with pytest.raises(StorageUnavailable, match="SlowDown"):
-            await st.put("k", b"x", if_none_match=True)
+        with pytest.raises(Throttled, match="SlowDown"):
+            await st.put("q/tasks/k", b"x", if_none_match=True)
         assert _SlowDown.hits == 1  # the engine retries, not botocore
+        assert st.pacer.throttles == 1 and st.pacer.rate("q/tasks/") == st.pacer.floor  # paced from now on
     finally:
         await st.close()
         server.shutdown()

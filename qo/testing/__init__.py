@@ -3,6 +3,8 @@
 - :class:`ConformanceTests` / :class:`StorageFixtures`: the storage-contract suite a
   backend runs with one import (``class TestMine(StorageFixtures, ConformanceTests)``).
 - :class:`MotoServer`: a moto S3 server on a free loopback port.
+- :class:`SlowDown`: WSGI middleware answering S3's ``503 SlowDown`` above a request
+  rate per prefix (``MotoServer(middleware=SlowDown(rate=40))``).
 - :class:`FakeClock`: a clock tests move by hand.
 - :class:`FaultyStorage`: a Storage wrapper injecting errors, latency, lost responses.
 - :func:`stop_process`: stop a server process a test started (SIGTERM, then SIGKILL).
@@ -16,6 +18,7 @@ _LAZY = {
     "ConformanceTests": ".conformance",
     "StorageFixtures": ".conformance",
     "MotoServer": ".moto",
+    "SlowDown": ".slowdown",
     "FaultyStorage": ".faults",
     "FakeClock": "qo.clock",
     "stop_process": ".processes",

@@ -1,12 +1,14 @@
 """Fault injection: a Storage wrapper that makes a healthy backend misbehave on purpose.
 
-``FaultyStorage(inner, seed=..., error_rate=..., latency=..., landed_error_rate=...,
-lost_response_rate=..., ops=...)`` injects, per call:
+``FaultyStorage(inner, seed=..., error_rate=..., throttle_rate=..., latency=...,
+landed_error_rate=..., lost_response_rate=..., ops=...)`` injects, per call:
 
 - **latency**: ``latency`` seconds before the call; a ``(low, high)`` pair draws
   uniformly from that range (jitter);
 - **transient errors** (``error_rate``): ``StorageUnavailable`` raised *before* the
   call reaches the backend: nothing changed;
+- **throttles** (``throttle_rate``): ``Throttled`` (the store said "slow down": S3's
+  ``503 SlowDown``) raised before the call: nothing changed;
 - **errors after the write landed** (``landed_error_rate``, writes only: ``put``,
   ``delete``, ``delete_many``): the backend performed the call, then
   ``StorageUnavailable`` is raised: the client sees a failure, the object changed;
@@ -33,14 +35,14 @@ from collections import Counter
 from typing import Iterable
 
 from ..counting import _Wrapper
-from ..errors import StorageUnavailable
+from ..errors import StorageUnavailable, Throttled
 from ..storage import Blob, Entry, Storage
 
 __all__ = ["FaultyStorage", "FAULT_OPS", "KINDS"]
 
 FAULT_OPS = frozenset({"get", "put", "put_cond", "put_plain", "delete", "delete_many", "list"})
 #: the kinds of injected fault, as counted by ``injected()``
-KINDS = ("error", "landed_error", "lost_response", "latency")
+KINDS = ("error", "throttle", "landed_error", "lost_response", "latency")
 
 
 def _rate(name: str, value: float) -> float:
@@ -59,6 +61,7 @@ class FaultyStorage(_Wrapper):
         *,
         seed: int | None = None,
         error_rate: float = 0.0,
+        throttle_rate: float = 0.0,
         latency: float | tuple[float, float] = 0.0,
         landed_error_rate: float = 0.0,
         lost_response_rate: float = 0.0,
@@ -66,6 +69,9 @@ class FaultyStorage(_Wrapper):
     ):
         super().__init__(inner)
         self.error_rate = _rate("error_rate", error_rate)
+        self.throttle_rate = _rate("throttle_rate", throttle_rate)
+        if self.error_rate + self.throttle_rate > 1.0:
+            raise ValueError("error_rate + throttle_rate must be at most 1")
         self.landed_error_rate = _rate("landed_error_rate", landed_error_rate)
         self.lost_response_rate = _rate("lost_response_rate", lost_response_rate)
         if isinstance(latency, (tuple, list)):
@@ -87,7 +93,8 @@ class FaultyStorage(_Wrapper):
         self._counts: Counter[str] = Counter()
 
     def __repr__(self) -> str:
-        return (f"FaultyStorage({self.inner!r}, error_rate={self.error_rate}, latency={self.latency}, "
+        return (f"FaultyStorage({self.inner!r}, error_rate={self.error_rate}, "
+                f"throttle_rate={self.throttle_rate}, latency={self.latency}, "
                 f"landed_error_rate={self.landed_error_rate}, lost_response_rate={self.lost_response_rate})")
 
     # -- bookkeeping ------------------------------------------------------------------
@@ -134,6 +141,9 @@ class FaultyStorage(_Wrapper):
             await asyncio.sleep(delay)
         if err < self.error_rate:
             raise self._fail("error", op, key, "before the call")
+        if err < self.error_rate + self.throttle_rate:  # the same draw: seeds keep their sequence
+            self._count("throttle", op)
+            raise Throttled("injected fault (throttle, before the call): slow down", backend=self.name, key=key)
         return landed, lost
 
     # -- the contract -------------------------------------------------------------------

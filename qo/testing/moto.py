@@ -3,6 +3,9 @@
 ``MotoServer(ignore_conditions=True)`` simulates an S3-compatible store that has no
 conditional writes: ``If-Match`` / ``If-None-Match`` are stripped from every request
 before moto sees them, so ``qo doctor`` can be tested against such a store.
+``MotoServer(middleware=f)`` serves ``f(app)`` instead of moto's app: e.g.
+``qo.testing.slowdown.SlowDown(rate=40)``, S3's ``503 SlowDown`` above a request rate
+per prefix.
 
 moto keeps its state per process: two servers in one process share buckets and objects.
 """
@@ -188,9 +191,12 @@ class _Server(ThreadedMotoServer):
 class MotoServer:
     """A moto S3 server on ``127.0.0.1`` (free port) with one bucket created at start."""
 
-    def __init__(self, bucket: str = "qo-test", ignore_conditions: bool = False):
+    def __init__(self, bucket: str = "qo-test", ignore_conditions: bool = False,
+                 middleware: Callable[[_WSGIApp], _WSGIApp] | None = None):
         self.bucket = bucket
         self.ignore_conditions = ignore_conditions
+        #: WSGI middleware around moto's app (outermost: it sees every request first)
+        self.middleware = middleware
         self._server: _Server | None = None
         self._port: int | None = None
 
@@ -219,7 +225,14 @@ class MotoServer:
         """Start serving and create the bucket (an existing one is reused)."""
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         _install_sorted_listing()
-        self._server = _Server(_strip_conditions if self.ignore_conditions else None)
+        wraps = [w for w in (_strip_conditions if self.ignore_conditions else None, self.middleware) if w]
+
+        def wrap(app: _WSGIApp) -> _WSGIApp:
+            for w in wraps:
+                app = w(app)
+            return app
+
+        self._server = _Server(wrap if wraps else None)
         self._server.start()
         self._port = self._server.get_host_and_port()[1]
         self._create_bucket()

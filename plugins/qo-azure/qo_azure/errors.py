@@ -12,15 +12,18 @@ import asyncio
 from typing import Any
 
 from qo.backend_kit import SecretScrubber, scrub
-from qo import StorageUnavailable
+from qo import StorageUnavailable, Throttled
 from qo.storage import NotFound, PreconditionFailed, StorageError
 
 __all__ = ["map_error", "scrub", "remember_secrets", "is_transport"]
 
 BACKEND = "azure"
 
+#: the service asks the client to slow down (``Throttled``: retried from a longer wait)
 _THROTTLED_CODES = {"ServerBusy", "TooManyRequests", "IngressOverAccountLimit", "EgressOverAccountLimit",
-                    "AccountRequestRateIsTooHigh", "OperationTimedOut", "InternalError"}
+                    "AccountRequestRateIsTooHigh"}
+#: the service failed this request (``StorageUnavailable``: retried)
+_TRANSIENT_CODES = {"OperationTimedOut", "InternalError"}
 _PRECONDITION_CODES = {"ConditionNotMet", "BlobAlreadyExists", "TargetConditionNotMet", "SourceConditionNotMet"}
 _NO_BLOB = {"BlobNotFound", "ResourceNotFound"}
 _HINTS = {
@@ -102,8 +105,8 @@ def map_error(
         if code in _NO_BLOB or (status == 404 and not code):
             return NotFound(f"no such key {detail}", **where)
         if status in (429, 503) or code in _THROTTLED_CODES:
-            return StorageUnavailable(f"throttled or busy: {message or code} {detail}", **where)
-        if status >= 500 or status == 408:
+            return Throttled(f"throttled or busy: {message or code} {detail}", **where)
+        if status >= 500 or status == 408 or code in _TRANSIENT_CODES:
             return StorageUnavailable(f"server error: {message or code} {detail}", **where)
         hint = _HINTS.get(code, "").format(container=container)
         return StorageError(f"{hint or message or 'request failed'} {detail}", **where)

@@ -29,7 +29,7 @@ from azure.core.exceptions import (
 from click.testing import CliRunner
 
 import qo
-from qo.storage import NotFound, PreconditionFailed, StorageError, StorageUnavailable
+from qo.storage import NotFound, PreconditionFailed, StorageError, StorageUnavailable, Throttled
 from qo_azure import AzureStorage, plugin
 from qo_azure import listing
 from qo_azure.errors import map_error
@@ -215,8 +215,10 @@ async def test_a_wrong_account_key_is_a_plain_storage_error_without_the_key(azur
     (http_error(ResourceExistsError, 409, "BlobAlreadyExists"), PreconditionFailed),
     (http_error(ResourceModifiedError, 412, "ConditionNotMet"), PreconditionFailed),
     (http_error(ResourceNotFoundError, 404, "BlobNotFound"), NotFound),
-    (http_error(HttpResponseError, 503, "ServerBusy"), StorageUnavailable),
-    (http_error(HttpResponseError, 429, "TooManyRequests"), StorageUnavailable),
+    (http_error(HttpResponseError, 503, "ServerBusy"), Throttled),
+    (http_error(HttpResponseError, 429, "TooManyRequests"), Throttled),
+    (http_error(HttpResponseError, 503, "AccountRequestRateIsTooHigh"), Throttled),
+    (http_error(HttpResponseError, 503, ""), Throttled),
     (http_error(HttpResponseError, 500, "InternalError"), StorageUnavailable),
     (http_error(HttpResponseError, 500, "OperationTimedOut"), StorageUnavailable),
     (http_error(HttpResponseError, 502, ""), StorageUnavailable),
@@ -281,7 +283,7 @@ async def test_503_server_busy_is_unavailable_and_not_retried_by_the_sdk(no_azur
     endpoint = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
     st = AzureStorage(f"az://cont/p?endpoint_url={endpoint}", account_name=ACCOUNT, account_key=SECRET_KEY)
     try:
-        with pytest.raises(StorageUnavailable, match="ServerBusy"):
+        with pytest.raises(Throttled, match="ServerBusy"):
             await st.put("k", b"x", if_none_match=True)
         assert _ServerBusy.hits == 1  # the engine retries, not the SDK
     finally:
