@@ -13,10 +13,8 @@ coalesced outcomes) is ``qo/pack_runner.py``, recovery is in ``qo/leases.py``.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
-import random
 from typing import Any, Callable, ClassVar
 
 import attrs
@@ -237,10 +235,10 @@ class PackStore:
                 if etag is None:
                     return await self.storage.put(key, data, if_none_match=True)
                 return await self.storage.put(key, data, if_match=etag)
-            except StorageUnavailable:
+            except StorageUnavailable as failure:
                 if attempt == backoff.attempts:
                     raise
-                await asyncio.sleep(random.uniform(0, min(backoff.cap, backoff.base * 2**attempt)))
+                await backoff.pause(attempt, failure)
                 try:
                     blob = await backoff.call(lambda: self.storage.get(key))
                 except NotFound:

@@ -18,7 +18,6 @@ from qo import keys
 from qo.counting import CountingStorage
 from qo.errors import InvalidInput
 from qo.leases import recover_pack
-from qo.packs import PACK_SIZE
 from qo.worker import Worker
 
 import procs
@@ -335,7 +334,7 @@ async def test_stats_count_packed_tasks_and_retention_deletes_a_pack_whole(stora
     at6 = await later(6)
     assert await apply_retention(at6) == {"packed": 4}
     assert await keys_under(q, "packs/") == [] and await keys_under(q, "ended/") == []
-    more = await q.submit_many([("ok", i) for i in range(3)])
+    await q.submit_many([("ok", i) for i in range(3)])
     await worker.run(until_idle=True)
     at8 = await later(8)
     assert await at8.purge("failed", dt.timedelta(days=1)) == 0  # a pack of completed tasks
