@@ -32,7 +32,7 @@ import attrs
 
 from . import keys
 from .errors import CorruptObject, InvalidInput, TaskNotFound
-from .listing import live_records
+from .listing import PackReader, live_records
 from .model import BLOCKED, COMPLETED, ENDED_INDEXED, PENDING, RUNNING, Task
 
 #: LIST requests one page may make, at most
@@ -100,14 +100,16 @@ async def task_page(queue: Any, status: str | None, task_type: str | None, since
     shown: list[Task] = []
     examined = reads = 0
     capped = False
+    packs = PackReader(queue)  # the tasks of one pack cost one GET of it
     while examined < len(candidates) and len(shown) < limit:
         if reads >= max_reads:
             capped = True
             break
         n = min(READ_AHEAD, limit - len(shown) if exact else READ_AHEAD, max_reads - reads)
         batch = candidates[examined:examined + n]
-        tasks = await asyncio.gather(*(_load(queue, task_id) for task_id, _ in batch))
-        reads += len(batch)
+        before = len(packs.read)
+        tasks = await asyncio.gather(*(_load(queue, task_id, packs) for task_id, _ in batch))
+        reads += sum(1 for task_id, _ in batch if keys.pack_of(task_id) is None) + len(packs.read) - before
         for (task_id, cursor), task in zip(batch, tasks):
             examined += 1
             if task is not None and keep(task):
@@ -120,11 +122,20 @@ async def task_page(queue: Any, status: str | None, task_type: str | None, since
     return TaskPage(shown, next_cursor, budget.lists, reads, capped and more)
 
 
-async def _load(queue: Any, task_id: str) -> Task | None:
+async def _load(queue: Any, task_id: str, packs: PackReader) -> Task | None:
     try:
+        if keys.pack_of(task_id) is not None:
+            return await packs.task(task_id)
         return (await queue.store.load(task_id))[0]
     except (TaskNotFound, CorruptObject):
         return None
+
+
+def _tasks_of(found_id: str) -> list[str]:
+    """The task ids an index entry names: a pack's id names every task it was written with."""
+    if keys.PACK_ID.match(found_id):
+        return [keys.entry_id(found_id, i) for i in range(keys.pack_size(found_id))]
+    return [found_id]
 
 
 async def _ended(queue: Any, budget: _Budget, status: str, task_type: str | None, since: float | None,
@@ -186,7 +197,7 @@ async def _indexed(queue: Any, budget: _Budget, status: str, task_type: str | No
                 if len(entries) < 1000:
                     break
                 cursor = entries[-1].key
-    ids = sorted((i for i, t in found.items()
+    ids = sorted((i for f, t in found.items() for i in _tasks_of(f)
                   if (task_type is None or t == task_type) and (since is None or keys.id_time(i) >= since)
                   and (after is None or i < after)), reverse=True)
     out = [(i, i) for i in ids[:want]]
@@ -230,6 +241,10 @@ async def _tasks(queue: Any, budget: _Budget, since: float | None, after: str | 
                 if task_id is not None and (since is None or keys.id_time(task_id) >= since):
                     window.append(task_id)
             if done:
+                more = await _packs_in(queue, budget, start, upper[len(prefix):] if upper else None, since)
+                if more is None:
+                    return out, False
+                window = sorted(set(window) | set(more))
                 break
             if pages >= WINDOW_PAGES and hi - start > 0.002:
                 start, width, halved = start + (hi - start) / 2, (hi - start) / 2, True
@@ -244,6 +259,29 @@ async def _tasks(queue: Any, budget: _Budget, since: float | None, after: str | 
             return out, True
         upper, hi = f"{prefix}{keys.id_floor(start)}", start
         width = width if halved else width * 4
+
+
+async def _packs_in(queue: Any, budget: _Budget, start: float, upper_id: str | None,
+                    since: float | None) -> list[str] | None:
+    """The task ids of the packs made from ``start`` to below ``upper_id`` (a pack's id
+    says how many tasks it holds: nothing is read); None when the budget ran out."""
+    prefix = keys.packs_prefix(queue.name)
+    cursor: str | None = f"{prefix}{keys.id_floor(start)}"
+    out: list[str] = []
+    while True:
+        entries = await budget.list(queue, prefix, cursor)
+        if entries is None:
+            return None
+        for entry in entries:
+            pack_id = entry.key[len(prefix):].removesuffix(".json")
+            if upper_id is not None and keys.entry_id(pack_id, 0) >= upper_id:
+                return out
+            if keys.is_direct_child(entry.key, prefix) and keys.PACK_ID.match(pack_id) \
+                    and (since is None or keys.id_time(pack_id) >= since):
+                out += [i for i in _tasks_of(pack_id) if upper_id is None or i < upper_id]
+        if len(entries) < 1000:
+            return out
+        cursor = entries[-1].key
 
 
 #: entries ``ended_times`` reads, at most (one LIST page)

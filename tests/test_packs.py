@@ -342,3 +342,18 @@ async def test_stats_count_packed_tasks_and_retention_deletes_a_pack_whole(stora
     assert await keys_under(q, "packs/") == []
     for x in (q, at3, at6, at8):
         await x.close()
+
+
+async def test_pages_show_the_tasks_of_packs_reading_each_pack_once(storage_url):
+    q = await qo.connect(storage_url, queue="pk")
+    single = await q.submit("t", "alone")
+    packed = await q.submit_many([("t", i) for i in range(30)])
+    newest_first = [t.id for t in reversed([single, *packed])]
+    for status in (None, "pending"):
+        page = await q.page(status=status, limit=20)
+        assert [t.id for t in page.tasks] == newest_first[:20]
+        assert page.reads == 1 and page.next_cursor is not None  # the pack, read once
+        rest = await q.page(status=status, after=page.next_cursor, limit=20)
+        assert [t.id for t in rest.tasks] == newest_first[20:] and rest.next_cursor is None
+    assert [t.id async for t in q.list(status="pending", limit=None)] == [single.id, *(t.id for t in packed)]
+    await q.close()
