@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import os
 import random
@@ -54,8 +55,9 @@ class Feed:
         self.poll = worker.settings.poll_min
         self.next_poll_at = 0.0
         self.nothing_listed = False
-        #: tasks of packs this worker holds, waiting for a slot (before any listed marker)
-        self.local: collections.deque[Any] = collections.deque()
+        #: tasks of packs this worker holds, waiting for a slot (before any listed
+        #: marker): a heap, most urgent pack first, then the pack's order
+        self.local: list[tuple[int, float, str, int, Any]] = []
         #: live workers other than this one (from the last sweep)
         self.peers: set[str] = set()
         self.lock = asyncio.Lock()
@@ -68,9 +70,11 @@ class Feed:
         """No candidate listed or taken, and the last listing found nothing of ours."""
         return not self.taken and not self.buffer and not self.local and self.nothing_listed
 
-    def hand_out(self, items: list[Any]) -> None:
-        """Tasks of a claimed pack: the slots take them before anything listed."""
-        self.local.extend(items)
+    def hand_out(self, items: list[Any], priority: int, due: float) -> None:
+        """Tasks of a claimed pack: the slots take them before anything listed, the
+        most urgent pack's first."""
+        for item in items:
+            heapq.heappush(self.local, (-priority, due, item.key, item.index, item))
         self.new_work.set()
 
     async def next(self) -> Any:
@@ -80,7 +84,7 @@ class Feed:
         async with self.lock:
             while not w._stopping.is_set():
                 if self.local:
-                    item = self.local.popleft()
+                    item = heapq.heappop(self.local)[-1]
                     self.taken.add(item.key)
                     return item
                 if w.packs.full:  # enough tasks held: list again once a pack is let go

@@ -76,6 +76,7 @@ class PackRunner:
         self.worker = worker
         self.held: dict[str, PackRun] = {}
         self.claiming = 0  # claims in flight: they count as held
+        self._claim_lock = asyncio.Lock()
 
     @property
     def busy(self) -> bool:
@@ -92,7 +93,8 @@ class PackRunner:
         becomes running (attempt + 1); a pending one whose cancel was requested ends."""
         self.claiming += 1
         try:
-            return await self._claim(marker, lease_id)
+            async with self._claim_lock:  # one at a time: a pack listed first is handed out first
+                return await self._claim(marker, lease_id)
         finally:
             self.claiming -= 1
 
@@ -149,7 +151,8 @@ class PackRunner:
         if taken:
             self.held[new.id] = run
             run.waiting.update(taken)
-            w.feed.hand_out([PackItem(run, i, f"{marker.key}#{i}", new.task_id(i)) for i in taken])
+            w.feed.hand_out([PackItem(run, i, f"{marker.key}#{i:03x}", new.task_id(i)) for i in taken],
+                            marker.priority, new.available_at)
         else:
             w.book.release(new.id)
         return run

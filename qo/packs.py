@@ -161,6 +161,14 @@ class Pack(StoredRecord):
         return False
 
 
+def _same_creation(stored: Pack, ours: Pack) -> bool:
+    """The stored pack is the one we created: the creation time (our clock, to the
+    microsecond) and every task's input match. Another producer that drew the same id
+    made its pack at its own time."""
+    return (stored.created_at == ours.created_at and len(stored.entries) == len(ours.entries)
+            and all(stored.task(i).input == ours.task(i).input for i in range(len(ours.entries))))
+
+
 def split_etag(etag: str) -> tuple[str, str]:
     """(pack etag, entry fingerprint) of an entry's etag (see ``entry_etag``)."""
     pack_etag, sep, fingerprint = etag.rpartition("#entry:")
@@ -248,9 +256,11 @@ class PackStore:
                 if etag is not None and blob.etag == etag:
                     continue  # did not land: try again
                 try:
-                    landed = Pack.from_json(blob.data, key, backend=self.storage.name).rev == pack.rev
+                    stored = Pack.from_json(blob.data, key, backend=self.storage.name)
                 except CorruptObject:
                     landed = False
+                else:  # ours; or, for a create, ours changed since (a worker claimed it already)
+                    landed = stored.rev == pack.rev or (etag is None and _same_creation(stored, pack))
                 if landed:
                     return blob.etag  # landed; only the response was lost
                 raise PreconditionFailed("changed by another writer", backend=self.storage.name, key=key) from None

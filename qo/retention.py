@@ -109,15 +109,9 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
         return task.id, task.ended_key(queue.name), task.input_ref is not None or task.output_ref is not None
 
     async def delete(items: list[tuple[str, str | None, bool]]) -> None:
-        if not dry_run and items:
-            # payloads stored apart first (only tasks with a reference cost a LIST)
-            await delete_payloads(queue, [tid for tid, _, apart in items if apart])
-            doomed = [keys.task(queue.name, tid) for tid, _, _ in items] + [k for _, k, _ in items if k]
-            for i in range(0, len(doomed), 1000):
-                await queue.store.delete_markers(doomed[i:i + 1000])
-        report.deleted += len(items)
-        if progress is not None:
-            progress(report.deleted, report.examined)
+        doomed = [keys.task(queue.name, tid) for tid, _, _ in items] + [k for _, k, _ in items if k]
+        await _delete(queue, report, len(items), [tid for tid, _, apart in items if apart], doomed,
+                      dry_run=dry_run, progress=progress)
 
     pending: list[str] = []
     async for task_id in candidates:
@@ -189,15 +183,10 @@ async def purge_packs(queue: Any, rule: Callable[[Task], Any], before: float, re
         return tasks
 
     async def delete(pack_id: str, tasks: list[Task]) -> None:
-        if not dry_run:
-            await delete_payloads(queue, [t.id for t in tasks if t.input_ref is not None or t.output_ref is not None])
-            doomed = [keys.pack(queue.name, pack_id)] + [keys.task(queue.name, t.id) for t in tasks if t.id in moved]
-            doomed += [k for k in (t.ended_key(queue.name) for t in tasks) if k]
-            for i in range(0, len(doomed), 1000):
-                await queue.store.delete_markers(doomed[i:i + 1000])
-        report.deleted += len(tasks)
-        if progress is not None:
-            progress(report.deleted, report.examined)
+        doomed = [keys.pack(queue.name, pack_id)] + [keys.task(queue.name, t.id) for t in tasks if t.id in moved]
+        doomed += [k for k in (t.ended_key(queue.name) for t in tasks) if k]
+        apart = [t.id for t in tasks if t.input_ref is not None or t.output_ref is not None]
+        await _delete(queue, report, len(tasks), apart, doomed, dry_run=dry_run, progress=progress)
 
     ids: list[str] = []
     async for entry in pages(queue, prefix):
@@ -214,6 +203,19 @@ async def purge_packs(queue: Any, rule: Callable[[Task], Any], before: float, re
         for pack_id, tasks in zip(chunk, await asyncio.gather(*(judge(p) for p in chunk))):
             if tasks is not None:
                 await delete(pack_id, tasks)
+
+
+async def _delete(queue: Any, report: PurgeReport, n: int, apart: list[str], doomed: list[str], *,
+                  dry_run: bool, progress: Callable[[int, int], None] | None) -> None:
+    """Delete ``doomed`` (1000 keys a batch), after the payloads stored apart of the tasks
+    ``apart`` (only those cost a LIST); count ``n`` tasks deleted and say so."""
+    if not dry_run and doomed:
+        await delete_payloads(queue, apart)
+        for i in range(0, len(doomed), 1000):
+            await queue.store.delete_markers(doomed[i:i + 1000])
+    report.deleted += n
+    if progress is not None:
+        progress(report.deleted, report.examined)
 
 
 async def _in_a_pack(queue: Any, task_id: str) -> bool:

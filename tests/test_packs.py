@@ -267,7 +267,12 @@ async def test_a_sigkilled_holder_s_pack_finishes_elsewhere_without_rerunning_wh
     victim.start()
     try:
         procs.wait_for_lines(str(log), 24)  # 20 ended, 4 running (concurrency 4)
-        await asyncio.sleep(0.7)  # the holder's timed flush (0.5 s) stores what ended
+        pack_id = keys.pack_of(tasks[0].id)[0]
+        for _ in range(300):  # the holder's timed flush (0.5 s) stores what ended
+            pack, _ = await q.store.packs.load(pack_id)
+            if sum(pack.status_of(i) == "completed" for i in range(40)) == 20:
+                break
+            await asyncio.sleep(0.05)
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
     finally:

@@ -231,7 +231,7 @@ async def test_a_worker_drains_a_throttled_prefix_backing_off(throttled_s3, fast
     q = await qo.connect(url, queue="q")
     try:
         q.store.backoff = Backoff(cap=1.0, throttle_cap=1.0)  # no wait in this test longer than 1 s
-        await q.submit_many([("t", i) for i in range(30)])
+        await q.submit_many([("t", i) for i in range(30)], bulk=False)  # one object each: ~4 requests per task
         worker = qo.Worker(q, settings=attrs.evolve(fast_settings, concurrency=8))
         ran: list[int] = []
 

@@ -16,12 +16,11 @@ from qo.counting import CountingStorage
 from . import fmt, security
 from .costs import DEFAULT_PRICES, RequestMeter
 from .history import Throughput
-from .state import STATE, state
+from .state import STATE
 from .views import actions, costs, limits, overview, schedules, tasks
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
-HTMX = "htmx-2.0.4.min.js"
 
 
 def templates() -> jinja2.Environment:
@@ -67,21 +66,3 @@ def create_app(queue: Any, *, allow_actions: bool = False, auth_token: str | Non
     return app
 
 
-def render(request: web.Request, template: str, *, http_status: int = 200, **context: Any) -> web.Response:
-    """``template`` with the context every page shares (nav, queue, store, csrf)."""
-    app = state(request)
-    if app["meter"] is not None:
-        app["meter"].sample()
-    body = app["env"].get_template(template).render(
-        queue_name=app["queue"].name, store=app["store_label"], allow_actions=app["allow_actions"],
-        csrf=app["guard"].csrf_token, csrf_field=security.CSRF_FIELD, path=request.path,
-        path_qs=request.path_qs, htmx=HTMX, refresh=app["refresh"], now=app["queue"].clock.now(),
-        msg=request.query.get("msg"), auth=app["guard"].auth_token is not None,
-        **context)
-    return web.Response(text=body, content_type="text/html", status=http_status)
-
-
-def counted(request: web.Request) -> int:
-    """Requests to the store made so far by this dashboard (0 when not counted)."""
-    counter = state(request)["counter"]
-    return counter.total if counter is not None else 0

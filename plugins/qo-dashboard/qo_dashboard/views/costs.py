@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 
+from ..rendering import render
 from ..state import state
 
 from qo.counting import OPS
@@ -16,7 +17,6 @@ from ..costs import DEFAULT_PRICES, PRICES_AS_OF, PRICES_SOURCE, monthly_cost, s
 
 
 async def page(request: web.Request) -> web.Response:
-    from ..app import render
 
     app = state(request)
     stats = await app["queue"].stats()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..rendering import render
 from ..state import state
 
 
 async def page(request: web.Request) -> web.Response:
-    from ..app import render
 
     rows = await state(request)["queue"].limits.list()  # one LIST + the definitions and states
     return render(request, "limits.html", active="limits", limits=rows)

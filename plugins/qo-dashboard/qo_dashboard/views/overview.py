@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..rendering import counted, render
 from ..state import state
 
 from .. import history, security
@@ -15,7 +16,6 @@ BAND_ORDER = ("critical", "high", "normal", "low", "background")
 
 async def data(request: web.Request) -> dict[str, Any]:
     """Everything the overview shows: ``queue.stats()`` and one LIST of ``ended/failed/``."""
-    from ..app import counted
 
     app = state(request)
     queue = app["queue"]
@@ -43,19 +43,16 @@ async def data(request: web.Request) -> dict[str, Any]:
 
 
 async def page(request: web.Request) -> web.Response:
-    from ..app import render
 
     return render(request, "overview.html", active="overview", **await data(request))
 
 
 async def fragment(request: web.Request) -> web.Response:
-    from ..app import render
 
     return render(request, "_overview.html", active="overview", **await data(request))
 
 
 async def login_form(request: web.Request) -> web.Response:
-    from ..app import render
 
     if state(request)["guard"].auth_token is None:
         raise web.HTTPSeeOther("/")
@@ -64,7 +61,6 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    from ..app import render
 
     guard = state(request)["guard"]
     if guard.auth_token is None:

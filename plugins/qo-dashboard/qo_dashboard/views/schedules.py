@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..rendering import render
 from ..state import state
 from yarl import URL
 
@@ -15,7 +16,6 @@ ACTIONS = ("pause", "resume", "trigger")
 
 
 async def page(request: web.Request) -> web.Response:
-    from ..app import render
 
     schedules = await state(request)["queue"].schedules.list()  # one LIST + one GET each
     return render(request, "schedules.html", active="schedules", schedules=schedules)

@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from ..rendering import render
 from ..state import state
 
 import qo
@@ -39,7 +40,6 @@ async def _listing(request: web.Request, *, status: str | None, task_type: str |
 
 
 async def listing(request: web.Request) -> web.Response:
-    from ..app import render
 
     status = params.status(request)
     task_type = params.task_type(request)
@@ -52,7 +52,6 @@ async def listing(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    from ..app import render
 
     task_type = params.task_type(request)
     since_text = params.one(request, "since")
@@ -63,7 +62,6 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 async def detail(request: web.Request) -> web.Response:
-    from ..app import render
 
     queue = state(request)["queue"]
     task_id = params.task_id(request.match_info["id"])
