@@ -20,6 +20,7 @@ from .idempotency import decode_record
 from .leases import parse_record
 from .limits import defs_prefix, parse_limit, state_prefix
 from .model import Task
+from .packs import Pack
 from .limit_model import parse_state
 from .schedule_model import Schedule, schedules_prefix
 
@@ -32,6 +33,12 @@ class Finding:
 
 def _task(data: bytes, key: str) -> None:
     Task.from_json(data, key)
+
+
+def _pack(data: bytes, key: str) -> None:
+    pack = Pack.from_json(data, key)
+    for i in range(len(pack.entries)):  # every task in it, as a reader builds it
+        pack.task(i, key)
 
 
 def _schedule(data: bytes, key: str) -> None:
@@ -54,6 +61,11 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
         return None, None if keys.parse_dep(key) is not None else "not a dependency edge key qo writes"
     if folder == "tasks":
         return (_task, None) if keys.task_id_of(key) else (None, "not a task key (tasks/<24 hex>.json)")
+    if folder == "packs":
+        name = rest[len("packs/"):]
+        ok = keys.is_direct_child(key, keys.packs_prefix(queue)) and name.endswith(".json") \
+            and keys.PACK_ID.match(name[:-len(".json")]) is not None
+        return (_pack, None) if ok else (None, "not a pack key (packs/<21 hex>.json)")
     if folder == "schedules":
         ok = keys.is_direct_child(key, schedules_prefix(queue)) and key.endswith(".json")
         return (_schedule, None) if ok else (None, "not a schedule key (schedules/<name>.json)")

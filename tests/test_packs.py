@@ -362,3 +362,44 @@ async def test_pages_show_the_tasks_of_packs_reading_each_pack_once(storage_url)
         assert [t.id for t in rest.tasks] == newest_first[20:] and rest.next_cursor is None
     assert [t.id async for t in q.list(status="pending", limit=None)] == [single.id, *(t.id for t in packed)]
     await q.close()
+
+
+async def test_a_bad_pack_or_a_bad_task_in_a_pack_costs_only_itself(storage_url):
+    """The bucket may hold anything: a pack cut short, or one whose task is unusable,
+    is skipped and reported; every other task runs; `qo doctor --scan` names both."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    q = await qo.connect(storage_url, queue="pk")
+    good = await q.submit_many([("t", i) for i in range(5)])
+    cut = await q.submit_many([("t", 10 + i) for i in range(3)])
+    odd = await q.submit_many([("t", 20 + i) for i in range(3)])
+    cut_key, odd_key = (keys.pack("pk", keys.pack_of(t[0].id)[0]) for t in (cut, odd))
+    data = (await q.storage.get(cut_key)).data
+    await q.storage.put(cut_key, data[: len(data) // 2])
+    stored = json.loads((await q.storage.get(odd_key)).data)
+    stored["entries"][1]["priority"] = "high"
+    await q.storage.put(odd_key, json.dumps(stored).encode())
+    worker = Worker(q, concurrency=4, aging=False, **FAST)
+    ran: list[int] = []
+
+    @worker.handler("t")
+    async def t(x: int) -> None:
+        ran.append(x)
+
+    await asyncio.wait_for(worker.run(until_idle=True), 30)
+    assert sorted(ran) == [0, 1, 2, 3, 4, 20, 22]
+    assert [(await q.get(t.id)).status for t in good] == ["completed"] * 5
+    with pytest.raises(qo.CorruptObject):
+        await q.get(cut[0].id)
+    with pytest.raises(qo.CorruptObject):
+        await q.get(odd[1].id)
+    assert (await q.get(odd[2].id)).status == "completed"
+    assert sorted([t.input async for t in q.list(limit=None)]) == [0, 1, 2, 3, 4, 20, 22]
+    out = await asyncio.to_thread(CliRunner().invoke, cli, ["doctor", "--scan", "--url", storage_url, "--queue", "pk"])
+    assert out.exit_code == 1, out.output
+    assert {line.split(":")[0] for line in out.stdout.splitlines()} == {cut_key, odd_key}
+    await q.close()
