@@ -13,6 +13,7 @@ coalesced outcomes) is ``qo/pack_runner.py``, recovery is in ``qo/leases.py``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 from typing import Any, Callable, ClassVar
@@ -191,6 +192,7 @@ class PackStore:
         #: pack id -> (etag, pack) as last read or written here: a CAS over a version we
         #: hold needs no read first (bounded; a stale entry only costs a refused CAS)
         self._known: dict[str, tuple[str, Pack]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def _remember(self, pack: Pack, etag: str) -> None:
         self._known.pop(pack.id, None)
@@ -323,10 +325,25 @@ class PackStore:
         changed: re-read and try again). A task going back to ``pending`` (a retry) moves
         out (``_leaves``): the pack keeps its snapshot, then ``tasks/{id}.json`` is
         written; the etag returned is then that object's."""
+        pack_id = keys.pack_of(task.id)[0]  # type: ignore[index]
+        lock = self._locks.get(pack_id)
+        if lock is None:
+            lock = self._locks[pack_id] = asyncio.Lock()
+            for old in [k for k, v in self._locks.items() if not v.locked()][:-64]:
+                del self._locks[old]  # the oldest idle ones go (a waiter holds its own reference)
+        async with lock:  # this process's writes to one pack go one after another
+            return await self._replace_task(task, etag)
+
+    async def _replace_task(self, task: Task, etag: str) -> str:
         pack_id, index = keys.pack_of(task.id)  # type: ignore[misc]
         pack_etag, fingerprint = split_etag(etag)
+        # the version this process wrote or read last: when this entry is as the caller
+        # saw it there, a CAS over it needs no read first (its siblings may have changed)
         known = self._known.get(pack_id)
-        pack: Pack | None = clone(known[1]) if known is not None and known[0] == pack_etag else None
+        pack: Pack | None = None
+        if known is not None and index < len(known[1].entries) \
+                and entry_fingerprint(known[1].entries[index]) == fingerprint:
+            pack_etag, pack = known[0], clone(known[1])
         for _ in range(50):
             if pack is None:
                 pack, pack_etag = await self.load(pack_id)

@@ -19,7 +19,7 @@ import chaos_procs
 
 # seconds of chaos per backend: moto serialises writes and Azurite is one node process
 # next to the eight under test, so the emulated clouds get shorter runs
-SECONDS = {"local": 30.0, "s3": 20.0, "azure": 15.0}
+SECONDS = {"local": 25.0, "s3": 16.0, "azure": 12.0}
 
 
 @pytest.mark.timeout(170)

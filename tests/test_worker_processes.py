@@ -20,7 +20,7 @@ CTX = multiprocessing.get_context("spawn")
 
 async def test_eight_worker_processes_run_each_of_500_tasks_exactly_once(storage_url, tmp_path):
     q = await qo.connect(storage_url, queue="race")
-    tasks = await q.submit_many([("count", i) for i in range(500)])
+    tasks = await q.submit_many([("count", i) for i in range(500)], bulk=False)  # one object each: packs race in test_packs.py
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     loop = asyncio.get_running_loop()
