@@ -297,11 +297,17 @@ async def recover_record(store: TaskStore, clock: Any, record: dict[str, Any], *
     return out
 
 
+#: a pack recovered from a dead holder this many times (its claims) splits on recovery
+SPLIT_AFTER_CLAIMS = 2
+
+
 async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: Any, lease_id: Any, *,
                        emit: Any = None, on_end: Any = None) -> list[str]:
     """A dead worker's pack, still under its lease: its running tasks are retried in the
     pack (pending, the attempt counted) or dead-lettered once their attempts are used;
-    the lease is cleared and the pack gets a new marker (docs/architecture.md §5k)."""
+    the lease is cleared and the pack gets a new marker (docs/architecture.md §5k). A
+    pack whose holders died twice splits: its tasks to retry leave it as tasks of their
+    own, so one that kills its worker no longer takes its siblings' attempts with it."""
     for _ in range(10):
         try:
             pack, etag = await store.packs.load(pack_id)
@@ -310,7 +316,8 @@ async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: An
         if pack.status != "running" or (pack.lease or {}).get("lease_id") != lease_id:
             return []  # not claimed, or held under another lease: nothing of this worker's
         now = clock.now()
-        new, out, ended, tasks = clone(pack), [], [], []
+        split = pack.claims >= SPLIT_AFTER_CLAIMS
+        new, out, ended, tasks, moved = clone(pack), [], [], [], []
         for i in range(len(new.entries)):
             if new.status_of(i) != RUNNING:
                 continue
@@ -319,18 +326,25 @@ async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: An
                 continue  # running on its own (a single claim of a task of the pack)
             abandoned(f"worker {worker_id} stopped renewing its lease", now)(task)
             task.updated_at = now
-            new.put(i, task)
+            if split and task.status == PENDING:
+                new.move_out(i, task)
+                moved.append(task)
+            else:
+                new.put(i, task)
             out.append(task.id)
             tasks.append(task)
             if task.ended_key(store.queue) is not None:
                 ended.append(task.ended_key(store.queue))
         requeued = new.settle_status(now)
-        for key in ended:  # the ended/ index first: readers verify it against the task
+        # the ended/ index and the moved tasks' markers first: readers verify them
+        for key in ended + [t.marker_key(store.queue, now) for t in moved]:
             await store.put_marker(key)
         try:
             await store.packs.replace(new, etag)
         except PreconditionFailed:
             continue
+        for task in moved:
+            await store.packs.write_moved(task)
         if requeued:
             await store.put_marker(new.marker_key(store.queue))
         for task in tasks:

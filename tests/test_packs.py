@@ -403,3 +403,33 @@ async def test_a_bad_pack_or_a_bad_task_in_a_pack_costs_only_itself(storage_url)
     assert out.exit_code == 1, out.output
     assert {line.split(":")[0] for line in out.stdout.splitlines()} == {cut_key, odd_key}
     await q.close()
+
+
+async def test_a_pack_whose_holders_died_twice_splits_into_tasks_of_their_own(storage_url):
+    """A task that kills its worker takes its pack's unfinished tasks through one
+    recovery with it; at the second, they leave the pack and go on alone."""
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("t", i, {"max_retries": 5}) for i in range(4)])
+    pack_id = keys.pack_of(tasks[0].id)[0]
+    worker = Worker(q, concurrency=2, aging=False, **FAST)
+
+    async def claim_and_die(lease_id: str) -> None:
+        [marker] = [m for m in (keys.parse_marker(e.key) for e in await q.storage.list("pk/ready/")) if m]
+        run = await worker.packs.claim(marker, lease_id)
+        assert run.lease_id == lease_id
+        await q.storage.delete(marker.key)
+        assert sorted(await recover_pack(q.store, q.clock, pack_id, worker.worker_id, lease_id)) == \
+            sorted(t.id for t in tasks)
+
+    await claim_and_die("first")
+    assert await keys_under(q, "tasks/") == []  # once: back to pending inside the pack
+    assert [(await q.get(t.id)).attempt for t in tasks] == [1] * 4
+    await claim_and_die("second")
+    assert sorted(await keys_under(q, "tasks/")) == sorted(keys.task("pk", t.id) for t in tasks)
+    pack, _ = await q.store.packs.load(pack_id)
+    assert pack.status == "done" and [(await q.get(t.id)).status for t in tasks] == ["pending"] * 4
+    ran: list[int] = []
+    worker.handler("t")(lambda x: ran.append(x))
+    await worker.run(until_idle=True)
+    assert sorted(ran) == [0, 1, 2, 3] and [(await q.get(t.id)).attempt for t in tasks] == [3] * 4
+    await q.close()
