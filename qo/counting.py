@@ -151,9 +151,10 @@ class CountingStorage(_Wrapper):
     async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
         try:
             out = await self.inner.list(prefix, start_after=start_after, limit=limit)
-        except Exception as exc:
+        except BaseException as exc:  # a cancelled LIST was sent too (as qo.meter counts it)
             self._add("LIST")
-            self._failed("LIST", exc)
+            if isinstance(exc, Exception):
+                self._failed("LIST", exc)
             raise
         self._add("LIST", self._pages(len(out)))
         return out
