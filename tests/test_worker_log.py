@@ -168,7 +168,7 @@ async def test_a_busy_worker_logs_summaries_an_idle_one_none(tmp_path, fast_sett
     await queue.close()
     summaries = [r for r in caplog.records if r.name == "qo.worker.summary"]
     assert summaries and sum(r.completed for r in summaries) == 5
-    assert all(r.tasks_per_s > 0 for r in summaries)
+    assert any(r.tasks_per_s > 0 for r in summaries)  # a summary may fall between start and end
 
 
 @pytest.mark.parametrize("level, expected", [("INFO", logging.WARNING), ("warning", logging.WARNING),
