@@ -321,7 +321,11 @@ async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: An
         for i in range(len(new.entries)):
             if new.status_of(i) != RUNNING:
                 continue
-            task = new.task(i)
+            try:
+                task = new.task(i, store.packs.key(pack_id), backend=store.storage.name)
+            except CorruptObject as exc:  # one bad task costs itself, not its pack's recovery
+                store.bad.report(exc)
+                continue
             if task.lease_id != lease_id:
                 continue  # running on its own (a single claim of a task of the pack)
             abandoned(f"worker {worker_id} stopped renewing its lease", now)(task)

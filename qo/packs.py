@@ -166,8 +166,12 @@ def _same_creation(stored: Pack, ours: Pack) -> bool:
     """The stored pack is the one we created: the creation time (our clock, to the
     microsecond) and every task's input match. Another producer that drew the same id
     made its pack at its own time."""
-    return (stored.created_at == ours.created_at and len(stored.entries) == len(ours.entries)
-            and all(stored.task(i).input == ours.task(i).input for i in range(len(ours.entries))))
+    if stored.created_at != ours.created_at or len(stored.entries) != len(ours.entries):
+        return False
+    try:
+        return all(stored.task(i).input == ours.task(i).input for i in range(len(ours.entries)))
+    except CorruptObject:  # changed since into something unusable: not provably ours
+        return False
 
 
 def split_etag(etag: str) -> tuple[str, str]:

@@ -441,7 +441,6 @@ async def without_live_lease(storage: Any, key: str, now: float, window: float,
     running past its lease deadline by more than ``window`` s, its worker's record does
     not name it under its lease with a heartbeat younger than ``window`` s, and it is
     still the same version after that record was read (not finished meanwhile)."""
-    from qo import keys
     from qo.errors import CorruptObject, NotFound
     from qo.model import Task
 
@@ -457,24 +456,8 @@ async def without_live_lease(storage: Any, key: str, now: float, window: float,
     stats["running"] += 1
     if (task.lease_deadline or 0) > now - window:
         return None
-    why = None
-    try:
-        rec = json.loads((await storage.get(keys.worker(QUEUE, task.worker_id or "none"))).data)
-    except NotFound:
-        why = f"worker {task.worker_id} has no record"
-    else:
-        lease = (rec.get("leases") or {}).get(task.id)
-        if not isinstance(lease, dict) or lease.get("lease") != task.lease_id:
-            why = f"worker {task.worker_id}'s record does not name it under its lease"
-        elif float(rec.get("heartbeat_at", 0)) < now - window:
-            why = f"worker {task.worker_id}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
-    if why is None:
-        return None
-    try:
-        again = await storage.get(key)
-    except NotFound:
-        return None
-    if again.etag != blob.etag:
+    why = await _unheld(storage, task.worker_id, task.id, task.lease_id, now, window)
+    if why is None or not await _unchanged(storage, key, blob.etag):
         return None
     return f"{why}; lease deadline {now - task.lease_deadline:.0f}s ago"
 
@@ -484,7 +467,6 @@ async def pack_without_live_lease(storage: Any, key: str, now: float, window: fl
     """Why the pack at ``key`` is left ``running`` without a live lease, or None: it was
     claimed more than ``window`` s ago, its holder's record does not name it under its
     lease with a heartbeat younger than ``window`` s, and it is still the same version."""
-    from qo import keys
     from qo.errors import CorruptObject, NotFound
     from qo.packs import Pack
 
@@ -500,24 +482,38 @@ async def pack_without_live_lease(storage: Any, key: str, now: float, window: fl
     stats["running_packs"] += 1
     if float(pack.lease.get("claimed_at") or 0) > now - window:
         return None
-    holder = pack.lease["worker_id"]
-    try:
-        rec = json.loads((await storage.get(keys.worker(QUEUE, holder))).data)
-    except NotFound:
-        why = f"worker {holder} has no record"
-    else:
-        lease = (rec.get("leases") or {}).get(pack.id)
-        if not isinstance(lease, dict) or lease.get("lease") != pack.lease["lease_id"]:
-            why = f"worker {holder}'s record does not name it under its lease"
-        elif float(rec.get("heartbeat_at", 0)) < now - window:
-            why = f"worker {holder}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
-        else:
-            return None
-    try:
-        again = await storage.get(key)
-    except NotFound:
+    why = await _unheld(storage, pack.lease["worker_id"], pack.id, pack.lease["lease_id"], now, window)
+    if why is None or not await _unchanged(storage, key, blob.etag):
         return None
-    return None if again.etag != blob.etag else f"pack {pack.id}: {why}"
+    return f"pack {pack.id}: {why}"
+
+
+async def _unheld(storage: Any, worker_id: Any, name: str, lease_id: Any, now: float, window: float) -> str | None:
+    """Why worker ``worker_id``'s record does not hold ``name`` (a task or pack id) under
+    ``lease_id`` with a heartbeat younger than ``window`` s; None if it does."""
+    from qo import keys
+    from qo.errors import NotFound
+
+    try:
+        rec = json.loads((await storage.get(keys.worker(QUEUE, worker_id or "none"))).data)
+    except NotFound:
+        return f"worker {worker_id} has no record"
+    lease = (rec.get("leases") or {}).get(name)
+    if not isinstance(lease, dict) or lease.get("lease") != lease_id:
+        return f"worker {worker_id}'s record does not name it under its lease"
+    if float(rec.get("heartbeat_at", 0)) < now - window:
+        return f"worker {worker_id}'s heartbeat is {now - rec['heartbeat_at']:.0f}s old"
+    return None
+
+
+async def _unchanged(storage: Any, key: str, etag: str) -> bool:
+    """``key`` still holds version ``etag`` (not finished or changed since it was judged)."""
+    from qo.errors import NotFound
+
+    try:
+        return (await storage.get(key)).etag == etag
+    except NotFound:
+        return False
 
 
 async def _sampler(url: str, t_start: float, window: float, every: float, size: int,

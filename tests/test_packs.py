@@ -433,3 +433,21 @@ async def test_a_pack_whose_holders_died_twice_splits_into_tasks_of_their_own(st
     await worker.run(until_idle=True)
     assert sorted(ran) == [0, 1, 2, 3] and [(await q.get(t.id)).attempt for t in tasks] == [3] * 4
     await q.close()
+
+
+async def test_recovery_skips_a_bad_task_and_recovers_the_rest_of_its_pack(storage_url):
+    import json
+
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("t", i) for i in range(3)])
+    pack_id = keys.pack_of(tasks[0].id)[0]
+    worker = Worker(q, concurrency=1, aging=False, **FAST)
+    [marker] = [m for m in (keys.parse_marker(e.key) for e in await q.storage.list("pk/ready/")) if m]
+    await worker.packs.claim(marker, "L")
+    stored = json.loads((await q.storage.get(keys.pack("pk", pack_id))).data)
+    stored["entries"][1]["attempt"] = "one"  # unusable: that task alone is lost to recovery
+    await q.storage.put(keys.pack("pk", pack_id), json.dumps(stored).encode())
+    recovered = await recover_pack(q.store, q.clock, pack_id, worker.worker_id, "L")
+    assert sorted(recovered) == sorted([tasks[0].id, tasks[2].id]) and q.store.bad.count == 1
+    assert [(await q.get(t.id)).status for t in (tasks[0], tasks[2])] == ["pending", "pending"]
+    await q.close()
