@@ -9,6 +9,7 @@ reading the task: priority, due time, id and task type.
     {q}/ready/{255-priority:03d}/{due_ms:013d}-{id}-{type}    due: ascending LIST = most urgent first
     {q}/delayed/{due_ms:013d}-{255-priority:03d}-{id}-{type}  not due yet: ascending = soonest first
     {q}/workers/{worker_id}.json                       heartbeat + in-flight leases
+    {q}/settings.json                                  shared settings, and the key layout
     {q}/idem/{namespace}/{sha256(key)}.json            idempotency record
     {q}/idem-exp/{expires_ms:013d}-{namespace~sha256}  its expiry marker: the sweep lists these
     {q}/deps/{parent_id}/{child_id}-{child_type}       dependency edge: whom to wake
@@ -93,6 +94,11 @@ def pack_of(task_id: str) -> tuple[str, int] | None:
 
 def entry_id(pack_id: str, index: int) -> str:
     return f"{pack_id}{index:03x}"
+
+
+def settings_key(queue: str) -> str:
+    """The queue's shared settings and key layout (qo/queue_settings.py, qo/layout.py)."""
+    return f"{queue}/settings.json"
 
 
 def pack(queue: str, pack_id: str) -> str:

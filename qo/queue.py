@@ -45,6 +45,7 @@ from .meter import meter_of
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .payloads import load as load_payload, offload_input
 from .plugins import Plugins, get_plugins
+from .layout import Layout, SpreadStorage
 from .queue_settings import TASK_DEFAULTS, QueueSettings
 from .storage import Storage
 from .store import TaskStore
@@ -101,15 +102,19 @@ class Queue:
         clock: Clock | None = None,
         url: str = "",
     ):
-        self.storage = storage
         self.name = validate_queue_name(name)
-        self.plugins = plugins or get_plugins()
-        self.clock = clock or SystemClock(storage)
-        self.url = url
-        self.store = TaskStore(storage, self.name)
         #: requests made through ``storage`` so far, by operation (qo/meter.py; shared by
         #: the queues opened on the same storage object)
         self.requests = meter_of(storage)
+        #: the backend seen through the queue's key layout (qo/layout.py): the engine's
+        #: keys are logical, the wrapper stores them where the layout says
+        self.storage = SpreadStorage(storage, self.name)
+        #: the backend itself, as opened (keys as stored)
+        self.backend = storage
+        self.plugins = plugins or get_plugins()
+        self.clock = clock or SystemClock(storage)
+        self.url = url
+        self.store = TaskStore(self.storage, self.name)
         self.idempotency = Idempotency(self)
         self.dependencies = Dependencies(self)
         #: the queue's shared settings in the bucket (``qo/queue_settings.py``)
@@ -627,6 +632,17 @@ class Queue:
         return await cancel_many(self, status, task_type, since, progress)
 
     # -- lifecycle ----------------------------------------------------------------
+
+    async def layout(self) -> Layout:
+        """How the queue's keys are spread over prefixes (qo/layout.py): read once, kept."""
+        return await self.storage.get_layout()
+
+    async def set_layout(self, shards: int) -> Layout:
+        """Spread the queue's per-task keys over ``shards`` prefixes (1-256, a power of
+        two), recorded in ``{queue}/layout.json``. Only before the queue's first task, and
+        never changed after: ``InvalidInput`` naming ``shards`` otherwise. Set it before
+        any producer or worker opens the queue (each reads the layout once)."""
+        return await self.storage.set_layout(shards, self.clock.now())
 
     @property
     def limits(self) -> Limits:

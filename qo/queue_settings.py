@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
+from .keys import settings_key
+from .layout import Layout
 from .durations import format_duration, parse_duration
 from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageError
 from .model import _short, check_non_negative_int, check_priority, check_seconds, dumps
@@ -36,10 +38,6 @@ REFRESH_SECONDS = 30.0
 #: the read-merge-CAS of a write is tried this many times against concurrent writers
 WRITE_ATTEMPTS = 16
 SCHEMA = 1
-
-
-def settings_key(queue: str) -> str:
-    return f"{queue}/settings.json"
 
 
 def _bool(value: Any, field: str) -> bool:
@@ -196,15 +194,22 @@ def _decode(stored: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load(data: bytes) -> dict[str, Any]:
+def _load(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the settings, the rest of the object: what a write keeps, such as the layout)."""
     try:
-        stored = json.loads(data)["settings"]
+        doc = json.loads(data)
+        stored = doc["settings"]
         if not isinstance(stored, dict):
             raise TypeError("'settings' is not an object")
     except (ValueError, TypeError, KeyError) as exc:
         log.warning("queue settings object is unreadable (%s); it is replaced on the next write", exc)
-        return {}
-    return stored
+        return {}, {}
+    return stored, {k: v for k, v in doc.items() if k in KEPT}
+
+
+#: what a settings write carries over from the stored object besides the settings: the
+#: queue's key layout (qo/layout.py), recorded once and never changed
+KEPT = ("layout", "layout_at")
 
 
 class QueueSettings:
@@ -261,22 +266,33 @@ class QueueSettings:
         return await self._update(lambda current: {k: v for k, v in current.items() if k not in names})
 
     async def _read(self) -> tuple[dict[str, Any], str | None]:
+        stored, _, etag = await self._read_all()
+        return stored, etag
+
+    async def _read_all(self) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+        """(settings, the rest of the object, etag); the storage learns the queue's layout."""
         store = self.queue.store
         try:
             blob = await store.backoff.call(lambda: store.storage.get(self.key))
         except NotFound:
-            return {}, None
-        return _load(blob.data), blob.etag
+            kept: dict[str, Any] = {}
+            stored, etag = {}, None
+        else:
+            (stored, kept), etag = _load(blob.data), blob.etag
+        learn = getattr(store.storage, "learn", None)
+        if learn is not None:
+            learn(Layout.from_doc(kept.get("layout"), self.key))
+        return stored, kept, etag
 
     async def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """Read, change, write by CAS; again from the read when another writer won."""
         store = self.queue.store
         for _ in range(WRITE_ATTEMPTS):
-            stored, etag = await self._read()
+            stored, kept, etag = await self._read_all()
             new = change(stored)
             known = {k: v for k, v in new.items() if k in SPECS}
             check_settings(known)  # e.g. poll_min set above a poll_max set earlier
-            doc = dumps({"schema": SCHEMA, "settings": new, "updated_at": self.queue.clock.now()})
+            doc = dumps({**kept, "schema": SCHEMA, "settings": new, "updated_at": self.queue.clock.now()})
             try:
                 if etag is None:
                     await store.backoff.call(lambda: store.storage.put(self.key, doc, if_none_match=True))

@@ -140,7 +140,7 @@ async def test_the_engine_survives_faults_through_connect(storage_url):
         return made[0]
 
     q = await qo.connect(storage_url, queue="faulty", wrap_storage=wrap)
-    assert q.storage is made[0]
+    assert q.backend is made[0]
     tasks = [await q.submit("t", i) for i in range(20)]
     ids = {t.id for t in tasks}
     made[0].enabled = False

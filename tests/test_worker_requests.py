@@ -49,18 +49,18 @@ async def test_record_requests_match_a_counting_storage(storage_url, fast_settin
 
 async def test_the_meter_keeps_the_storage_object_and_counts_failures(tmp_path):
     queue = await qo.connect(str(tmp_path / "s"), queue="q")
-    storage = queue.storage
+    storage = queue.backend
     assert meter_of(storage) is queue.requests and queue.requests.installed
     assert type(storage).__module__.startswith("qo_local")  # not wrapped: the same object
     with pytest.raises(qo.TaskNotFound):
-        await queue.get("0" * 24)
+        await queue.get("0" * 24)  # two GETs: the queue's settings (its key layout), then the task
     await storage.put("x/a", b"1")
     with pytest.raises(qo.PreconditionFailed):
         await storage.put("x/a", b"2", if_none_match=True)
     await storage.list("x/")
     await storage.delete("x/a")
     counts = queue.requests.counts()
-    assert counts["GET"] == 1 and counts["PUT"] == 1 and counts["PUT_COND"] == 1
+    assert counts["GET"] == 2 and counts["PUT"] == 1 and counts["PUT_COND"] == 1
     assert counts["LIST"] == 1 and counts["DELETE"] == 1
     again = await qo.connect(str(tmp_path / "s"), queue="other")
     assert again.requests is not queue.requests  # another storage object, its own meter

@@ -41,7 +41,8 @@ def create_app(queue: Any, *, allow_actions: bool = False, auth_token: str | Non
     app = web.Application(middlewares=[security.headers_middleware()])
     guard = security.Guard(auth_token, secret)
     app.middlewares.append(security.auth_middleware(guard))
-    counter = queue.storage if isinstance(queue.storage, CountingStorage) else None
+    backend = getattr(queue, "backend", queue.storage)
+    counter = backend if isinstance(backend, CountingStorage) else None
     app[STATE] = dict(
         queue=queue, guard=guard, allow_actions=allow_actions, refresh=float(refresh),
         prices=dict(prices or DEFAULT_PRICES), counter=counter, env=templates(),
