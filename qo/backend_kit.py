@@ -149,8 +149,9 @@ class Pacer:
 
     A backend calls ``sent_at = await pacer.wait(part)`` before a request and
     ``pacer.done(part, sent_at, throttled)`` after it, ``part`` being
-    ``pacer.partition(key)`` (the key up to its ``depth``-th ``/``: ``{queue}/{kind}/``
-    for qo's keys). Nothing is paced, and a request costs a dict lookup, until a
+    ``pacer.partition(key)`` (the key up to its ``depth``-th ``/``, or its last when it has
+    fewer: ``{queue}/{kind}/``, or ``{queue}/{kind}/{shard}/`` in a spread queue, for
+    qo's keys at depth 3). Nothing is paced, and a request costs a dict lookup, until a
     request to a prefix is throttled. From then on that prefix's requests leave evenly
     spaced at ``rate`` per second:
 

@@ -194,8 +194,9 @@ class S3Storage:
 
     name = "s3"
     page_size = 1000  #: keys per ListObjectsV2 request (S3's maximum); tests lower it
-    #: requests are paced per prefix of this many levels of qo's key once S3 throttled one
-    pace_depth = 2
+    #: requests are paced per prefix of this many levels of qo's key once S3 throttled one:
+    #: ``{queue}/{kind}/``, or ``{queue}/{kind}/{shard}/`` in a spread queue (qo/layout.py)
+    pace_depth = 3
 
     def __init__(self, url: str, **options: Any):
         self.bucket, self.prefix, settings = parse_url(url)

@@ -128,3 +128,21 @@ def wait_for_lines(path: str, n: int, timeout: float = 30.0) -> list[str]:
                 return lines
         time.sleep(0.02)
     raise TimeoutError(f"{path}: fewer than {n} lines")
+
+
+def set_layout(url: str, queue: str, shards: int) -> int | str:
+    """Record a layout of ``shards`` for ``queue``: the shard count recorded, or the
+    refusal's message when another process recorded another layout first."""
+    import qo
+    from qo.errors import InvalidInput
+
+    async def main() -> int | str:
+        q = await qo.connect(url, queue=queue)
+        try:
+            return (await q.set_layout(shards)).shards
+        except InvalidInput as exc:
+            return exc.message
+        finally:
+            await q.close()
+
+    return asyncio.run(main())

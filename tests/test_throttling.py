@@ -252,3 +252,43 @@ async def test_a_worker_drains_a_throttled_prefix_backing_off(throttled_s3, fast
     assert slowdowns < 0.15 * requests, (slowdowns, requests)
     assert tasks["slowdowns"] < 0.25 * tasks["requests"], tasks
     assert tasks["peak"] <= 2 * 40, tasks  # requests arriving within any one second
+
+
+async def test_a_spread_queue_puts_a_throttled_load_on_its_shards(throttled_s3, fast_settings):
+    """The same load as above, 40 requests/s per partition, S3 partitioning each
+    ``{queue}/{kind}/{shard}/``: the flat queue's tasks all hit ``q/tasks/`` and are
+    throttled; a queue laid out in 8 shards spreads them over 8 partitions, each far
+    under the rate, and is throttled less (S3 only: see above)."""
+    server, throttle = throttled_s3
+    throttle.rate, throttle.depth = 40, 3
+    outcome = {}
+    try:
+        for name, shards in (("flat", 1), ("spread", 8)):
+            url = server.new_bucket()
+            bucket = url.split("/")[2]
+            q = await qo.connect(url, queue="q")
+            try:
+                q.store.backoff = Backoff(cap=1.0, throttle_cap=1.0)
+                if shards > 1:
+                    await q.set_layout(shards)
+                await q.submit_many([("t", i) for i in range(30)], bulk=False)
+                worker = qo.Worker(q, settings=attrs.evolve(fast_settings, concurrency=8))
+                ran: list[int] = []
+                worker.handler("t")(ran.append)
+                await asyncio.wait_for(worker.run(until_idle=True), 30)
+                assert sorted(ran) == list(range(30))  # every task ran, once
+            finally:
+                await q.close()
+            parts = {p: v for p, v in throttle.stats()["partitions"].items() if p.startswith(f"{bucket}/q/tasks/")}
+            outcome[name] = parts
+    finally:
+        throttle.depth = 2
+    [(flat_name, flat)] = outcome["flat"].items()
+    assert flat_name.endswith("/q/tasks/") and flat["slowdowns"] > 0
+    spread = {n: p for n, p in outcome["spread"].items() if not n.endswith("/q/tasks/")}
+    assert outcome["spread"][flat_name.replace(flat_name.split("/")[0], next(iter(spread)).split("/")[0])] == {
+        "requests": 1, "slowdowns": 0, "peak": 1}  # only set_layout's look for a first task
+    assert sorted(n.split("/")[-2] for n in spread) == [f"{s:02x}" for s in range(8)]
+    assert sum(p["requests"] for p in spread.values()) >= 4 * 30  # create, claim GET + CAS, outcome
+    assert all(p["peak"] <= 40 for p in spread.values()), spread  # each shard under the rate
+    assert sum(p["slowdowns"] for p in spread.values()) < flat["slowdowns"]

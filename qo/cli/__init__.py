@@ -7,6 +7,7 @@ import click
 from ..errors import QoError
 from ..plugins import get_plugins
 from .admin import config, doctor, plugins
+from .layout import layout
 from .limits import limit
 from .purge import purge
 from .schedule import schedule
@@ -36,6 +37,7 @@ cli.add_command(worker)
 cli.add_command(schedule)
 cli.add_command(limit)
 cli.add_command(settings)
+cli.add_command(layout)
 cli.add_command(doctor)
 cli.add_command(plugins)
 cli.add_command(config)
