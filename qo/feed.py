@@ -19,6 +19,7 @@ import random
 from typing import Any, Callable
 
 from . import keys
+from .layout import Rotation, shard_count
 from .errors import QoError
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,11 @@ class Feed:
         self.peers: set[str] = set()
         self.lock = asyncio.Lock()
         self.new_work = asyncio.Event()  # set when promotion made tasks due
-        #: (key, until): the last run of other types' markers ends at or after key
-        self.foreign_until: tuple[str, float] | None = None
+        #: shard (None: a flat queue) -> (key, until): the last run of other types'
+        #: markers there ends at or after key
+        self.foreign_until: dict[int | None, tuple[str, float]] = {}
+        #: the shard a spread queue's next refill lists (qo/layout.py)
+        self.rotation = Rotation()
 
     @property
     def empty(self) -> bool:
@@ -241,34 +245,48 @@ class Feed:
         types' tasks ahead of ours. One LIST when the head has some of ours; else pages
         of 1000 from where the last run of others' markers ended (remembered for
         ``FOREIGN_HINT_SECONDS``), at most ``FOREIGN_PAGES`` per refill. Returns the
-        markers and whether the listing reached them or the end of the index."""
+        markers and whether the listing reached them or the end of the index.
+
+        A spread queue (qo/layout.py) is listed one shard a refill, in turn: a refill
+        costs one LIST whatever the shard count, each shard is in priority order, and a
+        shard found empty is followed by the next at once; the index is empty once a
+        whole turn of shards was."""
         w = self.worker
         prefix = keys.ready_prefix(w.queue.name)
+        shards = shard_count(w.store.storage)
+        only = [self.rotation.take(shards)] if shards > 1 else None
+        where = only[0] if only else None
         # live workers split a listing by task id: list enough that each finds its own
         # `listing` candidates in it, so LISTs and record writes per task do not grow
         # with the number of workers
         size = min(1000, w.settings.listing * (len(self.peers) + 1))
-        page = await w.store.list(prefix, limit=size)
+
+        def reached_end() -> tuple[list[keys.Marker], bool]:  # nothing of ours in the index (or shard)
+            self.foreign_until.pop(where, None)
+            return [], only is None or self.rotation.found(False, shards)
+
+        page = await w.store.list(prefix, limit=size, shards=only)
         found = ours(page)
-        if found or len(page) < size:
-            if not found:
-                self.foreign_until = None
+        if found:
+            self.rotation.found(True, shards)
             return found, True
+        if len(page) < size:
+            return reached_end()
         cursor = page[-1].key
-        hint = self.foreign_until
+        hint = self.foreign_until.get(where)
         if hint is not None and hint[1] > now and hint[0] > cursor:
             cursor = hint[0]  # skip the run of others' markers we listed a moment ago
         for _ in range(FOREIGN_PAGES):
-            page = await w.store.list(prefix, start_after=cursor, limit=1000)
+            page = await w.store.list(prefix, start_after=cursor, limit=1000, shards=only)
             found = ours(page)
             if found:
-                self.foreign_until = (cursor, now + FOREIGN_HINT_SECONDS)
+                self.foreign_until[where] = (cursor, now + FOREIGN_HINT_SECONDS)
+                self.rotation.found(True, shards)
                 return found, True
             if len(page) < 1000:
-                self.foreign_until = None
-                return [], True
+                return reached_end()
             cursor = page[-1].key
-        self.foreign_until = (cursor, now + FOREIGN_HINT_SECONDS)  # go on from here next time
+        self.foreign_until[where] = (cursor, now + FOREIGN_HINT_SECONDS)  # go on from here next time
         return [], False
 
     def own_share_first(self, markers: list[keys.Marker]) -> list[keys.Marker]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import random
 import zlib
 from typing import Any, Iterable
 
@@ -287,15 +288,18 @@ class SpreadStorage:
     async def _delete_each(self, keys: Iterable[str]) -> None:
         await delete_many(self.inner, keys)
 
-    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
+    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000,
+                   shards: Iterable[int] | None = None) -> list[Entry]:
         """Keys under ``prefix`` after ``start_after`` in logical order: a spread kind's
         keys are the merge of its shards' listings (one LIST each, then more pages of
-        those that run out first)."""
+        those that run out first). ``shards``: only the keys of these shards (a worker
+        lists one shard a time: see qo/feed.py)."""
         if not any(prefix.startswith(kp) or kp.startswith(prefix) for kp in self._kinds):
             return await self.inner.list(prefix, start_after=start_after, limit=limit)
         layout = self.layout or await self.get_layout()
         if layout.shards == 1:
             return await self.inner.list(prefix, start_after=start_after, limit=limit)
+        chosen = range(layout.shards) if shards is None else sorted({s % layout.shards for s in shards})
         streams: list[_Stream] = []
         inside = False  # the prefix lies within one spread kind
         for kind_prefix in self._kinds:
@@ -306,12 +310,12 @@ class SpreadStorage:
                 continue  # the whole kind sorts at or before start_after
             sub = prefix[len(kind_prefix):]
             after = start_after[len(kind_prefix):] if start_after is not None and start_after.startswith(kind_prefix) else None
-            for s in range(layout.shards):
+            for s in chosen:
                 base = f"{kind_prefix}{s:02x}/"
                 cut = len(base)
                 streams.append(_Stream(self.inner, base + sub, None if after is None else base + after, limit,
                                        lambda k, kp=kind_prefix, c=cut: kp + k[c:]))
-        if not inside:
+        if not inside and shards is None:
             streams.append(_Stream(self.inner, prefix, start_after, limit, lambda k: k,
                                    skip=tuple(kp for kp in self._kinds if kp.startswith(prefix) or prefix.startswith(kp))))
         await asyncio.gather(*(s.fill() for s in streams))
@@ -330,3 +334,37 @@ class SpreadStorage:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def shard_count(storage: Any) -> int:
+    """How many shards the queue behind ``storage`` has, as far as is known (1: flat,
+    or a storage seen without a layout)."""
+    layout = getattr(storage, "layout", None)
+    return layout.shards if isinstance(layout, Layout) else 1
+
+
+class Rotation:
+    """Which shard a worker lists next: one a time, in turn from a random start, so a
+    busy worker's refill costs one LIST whatever the shard count; ``nothing`` counts the
+    shards found empty in a row: a whole turn of them is what "nothing to do" means."""
+
+    def __init__(self) -> None:
+        self.next: int | None = None
+        self.nothing = 0
+
+    def take(self, shards: int) -> int:
+        if self.next is None:
+            self.next = random.randrange(shards)
+        shard, self.next = self.next % shards, (self.next + 1) % shards
+        return shard
+
+    def found(self, anything: bool, shards: int) -> bool:
+        """Record what the last shard held; True once a whole turn found nothing."""
+        if anything:
+            self.nothing = 0
+            return False
+        self.nothing += 1
+        if self.nothing >= shards:
+            self.nothing = 0
+            return True
+        return False

@@ -22,9 +22,11 @@ class Promotion:
     more: bool  # the listing was cut at ``limit``: there may be other types
 
 
-async def promote_due(store: TaskStore, now: float, *, limit: int = 100) -> Promotion:
-    """Promote every due marker of the first ``limit`` delayed ones (any task type)."""
-    entries = await store.list(keys.delayed_prefix(store.queue), limit=limit)
+async def promote_due(store: TaskStore, now: float, *, limit: int = 100,
+                      shards: list[int] | None = None) -> Promotion:
+    """Promote every due marker of the first ``limit`` delayed ones (any task type); of
+    the ``shards`` given only, in a spread queue (qo/layout.py)."""
+    entries = await store.list(keys.delayed_prefix(store.queue), limit=limit, shards=shards)
     due: list[keys.Marker] = []
     types: set[str] = set()
     next_due = None

@@ -171,5 +171,10 @@ class TaskStore:
         if marker_keys:
             await self.backoff.call(lambda: delete_many(self.storage, marker_keys))
 
-    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000):
-        return await self.backoff.call(lambda: self.storage.list(prefix, start_after=start_after, limit=limit))
+    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000,
+                   shards: list[int] | None = None):
+        """``shards``: only these shards of a spread queue's kind (qo/layout.py)."""
+        if shards is None:
+            return await self.backoff.call(lambda: self.storage.list(prefix, start_after=start_after, limit=limit))
+        return await self.backoff.call(
+            lambda: self.storage.list(prefix, start_after=start_after, limit=limit, shards=shards))

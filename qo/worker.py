@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import random
 import signal
 from typing import Any, Awaitable, Callable
@@ -35,6 +36,7 @@ from .pack_runner import FLUSH_AFTER, PackItem, PackRunner
 from .packs import PACK_OUTPUT_INLINE
 from .payloads import attempt_input, discard_output, store_output
 from .promotion import promote_due
+from .layout import Rotation, shard_count
 from .retention import apply_retention
 from .queue import Queue
 from .queue_settings import overlay, replaced
@@ -762,21 +764,33 @@ class Worker(HandlerHost):
             s = self.settings
 
         promote_poll = s.poll_min
+        rotation, turn_due = Rotation(), math.inf
 
         async def promote() -> None:
             # its own idle backoff, not the feed's: a busy worker lists delayed/ no more
             # often than an idle one; a due time seen in the listing, or one this worker
             # wrote itself (a retry, a rate-limit delay), wakes it on time
-            nonlocal promote_poll
+            # (a spread queue: one shard a pass, in turn, the next at once while a turn
+            # finds nothing to promote; the earliest due time seen in the turn wakes it)
+            nonlocal promote_poll, turn_due
             now = self.clock.now()
-            promotion = await promote_due(self.store, now)
-            if promotion.promoted or promotion.more:
+            shards = shard_count(self.store.storage)
+            only = [rotation.take(shards)] if shards > 1 else None
+            promotion = await promote_due(self.store, now, shards=only)
+            busy = bool(promotion.promoted or promotion.more)
+            if promotion.next_due is not None:
+                turn_due = min(turn_due, promotion.next_due)
+            if only is not None and not busy and not rotation.found(False, shards):
+                timers["promote"] = now  # the next shard now
+                return
+            if busy:
                 promote_poll = s.poll_min
+                if only is not None:
+                    rotation.found(True, shards)
             else:
                 promote_poll = min(s.poll_max, promote_poll * 2)
-            timers["promote"] = now + promote_poll * random.uniform(0.8, 1.2)
-            if promotion.next_due is not None:
-                timers["promote"] = min(timers["promote"], promotion.next_due)
+            timers["promote"] = min(now + promote_poll * random.uniform(0.8, 1.2), turn_due)
+            turn_due = math.inf
             if promotion.promoted:
                 self.feed.wake(now)
 

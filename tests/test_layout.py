@@ -70,19 +70,21 @@ async def test_a_spread_queue_stores_each_kind_in_its_shards_and_works_as_before
     stats = await q.stats()
     assert (stats["counts"]["pending"], stats["ready"], stats["delayed"]) == (65, 64, 1)
 
-    # a worker drains it in priority order (one slot: the order is the claim order)
+    # a worker drains it, each shard in priority order (one slot: the order is the claim
+    # order; a worker lists one shard a refill, in turn)
     w = Worker(q, concurrency=1, **FAST)
-    ran: list = []
+    ran: list[str] = []
 
     @w.handler("t")
-    async def t(value):
-        ran.append(value)
+    async def t(value, ctx):
+        ran.append(ctx.task.id)
 
     await asyncio.wait_for(w.run(until_idle=True), 60)
-    high = {i for i in range(24) if i % 2}
-    assert set(ran[:12]) == high
-    assert set(ran[12:52]) == {100 + i for i in range(40)}  # the packs (priority 128)
-    assert set(ran[52:]) == set(range(24)) - high and len(ran) == 64
+    assert sorted(ran) == sorted(submitted[:24] + submitted[25:])
+    priority = {t.id: t.priority for t in singles + packed}
+    for shard in range(4):
+        order = [priority[i] for i in ran if int(i[16:18], 16) % 4 == shard]
+        assert order == sorted(order, reverse=True), (shard, order)
     assert collections.Counter([t.status async for t in q.list(limit=None)]) == {"completed": 64, "pending": 1}
     assert await stored(q, "ready") == []
     await q.close()
@@ -224,4 +226,24 @@ async def test_two_worker_processes_drain_a_spread_queue_running_each_task_once(
     assert sum(s.get("completed", 0) for s in stats) == 520
     assert collections.Counter([t.status async for t in q.list(limit=None)]) == {"completed": 520}
     assert await stored(q, "ready") == []
+    await q.close()
+
+
+async def test_tasks_due_later_are_promoted_from_every_shard_of_a_spread_queue(storage_url):
+    q = await qo.connect(storage_url, queue="spd")
+    await q.set_layout(8)
+    due = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)
+    tasks = [await q.submit("t", i, schedule_at=due) for i in range(16)]
+    assert len({shard_dir(k) for k in await stored(q, "delayed")}) > 1
+    w = Worker(q, concurrency=4, **FAST)
+    started: dict[int, float] = {}
+
+    @w.handler("t")
+    async def t(value):
+        started[value] = q.clock.now()
+
+    await asyncio.wait_for(w.run(until_idle=True), 30)
+    assert sorted(started) == list(range(16))
+    assert min(started.values()) >= tasks[0].available_at - 0.05  # not before its time
+    assert await stored(q, "delayed") == [] and await stored(q, "ready") == []
     await q.close()
