@@ -103,6 +103,7 @@ def row(path: str, rate: float, ops: dict[str, float], headroom: float) -> dict[
         "writes": by_limit["write"],
         "reads": by_limit["read"],
         "prefixes": prefixes,
+        "shards": min(256, 2 ** math.ceil(math.log2(prefixes))),
         "s3_usd": dollars_per_task * tasks_per_month,
         "sqs_usd": max(0.0, 3 * tasks_per_month - SQS_FREE) * SQS_PRICE,
         "sqs_batched_usd": max(0.0, 0.3 * tasks_per_month - SQS_FREE) * SQS_PRICE,
@@ -134,21 +135,22 @@ def table(rates: Iterable[float] = (1_000, 10_000, 100_000), pack_size: int = 25
         f"{sum(pack.values()) / pack_size:.3f} per task. Writes: PUT, COPY, POST (DeleteObjects), "
         f"DELETE; reads: GET, HEAD, LIST. S3 allows {S3_LIMIT['write']:,} writes and "
         f"{S3_LIMIT['read']:,} reads per second per prefix; min P keeps each under "
-        f"{headroom:.0%} of that. S3 Standard us-east-1: ${S3_PRICE['put'] * 1000:g} per 1,000 "
+        f"{headroom:.0%} of that; `--shards` is the layout to set for it (`qo layout set`, "
+        f"a power of two at or above min P: docs/architecture.md §5l). S3 Standard us-east-1: ${S3_PRICE['put'] * 1000:g} per 1,000 "
         f"PUT/COPY/POST/LIST, ${S3_PRICE['get'] * 1000:g} per 1,000 GET, DELETE free. SQS "
         f"standard: ${SQS_PRICE * 1e6:.2f} per million requests after 1 million free; 3 "
         "requests per message (send, receive, delete), or 3 per batch of 10. A month is "
         "30 days; request charges only.",
         "",
-        "| path | tasks/s | requests/task | requests/s | one prefix (P = 1), per s | min P "
+        "| path | tasks/s | requests/task | requests/s | one prefix (P = 1), per s | min P | `--shards` "
         "| per prefix at min P, per s | S3 USD/month | SQS USD/month | SQS, batches of 10 |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         p = r["prefixes"]
         lines.append(
             f"| {r['path']} | {r['rate']:,.0f} | {r['per_task']:.3g} | {_n(r['requests'])} "
-            f"| {_load(r['writes'], r['reads'])} | {p:,} | {_load(r['writes'] / p, r['reads'] / p)} "
+            f"| {_load(r['writes'], r['reads'])} | {p:,} | {r['shards']} | {_load(r['writes'] / p, r['reads'] / p)} "
             f"| {r['s3_usd']:,.0f} | {r['sqs_usd']:,.0f} | {r['sqs_batched_usd']:,.0f} |")
     return "\n".join(lines)
 

@@ -4,7 +4,9 @@ Each key is judged by the folder it lies in, with the same parser the engine use
 when it meets that object (so the scan and the engine agree on what is bad). The
 scan reads every object of the queue: one LIST per 1000 keys plus one GET per
 object that has a body, so its cost follows the queue's size. It is an operator's
-tool for a night when something looks wrong, not something to poll.
+tool for a night when something looks wrong, not something to poll. In a queue laid
+out in shards (qo/layout.py) it also lists the spread kinds as stored, to name the
+keys no worker reads there: outside the shard directories, or in the wrong one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import attrs
 from . import keys, stored
 from .errors import CorruptObject, NotFound
 from .idempotency import decode_record
+from .layout import SPREAD_KINDS, shard_count
 from .leases import parse_record
 from .limits import defs_prefix, parse_limit, state_prefix
 from .model import Task
@@ -122,5 +125,34 @@ async def scan(queue: Any, *, concurrency: int = 16,
         if progress is not None:
             progress(seen)
         if len(page) < 1000:
-            return
+            break
         cursor = page[-1].key
+    shards = shard_count(storage)
+    if shards > 1:
+        async for finding in _astray(queue, shards):
+            yield finding
+
+
+async def _astray(queue: Any, shards: int) -> AsyncIterator[Finding]:
+    """Stored keys of a spread queue's kinds that its layout does not place where they
+    are (no worker lists or reads them)."""
+    homes = {f"{s:02x}" for s in range(shards)}
+    for kind in SPREAD_KINDS:
+        prefix = f"{queue.name}/{kind}/"
+        cursor: str | None = None
+        while True:
+            page = await queue.store.backoff.call(
+                lambda: queue.backend.list(prefix, start_after=cursor, limit=1000))
+            for entry in page:
+                home, _, rest = entry.key[len(prefix):].partition("/")
+                if home not in homes or not rest:
+                    yield Finding(entry.key, f"outside the {shards} shard directories of the queue's layout: "
+                                             "no worker reads it")
+                    continue
+                belongs = queue.storage.stored_key(prefix + rest, shards)
+                if belongs != entry.key:
+                    yield Finding(entry.key, f"in shard {home}, but its name belongs in shard "
+                                             f"{belongs[len(prefix):len(prefix) + 2]}: no worker finds it here")
+            if len(page) < 1000:
+                break
+            cursor = page[-1].key

@@ -29,6 +29,8 @@ def test_the_arithmetic(cost_model):
     assert single["per_task"] == pytest.approx(5.12, abs=0.005)
     assert single["writes"] == pytest.approx(4060) and single["reads"] == pytest.approx(1059)
     assert single["prefixes"] == 3  # 4,060 writes/s under 1,750 per prefix
+    assert single["shards"] == 4  # the layout to set: a power of two
+    assert cost_model.row("single", 100_000, cost_model.SINGLE, 0.5)["shards"] == 256
     month = 1000 * 30 * 86400
     assert single["sqs_usd"] == pytest.approx((3 * month - 1e6) * 0.4e-6)
     assert single["sqs_batched_usd"] == pytest.approx((0.3 * month - 1e6) * 0.4e-6)

@@ -247,3 +247,23 @@ async def test_tasks_due_later_are_promoted_from_every_shard_of_a_spread_queue(s
     assert min(started.values()) >= tasks[0].available_at - 0.05  # not before its time
     assert await stored(q, "delayed") == [] and await stored(q, "ready") == []
     await q.close()
+
+
+async def test_doctor_scan_names_the_keys_a_spread_queue_s_layout_does_not_place(storage_url):
+    from qo.scan import scan
+
+    q = await qo.connect(storage_url, queue="stray")
+    await q.set_layout(4)
+    task = await q.submit("t", 1)
+    home = shard_dir(q.storage.stored_key(keys.task("stray", task.id), 4))
+    wrong = f"{(int(home, 16) + 1) % 4:02x}"
+    blob = await q.storage.get(keys.task("stray", task.id))
+    await q.backend.put(f"stray/tasks/{wrong}/{task.id}.json", blob.data)  # a copy in the wrong shard
+    await q.backend.put("stray/tasks/junk.json", b"{}")  # outside every shard
+    await q.backend.put("stray/ready/09/127/x", b"")  # a shard the layout does not have
+    found = {f.key: f.reason async for f in scan(q)}
+    assert set(found) == {f"stray/tasks/{wrong}/{task.id}.json", "stray/tasks/junk.json", "stray/ready/09/127/x"}
+    assert f"belongs in shard {home}" in found[f"stray/tasks/{wrong}/{task.id}.json"]
+    assert "outside the 4 shard directories" in found["stray/tasks/junk.json"]
+    assert (await q.get(task.id)).status == "pending"  # the queue goes on
+    await q.close()
