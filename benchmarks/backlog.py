@@ -55,7 +55,7 @@ async def run_mode(url: str, aging: bool, args: argparse.Namespace) -> dict[str,
     rng = random.Random(SEED)
     producer_q = await qo.connect(url, queue=QUEUE, clock=local_clock())
     q = await qo.connect(url, queue=QUEUE, wrap_storage=CountingStorage, clock=local_clock())
-    counter = q.storage
+    counter = q.backend
     assert isinstance(counter, CountingStorage)
     try:
         t0 = time.perf_counter()

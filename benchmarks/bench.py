@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py --backend local|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
-        [--priorities uniform|mixed] [--bulk] [--slowdown-rate N [--slowdown-depth 3]]
+        [--priorities uniform|mixed] [--bulk] [--shards P] [--slowdown-rate N [--slowdown-depth 3]]
 
 Prints one JSON object per backend run (see benchmarks/README.md for every figure).
 Progress goes to stderr; ``--json-only`` silences it.
@@ -232,7 +232,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
     completions = _Completions()
     get_plugins().register(completions, name="qo-bench-completions")
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
-    counter = q.storage
+    counter = q.backend
     assert isinstance(counter, CountingStorage)
     waits: list[float] = []
     starts: list[tuple[float, int]] = []  # (start time, priority): the start order by level
@@ -280,7 +280,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
 async def submit(url: str, n: int, latency_s: float, before: Any = None,
                  priorities: str = "uniform", bulk: bool = False) -> tuple[float, dict[str, int], dict[str, int], int | None]:
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
-    counter = q.storage
+    counter = q.backend
     assert isinstance(counter, CountingStorage)
     try:
         await counter.list(f"{QUEUE}/ready/", limit=1)  # open the connection before timing
@@ -303,6 +303,15 @@ async def submit(url: str, n: int, latency_s: float, before: Any = None,
         await q.close()
 
 
+async def lay_out(url: str, shards: int) -> None:
+    """Spread the benchmark queue's keys over ``shards`` prefixes (docs/architecture.md §5l)."""
+    q = await qo.connect(url, queue=QUEUE)
+    try:
+        await q.set_layout(shards)
+    finally:
+        await q.close()
+
+
 async def status_counts(url: str) -> dict[str, int]:
     """Every task's status, read without the counting wrapper."""
     q = await qo.connect(url, queue=QUEUE, clock=local_clock())
@@ -320,7 +329,7 @@ async def idle_requests(url: str, seconds: float, concurrency: int, latency_s: f
     from qo.worker import Worker
 
     q = await qo.connect(url, queue=QUEUE, wrap_storage=wrapper(latency_s), clock=local_clock())
-    counter = q.storage
+    counter = q.backend
     assert isinstance(counter, CountingStorage)
     worker = Worker(q, concurrency=concurrency)
     worker.handler(TASK_TYPE)(lambda payload: None)
@@ -398,6 +407,10 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         url = os.path.join(tmp, "store")
         result["filesystem"] = filesystem_of(tmp)
         result["latency_injection"] = "LatencyStorage (client side, every request)" if latency_ms else "none"
+
+    if args.shards > 1:  # before any worker opens the queue (each reads the layout once)
+        asyncio.run(lay_out(url, args.shards))
+        result["shards"] = args.shards
 
     ctx = mp.get_context("spawn")
     go, ready, results = ctx.Event(), ctx.Queue(), ctx.Queue()
@@ -562,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-only", action="store_true", help="print only the JSON lines")
     p.add_argument("--priorities", choices=("uniform", "mixed"), default="uniform",
                    help="uniform: every task at 128; mixed: drawn from 0/64/128/192/255 (fixed seed)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="lay the queue out in this many shards per kind of key (qo layout set --shards)")
     p.add_argument("--slowdown-rate", type=float, default=None,
                    help="s3: the server answers 503 SlowDown above N requests/s per prefix (default: never)")
     p.add_argument("--slowdown-depth", type=int, default=3,

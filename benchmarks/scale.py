@@ -87,7 +87,7 @@ async def measure(url: str, queue: str, wrap_latency) -> dict:
         return counting[-1]
 
     async def counted(label: str, q: qo.Queue, coro) -> dict:
-        c = q.storage
+        c = q.backend
         c.reset()
         t0 = time.monotonic()
         result = await coro
