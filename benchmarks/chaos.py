@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--drain-timeout", type=float, default=300.0)
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, local store)")
+    p.add_argument("--shards", type=int, default=1, help="lay the queue out in this many shards (qo layout set)")
     args = p.parse_args()
 
     faults = dict(error_rate=args.error_rate, landed_error_rate=args.landed_error_rate,
@@ -78,8 +79,9 @@ def main() -> int:
             workers=args.workers, kill_every=(args.kill_min, args.kill_max), faults=faults,
             seed=args.seed, key_pool=args.key_pool, schedulers=args.schedulers, poison=False if args.no_poison else args.poison,
             poison_every=(args.poison_min, args.poison_max), limited=not args.no_limited, pause=args.pause,
-            drain_timeout=args.drain_timeout, say=lambda s: print(s, file=sys.stderr))
-        report.update(backend=args.backend, wall_seconds=round(time.monotonic() - t0, 1), faults=faults,
+            drain_timeout=args.drain_timeout, shards=args.shards, say=lambda s: print(s, file=sys.stderr))
+        report.update(backend=args.backend, shards=args.shards,
+                      wall_seconds=round(time.monotonic() - t0, 1), faults=faults,
                       work_dir=work if args.keep else None)
         print(json.dumps(report, indent=1, sort_keys=True))
         print_summary(report, args)

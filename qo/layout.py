@@ -258,14 +258,14 @@ class SpreadStorage:
 
     def stored_key(self, key: str, shards: int) -> str:
         """Where the logical ``key`` is stored under ``shards``."""
-        if shards > 1 and key.startswith(self._root):
+        if shards > 1 and isinstance(key, str) and key.startswith(self._root):
             kind, sep, rest = key[len(self._root):].partition("/")
             if sep and rest and kind in SPREAD_KINDS:
                 return f"{self._root}{kind}/{shard_of(kind, rest, shards):02x}/{rest}"
         return key
 
     async def _key(self, key: str) -> str:
-        if not key.startswith(self._kinds):
+        if not isinstance(key, str) or not key.startswith(self._kinds):
             return key  # not a spread kind: no need to know the layout
         layout = self.layout or await self.get_layout()
         return self.stored_key(key, layout.shards)
@@ -282,8 +282,7 @@ class SpreadStorage:
         await self.inner.delete(await self._key(key), if_match=if_match)
 
     async def delete_many(self, keys: list[str]) -> None:
-        layout = self.layout or await self.get_layout()
-        await delete_many(self.inner, [self.stored_key(k, layout.shards) for k in keys])
+        await delete_many(self.inner, [await self._key(k) for k in keys])
 
     async def _delete_each(self, keys: Iterable[str]) -> None:
         await delete_many(self.inner, keys)
@@ -294,8 +293,8 @@ class SpreadStorage:
         keys are the merge of its shards' listings (one LIST each, then more pages of
         those that run out first). ``shards``: only the keys of these shards (a worker
         lists one shard a time: see qo/feed.py)."""
-        if not any(prefix.startswith(kp) or kp.startswith(prefix) for kp in self._kinds):
-            return await self.inner.list(prefix, start_after=start_after, limit=limit)
+        if not isinstance(prefix, str) or not any(prefix.startswith(kp) or kp.startswith(prefix) for kp in self._kinds):
+            return await self.inner.list(prefix, start_after=start_after, limit=limit)  # (the backend checks it)
         layout = self.layout or await self.get_layout()
         if layout.shards == 1:
             return await self.inner.list(prefix, start_after=start_after, limit=limit)

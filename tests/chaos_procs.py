@@ -586,9 +586,10 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
               seed: int = 1, key_pool: int = 40, poison: bool | str = True,
               poison_every: tuple[float, float] = (0.3, 1.5),
               limited: bool = True, sample_every: float = 2.0, sample_size: int = 50, pause: float = 0.03,
-              drain_timeout: float = 120.0, say: Callable[[str], None] = lambda s: None) -> dict:
+              drain_timeout: float = 120.0, shards: int = 1, say: Callable[[str], None] = lambda s: None) -> dict:
     """Run the chaos, then drain cleanly and check; returns a report with ``problems``.
-    ``poison``: True (every kind), False, or the kinds to plant (see :func:`poison_kinds`)."""
+    ``poison``: True (every kind), False, or the kinds to plant (see :func:`poison_kinds`).
+    ``shards``: the queue's key layout (docs/architecture.md §5l), set before it all starts."""
     kinds = poison_kinds(poison if isinstance(poison, str) else None)
     faults = DEFAULT_FAULTS if faults is None else faults
     ctx = multiprocessing.get_context("spawn")
@@ -596,7 +597,7 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
     os.makedirs(work_dir, exist_ok=True)
     handler = _log_to_file(work_dir, "driver")
     try:
-        asyncio.run(_setup(url, schedulers > 0, limited))
+        asyncio.run(_setup(url, schedulers > 0, limited, shards))
         t0 = time.monotonic()
         wall0 = time.time()
         started = collections.Counter()
@@ -692,10 +693,12 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
         handler.close()
 
 
-async def _setup(url: str, schedule: bool, limited: bool) -> None:
+async def _setup(url: str, schedule: bool, limited: bool, shards: int = 1) -> None:
     import qo
 
     q = await qo.connect(url, queue=QUEUE)
+    if shards > 1:
+        await q.set_layout(shards)
     if schedule:
         await q.schedules.add("tick", cron=TICK_CRON, task_type="tick", input={"tag": "tick"}, max_retries=20,
                               catch_up="all")

@@ -20,12 +20,15 @@ import chaos_procs
 # seconds of chaos per backend: moto serialises writes and Azurite is one node process
 # next to the eight under test, so the emulated clouds get shorter runs
 SECONDS = {"local": 25.0, "s3": 16.0, "azure": 12.0}
+#: the queue's key layout per backend: S3's, where spreading matters, is spread over 4 shards
+SHARDS = {"local": 1, "s3": 4, "azure": 1}
 
 
 @pytest.mark.timeout(170)
 def test_chaos_producers_killed_workers_and_schedulers_poison_and_storage_faults(storage_url, backend, tmp_path):
     report = chaos_procs.run_chaos(storage_url, str(tmp_path / "chaos"), seconds=SECONDS[backend],
-                                   producers=2, workers=4, schedulers=2, kill_every=(0.5, 2.0), seed=7)
+                                   producers=2, workers=4, schedulers=2, kill_every=(0.5, 2.0), seed=7,
+                                   shards=SHARDS[backend])
     print(json.dumps(report, indent=1, sort_keys=True))
     assert report["problems"] == [], "\n".join(report["problems"][:30])
     s = report["summary"]

@@ -144,7 +144,7 @@ async def test_submit_and_drain_stay_within_the_request_budget(storage_url: str)
     """DESIGN.md section 6: at most 6 requests per task on the happy path, amortised."""
     n = 20
     queue = await qo.connect(storage_url, queue="budget", wrap_storage=CountingStorage)
-    counter = queue.storage
+    counter = queue.backend
     assert isinstance(counter, CountingStorage)
     try:
         await queue.submit_many([("noop", {"i": i}) for i in range(n)], bulk=False)  # the single path (packs: test_packs.py)

@@ -288,7 +288,7 @@ async def test_a_spread_queue_puts_a_throttled_load_on_its_shards(throttled_s3, 
     spread = {n: p for n, p in outcome["spread"].items() if not n.endswith("/q/tasks/")}
     assert outcome["spread"][flat_name.replace(flat_name.split("/")[0], next(iter(spread)).split("/")[0])] == {
         "requests": 1, "slowdowns": 0, "peak": 1}  # only set_layout's look for a first task
-    assert sorted(n.split("/")[-2] for n in spread) == [f"{s:02x}" for s in range(8)]
+    assert {n.split("/")[-2] for n in spread} <= {f"{s:02x}" for s in range(8)} and len(spread) >= 5  # 30 ids drawn
     assert sum(p["requests"] for p in spread.values()) >= 4 * 30  # create, claim GET + CAS, outcome
     assert all(p["peak"] <= 40 for p in spread.values()), spread  # each shard under the rate
     assert sum(p["slowdowns"] for p in spread.values()) < flat["slowdowns"]
