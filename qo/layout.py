@@ -133,7 +133,11 @@ class _Stream:
                 self.cursor = page[-1].key
             for e in page:
                 if self.skip and e.key.startswith(self.skip):
-                    continue  # a spread kind's stored key: its shard streams list it
+                    # a spread kind's stored keys: its shard streams list them; list on
+                    # from past the kind ("~" sorts after its shard directories)
+                    kind = next(kp for kp in self.skip if e.key.startswith(kp))
+                    self.cursor, self.more = max(kind + "~", e.key), True
+                    break
                 key = self.to_logical(e.key)
                 self.buffer.append(e if key == e.key else attrs.evolve(e, key=key))
             self.buffer.reverse()  # pop() from the end is the next key
