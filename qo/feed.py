@@ -31,6 +31,8 @@ FOREIGN_PAGES = 10
 TRASH_MAX = 10000
 #: how long the end of a run of other types' markers is remembered
 FOREIGN_HINT_SECONDS = 5.0
+#: what ``refill`` returns when it found nothing yet but the listing goes on
+MORE = "more"
 
 
 class Feed:
@@ -116,7 +118,9 @@ class Feed:
                     self.next_poll_at = now + max(self.poll, outage.failed(exc))
                     continue
                 outage.ok()
-                if found:
+                if found == MORE:  # cut short (or a spread queue's turn goes on): list on now, the backoff kept
+                    self.next_poll_at = now
+                elif found:
                     self.poll = w.settings.poll_min
                     self.next_poll_at = now
                 else:
@@ -195,9 +199,11 @@ class Feed:
                 self.deleting.difference_update(batch)
             self.flushed_at = self.worker.clock.now()
 
-    async def refill(self, now: float) -> bool:
+    async def refill(self, now: float) -> bool | str:
         """LIST the ready index, keep what this worker can run and is not already
-        handling, announce the candidates in the record, buffer them."""
+        handling, announce the candidates in the record, buffer them. True: some were
+        buffered; ``MORE``: none yet, list on at once (the listing was cut short, or a
+        spread queue's turn of shards is not over); False: nothing to do."""
         w = self.worker
         try:
             await self.flush()
@@ -225,7 +231,7 @@ class Feed:
         markers, complete = await self.list_ours(now, ours)
         self.nothing_listed = not markers and complete
         if not markers and not complete:
-            return True  # cut short: go on listing from where it stopped, without backing off
+            return MORE  # cut short: go on listing from where it stopped, without waiting
         if not markers:
             return False
         await w.limiter.refresh()  # only when there is work: an idle worker reads no limits

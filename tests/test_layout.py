@@ -269,3 +269,22 @@ async def test_doctor_scan_names_the_keys_a_spread_queue_s_layout_does_not_place
     assert "outside the 4 shard directories" in found["stray/tasks/junk.json"]
     assert (await q.get(task.id)).status == "pending"  # the queue goes on
     await q.close()
+
+
+async def test_an_idle_worker_of_a_spread_queue_backs_off_after_each_empty_turn_of_shards(storage_url):
+    """An empty shard is followed by the next at once, but a whole empty turn backs off as
+    a flat queue's empty listing does: in 1 s from 0.01 s doubling to 0.2 s, about 8
+    turns of 8 shards (ready and delayed), not a turn every 0.01 s."""
+    q = await qo.connect(storage_url, queue="idle", wrap_storage=CountingStorage)
+    await q.set_layout(8)
+    w = Worker(q, poll_min=0.01, poll_max=0.2, sweep_interval=5.0, buffer_max_age=0.5)
+    w.handler("t")(lambda x: x)
+    run = asyncio.create_task(w.run())
+    await asyncio.sleep(0.3)  # started: settings read, record written
+    q.backend.reset()
+    await asyncio.sleep(1.0)
+    lists = q.backend.counts().get("LIST", 0)
+    w.stop()
+    await asyncio.wait_for(run, 10)
+    assert 16 <= lists <= 130, lists  # ~80; a turn every 0.01 s: 160-700 (the LISTs' own time bounds it)
+    await q.close()
