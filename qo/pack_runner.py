@@ -18,7 +18,7 @@ from . import keys
 from .errors import CorruptObject, PreconditionFailed, TaskNotFound
 from .events import emit
 from .model import CANCELLED, PENDING, RUNNING, Task
-from .packs import Pack, clone
+from .packs import Pack, fork
 from .transitions import Missed, handed_back
 
 log = logging.getLogger("qo.worker")
@@ -116,7 +116,7 @@ class PackRunner:
         if keys.ms(pack.available_at) != keys.ms(marker.due):
             return Missed("marker does not match the pack's due time", stale=True)
         now = w.clock.now()
-        new = clone(pack)
+        new = fork(pack)  # our own pack (just read): entries are only replaced below
         taken: list[int] = []
         ended: list[str] = []
         for i in range(len(new.entries)):
@@ -299,7 +299,7 @@ class PackRunner:
         """Our outcomes over the pack as last read. Another writer may have asked for a
         task's cancel or marked it as having dependents: both are kept."""
         w = self.worker
-        new = clone(run.pack)
+        new = fork(run.pack)  # entries replaced, never changed in place: run.pack stays as stored
         moved: list[Task] = []
         ended: list[str] = []
         for i, outcome in outcomes.items():
@@ -365,11 +365,11 @@ class PackRunner:
                                   max(0.0, task.available_at - w.clock.now()))
                 emit(w.queue.plugins, "retried", task)
                 continue
-            task = run.pack.task(i)
             if outcome.handing_back:
                 w.stats["handed_back"] += 1
                 continue
-            await w._ended(task, outcome.error, outcome.ran)
+            # the task as the flush stored it: _merge put exactly this one in the pack
+            await w._ended(outcome.task, outcome.error, outcome.ran)
 
 
 class _Again(Exception):

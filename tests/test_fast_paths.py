@@ -74,3 +74,83 @@ def test_dumps_is_canonical_json():
             pass
         else:
             raise AssertionError("NaN/Infinity must be refused")
+
+
+def test_field_checks_answer_as_the_plain_checks():
+    import enum
+    import math
+
+    from qo import stored
+
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    class Sub(float):
+        pass
+
+    values = [None, True, False, 0, 1, -5, 2.5, float("nan"), float("inf"), -float("inf"), Level.LOW, Sub(1.5),
+              Sub("inf"), "x", "", b"x", [], ["a"], {}, {"a": 1}, (), 10 ** 20]
+
+    def plain_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    plain = {stored.is_number: plain_number, stored.is_str: lambda v: isinstance(v, str),
+             stored.is_dict: lambda v: isinstance(v, dict)}
+    for check, reference in plain.items():
+        opt = stored.optional(check)
+        for v in values:
+            assert check(v) == reference(v), (check, v)
+            assert opt(v) == (v is None or reference(v)), (check, v)
+    listed = stored.is_list_of(stored.is_str)
+    assert listed([]) and listed(["a"]) and not listed([1]) and not listed(()) and not listed(None)
+    odd = stored.optional(lambda v: v == 3)  # any other check keeps the generic wrapper
+    assert odd(None) and odd(3) and not odd(4)
+
+
+def test_fork_shares_entries_but_replacing_one_leaves_the_original_as_it_was():
+    from qo.packs import fork
+
+    pack = _pack()
+    before = pack.to_json()
+    new = fork(pack)
+    task = new.task(1)
+    task.status, task.attempt = "running", 1
+    new.put(1, task)
+    new.move_out(2, new.task(2))
+    new.status, new.lease = "running", {"worker_id": "x", "lease_id": "y", "claimed_at": 3.0}
+    new.settle_status(5.0)
+    assert pack.to_json() == before
+    assert new.status_of(1) == "running" and new.status_of(2) == "moved" and pack.status_of(1) == "pending"
+
+
+async def test_a_pack_remembered_after_a_read_or_a_write_is_what_storage_holds(tmp_path):
+    """The PackStore remembers the bytes it read or wrote: a caller that changes its pack
+    in place afterwards cannot make a later CAS write anything but the stored version."""
+    import qo
+
+    q = await qo.connect(str(tmp_path), queue="fp")
+    try:
+        tasks = await q.submit_many([("t", {"i": i}) for i in range(4)])
+        packs = q.store.packs
+        pack_id = keys.pack_of(tasks[0].id)[0]
+        pack, etag = await packs.load(pack_id)
+        pack.entries[2]["input"]["i"] = 99  # the caller's copy, changed in place
+        pack.template["max_retries"] = 7
+        recalled_etag, recalled = packs._recall(pack_id)
+        assert recalled_etag == etag and recalled.entries[2]["input"] == {"i": 2}
+        assert recalled.template["max_retries"] == 3
+        recalled.entries[3]["input"]["i"] = 55  # a recalled copy is the caller's own too
+        assert packs._recall(pack_id)[1].entries[3]["input"] == {"i": 3}
+        # a change of one task through the remembered version writes the others as stored
+        await q.cancel(tasks[1].id)
+        stored, _ = await packs.load(pack_id)
+        assert [stored.task(i).input for i in range(4)] == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}]
+        assert stored.task(1).status == "cancelled" and stored.template["max_retries"] == 3
+        # and after a write: the bytes written, not the object the writer keeps changing
+        stored.template["timeout_seconds"] = 1.0
+        etag2 = await packs.replace(stored, (await packs.load(pack_id))[1])
+        stored.template["timeout_seconds"] = 2.0
+        assert packs._recall(pack_id)[0] == etag2
+        assert packs._recall(pack_id)[1].template["timeout_seconds"] == 1.0
+    finally:
+        await q.close()
