@@ -115,9 +115,12 @@ class Pack(StoredRecord):
     def status_of(self, index: int) -> str:
         return self.entries[index].get("status", self.template.get("status", PENDING))
 
-    def task(self, index: int, key: str = "?", *, backend: str = "") -> Task:
+    def task(self, index: int, key: str = "?", *, backend: str = "", template_checked: bool = False) -> Task:
         """Entry ``index`` as a task (``CorruptObject`` if the entry is unusable). A moved
-        entry gives the snapshot of the state it left the pack with."""
+        entry gives the snapshot of the state it left the pack with. ``template_checked``:
+        the caller has just checked the template (``check_template``), so only the
+        fields the entry sets are checked here (a loop over many entries checks the
+        shared fields once)."""
         entry = self.entries[index]
         if entry.get("status") == MOVED:
             snapshot = entry.get("task")
@@ -127,8 +130,20 @@ class Pack(StoredRecord):
         else:
             d = {**self.template, **entry, "id": self.task_id(index)}
             d.setdefault("rev", "")
+            if template_checked:
+                spec = Task.FIELD_CHECKS
+                if all(name in d for name in Task.REQUIRED) and spec["id"](d["id"]) and spec["rev"](d["rev"]) \
+                        and all(spec[k](v) for k, v in entry.items() if k in spec):
+                    return Task.from_dict(d)
+                # something is wrong: the full check names the first bad field, as always
         stored.check_fields(d, key, Task.FIELD_CHECKS, required=Task.REQUIRED, backend=backend)
         return Task.from_dict(d)
+
+    def check_template(self) -> bool:
+        """The fields every entry shares are usable (then ``task(..., template_checked=True)``
+        checks only each entry's own)."""
+        spec = Task.FIELD_CHECKS
+        return all(spec[k](v) for k, v in self.template.items() if k in spec)
 
     def put(self, index: int, task: Task) -> None:
         """Store ``task`` as entry ``index``: only what differs from the template."""
