@@ -154,3 +154,75 @@ async def test_a_pack_remembered_after_a_read_or_a_write_is_what_storage_holds(t
         assert packs._recall(pack_id)[1].template["timeout_seconds"] == 1.0
     finally:
         await q.close()
+
+
+def test_a_task_built_with_the_template_checked_once_is_the_task_built_in_full():
+    import pytest
+
+    from qo.errors import CorruptObject
+
+    pack = _pack()
+    assert pack.check_template()
+    for i in range(3):
+        assert pack.task(i, template_checked=True) == pack.task(i)
+    # a bad field of the entry: the same error as the full check names
+    pack.entries[1] = {**pack.entries[1], "attempt": -1, "priority": "high"}
+    with pytest.raises(CorruptObject) as full:
+        pack.task(1, "k")
+    with pytest.raises(CorruptObject) as checked:
+        pack.task(1, "k", template_checked=True)
+    assert str(checked.value) == str(full.value) and "priority" in str(full.value)
+    # a bad shared field: check_template says so, and the full check is used
+    bad = _pack()
+    bad.template = {**bad.template, "timeout_seconds": -5}
+    assert not bad.check_template()
+    with pytest.raises(CorruptObject):
+        bad.task(0)
+    # a template without a required field that the entry gives is fine, one no one gives is not
+    partial = _pack()
+    partial.template = {k: v for k, v in partial.template.items() if k != "status"}
+    partial.entries[0] = {**partial.entries[0], "status": "pending"}
+    assert partial.task(0, template_checked=True) == partial.task(0)
+    with pytest.raises(CorruptObject):
+        partial.task(1, template_checked=True)
+
+
+async def test_a_held_pack_keeps_what_another_writer_changes_in_its_entries(tmp_path):
+    """The slot runs the claim's task and the flush reuses its flags only while the held
+    pack has the same entry: a dependent submitted on a running task and on one not yet
+    started (each a CAS of the pack by another writer) is released once its parent ends."""
+    import asyncio
+
+    import qo
+    from qo.worker import Worker
+
+    q = await qo.connect(str(tmp_path), queue="fp")
+    try:
+        tasks = await q.submit_many([("job", i) for i in range(3)])
+        worker = Worker(q, concurrency=1, aging=False, poll_min=0.01, poll_max=0.05, sweep_interval=0.2,
+                        buffer_max_age=0.5)
+        children: list[str] = []
+        ran: list[object] = []
+
+        @worker.handler("job")
+        async def job(x: int) -> int:
+            if x == 0:  # running now: one dependent on itself, one on a sibling not started
+                children.append((await q.submit("child", "of-0", depends_on=[tasks[0].id])).id)
+                children.append((await q.submit("child", "of-2", depends_on=[tasks[2].id])).id)
+            if x == 1:  # meanwhile a timed flush is refused and re-reads the pack: task 2's
+                await asyncio.sleep(1.0)  # entry now says it has a dependent
+            return x
+
+        @worker.handler("child")
+        async def child(x: str) -> None:
+            ran.append(x)
+
+        await asyncio.wait_for(worker.run(until_idle=True), 60)
+        assert sorted(ran) == ["of-0", "of-2"]
+        for t in tasks:
+            got = await q.get(t.id)
+            assert got.status == "completed" and got.attempt == 1
+        assert (await q.get(tasks[0].id)).has_dependents and (await q.get(tasks[2].id)).has_dependents
+        assert [(await q.get(c)).status for c in children] == ["completed", "completed"]
+    finally:
+        await q.close()
