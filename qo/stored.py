@@ -13,9 +13,11 @@ object costs at most itself (docs/architecture.md, "What failure looks like").
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import math
+import re
 from typing import Any, Callable
 
 from .errors import CorruptObject
@@ -51,29 +53,23 @@ def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON ``text`` nests arrays and objects more than ``limit`` deep, found
     without recursion (so ``json`` is never handed text that would overflow the stack).
     Cheap for ordinary text: only one with more than ``limit`` brackets in all (inside
-    strings too) is scanned, and the scan stops at the first level too deep."""
+    strings too) is measured. Strings are cut out first (an unterminated one runs to the
+    end of the text), then the depth is the running sum over the brackets left."""
     if text.count("[") + text.count("{") <= limit:
         return False
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
+    bare = _STRING.sub("", text)
+    cut = bare.find('"')  # a string that never ends: nothing after it is structure
+    if cut >= 0:
+        bare = bare[:cut]
+    bare = _NOT_BRACKET.sub("", bare)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, bare)), default=0) > limit
+
+
+#: a JSON string as a reader of the text sees it: from a quote to the next one not
+#: escaped by a backslash (the backslash escapes whatever follows it)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _first_line(exc: BaseException) -> str:

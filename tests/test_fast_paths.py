@@ -226,3 +226,49 @@ async def test_a_held_pack_keeps_what_another_writer_changes_in_its_entries(tmp_
         assert [(await q.get(c)).status for c in children] == ["completed", "completed"]
     finally:
         await q.close()
+
+
+def _too_deep_by_scanning(text: str, limit: int) -> bool:
+    """The character scanner too_deep replaced: the reference it must agree with."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def test_too_deep_agrees_with_a_character_scanner():
+    import random
+
+    from qo import stored
+
+    rng = random.Random(5)
+    alphabet = '[]{}"\\ab,:\n'
+    for _ in range(30000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        for limit in (0, 1, 2, 4):
+            assert stored.too_deep(text, limit) == _too_deep_by_scanning(text, limit), (text, limit)
+    for depth in (199, 200, 201, 300):
+        nested = "[" * depth + "]" * depth
+        assert stored.too_deep(nested) == (depth > 200) == _too_deep_by_scanning(nested, 200)
+        quoted = json.dumps({"s": "[{" * depth + '\\"]', "v": [[1]] * 150})
+        assert stored.too_deep(quoted) is False is _too_deep_by_scanning(quoted, 200)
+    assert stored.too_deep('"' + "[" * 300) is False  # an unterminated string holds the rest
+    assert stored.too_deep("[" * 201 + '"') is True
