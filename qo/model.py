@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar
@@ -43,6 +44,21 @@ def new_rev() -> str:
     return os.urandom(8).hex()
 
 
+#: record class -> (its field names, a getter of their values, the names but "extra")
+_FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple], frozenset[str]]] = {}
+
+
+def _fields_of(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple], frozenset[str]]:
+    """The fields of an attrs record class, looked up once per class (attrs classes are
+    not changed after they are defined)."""
+    found = _FIELDS.get(cls)
+    if found is None:
+        names = tuple(f.name for f in attrs.fields(cls))
+        get = operator.attrgetter(*names) if len(names) > 1 else (lambda obj: (getattr(obj, names[0]),))
+        found = _FIELDS[cls] = (names, get, frozenset(names) - {"extra"})
+    return found
+
+
 class StoredRecord:
     """JSON (de)serialisation for attrs records kept in storage. Fields written by a
     newer release land in ``extra`` and are written back unchanged. Reading checks
@@ -53,18 +69,21 @@ class StoredRecord:
     SCHEMA: ClassVar[int] = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        d = attrs.asdict(self, recurse=False)
+        names, get, _ = _fields_of(type(self))
+        d = dict(zip(names, get(self)))  # as attrs.asdict(recurse=False), in field order
         extra = d.pop("extra")
-        return {**extra, **d}
+        return {**extra, **d} if extra else d
 
     def to_json(self) -> bytes:
         return dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
-        names = {f.name for f in attrs.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   extra={k: v for k, v in d.items() if k not in names})
+        known = _fields_of(cls)[2]
+        if known.issuperset(d):  # nothing a newer release wrote
+            return cls(**d, extra={})
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> Any:
@@ -198,9 +217,14 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
+#: the encoder ``json.dumps`` would build for these options on every call (it keeps no
+#: state between calls: one instance serves every caller)
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
 def dumps(obj: Any) -> bytes:
     """Canonical JSON: sorted keys, no NaN/Infinity, compact."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 # -- validation: every check names its field, and runs before anything is written ----

@@ -18,7 +18,7 @@ from . import keys
 from .errors import CorruptObject, PreconditionFailed, TaskNotFound
 from .events import emit
 from .model import CANCELLED, PENDING, RUNNING, Task
-from .packs import Pack, clone
+from .packs import Pack, fork
 from .transitions import Missed, handed_back
 
 log = logging.getLogger("qo.worker")
@@ -39,6 +39,12 @@ class PackItem:
     index: int
     key: str
     task_id: str
+    #: the task the claim stored as this entry, and that entry: while the held pack still
+    #: has this very entry (entries are replaced, never changed in place: ``packs.fork``),
+    #: the slot runs this task instead of building it from the entry again
+    task: Task | None = None
+    entry: dict | None = None
+    template: dict | None = None
 
 
 @attrs.define(eq=False)
@@ -47,6 +53,10 @@ class Outcome:
     error: BaseException | None = None
     ran: float | None = None
     handing_back: bool = False
+    #: the entry and template the task was built from, and its (has_dependents,
+    #: cancel_requested): a flush that finds the same entry in the pack knows them
+    #: without rebuilding it
+    source: tuple[dict, dict, tuple[bool, bool]] | None = None
 
 
 @attrs.define(eq=False)
@@ -116,14 +126,17 @@ class PackRunner:
         if keys.ms(pack.available_at) != keys.ms(marker.due):
             return Missed("marker does not match the pack's due time", stale=True)
         now = w.clock.now()
-        new = clone(pack)
+        new = fork(pack)  # our own pack (just read): entries are only replaced below
         taken: list[int] = []
         ended: list[str] = []
+        tasks: dict[int, Task] = {}
+        template_checked = new.check_template()  # checked once here, not for each entry
         for i in range(len(new.entries)):
             if new.status_of(i) != PENDING:
                 continue
             try:
-                task = new.task(i, packs.key(new.id), backend=w.store.storage.name)
+                task = new.task(i, packs.key(new.id), backend=w.store.storage.name,
+                                template_checked=template_checked)
             except CorruptObject as exc:  # one bad entry costs itself
                 w.store.bad.report(exc)
                 continue
@@ -136,6 +149,7 @@ class PackRunner:
                 task.lease_deadline = now + w.settings.lease_ttl
                 task.started_at = task.updated_at = now
                 taken.append(i)
+                tasks[i] = task
             new.put(i, task)
         new.status, new.claims, new.updated_at = "running", new.claims + 1, now
         new.lease = {"worker_id": w.worker_id, "lease_id": lease_id, "claimed_at": now}
@@ -151,8 +165,8 @@ class PackRunner:
         if taken:
             self.held[new.id] = run
             run.waiting.update(taken)
-            w.feed.hand_out([PackItem(run, i, f"{marker.key}#{i:03x}", new.task_id(i)) for i in taken],
-                            marker.priority, new.available_at)
+            w.feed.hand_out([PackItem(run, i, f"{marker.key}#{i:03x}", new.task_id(i), tasks[i], new.entries[i],
+                                       new.template) for i in taken], marker.priority, new.available_at)
         else:
             w.book.release(new.id)
         return run
@@ -166,7 +180,13 @@ class PackRunner:
         if item.index not in run.waiting or run.lost or w._stopping.is_set():
             return
         run.waiting.discard(item.index)
-        task = run.pack.task(item.index)
+        entry, template = run.pack.entries[item.index], run.pack.template
+        if item.task is not None and entry is item.entry and template is item.template:
+            task = item.task  # the claim's task: its entry is still the one in the pack
+        else:
+            task = run.pack.task(item.index)
+        item.task = item.entry = item.template = None
+        source = (entry, template, (task.has_dependents, task.cancel_requested))
         if task.id in w.book.cancels:  # its cancel was written into our record: not started
             now = w.clock.now()
             task.status, task.finished_at, task.updated_at = CANCELLED, now, now
@@ -179,7 +199,8 @@ class PackRunner:
         else:
             run.running.add(item.index)
             try:
-                await w._execute(task, "", settle=lambda *a, **kw: self._settle(run, item.index, *a, **kw))
+                await w._execute(task, "", settle=lambda *a, **kw: self._settle(run, item.index, *a, source=source,
+                                                                                 **kw))
             finally:
                 run.running.discard(item.index)
                 if w.limiter.limits:
@@ -209,10 +230,11 @@ class PackRunner:
             log.warning("worker %s: releasing the limits of %s failed: %s", self.worker.worker_id, task.id, exc)
 
     async def _settle(self, run: PackRun, index: int, task: Task, change: Any, now: float,
-                      handing_back: bool, *, error: BaseException | None, ran: float | None) -> None:
+                      handing_back: bool, *, error: BaseException | None, ran: float | None,
+                      source: tuple[dict, dict, tuple[bool, bool]] | None = None) -> None:
         change(task)
         task.updated_at = now
-        run.outcomes[index] = Outcome(task, error, ran, handing_back)
+        run.outcomes[index] = Outcome(task, error, ran, handing_back, source)
         if run.first_outcome_at is None:
             run.first_outcome_at = now
         if len(run.outcomes) >= FLUSH_EVERY:
@@ -299,17 +321,22 @@ class PackRunner:
         """Our outcomes over the pack as last read. Another writer may have asked for a
         task's cancel or marked it as having dependents: both are kept."""
         w = self.worker
-        new = clone(run.pack)
+        new = fork(run.pack)  # entries replaced, never changed in place: run.pack stays as stored
         moved: list[Task] = []
         ended: list[str] = []
         for i, outcome in outcomes.items():
             task = outcome.task
-            try:
-                stored = new.task(i)
-            except CorruptObject:
-                stored = task
-            task.has_dependents = task.has_dependents or stored.has_dependents
-            task.cancel_requested = task.cancel_requested or stored.cancel_requested
+            source = outcome.source
+            if source is not None and new.entries[i] is source[0] and new.template is source[1]:
+                has_dependents, cancel_requested = source[2]  # the entry the task was built from
+            else:
+                try:
+                    stored = new.task(i)
+                except CorruptObject:
+                    stored = task
+                has_dependents, cancel_requested = stored.has_dependents, stored.cancel_requested
+            task.has_dependents = task.has_dependents or has_dependents
+            task.cancel_requested = task.cancel_requested or cancel_requested
             if task.status == PENDING and task.cancel_requested:
                 task.status, task.finished_at = CANCELLED, now
                 task.lease_id = task.lease_deadline = task.worker_id = None
@@ -365,11 +392,11 @@ class PackRunner:
                                   max(0.0, task.available_at - w.clock.now()))
                 emit(w.queue.plugins, "retried", task)
                 continue
-            task = run.pack.task(i)
             if outcome.handing_back:
                 w.stats["handed_back"] += 1
                 continue
-            await w._ended(task, outcome.error, outcome.ran)
+            # the task as the flush stored it: _merge put exactly this one in the pack
+            await w._ended(outcome.task, outcome.error, outcome.ran)
 
 
 class _Again(Exception):

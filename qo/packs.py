@@ -115,9 +115,12 @@ class Pack(StoredRecord):
     def status_of(self, index: int) -> str:
         return self.entries[index].get("status", self.template.get("status", PENDING))
 
-    def task(self, index: int, key: str = "?", *, backend: str = "") -> Task:
+    def task(self, index: int, key: str = "?", *, backend: str = "", template_checked: bool = False) -> Task:
         """Entry ``index`` as a task (``CorruptObject`` if the entry is unusable). A moved
-        entry gives the snapshot of the state it left the pack with."""
+        entry gives the snapshot of the state it left the pack with. ``template_checked``:
+        the caller has just checked the template (``check_template``), so only the
+        fields the entry sets are checked here (a loop over many entries checks the
+        shared fields once)."""
         entry = self.entries[index]
         if entry.get("status") == MOVED:
             snapshot = entry.get("task")
@@ -127,8 +130,20 @@ class Pack(StoredRecord):
         else:
             d = {**self.template, **entry, "id": self.task_id(index)}
             d.setdefault("rev", "")
+            if template_checked:
+                spec = Task.FIELD_CHECKS
+                if all(name in d for name in Task.REQUIRED) and spec["id"](d["id"]) and spec["rev"](d["rev"]) \
+                        and all(spec[k](v) for k, v in entry.items() if k in spec):
+                    return Task.from_dict(d)
+                # something is wrong: the full check names the first bad field, as always
         stored.check_fields(d, key, Task.FIELD_CHECKS, required=Task.REQUIRED, backend=backend)
         return Task.from_dict(d)
+
+    def check_template(self) -> bool:
+        """The fields every entry shares are usable (then ``task(..., template_checked=True)``
+        checks only each entry's own)."""
+        spec = Task.FIELD_CHECKS
+        return all(spec[k](v) for k, v in self.template.items() if k in spec)
 
     def put(self, index: int, task: Task) -> None:
         """Store ``task`` as entry ``index``: only what differs from the template."""
@@ -148,7 +163,8 @@ class Pack(StoredRecord):
         running, pending while some are pending, else done. True when the pack became
         claimable again (a holder let go of pending entries): it is due now, never at its
         previous due time, and the caller owes it a new ready marker."""
-        statuses = {self.status_of(i) for i in range(len(self.entries))}
+        default = self.template.get("status", PENDING)  # as status_of, for every entry at once
+        statuses = {e.get("status", default) for e in self.entries}
         self.updated_at = now
         if self.status == "running" and self.lease is not None and RUNNING in statuses:
             return False
@@ -193,16 +209,32 @@ class PackStore:
 
     def __init__(self, store: Any):
         self.store = store
-        #: pack id -> (etag, pack) as last read or written here: a CAS over a version we
-        #: hold needs no read first (bounded; a stale entry only costs a refused CAS)
-        self._known: dict[str, tuple[str, Pack]] = {}
+        #: pack id -> [etag, the bytes stored, those bytes decoded once needed] as last
+        #: read or written here: a CAS over a version we hold needs no read first
+        #: (bounded; a stale entry only costs a refused CAS). The bytes are what storage
+        #: holds, so nothing a caller does to its pack afterwards can change them: keeping
+        #: them costs no copy per read or write (most are never used: decoded on first use)
+        self._known: dict[str, list[Any]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _remember(self, pack: Pack, etag: str) -> None:
-        self._known.pop(pack.id, None)
-        self._known[pack.id] = (etag, pack)
+    def _remember(self, pack_id: str, etag: str, data: bytes) -> None:
+        self._known.pop(pack_id, None)
+        self._known[pack_id] = [etag, data, None]
         if len(self._known) > 64:
             self._known.pop(next(iter(self._known)))
+
+    def _recall(self, pack_id: str) -> tuple[str, Pack] | None:
+        """The etag and pack this process last read or wrote (the caller's own copy)."""
+        known = self._known.get(pack_id)
+        if known is None:
+            return None
+        if known[2] is None:
+            try:
+                known[2] = Pack.from_json(known[1], self.key(pack_id), backend=self.storage.name)
+            except CorruptObject:  # not a pack this release reads back: read it from storage
+                self._known.pop(pack_id, None)
+                return None
+        return known[0], clone(known[2])
 
     @property
     def storage(self) -> Any:
@@ -224,7 +256,7 @@ class PackStore:
         except CorruptObject as exc:
             self.store.bad.report(exc)
             raise
-        self._remember(clone(pack), blob.etag)
+        self._remember(pack.id, blob.etag, blob.data)
         return pack, blob.etag
 
     async def create(self, pack: Pack) -> str:
@@ -236,13 +268,14 @@ class PackStore:
         return await self._write(pack, etag)
 
     async def _write(self, pack: Pack, etag: str | None) -> str:
-        etag = await self._put(pack, etag)
-        self._remember(clone(pack), etag)
+        pack.rev = new_rev()
+        data = pack.to_json()
+        etag = await self._put(pack, etag, data)
+        self._remember(pack.id, etag, data)
         return etag
 
-    async def _put(self, pack: Pack, etag: str | None) -> str:
-        pack.rev = new_rev()
-        data, key = pack.to_json(), self.key(pack.id)
+    async def _put(self, pack: Pack, etag: str | None, data: bytes) -> str:
+        key = self.key(pack.id)
         backoff = self.store.backoff
         for attempt in range(1, backoff.attempts + 1):
             try:
@@ -343,11 +376,11 @@ class PackStore:
         pack_etag, fingerprint = split_etag(etag)
         # the version this process wrote or read last: when this entry is as the caller
         # saw it there, a CAS over it needs no read first (its siblings may have changed)
-        known = self._known.get(pack_id)
+        known = self._recall(pack_id)
         pack: Pack | None = None
         if known is not None and index < len(known[1].entries) \
                 and entry_fingerprint(known[1].entries[index]) == fingerprint:
-            pack_etag, pack = known[0], clone(known[1])
+            pack_etag, pack = known
         for _ in range(50):
             if pack is None:
                 pack, pack_etag = await self.load(pack_id)
@@ -378,6 +411,37 @@ class PackStore:
         raise PreconditionFailed("the pack kept changing", backend=self.storage.name, key=self.key(pack_id))
 
 
+#: types a JSON tree's leaves have: shared between copies, as ``copy.deepcopy`` does
+_ATOMIC = frozenset({str, int, float, bool, type(None)})
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON tree (dicts, lists and atomic leaves), several times faster
+    than ``copy.deepcopy``; anything else in it is copied by ``copy.deepcopy``. (Unlike
+    ``deepcopy`` it does not keep two references to one dict or list as one: a pack read
+    from JSON never has any.)"""
+    t = type(value)
+    if t is dict:
+        return {k: v if type(v) in _ATOMIC else copy_json(v) for k, v in value.items()}
+    if t is list:
+        return [v if type(v) in _ATOMIC else copy_json(v) for v in value]
+    if t in _ATOMIC:
+        return value
+    return copy.deepcopy(value)
+
+
 def clone(pack: Pack) -> Pack:
     """A deep copy to change and write (the copy in hand stays as stored)."""
-    return copy.deepcopy(pack)
+    return Pack(**{name: copy_json(getattr(pack, name)) for name in _PACK_FIELDS})
+
+
+_PACK_FIELDS = tuple(f.name for f in attrs.fields(Pack))
+
+
+def fork(pack: Pack) -> Pack:
+    """A copy of ``pack`` to change only as the worker changes a pack it holds: entries
+    replaced whole (``put``, ``move_out``) and the pack's own fields set
+    (``settle_status``, ``lease``). Only the list of entries is new: the entries, the
+    template and every value in them are shared with ``pack``, so neither copy may
+    change them in place (``clone`` makes a copy that may)."""
+    return attrs.evolve(pack, entries=list(pack.entries))

@@ -74,8 +74,11 @@ async def store_output(queue: Any, task: Task, output: Any,
     once it is PUT at this attempt's own key. ``InvalidInput`` naming ``output`` if it
     is not JSON or over ``MAX_PAYLOAD_BYTES``; a storage error as raised (the attempt
     fails and is retried)."""
+    cap = model.PAYLOAD_INLINE_BYTES if inline is None else inline
+    if output is None and min(cap, model.MAX_PAYLOAD_BYTES) >= len(b"null"):  # what most handlers return
+        return None, None
     data = encode_value(output, "output")
-    if len(data) <= (model.PAYLOAD_INLINE_BYTES if inline is None else inline):
+    if len(data) <= cap:
         return json.loads(data), None
     key = keys.payload_output(queue.name, task.id, task.attempt, task.lease_id)
     store = queue.store

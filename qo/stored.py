@@ -13,9 +13,11 @@ object costs at most itself (docs/architecture.md, "What failure looks like").
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import math
+import re
 from typing import Any, Callable
 
 from .errors import CorruptObject
@@ -51,29 +53,23 @@ def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON ``text`` nests arrays and objects more than ``limit`` deep, found
     without recursion (so ``json`` is never handed text that would overflow the stack).
     Cheap for ordinary text: only one with more than ``limit`` brackets in all (inside
-    strings too) is scanned, and the scan stops at the first level too deep."""
+    strings too) is measured. Strings are cut out first (an unterminated one runs to the
+    end of the text), then the depth is the running sum over the brackets left."""
     if text.count("[") + text.count("{") <= limit:
         return False
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
+    bare = _STRING.sub("", text)
+    cut = bare.find('"')  # a string that never ends: nothing after it is structure
+    if cut >= 0:
+        bare = bare[:cut]
+    bare = _NOT_BRACKET.sub("", bare)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, bare)), default=0) > limit
+
+
+#: a JSON string as a reader of the text sees it: from a quote to the next one not
+#: escaped by a backslash (the backslash escapes whatever follows it)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -88,6 +84,9 @@ def is_int(v: Any, low: int = 0, high: int | None = None) -> bool:
 
 
 def is_number(v: Any) -> bool:
+    t = type(v)
+    if t is float or t is int:  # the common case, without the isinstance calls
+        return math.isfinite(v)
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -96,6 +95,9 @@ def is_positive(v: Any) -> bool:
 
 
 def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    fast = _OPTIONAL.get(check)  # the same test in one call, for the common checks
+    if fast is not None:
+        return fast
     return lambda v: v is None or check(v)
 
 
@@ -111,8 +113,24 @@ def is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _optional_number(v: Any) -> bool:
+    return v is None or is_number(v)
+
+
+def _optional_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _optional_dict(v: Any) -> bool:
+    return v is None or isinstance(v, dict)
+
+
+_OPTIONAL: dict[Callable[[Any], bool], Callable[[Any], bool]] = {
+    is_number: _optional_number, is_str: _optional_str, is_dict: _optional_dict}
+
+
 def is_list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+    return lambda v: isinstance(v, list) and (not v or all(check(x) for x in v))
 
 
 def matches(pattern: Any) -> Callable[[Any], bool]:

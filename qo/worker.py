@@ -22,6 +22,7 @@ import attrs
 
 from . import keys
 from .aging import age_ready
+from .clock import SystemClock
 from .context import TaskContext
 from .errors import Cancelled, CorruptObject, Fail, InvalidInput, PreconditionFailed, QoError, StorageError, TaskNotFound
 from .events import emit
@@ -691,11 +692,14 @@ class Worker(HandlerHost):
                 run.cancel()
                 self.tasklog.timed_out(ctx.task, ctx.task.timeout_seconds)
                 return None, TimeoutError(f"handler exceeded timeout_seconds={ctx.task.timeout_seconds}")
-            timer = asyncio.ensure_future(self.clock.sleep(remaining))
-            try:
-                await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                timer.cancel()
+            if type(self.clock) is SystemClock:  # its sleep is the loop's: a timer, no task
+                await asyncio.wait((run,), timeout=remaining)
+            else:
+                timer = asyncio.ensure_future(self.clock.sleep(remaining))
+                try:
+                    await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
             if run.done():
                 if run.cancelled():
                     if ctx.task.id in self._terminated:

@@ -76,9 +76,15 @@ class TaskLog:
     # -- the events -----------------------------------------------------------------
 
     def started(self, task: Task) -> None:
+        if not log.isEnabledFor(logging.INFO):  # counted only: no line to format (once per task)
+            self.interval["started"] += 1
+            return
         self._say(logging.INFO, "started", task, f"started (attempt {self._attempts(task)})")
 
     def completed(self, task: Task, seconds: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            self.interval["completed"] += 1
+            return
         ms = round(seconds * 1000)
         self._say(logging.INFO, "completed", task, f"completed in {ms} ms", duration_ms=ms)
 

@@ -23,7 +23,6 @@ import hashlib
 import os
 import stat
 import threading
-import uuid
 import zlib
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -200,7 +199,7 @@ class LocalStorage:
         return fd
 
     def _write_temp(self, data: bytes) -> str:
-        tmp = os.path.join(self._tmp, uuid.uuid4().hex)
+        tmp = os.path.join(self._tmp, os.urandom(16).hex())  # a fresh name (as a uuid4's hex, without the object)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._file_mode)  # never wider
         try:
             if self._chmod:  # group mode under a umask that takes group bits: widen, before any data
@@ -230,7 +229,7 @@ class LocalStorage:
     def _makedirs(self, directory: str) -> None:
         """``os.makedirs(exist_ok=True)`` with the store's directory mode, in one
         ``mkdir`` when the directory exists; FileExistsError if a file is in the way."""
-        if directory == self.root:
+        if directory == self.root or os.path.isdir(directory):  # the common case: one stat, no exception
             return
         try:
             os.mkdir(directory, self._dir_mode)

@@ -43,17 +43,27 @@ class Metrics:
         #: the queue as a whole, from queue.stats() snapshots (qo_metrics/gauges.py)
         self.queue = QueueGauges(self.registry)
         self.refresher = Refresher(self.queue)
+        #: (metric, label values) -> its child: ``labels()`` validates and locks on every
+        #: call to find the same child (children are never removed here), once per event
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(self, event: str, task: Any) -> None:
         """Record one ``qo_task_event``."""
         task_type = str(getattr(task, "task_type", "") or "unknown")
-        self.tasks.labels(task_type=task_type, event=event).inc()
+        self._child(self.tasks, task_type, event).inc()
         started = getattr(task, "started_at", None)
         if event == "started":
             created = getattr(task, "created_at", None)
             # first attempt only: a retry's start would count its earlier attempts as waiting
             if started is not None and created and getattr(task, "attempt", 0) == 1 and started >= created:
-                self.queue_wait_seconds.labels(task_type=task_type).observe(started - created)
+                self._child(self.queue_wait_seconds, task_type).observe(started - created)
             return
         if event not in RUN_OUTCOMES or started is None:
             return
@@ -66,7 +76,7 @@ class Metrics:
         else:
             ended = getattr(task, "finished_at", None)
         if ended is not None and ended >= started:
-            self.run_seconds.labels(task_type=task_type, outcome=event).observe(ended - started)
+            self._child(self.run_seconds, task_type, event).observe(ended - started)
 
     def exposition(self) -> str:
         """The registry in Prometheus text format (what the HTTP endpoint serves)."""

@@ -232,3 +232,20 @@ def test_a_busy_port_is_a_usage_error(tmp_path):
                                 env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot serve metrics" in result.stderr
+
+
+def test_the_children_kept_between_events_are_the_ones_the_registry_exposes():
+    m = Metrics()
+    for i in range(3):
+        task = qo.Task(id=f"t{i}", task_type="mail", created_at=1.0, started_at=2.0, attempt=1)
+        m.observe("started", task)
+        task.finished_at = 3.0
+        m.observe("succeeded", task)
+    m.observe("succeeded", qo.Task(id="t9", task_type="other", started_at=1.0, finished_at=1.5))
+    got = samples(m.exposition())
+    assert value(got, "qo_tasks_total", task_type="mail", event="started") == 3
+    assert value(got, "qo_tasks_total", task_type="mail", event="succeeded") == 3
+    assert value(got, "qo_task_queue_wait_seconds_count", task_type="mail") == 3
+    assert value(got, "qo_task_run_seconds_sum", task_type="mail", outcome="succeeded") == 3.0
+    assert value(got, "qo_task_run_seconds_count", task_type="other", outcome="succeeded") == 1
+    assert m._child(m.tasks, "mail", "started") is m.tasks.labels(task_type="mail", event="started")

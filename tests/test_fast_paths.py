@@ -1,0 +1,274 @@
+"""The engine's fast paths give what the plain code they replace gives (no timing here:
+benchmarks/bench.py judges speed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import attrs
+
+from qo import keys
+from qo.model import Task, dumps
+from qo.packs import Pack, clone, copy_json
+
+
+def _pack() -> Pack:
+    pid = keys.new_pack_id(3)
+    tasks = [Task(id=keys.entry_id(pid, i), task_type="t", input={"i": i, "deep": [{"x": [1, 2.5, None]}]},
+                  created_at=1.0, available_at=1.0, updated_at=1.0) for i in range(3)]
+    pack = Pack.build(pid, tasks, 1.0)
+    pack.lease = {"worker_id": "w", "lease_id": "l", "claimed_at": 2.0}
+    pack.extra = {"future": {"nested": [1, {"a": True}]}}
+    return pack
+
+
+def test_clone_is_a_deep_copy_equal_to_deepcopy():
+    pack = _pack()
+    new = clone(pack)
+    assert new == copy.deepcopy(pack) == pack
+    assert new.to_json() == pack.to_json()
+    # nothing mutable is shared: changing the copy anywhere leaves the original as it was
+    before = pack.to_json()
+    new.entries[0]["input"]["deep"][0]["x"].append(3)
+    new.template["status"] = "running"
+    new.lease["lease_id"] = "other"
+    new.extra["future"]["nested"][1]["a"] = False
+    new.entries.append({})
+    assert pack.to_json() == before
+
+
+def test_copy_json_falls_back_to_deepcopy_for_other_types():
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+    value = {"a": [Box([1])], "t": (1, [2])}
+    out = copy_json(value)
+    assert out["a"][0] is not value["a"][0] and out["a"][0].v == [1] and out["a"][0].v is not value["a"][0].v
+    assert out["t"] == (1, [2]) and out["t"][1] is not value["t"][1]
+
+
+def test_to_dict_and_from_dict_match_attrs():
+    task = Task(id="0" * 24, task_type="t", input={"x": 1}, extra={"newer": 1})
+    d = task.to_dict()
+    assert d == {**task.extra, **{k: v for k, v in attrs.asdict(task, recurse=False).items() if k != "extra"}}
+    assert list(d)[0] == "newer"  # extra first, then the fields in their order, as before
+    assert Task.from_dict(d) == task
+    plain = Task(id="0" * 24, task_type="t")
+    assert list(plain.to_dict()) == [f.name for f in attrs.fields(Task) if f.name != "extra"]
+    again = Task.from_dict(plain.to_dict())
+    assert again == plain and again.extra == {}
+    pack = _pack()
+    assert Pack.from_dict(pack.to_dict()) == pack and pack.to_dict()["future"] == {"nested": [1, {"a": True}]}
+
+
+def test_dumps_is_canonical_json():
+    value = {"b": [1.5, None, "é"], "a": {"z": 1, "y": True}}
+    assert dumps(value) == json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                                      ensure_ascii=False).encode()
+    for bad in (float("nan"), float("inf")):
+        try:
+            dumps({"x": bad})
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("NaN/Infinity must be refused")
+
+
+def test_field_checks_answer_as_the_plain_checks():
+    import enum
+    import math
+
+    from qo import stored
+
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    class Sub(float):
+        pass
+
+    values = [None, True, False, 0, 1, -5, 2.5, float("nan"), float("inf"), -float("inf"), Level.LOW, Sub(1.5),
+              Sub("inf"), "x", "", b"x", [], ["a"], {}, {"a": 1}, (), 10 ** 20]
+
+    def plain_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    plain = {stored.is_number: plain_number, stored.is_str: lambda v: isinstance(v, str),
+             stored.is_dict: lambda v: isinstance(v, dict)}
+    for check, reference in plain.items():
+        opt = stored.optional(check)
+        for v in values:
+            assert check(v) == reference(v), (check, v)
+            assert opt(v) == (v is None or reference(v)), (check, v)
+    listed = stored.is_list_of(stored.is_str)
+    assert listed([]) and listed(["a"]) and not listed([1]) and not listed(()) and not listed(None)
+    odd = stored.optional(lambda v: v == 3)  # any other check keeps the generic wrapper
+    assert odd(None) and odd(3) and not odd(4)
+
+
+def test_fork_shares_entries_but_replacing_one_leaves_the_original_as_it_was():
+    from qo.packs import fork
+
+    pack = _pack()
+    before = pack.to_json()
+    new = fork(pack)
+    task = new.task(1)
+    task.status, task.attempt = "running", 1
+    new.put(1, task)
+    new.move_out(2, new.task(2))
+    new.status, new.lease = "running", {"worker_id": "x", "lease_id": "y", "claimed_at": 3.0}
+    new.settle_status(5.0)
+    assert pack.to_json() == before
+    assert new.status_of(1) == "running" and new.status_of(2) == "moved" and pack.status_of(1) == "pending"
+
+
+async def test_a_pack_remembered_after_a_read_or_a_write_is_what_storage_holds(tmp_path):
+    """The PackStore remembers the bytes it read or wrote: a caller that changes its pack
+    in place afterwards cannot make a later CAS write anything but the stored version."""
+    import qo
+
+    q = await qo.connect(str(tmp_path), queue="fp")
+    try:
+        tasks = await q.submit_many([("t", {"i": i}) for i in range(4)])
+        packs = q.store.packs
+        pack_id = keys.pack_of(tasks[0].id)[0]
+        pack, etag = await packs.load(pack_id)
+        pack.entries[2]["input"]["i"] = 99  # the caller's copy, changed in place
+        pack.template["max_retries"] = 7
+        recalled_etag, recalled = packs._recall(pack_id)
+        assert recalled_etag == etag and recalled.entries[2]["input"] == {"i": 2}
+        assert recalled.template["max_retries"] == 3
+        recalled.entries[3]["input"]["i"] = 55  # a recalled copy is the caller's own too
+        assert packs._recall(pack_id)[1].entries[3]["input"] == {"i": 3}
+        # a change of one task through the remembered version writes the others as stored
+        await q.cancel(tasks[1].id)
+        stored, _ = await packs.load(pack_id)
+        assert [stored.task(i).input for i in range(4)] == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}]
+        assert stored.task(1).status == "cancelled" and stored.template["max_retries"] == 3
+        # and after a write: the bytes written, not the object the writer keeps changing
+        stored.template["timeout_seconds"] = 1.0
+        etag2 = await packs.replace(stored, (await packs.load(pack_id))[1])
+        stored.template["timeout_seconds"] = 2.0
+        assert packs._recall(pack_id)[0] == etag2
+        assert packs._recall(pack_id)[1].template["timeout_seconds"] == 1.0
+    finally:
+        await q.close()
+
+
+def test_a_task_built_with_the_template_checked_once_is_the_task_built_in_full():
+    import pytest
+
+    from qo.errors import CorruptObject
+
+    pack = _pack()
+    assert pack.check_template()
+    for i in range(3):
+        assert pack.task(i, template_checked=True) == pack.task(i)
+    # a bad field of the entry: the same error as the full check names
+    pack.entries[1] = {**pack.entries[1], "attempt": -1, "priority": "high"}
+    with pytest.raises(CorruptObject) as full:
+        pack.task(1, "k")
+    with pytest.raises(CorruptObject) as checked:
+        pack.task(1, "k", template_checked=True)
+    assert str(checked.value) == str(full.value) and "priority" in str(full.value)
+    # a bad shared field: check_template says so, and the full check is used
+    bad = _pack()
+    bad.template = {**bad.template, "timeout_seconds": -5}
+    assert not bad.check_template()
+    with pytest.raises(CorruptObject):
+        bad.task(0)
+    # a template without a required field that the entry gives is fine, one no one gives is not
+    partial = _pack()
+    partial.template = {k: v for k, v in partial.template.items() if k != "status"}
+    partial.entries[0] = {**partial.entries[0], "status": "pending"}
+    assert partial.task(0, template_checked=True) == partial.task(0)
+    with pytest.raises(CorruptObject):
+        partial.task(1, template_checked=True)
+
+
+async def test_a_held_pack_keeps_what_another_writer_changes_in_its_entries(tmp_path):
+    """The slot runs the claim's task and the flush reuses its flags only while the held
+    pack has the same entry: a dependent submitted on a running task and on one not yet
+    started (each a CAS of the pack by another writer) is released once its parent ends."""
+    import asyncio
+
+    import qo
+    from qo.worker import Worker
+
+    q = await qo.connect(str(tmp_path), queue="fp")
+    try:
+        tasks = await q.submit_many([("job", i) for i in range(3)])
+        worker = Worker(q, concurrency=1, aging=False, poll_min=0.01, poll_max=0.05, sweep_interval=0.2,
+                        buffer_max_age=0.5)
+        children: list[str] = []
+        ran: list[object] = []
+
+        @worker.handler("job")
+        async def job(x: int) -> int:
+            if x == 0:  # running now: one dependent on itself, one on a sibling not started
+                children.append((await q.submit("child", "of-0", depends_on=[tasks[0].id])).id)
+                children.append((await q.submit("child", "of-2", depends_on=[tasks[2].id])).id)
+            if x == 1:  # meanwhile a timed flush is refused and re-reads the pack: task 2's
+                await asyncio.sleep(1.0)  # entry now says it has a dependent
+            return x
+
+        @worker.handler("child")
+        async def child(x: str) -> None:
+            ran.append(x)
+
+        await asyncio.wait_for(worker.run(until_idle=True), 60)
+        assert sorted(ran) == ["of-0", "of-2"]
+        for t in tasks:
+            got = await q.get(t.id)
+            assert got.status == "completed" and got.attempt == 1
+        assert (await q.get(tasks[0].id)).has_dependents and (await q.get(tasks[2].id)).has_dependents
+        assert [(await q.get(c)).status for c in children] == ["completed", "completed"]
+    finally:
+        await q.close()
+
+
+def _too_deep_by_scanning(text: str, limit: int) -> bool:
+    """The character scanner too_deep replaced: the reference it must agree with."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def test_too_deep_agrees_with_a_character_scanner():
+    import random
+
+    from qo import stored
+
+    rng = random.Random(5)
+    alphabet = '[]{}"\\ab,:\n'
+    for _ in range(30000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        for limit in (0, 1, 2, 4):
+            assert stored.too_deep(text, limit) == _too_deep_by_scanning(text, limit), (text, limit)
+    for depth in (199, 200, 201, 300):
+        nested = "[" * depth + "]" * depth
+        assert stored.too_deep(nested) == (depth > 200) == _too_deep_by_scanning(nested, 200)
+        quoted = json.dumps({"s": "[{" * depth + '\\"]', "v": [[1]] * 150})
+        assert stored.too_deep(quoted) is False is _too_deep_by_scanning(quoted, 200)
+    assert stored.too_deep('"' + "[" * 300) is False  # an unterminated string holds the rest
+    assert stored.too_deep("[" * 201 + '"') is True
