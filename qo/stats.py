@@ -133,9 +133,12 @@ async def queue_stats(queue: Any) -> dict[str, Any]:
               **{s: n for s, (n, _) in zip(ended_statuses, ended)}}
     exact = {"pending": ready_all and delayed_all, "blocked": blocked_all, "running": False,
              **{s: all_ for s, (_, all_) in zip(ended_statuses, ended)}}
+    layout = getattr(queue.storage, "layout", None)  # known by now: listing ready/ needed it
     return {
         "queue": queue.name,
         "at": now,
+        # the key layout (qo/layout.py): 1 is flat
+        "shards": layout.shards if layout is not None else 1,
         "counts": counts,
         # running: leases named in live workers' records (a candidate about to be claimed
         # is named too); other counts are exact unless false here (then a lower bound)

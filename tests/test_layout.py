@@ -68,7 +68,7 @@ async def test_a_spread_queue_stores_each_kind_in_its_shards_and_works_as_before
     assert [t.id async for t in q.list(limit=None)] == submitted
     assert [t.id async for t in q.list(limit=None, newest_first=True)] == submitted[::-1]
     stats = await q.stats()
-    assert (stats["counts"]["pending"], stats["ready"], stats["delayed"]) == (65, 64, 1)
+    assert (stats["counts"]["pending"], stats["ready"], stats["delayed"], stats["shards"]) == (65, 64, 1, 4)
 
     # a worker drains it, each shard in priority order (one slot: the order is the claim
     # order; a worker lists one shard a refill, in turn)
@@ -163,6 +163,7 @@ async def test_a_layout_is_recorded_before_the_first_task_and_never_changes(stor
         await busy.set_layout(4)
     assert await stored(busy, "tasks") == [keys.task("busy", task.id)]
     assert (await busy.get(task.id)).input == 1
+    assert (await busy.stats())["shards"] == 1
     await busy.close()
 
     runner = CliRunner()
@@ -181,6 +182,8 @@ async def test_a_layout_is_recorded_before_the_first_task_and_never_changes(stor
     assert json.loads(result.output)["shards"] == 8
     result = await asyncio.to_thread(qo_cli, "layout", "--queue", "busy")
     assert "flat (no layout recorded)" in result.output
+    result = await asyncio.to_thread(qo_cli, "stats", "--queue", "lay")
+    assert result.exit_code == 0 and "keys in 8 shards" in result.output.splitlines()[0]
     await q.close()
 
 

@@ -29,7 +29,8 @@ def _n(stats: dict[str, Any], status: str) -> str:
 def render(stats: dict[str, Any], where: str) -> str:
     """The human view of ``queue.stats()``; a count ending in + is a lower bound."""
     c = stats["counts"]
-    lines = [f"queue {stats['queue']!r} at {where}    {iso(stats['at'])}",
+    spread = f"    keys in {stats['shards']} shards" if stats.get("shards", 1) > 1 else ""
+    lines = [f"queue {stats['queue']!r} at {where}    {iso(stats['at'])}{spread}",
              f"  tasks      pending {_n(stats, 'pending')} (ready {stats['ready']}, delayed {stats['delayed']})"
              f"   running {c['running']}   blocked {_n(stats, 'blocked')}",
              f"  ended      failed {_n(stats, 'failed')} (dead letters)   cancelled {_n(stats, 'cancelled')}"
