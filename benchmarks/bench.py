@@ -185,6 +185,11 @@ class S3Server:
     def url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}?endpoint_url={quote(self.endpoint_url, safe='')}&region=us-east-1"
 
+    def partitions(self) -> dict[str, dict[str, int]]:
+        """The throttle's requests, SlowDowns and peak per partition prefix."""
+        with urllib.request.urlopen(f"{self.endpoint_url}/__partitions", timeout=10) as r:
+            return json.loads(r.read())
+
     def stats(self, reset: bool = False) -> dict[str, int]:
         req = urllib.request.Request(f"{self.endpoint_url}/__stats", method="POST" if reset else "GET")
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -496,6 +501,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
             }
             if args.slowdown_rate:  # refused requests, already inside the counts above
                 result["server_slowdowns"] = slowdowns
+                parts = server.partitions()  # the whole run's, the most refused first
+                result["server_slowdowns_by_prefix"] = {
+                    name.split("/", 1)[1]: v for name, v in sorted(parts.items(), key=lambda kv: -kv[1]["slowdowns"])[:12]}
 
         # verify, uncounted
         statuses = asyncio.run(status_counts(url))

@@ -8,7 +8,8 @@ bucket exists and the server is serving, then serves until killed. Every request
 ``--latency-ms`` (in its own server thread, so concurrent requests overlap), like a real
 S3 round trip of ~25 ms. Writes reach moto one at a time: moto's conditional PUT is
 check-then-write, not atomic under a threaded server (S3's is). ``GET /__stats`` returns the requests counted so far by kind
-(GET, PUT, PUT_COND, LIST, DELETE, DELETE_BATCH, ...); ``POST /__stats`` returns them
+(GET, PUT, PUT_COND, LIST, DELETE, DELETE_BATCH, ...); ``GET /__partitions`` the throttle's
+requests, SlowDowns and peak per partition prefix; ``POST /__stats`` returns them
 and resets. The server-side counts cross-check the client-side CountingStorage.
 
 ``--slowdown-rate N`` throttles as S3 does (``qo.testing.slowdown.SlowDown``): at most N
@@ -67,6 +68,10 @@ def make_app(latency_s: float, slowdown_rate: float | None = None,
     writes = threading.Lock()
 
     def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "").startswith("/__partitions"):  # the throttle's view, by prefix
+            body = json.dumps(throttle.stats()["partitions"] if throttle is not None else {}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         if environ.get("PATH_INFO", "").startswith("/__stats"):
             with lock:
                 body = json.dumps(dict(counts)).encode()
