@@ -73,6 +73,9 @@ class PackRun:
     lost: bool = False
     finished: bool = False
     lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    #: the entries' encodings of the last write (``Pack.to_json``): a flush encodes
+    #: only the entries it replaced
+    fragments: dict = attrs.field(factory=dict)
 
     @property
     def id(self) -> str:
@@ -157,11 +160,12 @@ class PackRunner:
             new.settle_status(now)
         if ended:  # the ended/ index first: readers verify it against the task
             await asyncio.gather(*(w.store.put_marker(k) for k in ended))
+        fragments: dict = {}
         try:
-            etag = await packs.replace(new, etag)
+            etag = await packs.replace(new, etag, fragments=fragments)
         except PreconditionFailed:
             return Missed("lost the race", stale=False)
-        run = PackRun(new, etag, lease_id)
+        run = PackRun(new, etag, lease_id, fragments=fragments)
         if taken:
             self.held[new.id] = run
             run.waiting.update(taken)
@@ -281,7 +285,7 @@ class PackRunner:
                 await asyncio.gather(*(w.store.put_marker(k) for k in ended),  # projections first
                                      *(w.store.put_marker(t.marker_key(w.queue.name, w.clock.now())) for t in moved))
                 try:
-                    etag = await w.store.packs.replace(new, run.etag)
+                    etag = await w.store.packs.replace(new, run.etag, fragments=run.fragments)
                 except PreconditionFailed:
                     await self._reread(run)
                     if not run.lost:

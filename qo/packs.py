@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import os
 from typing import Any, Callable, ClassVar
 
 import attrs
@@ -36,6 +37,14 @@ MOVED = "moved"
 PACK_STATUSES = ("pending", "running", "done")
 #: task fields every entry carries itself, never from the template
 _OWN = ("id", "rev", "schema")
+
+
+#: encoded entries of a pack by the entry's identity (``Pack.to_json``)
+Fragments = dict[int, tuple[dict[str, Any], bytes]]
+#: stands for the entries in the encoded pack until they are spliced in (no stored
+#: value can encode to it: it is drawn at random per process)
+_ENTRIES_SLOT = f"qo-entries-{os.urandom(12).hex()}"
+_ENTRIES_SLOT_JSON = dumps(_ENTRIES_SLOT)
 
 
 def entry_fingerprint(entry: dict[str, Any]) -> str:
@@ -94,6 +103,27 @@ class Pack(StoredRecord):
         for i, task in enumerate(tasks):
             pack.put(i, task)
         return pack
+
+    def to_json(self, fragments: Fragments | None = None) -> bytes:
+        """The stored form. ``fragments``: the encoded entries of this pack's last write,
+        by identity, for a pack changed only as ``fork`` allows (entries replaced whole,
+        never changed in place): an entry that is the same object is not encoded again
+        (a holder's flush rewrites a whole pack to change a few entries). Refreshed to
+        the current entries. The bytes are those of ``dumps(self.to_dict())``."""
+        if fragments is None:
+            return dumps(self.to_dict())
+        d = self.to_dict()
+        entries, d["entries"] = d["entries"], _ENTRIES_SLOT
+        parts: list[bytes] = []
+        fresh: Fragments = {}
+        for entry in entries:
+            hit = fragments.get(id(entry))
+            part = hit[1] if hit is not None and hit[0] is entry else dumps(entry)
+            fresh[id(entry)] = (entry, part)  # the entry is kept: its id stays its own
+            parts.append(part)
+        fragments.clear()
+        fragments.update(fresh)
+        return dumps(d).replace(_ENTRIES_SLOT_JSON, b"[" + b",".join(parts) + b"]", 1)
 
     @classmethod
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> "Pack":
@@ -263,13 +293,14 @@ class PackStore:
         """Create-only write of a new pack (a lost response that landed is recognised)."""
         return await self._write(pack, None)
 
-    async def replace(self, pack: Pack, etag: str) -> str:
-        """CAS ``pack`` over ``etag``; ``PreconditionFailed`` if it changed."""
-        return await self._write(pack, etag)
+    async def replace(self, pack: Pack, etag: str, *, fragments: Fragments | None = None) -> str:
+        """CAS ``pack`` over ``etag``; ``PreconditionFailed`` if it changed. ``fragments``:
+        see ``Pack.to_json`` (a holder writing the packs it ``fork``\ s)."""
+        return await self._write(pack, etag, fragments)
 
-    async def _write(self, pack: Pack, etag: str | None) -> str:
+    async def _write(self, pack: Pack, etag: str | None, fragments: Fragments | None = None) -> str:
         pack.rev = new_rev()
-        data = pack.to_json()
+        data = pack.to_json(fragments)
         etag = await self._put(pack, etag, data)
         self._remember(pack.id, etag, data)
         return etag

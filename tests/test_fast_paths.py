@@ -272,3 +272,25 @@ def test_too_deep_agrees_with_a_character_scanner():
         assert stored.too_deep(quoted) is False is _too_deep_by_scanning(quoted, 200)
     assert stored.too_deep('"' + "[" * 300) is False  # an unterminated string holds the rest
     assert stored.too_deep("[" * 201 + '"') is True
+
+
+def test_a_held_pack_encodes_only_the_entries_it_replaced_and_writes_the_same_bytes(monkeypatch):
+    import qo.packs as packs
+
+    pack = _pack()
+    pack.extra = {"aaa": {"entries": []}, "zzz": '"entries":[]'}  # the entries' own text, elsewhere
+    fragments: dict = {}
+    assert pack.to_json(fragments) == dumps(pack.to_dict())
+    assert len(fragments) == 3
+    encoded: list = []
+    real = packs.dumps
+    monkeypatch.setattr(packs, "dumps", lambda obj: (encoded.append(obj), real(obj))[1])
+    new = packs.fork(pack)
+    task = new.task(1)
+    task.status, task.attempt, task.output = "completed", 1, {"ok": [1, 2]}
+    new.put(1, task)
+    data = new.to_json(fragments)
+    assert data == real(new.to_dict()) and json.loads(data)["entries"][1]["status"] == "completed"
+    assert [obj for obj in encoded if obj is not None and "template" not in obj] == [new.entries[1]]  # one entry
+    assert set(fragments) == {id(e) for e in new.entries}  # the replaced entry's old encoding is gone
+    assert pack.to_json() == real(pack.to_dict())  # the original, as it was
