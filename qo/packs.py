@@ -178,8 +178,13 @@ class Pack(StoredRecord):
     def put(self, index: int, task: Task) -> None:
         """Store ``task`` as entry ``index``: only what differs from the template."""
         d = task.to_dict()
-        self.entries[index] = {k: v for k, v in d.items()
-                               if k not in ("id", "schema") and (k == "rev" or self.template.get(k, attrs.NOTHING) != v)}
+        del d["id"]
+        d.pop("schema", None)
+        rev = d.pop("rev")
+        get = self.template.get
+        entry = {k: v for k, v in d.items() if get(k, attrs.NOTHING) != v}
+        entry["rev"] = rev  # always the entry's own
+        self.entries[index] = entry
 
     def move_out(self, index: int, task: Task) -> None:
         """Entry ``index`` leaves the pack as ``task`` (pending again: a retry); its
