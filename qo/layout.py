@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import random
 import zlib
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import attrs
 
-from .errors import ConfigurationError, InvalidInput, NotFound, PreconditionFailed
-from .keys import settings_key
+from .errors import ConfigurationError, InvalidInput
 from .storage import Blob, Entry, delete_many
 
 __all__ = ["Layout", "SpreadStorage", "SHARD_COUNTS", "SPREAD_KINDS"]
@@ -144,16 +142,18 @@ class _Stream:
 
 
 #: attributes of the wrapper itself (the storage methods: a test may stand one in)
-_OWN = frozenset({"inner", "queue", "layout", "get", "put", "delete", "list", "delete_many"})
+_OWN = frozenset({"inner", "queue", "layout", "loader", "get", "put", "delete", "list", "delete_many"})
 
 
 class SpreadStorage:
     """The storage of one queue seen through its layout: logical keys in, stored keys
     out. Every other attribute is the wrapped storage's."""
 
-    def __init__(self, inner: Any, queue: str):
+    def __init__(self, inner: Any, queue: str, loader: Callable[[], Awaitable[Any]]):
+        """``loader`` reads the queue's settings object (which calls ``learn``)."""
         self.inner = inner
         self.queue = queue
+        self.loader = loader
         self._root = f"{queue}/"
         self._kinds = tuple(f"{queue}/{k}/" for k in SPREAD_KINDS)
         self.layout: Layout | None = None
@@ -177,33 +177,17 @@ class SpreadStorage:
     # -- the layout ------------------------------------------------------------------
 
     async def get_layout(self, *, refresh: bool = False) -> Layout:
-        """The queue's layout: learned from the queue's settings object when they are
-        read (a worker and a producer read them anyway), else read here (one GET)."""
+        """The queue's layout: learned when the queue's settings are read (a worker and a
+        producer read them anyway), else read now through ``loader`` (one GET)."""
         if self.layout is not None and not refresh:
             return self.layout
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self.layout is None or refresh:
-                layout, _, _ = await self._read()
-                self.learn(layout)
+                await self.loader()  # reads the settings object, which calls learn()
         assert self.layout is not None
         return self.layout
-
-    async def _read(self) -> tuple[Layout, dict[str, Any] | None, str | None]:
-        """(layout, the settings document, its etag) as stored now."""
-        key = settings_key(self.queue)
-        try:
-            blob = await self.inner.get(key)
-        except NotFound:
-            return Layout(), None, None
-        try:
-            doc = json.loads(blob.data)
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):  # the settings are unreadable (replaced on their next write): flat
-            return Layout(), None, blob.etag
-        return Layout.from_doc(doc.get("layout"), key), doc, blob.etag
 
     def learn(self, layout: Layout) -> None:
         """Use ``layout`` (read with the queue's settings). A recorded layout is kept for
@@ -224,39 +208,13 @@ class SpreadStorage:
                 self.__dict__.pop(name, None)
             self._stepped.clear()
 
-    async def set_layout(self, shards: int, now: float) -> Layout:
-        """Record ``shards`` in the queue's settings object, by CAS, if the queue holds no
-        task yet; the same layout again is a no-op; another one is refused
-        (``InvalidInput`` naming ``shards``)."""
-        shards = check_shards(shards)
-        key = settings_key(self.queue)
-        for _ in range(16):
-            current, doc, etag = await self._read()
-            if current.recorded:
-                self.learn(current)
-                if current.shards == shards:
-                    return current
-                raise InvalidInput("shards", f"queue {self.queue!r} is laid out in {current.shards} shard"
-                                   f"{'s' if current.shards != 1 else ''}; a layout never changes once recorded "
-                                   "(make a new queue for another)")
-            for kind in self._kinds:
-                found = await self.inner.list(kind, limit=1)
-                if found:
-                    raise InvalidInput("shards", f"queue {self.queue!r} already holds tasks ({found[0].key}); "
-                                       "a layout is set before the queue's first task (make a new queue for another)")
-            layout = Layout(shards, recorded=True)
-            new = {"schema": 1, "settings": {}, **(doc or {}), "layout": layout.to_doc(), "layout_at": now}
-            data = json.dumps(new, sort_keys=True).encode()
-            try:
-                if etag is None:
-                    await self.inner.put(key, data, if_none_match=True)
-                else:
-                    await self.inner.put(key, data, if_match=etag)
-            except PreconditionFailed:
-                continue  # the settings changed meanwhile (or a layout was recorded): again
-            self._use(layout)
-            return layout
-        raise InvalidInput("shards", "the queue's settings kept changing while the layout was recorded; try again")
+    async def first_task_key(self) -> str | None:
+        """A stored key of a spread kind, if the queue holds any (one LIST a kind)."""
+        for kind in self._kinds:
+            found = await self.inner.list(kind, limit=1)
+            if found:
+                return found[0].key
+        return None
 
     # -- keys -------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from .meter import meter_of
 from .idempotency import DEFAULT_TTL_DAYS, Idempotency, IdempotencyRequest, check_request
 from .payloads import load as load_payload, offload_input
 from .plugins import Plugins, get_plugins
-from .layout import Layout, SpreadStorage
+from .layout import Layout, SpreadStorage, check_shards
 from .queue_settings import TASK_DEFAULTS, QueueSettings
 from .storage import Storage
 from .store import TaskStore
@@ -108,7 +108,7 @@ class Queue:
         self.requests = meter_of(storage)
         #: the backend seen through the queue's key layout (qo/layout.py): the engine's
         #: keys are logical, the wrapper stores them where the layout says
-        self.storage = SpreadStorage(storage, self.name)
+        self.storage = SpreadStorage(storage, self.name, loader=lambda: self.settings.read_once())
         #: the backend itself, as opened (keys as stored)
         self.backend = storage
         self.plugins = plugins or get_plugins()
@@ -633,16 +633,26 @@ class Queue:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def layout(self) -> Layout:
-        """How the queue's keys are spread over prefixes (qo/layout.py): read once, kept."""
-        return await self.storage.get_layout()
+    async def layout(self, *, refresh: bool = False) -> Layout:
+        """How the queue's keys are spread over prefixes (qo/layout.py): read once, kept
+        (``refresh``: read the settings object again)."""
+        return await self.store.backoff.call(lambda: self.storage.get_layout(refresh=refresh))
 
     async def set_layout(self, shards: int) -> Layout:
         """Spread the queue's per-task keys over ``shards`` prefixes (1-256, a power of
-        two), recorded in ``{queue}/layout.json``. Only before the queue's first task, and
+        two), recorded in its settings object. Only before the queue's first task, and
         never changed after: ``InvalidInput`` naming ``shards`` otherwise. Set it before
         any producer or worker opens the queue (each reads the layout once)."""
-        return await self.storage.set_layout(shards, self.clock.now())
+        shards = check_shards(shards)
+        current = await self.layout(refresh=True)
+        if not current.recorded:
+            first = await self.storage.first_task_key()
+            if first is not None:
+                raise InvalidInput("shards", f"queue {self.name!r} already holds tasks ({first}); a layout is "
+                                   "set before the queue's first task (make a new queue for another)")
+        layout = await self.settings.record_layout(shards)
+        self.storage.learn(layout)
+        return layout
 
     @property
     def limits(self) -> Limits:

@@ -269,11 +269,20 @@ class QueueSettings:
         stored, _, etag = await self._read_all()
         return stored, etag
 
-    async def _read_all(self) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    async def read_once(self) -> None:
+        """Read the object now with one GET and no retry (the caller's own retry covers
+        it: the key layout read on a spread key's first use, qo/layout.py)."""
+        stored, _, _ = await self._read_all(retry=False)
+        self._values, self._read_at = _decode(stored), self.queue.clock.now()
+
+    async def _read_all(self, retry: bool = True) -> tuple[dict[str, Any], dict[str, Any], str | None]:
         """(settings, the rest of the object, etag); the storage learns the queue's layout."""
         store = self.queue.store
         try:
-            blob = await store.backoff.call(lambda: store.storage.get(self.key))
+            if retry:
+                blob = await store.backoff.call(lambda: store.storage.get(self.key))
+            else:
+                blob = await store.storage.get(self.key)
         except NotFound:
             kept: dict[str, Any] = {}
             stored, etag = {}, None
@@ -284,11 +293,38 @@ class QueueSettings:
             learn(Layout.from_doc(kept.get("layout"), self.key))
         return stored, kept, etag
 
-    async def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-        """Read, change, write by CAS; again from the read when another writer won."""
+    async def record_layout(self, shards: int) -> Layout:
+        """Record the queue's key layout (qo/layout.py) beside the settings, merged by CAS
+        as every write is: the same layout again writes nothing; another one is refused
+        (``InvalidInput`` naming ``shards``): a layout never changes."""
+        now = self.queue.clock.now()
+        layout = Layout(shards, recorded=True)
+
+        def keep(kept: dict[str, Any]) -> dict[str, Any] | None:
+            current = Layout.from_doc(kept.get("layout"), self.key)
+            if not current.recorded:
+                return {**kept, "layout": layout.to_doc(), "layout_at": now}
+            if current.shards != shards:
+                raise InvalidInput("shards", f"queue {self.queue.name!r} is laid out in {current.shards} shard"
+                                   f"{'s' if current.shards != 1 else ''}; a layout never changes once recorded "
+                                   "(make a new queue for another)")
+            return None
+
+        await self._update(lambda current: current, keep)
+        return layout
+
+    async def _update(self, change: Callable[[dict[str, Any]], dict[str, Any]],
+                      keep: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        """Read, change, write by CAS; again from the read when another writer won.
+        ``keep`` changes what the object holds besides the settings (None: nothing to write)."""
         store = self.queue.store
         for _ in range(WRITE_ATTEMPTS):
             stored, kept, etag = await self._read_all()
+            if keep is not None:
+                kept = keep(kept)
+                if kept is None:
+                    self._values, self._read_at = _decode(stored), self.queue.clock.now()
+                    return dict(self._values)
             new = change(stored)
             known = {k: v for k, v in new.items() if k in SPECS}
             check_settings(known)  # e.g. poll_min set above a poll_max set earlier

@@ -52,7 +52,7 @@ def layout(ctx: click.Context, as_json: bool, url: str | None, queue_name: str |
 async def show(as_json: bool = False, url: str | None = None, queue_name: str | None = None) -> None:
     """The queue's layout: flat, or how many shards."""
     async with await open_queue(url, queue_name) as queue:
-        _show(_row(queue, await queue.storage.get_layout(refresh=True)), as_json)
+        _show(_row(queue, await queue.layout(refresh=True)), as_json)
 
 
 @layout.command("set")
