@@ -300,7 +300,7 @@ class PackStore:
 
     async def replace(self, pack: Pack, etag: str, *, fragments: Fragments | None = None) -> str:
         """CAS ``pack`` over ``etag``; ``PreconditionFailed`` if it changed. ``fragments``:
-        see ``Pack.to_json`` (a holder writing the packs it ``fork``\ s)."""
+        see ``Pack.to_json`` (a holder writing the packs it ``fork``-s)."""
         return await self._write(pack, etag, fragments)
 
     async def _write(self, pack: Pack, etag: str | None, fragments: Fragments | None = None) -> str:

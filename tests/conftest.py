@@ -90,6 +90,7 @@ def storage_url(backend, tmp_path, request):
         yield str(tmp_path / "store")
     elif backend == "azure":
         azurite = request.getfixturevalue("azurite")
+        azurite.restart_if_older()  # before its first garbage collection stalls it (qo_azure.testing)
         url = azurite.new_container(prefix=f"t-{uuid.uuid4().hex[:8]}")
         yield url
         try:  # Azurite holds every container in memory: a suite's worth slowed it to a halt

@@ -14,6 +14,11 @@ there with npm), else ``azurite-blob`` on ``PATH``. :func:`find_azurite` returns
 ``Azurite.shared()`` is one server per process, stopped at exit: test suites whose
 fixtures live in different conftest files then agree on the one connection string in
 the environment. The server dies with the process that started it (Linux).
+
+Azurite frees the data of deleted blobs in one garbage collection 10 minutes after it
+starts (then every 10 minutes). After a test suite's worth of writes that pass stalls
+every request for over a minute, so a long-lived test server is restarted between
+tests before it gets there: ``restart_if_older(seconds)``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class Azurite:
         self._proc: subprocess.Popen | None = None
         self._log: Any = None  # an unlinked temp file: the server's output, gone with the process
         self._port: int | None = None
+        self._started_at = 0.0
 
     @property
     def endpoint_url(self) -> str:
@@ -129,11 +135,22 @@ class Azurite:
                 preexec_fn=_die_with_parent if os.name == "posix" else None,
             )
             if self._wait_ready(timeout):
+                self._started_at = time.monotonic()
                 return
             self._kill()
         output = self._stderr()
         self.stop()
         raise RuntimeError(f"Azurite did not start: {output}")
+
+    def restart_if_older(self, seconds: float = 420.0) -> None:
+        """Restart the server (new port, new connection string exported, no data) when it
+        has run longer than ``seconds``, so that it never reaches its first garbage
+        collection (see the module's doc). Call it between tests only: it drops every
+        container."""
+        if self._proc is not None and time.monotonic() - self._started_at > seconds:
+            self.stop()
+            self.start()
+            self.export_env()
 
     def _wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -29,4 +29,5 @@ def azurite() -> Iterator[Azurite]:
 @pytest.fixture
 def azure_url(azurite: Azurite) -> str:
     """A fresh, empty container (under a prefix, so that keys are relative to it)."""
+    azurite.restart_if_older()  # before its first garbage collection stalls it (qo_azure.testing)
     return azurite.new_container(prefix=f"t-{uuid.uuid4().hex[:8]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -315,6 +316,30 @@ async def test_keys_azure_cannot_store_are_refused_up_front(storage):
         with pytest.raises(qo.InvalidInput):
             await storage.get(key)
     assert await storage.list("") == []
+
+
+async def test_an_old_test_server_restarts_between_tests_with_a_fresh_connection_string(azurite):
+    """Azurite's first garbage collection (10 minutes after start) stalls it for over a
+    minute after a suite's worth of writes: the fixtures restart it before then."""
+    before = azurite.connection_string
+    azurite.restart_if_older(3600)
+    assert azurite.connection_string == before  # young: left alone
+    url = azurite.new_container()
+    azurite.restart_if_older(0)
+    assert azurite.connection_string != before
+    assert os.environ["AZURE_STORAGE_CONNECTION_STRING"] == azurite.connection_string
+    st = AzureStorage(azurite.new_container())
+    try:
+        await st.put("k", b"v", if_none_match=True)
+        assert (await st.get("k")).data == b"v"
+    finally:
+        await st.close()
+    gone = AzureStorage(url)  # the restarted server keeps nothing
+    try:
+        with pytest.raises(StorageError):
+            await gone.list("")
+    finally:
+        await gone.close()
 
 
 async def test_keys_are_relative_to_the_prefix(azurite):
