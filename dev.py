@@ -129,6 +129,10 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
+        # the tests start hundreds of worker processes: compile the sources once, or each
+        # of them compiles them again where PYTHONDONTWRITEBYTECODE is set (as on CI)
+        subprocess.run([str(BIN / "python"), "-m", "compileall", "-q", "qo", "qo_local", "plugins", "tests"],
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
         args = [str(BIN / "pytest"), *rest] if rest else [
             str(BIN / "pytest"), "-q", "-n", "2", "--durations=25", "tests", *(str(d) for d in PLUGIN_DIRS)]
     elif cmd == "demo":

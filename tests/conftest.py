@@ -27,7 +27,7 @@ AZURE_SKIPS = {
     "tests/test_cli_submit_many.py": "submit-many reads lines and calls submit_many: above the storage contract",
     # multi-process races whose azure-specific part (the CAS) the conformance kit's
     # 8-process races prove on Azurite in plugins/qo-azure; ~55 s of a 2-core suite
-    "tests/test_worker_processes.py::test_eight_worker_processes_run_each_of_500_tasks_exactly_once": (
+    "tests/test_worker_processes.py::test_eight_worker_processes_run_each_task_exactly_once": (
         "the 8-process claim race on az:// is the conformance kit's, in plugins/qo-azure"),
     "tests/test_packs.py::test_four_worker_processes_run_each_task_of_2000_in_packs_exactly_once": (
         "a pack's claim is the CAS the conformance kit races on az:// in plugins/qo-azure; local and s3 run this"),

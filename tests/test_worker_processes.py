@@ -18,9 +18,14 @@ import procs
 CTX = multiprocessing.get_context("spawn")
 
 
-async def test_eight_worker_processes_run_each_of_500_tasks_exactly_once(storage_url, tmp_path):
+#: tasks per backend: moto serves the eight processes from one thread of the test process
+RACE_TASKS = {"local": 500, "s3": 200, "azure": 200}
+
+
+async def test_eight_worker_processes_run_each_task_exactly_once(storage_url, backend, tmp_path):
     q = await qo.connect(storage_url, queue="race")
-    tasks = await q.submit_many([("count", i) for i in range(500)], bulk=False)  # one object each: packs race in test_packs.py
+    n = RACE_TASKS[backend]
+    tasks = await q.submit_many([("count", i) for i in range(n)], bulk=False)  # one object each: packs race in test_packs.py
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     loop = asyncio.get_running_loop()
@@ -34,8 +39,8 @@ async def test_eight_worker_processes_run_each_of_500_tasks_exactly_once(storage
     assert set(runs) == {t.id for t in tasks}
     assert max(runs.values()) == 1, [t for t, n in runs.items() if n > 1]
     statuses = collections.Counter([t.status async for t in q.list(limit=None)])
-    assert statuses == {"completed": 500}
-    assert sum(s.get("completed", 0) for s in stats) == 500
+    assert statuses == {"completed": n}
+    assert sum(s.get("completed", 0) for s in stats) == n
     assert sum(1 for s in stats if s.get("completed")) >= 2  # the work was really shared
     assert await q.storage.list(keys.ready_prefix("race")) == []
     await q.close()
