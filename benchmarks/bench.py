@@ -389,7 +389,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp: str | None = None
     result: dict[str, Any] = {"backend": backend, "tasks": n, "workers": w, "concurrency": c,
                               "priorities": args.priorities, "bulk": args.bulk,
-                              "latency_ms": latency_ms}
+                              "latency_ms": latency_ms, "plugins_outside_qo": optional_plugins()}
     load_before = load_average()
     if backend == "s3":
         client_latency = 0.0  # the server adds it, for every process
@@ -589,6 +589,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="s3: the server answers 503 SlowDown above N requests/s per prefix (default: never)")
     p.add_argument("--slowdown-depth", type=int, default=3,
                    help="s3: a prefix is the key up to its Nth '/' (default 3: bench-x/{queue}/{kind}/)")
+    p.add_argument("--core", action="store_true",
+                   help="load only qo's own plugins and storage backends (QO_DISABLE_PLUGINS for the rest, "
+                        "e.g. qo-metrics): qo as `pip install qo` runs it, beside peers that run bare")
     args = p.parse_args(argv)
     if args.slowdown_rate is not None and args.slowdown_rate <= 0:
         p.error("--slowdown-rate must be > 0")
@@ -599,8 +602,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def core_only() -> None:
+    """Block every plugin outside qo's own distribution but the storage backends, for
+    this process and the workers it starts (they inherit the environment)."""
+    from qo.plugins import disabled_from_env, get_plugins, reset_plugins
+
+    extra = {i.name for i in get_plugins().all_info()
+             if i.distribution != "qo-queue" and "qo_storage" not in i.hooks}
+    os.environ["QO_DISABLE_PLUGINS"] = ",".join(sorted(extra | disabled_from_env()))
+    reset_plugins()
+
+
+def optional_plugins() -> list[str]:
+    """The plugins loaded from outside qo's own distribution (they may cost per task)."""
+    from qo.plugins import get_plugins
+
+    return sorted(f"{i.name} ({i.distribution})" for i in get_plugins().all_info()
+                  if i.status == "loaded" and i.distribution != "qo-queue")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.core:
+        core_only()
     backends = {"both": ["local", "s3"], "all": ["local", "s3", "azure"]}.get(args.backend, [args.backend])
     status = 0
     for backend in backends:

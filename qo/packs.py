@@ -23,7 +23,7 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev
+from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, _fields_of, dumps, new_rev
 
 #: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
 PACK_SIZE = 256
@@ -50,6 +50,24 @@ _ENTRIES_SLOT_JSON = dumps(_ENTRIES_SLOT)
 def entry_fingerprint(entry: dict[str, Any]) -> str:
     """A short digest of one entry as stored: a per-entry version for compare-and-swap."""
     return hashlib.sha256(dumps(entry)).hexdigest()[:16]
+
+
+_SKIP = object()  # a task field an entry never holds (put adds rev itself)
+_ROWS: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}
+
+
+def _template_row(template: dict[str, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+    """The template's value of each task field, in field order (``NOTHING`` where it has
+    none, ``_SKIP`` for the fields ``put`` leaves out), looked up once per template
+    object: a pack's template is never changed in place."""
+    hit = _ROWS.get(id(template))
+    if hit is not None and hit[0] is template:  # the same object, kept alive by the cache
+        return hit[1]
+    if len(_ROWS) >= 64:
+        _ROWS.clear()
+    row = tuple(_SKIP if n in _OWN or n == "extra" else template.get(n, attrs.NOTHING) for n in names)
+    _ROWS[id(template)] = (template, row)
+    return row
 
 
 @attrs.define
@@ -176,14 +194,15 @@ class Pack(StoredRecord):
         return all(spec[k](v) for k, v in self.template.items() if k in spec)
 
     def put(self, index: int, task: Task) -> None:
-        """Store ``task`` as entry ``index``: only what differs from the template."""
-        d = task.to_dict()
-        del d["id"]
-        d.pop("schema", None)
-        rev = d.pop("rev")
-        get = self.template.get
-        entry = {k: v for k, v in d.items() if get(k, attrs.NOTHING) != v}
-        entry["rev"] = rev  # always the entry's own
+        """Store ``task`` as entry ``index``: only what differs from the template (in
+        ``to_dict``'s order, without ``id`` and ``schema``), then its own ``rev``."""
+        names, values, _ = _fields_of(Task)
+        template = self.template
+        entry = {k: v for k, v in task.extra.items() if template.get(k, attrs.NOTHING) != v} if task.extra else {}
+        for name, value, shared in zip(names, values(task), _template_row(template, names)):
+            if shared is not _SKIP and value != shared:  # a field absent from the template is NOTHING
+                entry[name] = value
+        entry["rev"] = task.rev  # always the entry's own
         self.entries[index] = entry
 
     def move_out(self, index: int, task: Task) -> None:

@@ -686,20 +686,8 @@ class Worker(HandlerHost):
 
     async def _watch(self, run: asyncio.Future, ctx: TaskContext) -> tuple[Any, BaseException | None]:
         """Wait for the handler, enforcing the attempt's deadline on the queue's clock."""
+        passes = 0
         while True:
-            remaining = ctx.deadline - self.clock.now()
-            if remaining <= 0:
-                run.cancel()
-                self.tasklog.timed_out(ctx.task, ctx.task.timeout_seconds)
-                return None, TimeoutError(f"handler exceeded timeout_seconds={ctx.task.timeout_seconds}")
-            if type(self.clock) is SystemClock:  # its sleep is the loop's: a timer, no task
-                await asyncio.wait((run,), timeout=remaining)
-            else:
-                timer = asyncio.ensure_future(self.clock.sleep(remaining))
-                try:
-                    await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    timer.cancel()
             if run.done():
                 if run.cancelled():
                     if ctx.task.id in self._terminated:
@@ -707,6 +695,22 @@ class Worker(HandlerHost):
                     return None, TimeoutError("handler was cancelled")
                 exc = run.exception()
                 return (None, exc) if exc is not None else (run.result(), None)
+            remaining = ctx.deadline - self.clock.now()
+            if remaining <= 0:
+                run.cancel()
+                self.tasklog.timed_out(ctx.task, ctx.task.timeout_seconds)
+                return None, TimeoutError(f"handler exceeded timeout_seconds={ctx.task.timeout_seconds}")
+            passes += 1
+            if passes == 1:  # a short async handler is done after the loop's next pass:
+                await asyncio.sleep(0)  # then no waiter and no timer were needed
+            elif type(self.clock) is SystemClock:  # its sleep is the loop's: a timer, no task
+                await asyncio.wait((run,), timeout=remaining)
+            else:
+                timer = asyncio.ensure_future(self.clock.sleep(remaining))
+                try:
+                    await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    timer.cancel()
 
     async def _invoke(self, handler: Handler, value: Any, ctx: TaskContext) -> Any:
         """Run the handler on ``value`` (the task's input, read if stored apart)."""

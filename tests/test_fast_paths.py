@@ -294,3 +294,38 @@ def test_a_held_pack_encodes_only_the_entries_it_replaced_and_writes_the_same_by
     assert [obj for obj in encoded if obj is not None and "template" not in obj] == [new.entries[1]]  # one entry
     assert set(fragments) == {id(e) for e in new.entries}  # the replaced entry's old encoding is gone
     assert pack.to_json() == real(pack.to_dict())  # the original, as it was
+
+
+def _plain_put(pack: Pack, index: int, task: Task) -> None:
+    """``Pack.put`` as first written: the task's dict, less what the template holds."""
+    d = task.to_dict()
+    del d["id"]
+    d.pop("schema", None)
+    rev = d.pop("rev")
+    entry = {k: v for k, v in d.items() if pack.template.get(k, attrs.NOTHING) != v}
+    entry["rev"] = rev
+    pack.entries[index] = entry
+
+
+def test_put_stores_the_entry_the_plain_code_stores_in_the_same_order():
+    pack = _pack()
+    pack.template["newer_shared"] = 5  # a field of a newer release in the template
+    variants = []
+    for i in range(3):
+        task = pack.task(i)
+        variants.append(task)
+        changed = attrs.evolve(task, status="running", attempt=1, started_at=2.5, worker_id="w",
+                               priority=task.priority + 1, input=None, extra={"newer_shared": 5, "own": [1]})
+        variants.append(changed)
+        variants.append(attrs.evolve(task, created_at=True, extra={"newer_shared": 6}))  # True == 1.0 is kept as before
+    plain = copy.deepcopy(pack)
+    for n, task in enumerate(variants):
+        pack.put(n % 3, task)
+        _plain_put(plain, n % 3, task)
+        assert list(pack.entries[n % 3].items()) == list(plain.entries[n % 3].items())
+        assert json.dumps(pack.entries[n % 3]) == json.dumps(plain.entries[n % 3])
+    pack.template = {**pack.template, "priority": 9}  # a new template object: looked up afresh
+    plain.template = dict(pack.template)
+    pack.put(0, variants[1])
+    _plain_put(plain, 0, variants[1])
+    assert list(pack.entries[0].items()) == list(plain.entries[0].items())
