@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import functools
@@ -169,7 +170,7 @@ class LocalStorage:
         validate_key(key)
         if key.startswith(_RESERVED):
             raise InvalidInput("key", f"names starting with {_RESERVED!r} are reserved")
-        return os.path.join(self.root, *key.split("/"))
+        return f"{self.root}/{key}"  # a checked key has no empty, "." or ".." segment (POSIX paths: flock)
 
     @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
@@ -215,10 +216,22 @@ class LocalStorage:
 
     def _read(self, path: str, key: str) -> bytes:
         try:
-            with open(path, "rb") as f:
-                return f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound("no such key", backend=self.name, key=key) from None
+        try:  # objects are small: one read is usually all of it (a short read is the end)
+            chunk = os.read(fd, 65536)
+            if len(chunk) < 65536:
+                return chunk
+            chunks = [chunk]
+            while chunk:
+                chunk = os.read(fd, 1 << 20)
+                chunks.append(chunk)
+            return b"".join(chunks)
+        except IsADirectoryError:
+            raise NotFound("no such key", backend=self.name, key=key) from None
+        finally:
+            os.close(fd)
 
     def _parent(self, path: str, key: str) -> None:
         try:
@@ -387,38 +400,57 @@ class LocalStorage:
         return out
 
     def _walk(self, directory: str, key_prefix: str, name_start: str, start_after: str | None):
-        """Yield (key, path, size, mtime) under ``directory`` in lexicographic key order."""
+        """Yield (key, path, size, mtime) under ``directory`` in lexicographic key order.
+
+        The names are listed and sorted in C (``listdir``); only the entries yielded or
+        descended into are ``lstat``-ed, so a LIST of the first few of a directory of
+        thousands (a busy ready index) costs little more than the listing. A directory
+        ``d`` holds keys ``d/...``: it sorts as ``d/``, after names that continue ``d``
+        with a character below ``/`` (``d-x``), and is moved there when found.
+        """
         try:
-            with os.scandir(directory) as it:
-                entries = []
-                for e in it:
-                    if not e.name.startswith(name_start):
-                        continue
-                    if not key_prefix and e.name.startswith(_RESERVED):
-                        continue
-                    try:
-                        is_dir = e.is_dir(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    entries.append((e.name + "/" if is_dir else e.name, e, is_dir))
+            names = os.listdir(directory)
         except (FileNotFoundError, NotADirectoryError):
             return
-        entries.sort(key=lambda t: t[0])
-        for sort_name, e, is_dir in entries:
-            key = key_prefix + sort_name
-            if is_dir:
+        if name_start:
+            names = [n for n in names if n.startswith(name_start)]
+        if not key_prefix:
+            names = [n for n in names if not n.startswith(_RESERVED)]
+        names.sort()
+        i = 0
+        local = start_after[len(key_prefix):] if start_after is not None and start_after.startswith(key_prefix) \
+            else None
+        if local:  # skip what sorts at or before start_after, but not a directory its keys may continue
+            i = bisect.bisect_right(names, local)
+            for k in range(1, len(local) + 1):  # the shortest such name sorts first
+                at = bisect.bisect_left(names, local[:k], 0, i)
+                if at < i and names[at] == local[:k]:
+                    i = at
+                    break
+        while i < len(names):
+            name = names[i]
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # deleted since the listing
+                i += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                j, n = i + 1, len(name)
+                while j < len(names) and names[j].startswith(name) and names[j][n] < "/":
+                    j += 1
+                if j > i + 1:  # those names sort before this directory's keys
+                    names[i:j] = [*names[i + 1 : j], name]
+                    continue
+                key = key_prefix + name + "/"
                 # every key below starts with `key`; skip the subtree if all are <= start_after
-                if start_after is not None and key < start_after and not start_after.startswith(key):
-                    continue
-                yield from self._walk(e.path, key, "", start_after)
+                if start_after is None or key > start_after or start_after.startswith(key):
+                    yield from self._walk(path, key, "", start_after)
             else:
-                if start_after is not None and key <= start_after:
-                    continue
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                yield key, e.path, st.st_size, st.st_mtime
+                key = key_prefix + name
+                if start_after is None or key > start_after:
+                    yield key, path, st.st_size, st.st_mtime
+            i += 1
 
     async def close(self) -> None:
         if self._fds_pid == os.getpid():

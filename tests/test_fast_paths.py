@@ -329,3 +329,50 @@ def test_put_stores_the_entry_the_plain_code_stores_in_the_same_order():
     pack.put(0, variants[1])
     _plain_put(plain, 0, variants[1])
     assert list(pack.entries[0].items()) == list(plain.entries[0].items())
+
+
+def _plain_listing(root: str, prefix: str, start_after: str | None) -> list[str]:
+    """Every key under ``root`` (files, found by walking it), sorted, filtered as LIST does."""
+    import os
+
+    found = []
+    for directory, _dirs, files in os.walk(root):
+        rel = os.path.relpath(directory, root)
+        for f in files:
+            key = f if rel == "." else f"{rel}/{f}"
+            if not key.startswith(".qo-"):
+                found.append(key)
+    return sorted(k for k in found if k.startswith(prefix) and (start_after is None or k > start_after))
+
+
+async def test_local_listing_matches_a_plain_sorted_walk(tmp_path):
+    """The local LIST (listdir, sort, lstat only what it yields) gives keys in plain string
+    order, including a directory ``d`` beside names that continue ``d`` below ``/``
+    (``d-x`` sorts before ``d/...``), from any ``start_after``, for any prefix."""
+    import random
+
+    from qo.errors import InvalidInput
+    from qo.storage import StorageError
+    from qo_local.storage import LocalStorage
+
+    rng = random.Random(11)
+    root = str(tmp_path / "s")
+    st = LocalStorage(root)
+    alphabet = ["a", "b", "-", ".", "0", "z"]
+    written = set()
+    for _ in range(160):
+        key = "/".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3)))
+                       for _ in range(rng.randint(1, 3)))
+        try:
+            await st.put(key, b"" if rng.random() < 0.5 else b"x")
+            written.add(key)
+        except (StorageError, InvalidInput):  # a prefix of it is a key (or it of one); a "." segment
+            pass
+    candidates = sorted(written) + ["", "a", "a-", "a/", "b-", "z", "0/", "a-/b"]
+    for _ in range(300):
+        prefix = rng.choice(["", "a", "a-", "a/", "b", "-", ".a", "0a/"])
+        start_after = rng.choice([None, *candidates]) if rng.random() < 0.8 else None
+        limit = rng.choice([1, 2, 5, 1000])
+        got = [e.key for e in await st.list(prefix, start_after=start_after, limit=limit)]
+        assert got == _plain_listing(root, prefix, start_after)[:limit], (prefix, start_after, limit)
+    await st.close()
