@@ -21,7 +21,7 @@ from qo.scheduler import Scheduler
 from qo.worker import Worker
 
 FAST = dict(poll_min=0.01, poll_max=0.05, sweep_interval=0.1, buffer_max_age=0.3, orphan_grace=0.5)
-EXAMPLES = {"local": 40, "s3": 6, "azure": 6}
+EXAMPLES = {"local": 25, "s3": 6, "azure": 6}
 
 TASK_IDS = st.text("0123456789abcdef", min_size=24, max_size=24)
 FOLDERS = st.one_of(

@@ -303,19 +303,25 @@ async def test_trigger_fires_now_without_moving_the_schedule(clocked):
 # -- exactly once: racing and dying schedulers -------------------------------------------
 
 
-async def test_three_schedulers_over_24_hours_fire_288_tasks(storage_url):
+#: ticks of a 5-minute cron driven per backend: a day locally, 8 hours on the emulated
+#: clouds (each tick is the same CAS race; moto and Azurite make it slow, not different)
+TICKS = {"local": 288, "s3": 96, "azure": 96}
+
+
+async def test_three_schedulers_fire_every_tick_of_a_day_once(storage_url, backend):
     clock = FakeClock(1_800_000_000.0)
     queues = [await qo.connect(storage_url, queue="q", clock=clock) for _ in range(3)]
+    n = TICKS[backend]
     try:
         await queues[0].schedules.add("every5", cron="*/5 * * * *", task_type="tick")
-        expected = [1_800_000_000.0 + 300 * i for i in range(1, 289)]
+        expected = [1_800_000_000.0 + 300 * i for i in range(1, n + 1)]
         rng = random.Random(5)
         fired = await drive_at([Scheduler(q) for q in queues], clock, wakeups(expected, rng), rng)
         assert sorted(f.fire_at for f in fired) == expected  # each reported once, by the CAS winner
         ids = await listed_task_ids(queues[0])
-        assert len(ids) == 288 and set(ids) == {f.task_id for f in fired}
+        assert len(ids) == n and set(ids) == {f.task_id for f in fired}
         s = await queues[0].schedules.get("every5")
-        assert s.fired == 288 and s.last_fire_at == expected[-1] and s.next_fire_at == expected[-1] + 300
+        assert s.fired == n and s.last_fire_at == expected[-1] and s.next_fire_at == expected[-1] + 300
     finally:
         for q in queues:
             await q.close()

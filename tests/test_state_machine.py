@@ -450,7 +450,7 @@ class LocalMachine(StateMachine):
 
 TestStateMachineLocal = LocalMachine.TestCase
 TestStateMachineLocal.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None, database=None, derandomize=True,
+    max_examples=100, stateful_step_count=50, deadline=None, database=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
@@ -462,7 +462,7 @@ def test_state_machine_s3(moto_server):
         url_factory = staticmethod(lambda: (moto_server.new_bucket(prefix="sm"), lambda: None))
 
     run_state_machine_as_test(S3Machine, settings=settings(
-        max_examples=6, stateful_step_count=20, deadline=None, database=None, derandomize=True,
+        max_examples=4, stateful_step_count=20, deadline=None, database=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
