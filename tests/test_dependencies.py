@@ -61,13 +61,18 @@ async def test_a_diamond_passes_outputs_to_the_fan_in(queue, fast_settings):
                                           str({"deps": ["{'deps': [], 'me': 'top'}"], "me": "right"})])
 
 
-async def test_two_hundred_dependents_all_release(queue, fast_settings):
+#: dependents of one parent per backend: the emulated clouds run the same code, slower
+DEPENDENTS = {"local": 200, "s3": 60, "azure": 60}
+
+
+async def test_many_dependents_all_release(queue, backend, fast_settings):
+    n = DEPENDENTS[backend]
     parent = await queue.submit("step", "parent")
-    children = await queue.submit_many([("step", i, {"depends_on": [parent.id]}) for i in range(200)])
+    children = await queue.submit_many([("step", i, {"depends_on": [parent.id]}) for i in range(n)])
     assert {c.status for c in children} == {"blocked"}
     calls: list = []
     await worker_for(queue, fast_settings, calls).run(until_idle=True)
-    assert sorted(c for c in calls if c != "parent") == list(range(200))
+    assert sorted(c for c in calls if c != "parent") == list(range(n))
     statuses = {t.status async for t in queue.list(limit=None)}
     assert statuses == {"completed"}
 

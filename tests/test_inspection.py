@@ -154,7 +154,7 @@ async def test_stats_show_live_workers_with_their_counters(storage_url):
     q = await qo.connect(storage_url, queue="q")
     for i in range(5):
         await q.submit("t", i)
-    w = Worker(q, concurrency=2, **FAST)
+    w = Worker(q, concurrency=2, heartbeat_interval=0.3, **FAST)  # the record's counters: each heartbeat
     release = asyncio.Event()
 
     @w.handler("t")
