@@ -48,7 +48,7 @@ def new_rev() -> str:
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple], frozenset[str]]] = {}
 
 
-def _fields_of(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple], frozenset[str]]:
+def record_fields(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple], frozenset[str]]:
     """The fields of an attrs record class, looked up once per class (attrs classes are
     not changed after they are defined)."""
     found = _FIELDS.get(cls)
@@ -69,7 +69,7 @@ class StoredRecord:
     SCHEMA: ClassVar[int] = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        names, get, _ = _fields_of(type(self))
+        names, get, _ = record_fields(type(self))
         d = dict(zip(names, get(self)))  # as attrs.asdict(recurse=False), in field order
         extra = d.pop("extra")
         return {**extra, **d} if extra else d
@@ -79,7 +79,7 @@ class StoredRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
-        known = _fields_of(cls)[2]
+        known = record_fields(cls)[2]
         if known.issuperset(d):  # nothing a newer release wrote
             return cls(**d, extra={})
         return cls(**{k: v for k, v in d.items() if k in known},

@@ -23,7 +23,7 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, _fields_of, dumps, new_rev
+from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, record_fields, dumps, new_rev
 
 #: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
 PACK_SIZE = 256
@@ -196,7 +196,7 @@ class Pack(StoredRecord):
     def put(self, index: int, task: Task) -> None:
         """Store ``task`` as entry ``index``: only what differs from the template (in
         ``to_dict``'s order, without ``id`` and ``schema``), then its own ``rev``."""
-        names, values, _ = _fields_of(Task)
+        names, values, _ = record_fields(Task)
         template = self.template
         entry = {k: v for k, v in task.extra.items() if template.get(k, attrs.NOTHING) != v} if task.extra else {}
         for name, value, shared in zip(names, values(task), _template_row(template, names)):
