@@ -215,8 +215,8 @@ class LocalStorage:
         return tmp
 
     def _read(self, path: str, key: str) -> bytes:
-        try:
-            fd = os.open(path, os.O_RDONLY)
+        try:  # O_NONBLOCK: a FIFO planted at a key reads as empty instead of waiting for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound("no such key", backend=self.name, key=key) from None
         try:  # objects are small: one read is usually all of it (a short read is the end)

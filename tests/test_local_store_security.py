@@ -3,6 +3,7 @@ umask, a documented group mode, and no root that someone else controls."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 
@@ -252,3 +253,30 @@ async def test_running_out_of_descriptors_is_a_transient_storage_error_not_a_raw
     monkeypatch.setattr(os, "open", real_open)
     await store.put("q/tasks/x.json", b"{}")
     assert (await store.get("q/tasks/x.json")).data == b"{}"
+
+
+def test_a_fifo_planted_at_a_key_reads_as_an_object_without_blocking(tmp_path):
+    """Whatever sits in the store is read without waiting on it: a FIFO at a key is an
+    empty object (a task there is then a corrupt object, reported as such), and a LIST
+    over it answers; neither blocks the worker's loop waiting for a writer."""
+    import threading
+
+    root = tmp_path / "s"
+    asyncio.run(LocalStorage(str(root)).put("q/tasks/a.json", b"{}"))
+    os.mkfifo(root / "q" / "tasks" / "b.json", 0o600)
+    results: list = []
+
+    def read() -> None:
+        async def both():
+            st = LocalStorage(str(root))
+            blob = await st.get("q/tasks/b.json")
+            listed = await st.list("q/tasks/")
+            await st.close()
+            return blob.data, [(e.key, e.size) for e in listed]
+        results.append(asyncio.run(both()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert results == [(b"", [("q/tasks/a.json", 2), ("q/tasks/b.json", 0)])]
