@@ -23,7 +23,7 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, record_fields, dumps, new_rev
+from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev, record_fields
 
 #: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
 PACK_SIZE = 256
