@@ -258,12 +258,12 @@ class LocalStorage:
             os.chmod(directory, self._dir_mode)
 
     def _clear_empty_dir(self, path: str, key: str) -> None:
-        """Remove the empty directory that deleted keys below ``key`` left at ``path``
-        (it would make ``key`` look taken); StorageError if keys below it remain."""
-        if not os.path.isdir(path) or os.path.islink(path):
+        """Remove the empty directories that deleted keys below ``key`` left at ``path``
+        (they would make ``key`` look taken); StorageError if keys below it remain."""
+        if not _is_dir(path):
             return
         try:
-            os.rmdir(path)
+            _remove_empty_tree(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -291,15 +291,26 @@ class LocalStorage:
         path = self._path(key)
         data = check_put(data, if_match, if_none_match)
         self._root_ready(create=True)
-        self._parent(path, key)
-        if if_match is None:  # CAS on an empty directory: "missing", PreconditionFailed below
-            self._clear_empty_dir(path, key)
-        try:
-            return self._put(path, key, data, if_match, if_none_match)
-        except (FileNotFoundError, NotADirectoryError):  # a concurrent put made our parent a key
-            raise StorageError("a prefix of this key is itself a key", backend=self.name, key=key) from None
+        # the common case costs no look first: the key's directory is there and no
+        # directory is at the key. Otherwise make way (the directory, or clear an empty
+        # one that deleted keys below the key left there) and try once more
+        for last in (False, True):
+            try:
+                return self._put(path, key, data, if_match, if_none_match)
+            except (FileNotFoundError, NotADirectoryError):  # no directory for the key (yet)
+                if last:  # a concurrent put made our parent a key
+                    raise StorageError("a prefix of this key is itself a key", backend=self.name, key=key) from None
+                self._parent(path, key)
+            except _DirectoryAtKey:
+                if last:
+                    raise StorageError("a key below this one exists", backend=self.name, key=key) from None
+                self._clear_empty_dir(path, key)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _put(self, path: str, key: str, data: bytes, if_match: str | None, if_none_match: bool) -> str:
+        """One attempt. FileNotFoundError or NotADirectoryError: the key's directory is
+        missing (or a key is in its way); ``_DirectoryAtKey``: a directory is at the key.
+        A CAS on a directory or a missing key is PreconditionFailed: the key is not there."""
         if not data and if_match is None and self._put_empty(path, key, if_none_match):
             return _EMPTY_ETAG
         tmp = self._write_temp(data)
@@ -308,9 +319,9 @@ class LocalStorage:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
+                    if _is_dir(path):
+                        raise _DirectoryAtKey from None
                     raise PreconditionFailed("key exists", backend=self.name, key=key) from None
-                except IsADirectoryError:
-                    raise PreconditionFailed("key exists (as a prefix)", backend=self.name, key=key) from None
             else:
                 with self._locked(key):
                     if if_match is not None:
@@ -323,7 +334,7 @@ class LocalStorage:
                     try:
                         os.replace(tmp, path)
                     except IsADirectoryError:
-                        raise StorageError("a key below this one exists", backend=self.name, key=key) from None
+                        raise _DirectoryAtKey from None
                     tmp = None
         finally:
             if tmp is not None:
@@ -344,10 +355,10 @@ class LocalStorage:
                 os.close(fd)
             return True
         except FileExistsError:
+            if _is_dir(path):
+                raise _DirectoryAtKey from None
             if create_only:
                 raise PreconditionFailed("key exists", backend=self.name, key=key) from None
-        except IsADirectoryError:
-            return False
         try:  # an existing empty object already has the content asked for
             return os.stat(path).st_size == 0
         except FileNotFoundError:
@@ -457,6 +468,28 @@ class LocalStorage:
             for fd in self._fds.values():
                 os.close(fd)
         self._fds = {}
+
+
+class _DirectoryAtKey(Exception):
+    """A directory is where a key's file would go (left by keys below it, or holding some)."""
+
+
+def _is_dir(path: str) -> bool:
+    """A directory itself at ``path`` (a symbolic link to one is an object, as a file is)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _remove_empty_tree(path: str) -> None:
+    """rmdir ``path`` and the directories below it, deepest first; OSError (ENOTEMPTY)
+    at the first that holds anything else (a file: a key, however it got there)."""
+    for name in os.listdir(path):
+        below = os.path.join(path, name)
+        if _is_dir(below):
+            _remove_empty_tree(below)
+    os.rmdir(path)
 
 
 def _flag(value: bool | str, field: str) -> bool:

@@ -7,6 +7,7 @@ import copy
 import json
 
 import attrs
+import pytest
 
 from qo import keys
 from qo.model import Task, dumps
@@ -375,4 +376,50 @@ async def test_local_listing_matches_a_plain_sorted_walk(tmp_path):
         limit = rng.choice([1, 2, 5, 1000])
         got = [e.key for e in await st.list(prefix, start_after=start_after, limit=limit)]
         assert got == _plain_listing(root, prefix, start_after)[:limit], (prefix, start_after, limit)
+    await st.close()
+
+
+_PUT_KINDS = [("create-only", {"if_none_match": True}), ("unconditional", {})]
+
+
+@pytest.mark.parametrize("data", [b"x", b""], ids=["object", "marker"])
+@pytest.mark.parametrize("kind,kwargs", _PUT_KINDS, ids=[k for k, _ in _PUT_KINDS])
+async def test_local_writes_try_first_and_make_way_only_when_needed(tmp_path, kind, kwargs, data):
+    """A local write no longer looks before it writes (is the key's directory there, is a
+    directory at the key?): it tries, and makes way only when that fails. Every case the
+    look handled ends as it did: a new deep prefix is made; an empty directory left by
+    deleted keys below is cleared; a directory holding keys, or a key where a directory
+    must go, is a StorageError that changes nothing; a symbolic link at the key is a key."""
+    import os
+
+    from qo.storage import Blob, PreconditionFailed, StorageError
+    from qo_local.storage import LocalStorage
+
+    st = LocalStorage(str(tmp_path / "s"))
+    etag = await st.put("new/deep/prefix/k", data, **kwargs)
+    assert await st.get("new/deep/prefix/k") == Blob(data, etag)
+
+    os.makedirs(tmp_path / "s" / "empty" / "below" / "below")  # what deleted keys leave
+    etag = await st.put("empty", data, **kwargs)
+    assert await st.get("empty") == Blob(data, etag)
+
+    await st.put("full/child", b"kept")
+    with pytest.raises(StorageError, match="a key below this one exists"):
+        await st.put("full", data, **kwargs)
+    assert await st.get("full/child") == Blob(b"kept", await st.put("full/child", b"kept"))
+
+    await st.put("file", b"a key")
+    with pytest.raises(StorageError, match="a prefix of this key is itself a key"):
+        await st.put("file/child", data, **kwargs)
+    assert (await st.get("file")).data == b"a key"
+
+    os.symlink(tmp_path / "s" / "new", tmp_path / "s" / "link")  # a link to a directory is not one
+    if kwargs:
+        with pytest.raises(PreconditionFailed):
+            await st.put("link", data, **kwargs)
+        assert os.path.islink(tmp_path / "s" / "link")
+    else:  # replaced by the object, as any key is
+        etag = await st.put("link", data, **kwargs)
+        assert await st.get("link") == Blob(data, etag) and not os.path.islink(tmp_path / "s" / "link")
+    assert sorted(os.listdir(tmp_path / "s" / ".qo-tmp")) == []  # no temp file left by a failed try
     await st.close()

@@ -628,13 +628,31 @@ class KeyTests:
             assert await storage.get(first) == Blob(b"first", etag)
 
     async def test_a_key_can_be_created_where_deleted_keys_lived_below_it(self, storage: Storage) -> None:
-        for put_kwargs in ({"if_none_match": True}, {}):
-            await storage.put("a/b/c", b"below")
-            await storage.delete("a/b/c")
-            etag = await storage.put("a/b", b"here", **put_kwargs)
-            assert await storage.get("a/b") == Blob(b"here", etag)
-            assert await _keys(storage) == ["a/b"]
-            await storage.delete("a/b")
+        for data, below in ((b"here", "a/b/c"), (b"", "a/b/c"), (b"here", "a/b/c/d/e")):  # empty: a marker
+            for put_kwargs in ({"if_none_match": True}, {}):
+                await storage.put(below, b"below")
+                await storage.delete(below)
+                etag = await storage.put("a/b", data, **put_kwargs)
+                assert await storage.get("a/b") == Blob(data, etag)
+                assert await _keys(storage) == ["a/b"]
+                await storage.delete("a/b")
+
+    async def test_a_cas_where_deleted_keys_lived_below_finds_no_key(self, storage: Storage) -> None:
+        etag = await storage.put("a/b/c", b"below")
+        await storage.delete("a/b/c")
+        with pytest.raises(PreconditionFailed):
+            await storage.put("a/b", b"below", if_match=etag)
+        assert await _keys(storage) == []
+
+    async def test_a_cas_of_a_key_in_a_new_prefix_fails_and_writes_nothing(self, storage: Storage) -> None:
+        for data in (b"x", b""):
+            etag = await storage.put("elsewhere", data)
+            await storage.delete("elsewhere")
+            with pytest.raises(PreconditionFailed):
+                await storage.put("new/deep/prefix/k", data, if_match=etag)
+            assert await _keys(storage) == []
+        etag = await storage.put("new/deep/prefix/k", b"", if_none_match=True)  # then created, as any
+        assert await storage.get("new/deep/prefix/k") == Blob(b"", etag)
 
 
 class LargeObjectTests:
