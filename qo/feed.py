@@ -33,6 +33,10 @@ TRASH_MAX = 10000
 FOREIGN_HINT_SECONDS = 5.0
 #: what ``refill`` returns when it found nothing yet but the listing goes on
 MORE = "more"
+#: a busy worker lists about this many seconds of its recent throughput at once (at
+#: least ``settings.listing``, at most 1000): a LIST and the record write announcing its
+#: candidates are per refill, and a local store's LIST costs the whole directory
+LISTING_HORIZON = 0.1
 
 
 class Feed:
@@ -70,6 +74,10 @@ class Feed:
         self.foreign_until: dict[int | None, tuple[str, float]] = {}
         #: the shard a spread queue's next refill lists (qo/layout.py)
         self.rotation = Rotation()
+        #: candidates handed to slots since the last refill, and this worker's recent
+        #: rate of taking them (tasks/s, smoothed): what sizes the next listing
+        self.handed = 0
+        self.rate = 0.0
 
     @property
     def empty(self) -> bool:
@@ -104,6 +112,7 @@ class Feed:
                         self.forget(m.task_id)
                         continue
                     self.taken.add(m.key)
+                    self.handed += 1
                     return m
                 while self.buffer:
                     self.forget(self.buffer.popleft().task_id)
@@ -228,6 +237,7 @@ class Feed:
                     out.append(m)
             return out
 
+        self.measure(now)
         markers, complete = await self.list_ours(now, ours)
         self.nothing_listed = not markers and complete
         if not markers and not complete:
@@ -244,6 +254,24 @@ class Feed:
         self.buffer.extend(markers)
         self.buffer_at = w.clock.now()
         return True
+
+    def measure(self, now: float) -> None:
+        """Fold the rate at which slots took the last listing's candidates into
+        ``rate`` (nothing is learnt from an empty listing or a clock that stood still)."""
+        if self.handed and now > self.buffer_at:
+            sample = self.handed / (now - self.buffer_at)
+            self.rate = sample if not self.rate else (self.rate + sample) / 2
+        self.handed = 0
+
+    def listing_size(self) -> int:
+        """Markers one LIST asks for: ``settings.listing`` (``list_limit`` when set), or
+        ``LISTING_HORIZON`` seconds of this worker's recent rate when that is more, times
+        the live workers that split the listing; at most 1000 (one LIST page)."""
+        s = self.worker.settings
+        own = s.listing
+        if s.list_limit is None:
+            own = max(own, int(self.rate * LISTING_HORIZON))
+        return min(1000, own * (len(self.peers) + 1))
 
     async def list_ours(self, now: float, ours: Callable[[list], list[keys.Marker]]) -> tuple[list[keys.Marker], bool]:
         """The head of the ready index, as far as it takes to reach markers of types this
@@ -263,9 +291,9 @@ class Feed:
         only = [self.rotation.take(shards)] if shards > 1 else None
         where = only[0] if only else None
         # live workers split a listing by task id: list enough that each finds its own
-        # `listing` candidates in it, so LISTs and record writes per task do not grow
-        # with the number of workers
-        size = min(1000, w.settings.listing * (len(self.peers) + 1))
+        # candidates in it, so LISTs and record writes per task do not grow with the
+        # number of workers
+        size = self.listing_size()
 
         def reached_end() -> tuple[list[keys.Marker], bool]:  # nothing of ours in the index (or shard)
             self.foreign_until.pop(where, None)

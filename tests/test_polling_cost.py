@@ -73,3 +73,44 @@ async def test_a_retry_the_worker_wrote_itself_is_promoted_on_time_though_pollin
     assert (await q.get(task.id)).status == "completed"
     assert 0.45 <= starts[1] - starts[0] - 1.5 <= 1.5, starts  # not up to poll_max (5 s) late
     await q.close()
+
+
+async def _ready_lists(storage_url: str, seconds_per_task: float, tasks: int = 128, **settings) -> int:
+    """LISTs of the ready index a lone worker (4 slots: 32 markers a listing) makes to
+    drain ``tasks``, its handlers taking ``seconds_per_task`` of a fake clock each."""
+    from qo.clock import FakeClock
+
+    clock = FakeClock()
+    q = await qo.connect(storage_url, queue="q", clock=clock, wrap_storage=ListsByPrefix)
+    try:
+        await q.submit_many([("t", i) for i in range(tasks)], bulk=False)
+        w = Worker(q, concurrency=4, poll_min=0.01, poll_max=0.05, **settings)
+        done = []
+
+        @w.handler("t")
+        async def t(value):
+            clock.advance(seconds_per_task)  # the only time that passes: the rate is exact
+            done.append(value)
+            if len(done) == tasks:
+                w.stop()
+
+        before = q.storage.lists["ready"]
+        await asyncio.wait_for(w.run(), 60)
+        assert sorted(done) == list(range(tasks))
+        return q.storage.lists["ready"] - before
+    finally:
+        await q.close()
+
+
+async def test_a_fast_worker_lists_a_tenth_of_a_second_of_work_at_once(storage_url):
+    """A listing is ``max(4 x concurrency, 32)`` markers, or what the worker has lately
+    taken in 0.1 s when that is more: LISTs (and the record writes announcing their
+    candidates) follow the work, while a new urgent task waits behind at most about
+    0.1 s of listed work (or the usual 32). ``list_limit`` set by hand is kept."""
+    fast = await _ready_lists(storage_url, 0.0002)  # 5,000 tasks/s: 500 a listing (of 128 tasks)
+    slow = await _ready_lists(storage_url, 0.01)  # 100/s: 10, so the usual 32
+    assert slow >= 128 // 32, (fast, slow)  # 4 listings of 32
+    assert fast <= 3, (fast, slow)  # 32 (the rate is measured on it), the other 96, and a last look
+    if "://" in storage_url:  # s3, azure
+        return  # the rest is the feed's arithmetic, the same on every backend
+    assert await _ready_lists(storage_url, 0.0002, list_limit=32) >= 128 // 32
