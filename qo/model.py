@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar
 
 import attrs
+import orjson
 
 from . import keys, stored
 from .errors import CorruptObject, InvalidInput
@@ -75,7 +76,7 @@ class StoredRecord:
         return {**extra, **d} if extra else d
 
     def to_json(self) -> bytes:
-        return dumps(self.to_dict())
+        return record_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
@@ -225,6 +226,20 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=Fal
 def dumps(obj: Any) -> bytes:
     """Canonical JSON: sorted keys, no NaN/Infinity, compact."""
     return _ENCODER.encode(obj).encode()
+
+
+def record_json(obj: dict[str, Any]) -> bytes:
+    """A stored record's JSON (tasks are written twice a run), several times faster than
+    ``dumps``: sorted keys, compact, read back as the same values (orjson; a float may be
+    spelled ``1e-7`` where ``dumps`` writes ``1e-07``). What orjson refuses (a key that is
+    not a string, an int over 64 bits, a lone surrogate) goes to ``dumps``, which keys and
+    refuses as ever. A record's values were checked as JSON where they came in (inputs at
+    submit, outputs when stored, the rest is qo's own); a NaN only a hand-written object
+    can hold is written as null instead of stopping every write of the record."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return dumps(obj)
 
 
 # -- validation: every check names its field, and runs before anything is written ----

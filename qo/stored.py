@@ -20,6 +20,8 @@ import math
 import re
 from typing import Any, Callable
 
+import orjson
+
 from .errors import CorruptObject
 
 log = logging.getLogger("qo.bad_objects")
@@ -41,12 +43,31 @@ def decode(data: bytes, key: str, *, backend: str = "") -> dict[str, Any]:
     if too_deep(text):
         raise CorruptObject(key, f"JSON nested deeper than {MAX_DEPTH} levels", backend=backend)
     try:
-        value = json.loads(text)
+        value = loads(text)
     except (ValueError, RecursionError) as exc:
         raise CorruptObject(key, f"not JSON ({_first_line(exc)})", backend=backend) from None
     if not isinstance(value, dict):
         raise CorruptObject(key, f"a JSON {type(value).__name__} where an object is expected", backend=backend)
     return value
+
+
+#: a run of 19 digits: a number orjson may read as a float where json reads an int (one
+#: beyond 64 bits, as -9223372036854775809 is), or a long mantissa; json reads those texts
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def loads(text: str) -> Any:
+    """``json.loads(text)``, in a fraction of the time: orjson reads the common text, and
+    json whatever orjson reads otherwise (a number of 19+ digits: orjson makes an int
+    beyond 64 bits a float) or refuses (NaN, Infinity, 1e400, an escaped lone surrogate: json
+    reads them; what both refuse raises json's error, with json's message).
+    tests/test_codec.py checks the two agree on generated text."""
+    if _LONG_NUMBER.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
