@@ -60,6 +60,19 @@ def record_fields(cls: type) -> tuple[tuple[str, ...], Callable[[Any], tuple], f
     return found
 
 
+#: record class -> (whether every field but "extra" can be passed by position, and
+#: their names in ``__init__``'s order): matching 30 keywords to parameters compares
+#: strings (the keys of decoded JSON are not interned) and costs 5 us a task
+_POSITIONAL: dict[type, tuple[bool, tuple[str, ...]]] = {}
+
+
+def _positional(cls: type) -> tuple[bool, tuple[str, ...]]:
+    params = [f for f in attrs.fields(cls) if f.init]
+    usable = bool(params) and params[-1].name == "extra" and not any(f.kw_only for f in params)
+    found = _POSITIONAL[cls] = (usable, tuple(f.name for f in params[:-1]))
+    return found
+
+
 class StoredRecord:
     """JSON (de)serialisation for attrs records kept in storage. Fields written by a
     newer release land in ``extra`` and are written back unchanged. Reading checks
@@ -82,6 +95,9 @@ class StoredRecord:
     def from_dict(cls, d: dict[str, Any]) -> Any:
         known = record_fields(cls)[2]
         if known.issuperset(d):  # nothing a newer release wrote
+            positional = _POSITIONAL.get(cls) or _positional(cls)
+            if len(d) == len(known) and positional[0]:  # every field, as this release writes them:
+                return cls(*map(d.__getitem__, positional[1]), extra={})  # by position (5 us less)
             return cls(**d, extra={})
         return cls(**{k: v for k, v in d.items() if k in known},
                    extra={k: v for k, v in d.items() if k not in known})
