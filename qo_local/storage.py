@@ -25,8 +25,7 @@ import os
 import stat
 import threading
 import zlib
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from qo.errors import ConfigurationError, InvalidInput
 from qo.storage import (
@@ -65,11 +64,14 @@ def _storage_errors(method: Any) -> Any:
         try:
             return await method(self, *args, **kwargs)
         except OSError as exc:
-            key = args[0] if args and isinstance(args[0], str) else None
-            cls = StorageUnavailable if exc.errno in _TRANSIENT else StorageError
-            raise cls(f"{exc.strerror or exc}", backend=self.name, key=key) from None
+            raise _storage_error(exc, self.name, args[0] if args and isinstance(args[0], str) else None) from None
 
     return wrapper
+
+
+def _storage_error(exc: OSError, backend: str, key: str | None) -> StorageError:
+    cls = StorageUnavailable if exc.errno in _TRANSIENT else StorageError
+    return cls(f"{exc.strerror or exc}", backend=backend, key=key)
 
 
 class LocalStorage:
@@ -98,8 +100,8 @@ class LocalStorage:
         # then) each new file and directory is chmod-ed to its mode; private needs none
         umask = _current_umask() if mode == "group" else 0
         self._chmod = umask is None or bool(umask & 0o770)
-        self._fds: dict[int, int] = {}
-        self._fds_pid = os.getpid()
+        self._stripes: dict[int, _Stripe] = {}  # opened lock files, by stripe
+        self._stripes_pid = os.getpid()
         self._thread_locks = [threading.Lock() for _ in range(64)]
         self._tmp = os.path.join(self.root, _RESERVED + "tmp")
         self._locks = os.path.join(self.root, _RESERVED + "locks")
@@ -172,32 +174,28 @@ class LocalStorage:
             raise InvalidInput("key", f"names starting with {_RESERVED!r} are reserved")
         return f"{self.root}/{key}"  # a checked key has no empty, "." or ".." segment (POSIX paths: flock)
 
-    @contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        """Exclusive per-stripe lock: a thread lock inside this process, flock across processes.
+    def _locked(self, key: str) -> _Stripe:
+        """The exclusive lock of ``key``'s stripe (``with``): a thread lock inside this
+        process, then ``flock`` across processes.
 
         Lock files stay open (creating files is the slow part of a local write); a
         forked child reopens them, since an inherited descriptor shares the parent's lock.
         """
         stripe = zlib.crc32(key.encode()) % self.lock_stripes
-        with self._thread_locks[stripe % len(self._thread_locks)]:
-            fd = self._lock_fd(stripe)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        if self._stripes_pid != os.getpid():
+            self._stripes, self._stripes_pid = {}, os.getpid()  # never close the parent's descriptors
+        return self._stripes.get(stripe) or self._open_stripe(stripe)
 
-    def _lock_fd(self, stripe: int) -> int:
-        if self._fds_pid != os.getpid():
-            self._fds, self._fds_pid = {}, os.getpid()  # never close the parent's descriptors
-        fd = self._fds.get(stripe)
-        if fd is None:
-            fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, self._file_mode)
-            if self._chmod:
-                os.fchmod(fd, self._file_mode)
-            self._fds[stripe] = fd
-        return fd
+    def _open_stripe(self, stripe: int) -> _Stripe:
+        thread_lock = self._thread_locks[stripe % len(self._thread_locks)]
+        with thread_lock:  # one thread opens it
+            found = self._stripes.get(stripe)
+            if found is None:
+                fd = os.open(os.path.join(self._locks, f"{stripe:04d}"), os.O_RDWR | os.O_CREAT, self._file_mode)
+                if self._chmod:
+                    os.fchmod(fd, self._file_mode)
+                found = self._stripes[stripe] = _Stripe(thread_lock, fd)
+        return found
 
     def _write_temp(self, data: bytes) -> str:
         tmp = os.path.join(self._tmp, os.urandom(16).hex())  # a fresh name (as a uuid4's hex, without the object)
@@ -366,6 +364,16 @@ class LocalStorage:
 
     @_storage_errors
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        self._delete(key, if_match)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        for key in keys:  # (not through self.delete: a meter installed there would count each)
+            try:
+                self._delete(key, None)
+            except OSError as exc:
+                raise _storage_error(exc, self.name, key) from None
+
+    def _delete(self, key: str, if_match: str | None) -> None:
         path = self._path(key)
         if not self._root_ready(create=False):
             return  # nothing to delete in a store that does not exist
@@ -379,15 +387,8 @@ class LocalStorage:
                     raise PreconditionFailed("etag changed", backend=self.name, key=key)
             try:
                 os.unlink(path)
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 pass
-            except IsADirectoryError:
-                pass
-
-    @_storage_errors
-    async def delete_many(self, keys: list[str]) -> None:
-        for key in keys:
-            await self.delete(key)
 
     @_storage_errors
     async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
@@ -464,10 +465,33 @@ class LocalStorage:
             i += 1
 
     async def close(self) -> None:
-        if self._fds_pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
+        if self._stripes_pid == os.getpid():
+            for stripe in self._stripes.values():
+                os.close(stripe.fd)
+        self._stripes = {}
+
+
+class _Stripe:
+    """A held lock stripe (``with``): its thread lock, then its lock file's ``flock``."""
+
+    __slots__ = ("thread_lock", "fd")
+
+    def __init__(self, thread_lock: threading.Lock, fd: int):
+        self.thread_lock, self.fd = thread_lock, fd
+
+    def __enter__(self) -> None:
+        self.thread_lock.acquire()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.thread_lock.release()
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.thread_lock.release()
 
 
 class _DirectoryAtKey(Exception):

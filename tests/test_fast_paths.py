@@ -443,3 +443,36 @@ def test_a_record_read_with_every_field_is_built_by_position_as_by_keyword():
         newer = {**distinct, "zz_newer": 1}
         assert cls.from_dict(newer).extra == {"zz_newer": 1}
 
+
+
+def test_a_forked_child_locks_on_lock_files_of_its_own(tmp_path):
+    """Lock files stay open between writes; a forked child must open its own, since an
+    inherited descriptor shares the parent's flock (both would hold it at once)."""
+    import asyncio
+    import fcntl
+    import os
+
+    from qo_local.storage import LocalStorage
+
+    st = LocalStorage(str(tmp_path / "s"))
+    asyncio.run(st.put("k", b"1"))  # the parent opens k's stripe
+    parents = st._locked("k")
+    held, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: hold k's lock until told
+        try:
+            with st._locked("k"):
+                os.write(held[1], b"x")
+                os.read(release[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(held[0], 1) == b"x"
+        with pytest.raises(BlockingIOError):  # the child's lock is a lock against us
+            fcntl.flock(parents.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.write(release[1], b"x")
+        os.waitpid(pid, 0)
+    fcntl.flock(parents.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once it let go
+    fcntl.flock(parents.fd, fcntl.LOCK_UN)
+    asyncio.run(st.close())

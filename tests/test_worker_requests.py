@@ -47,6 +47,25 @@ async def test_record_requests_match_a_counting_storage(storage_url, fast_settin
         await queue.close()
 
 
+async def test_a_batch_delete_counts_as_one_request(storage_url):
+    """The meter counts what a backend sends: a delete_many is one DELETE_BATCH, never a
+    DELETE per key as well (the local store used to delete through its own metered
+    ``delete``, so a worker's record over-counted its deletes)."""
+    queue = await qo.connect(storage_url, queue="q")
+    try:
+        keys_ = [f"q/ready/x{i}" for i in range(3)]
+        for key in keys_:
+            await queue.backend.put(key, b"")
+        before = queue.requests.counts()
+        await queue.backend.delete_many(keys_)
+        after = queue.requests.counts()
+        assert {op: after[op] - before.get(op, 0) for op in after if after[op] != before.get(op, 0)} \
+            == {"DELETE_BATCH": 1}
+        assert await queue.backend.list("q/ready/") == []
+    finally:
+        await queue.close()
+
+
 async def test_the_meter_keeps_the_storage_object_and_counts_failures(tmp_path):
     queue = await qo.connect(str(tmp_path / "s"), queue="q")
     storage = queue.backend
