@@ -97,17 +97,21 @@ def validate_key(key: str, *, field: str = "key") -> str:
         raise InvalidInput(field, "must not contain NUL")
     if "\\" in key:
         raise InvalidInput(field, "must not contain a backslash")
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise InvalidInput(field, f"longer than {MAX_KEY_BYTES} bytes")
     try:
-        key.encode("utf-8")
+        size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
+        if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+            raise InvalidInput(field, f"longer than {MAX_KEY_BYTES} bytes") from None
         raise InvalidInput(field, "must be valid unicode (no lone surrogates)") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidInput(field, f"longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/"):
         raise InvalidInput(field, "must be relative (no leading '/')")
-    for part in key.split("/"):
-        if part in ("", ".", ".."):
-            raise InvalidInput(field, f"has an empty, '.' or '..' path segment: {key!r}")
+    # an empty, "." or ".." segment needs "//", a trailing "/", or a segment starting "."
+    if "//" in key or key.endswith("/") or key.startswith(".") or "/." in key:
+        for part in key.split("/"):
+            if part in ("", ".", ".."):
+                raise InvalidInput(field, f"has an empty, '.' or '..' path segment: {key!r}")
     return key
 
 

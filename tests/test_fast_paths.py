@@ -476,3 +476,24 @@ def test_a_forked_child_locks_on_lock_files_of_its_own(tmp_path):
     fcntl.flock(parents.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once it let go
     fcntl.flock(parents.fd, fcntl.LOCK_UN)
     asyncio.run(st.close())
+
+
+def test_validate_key_refuses_exactly_the_keys_with_an_empty_dot_or_dotdot_segment():
+    """validate_key splits a key into segments only when one could be bad (it holds '//',
+    ends in '/', or has a segment starting '.'): the same keys pass as with a split always."""
+    import random
+
+    from qo.errors import InvalidInput
+    from qo.storage import validate_key
+
+    rng = random.Random(3)
+    for _ in range(20000):
+        key = "".join(rng.choice(["a", ".", "/", "..", "b.", ".c", "é"]) for _ in range(rng.randint(1, 8)))
+        if key.startswith("/"):
+            continue
+        try:
+            validate_key(key)
+            passed = True
+        except InvalidInput:
+            passed = False
+        assert passed == all(part not in ("", ".", "..") for part in key.split("/")), key
