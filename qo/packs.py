@@ -23,7 +23,7 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev, record_fields
+from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev, record_fields, record_json
 
 #: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
 PACK_SIZE = 256
@@ -127,21 +127,22 @@ class Pack(StoredRecord):
         by identity, for a pack changed only as ``fork`` allows (entries replaced whole,
         never changed in place): an entry that is the same object is not encoded again
         (a holder's flush rewrites a whole pack to change a few entries). Refreshed to
-        the current entries. The bytes are those of ``dumps(self.to_dict())``."""
+        the current entries. The bytes are those of ``record_json(self.to_dict())`` (the
+        fast codec of records; an entry's fingerprint stays on ``dumps``)."""
         if fragments is None:
-            return dumps(self.to_dict())
+            return record_json(self.to_dict())
         d = self.to_dict()
         entries, d["entries"] = d["entries"], _ENTRIES_SLOT
         parts: list[bytes] = []
         fresh: Fragments = {}
         for entry in entries:
             hit = fragments.get(id(entry))
-            part = hit[1] if hit is not None and hit[0] is entry else dumps(entry)
+            part = hit[1] if hit is not None and hit[0] is entry else record_json(entry)
             fresh[id(entry)] = (entry, part)  # the entry is kept: its id stays its own
             parts.append(part)
         fragments.clear()
         fragments.update(fresh)
-        return dumps(d).replace(_ENTRIES_SLOT_JSON, b"[" + b",".join(parts) + b"]", 1)
+        return record_json(d).replace(_ENTRIES_SLOT_JSON, b"[" + b",".join(parts) + b"]", 1)
 
     @classmethod
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> "Pack":
