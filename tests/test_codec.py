@@ -44,14 +44,14 @@ _numbers = st.builds(lambda sign, whole, frac, exp: f"{sign}{whole}{frac}{exp}",
                      st.sampled_from(["", "e5", "E-7", "e+308", "e400", "e-400", "e-320"]))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_values, st.booleans())
 def test_loads_reads_generated_json_as_json_does(value, ascii_only):
     text = json.dumps({"v": value}, ensure_ascii=ascii_only)  # NaN/Infinity literals included
     assert same(stored.loads(text), json.loads(text))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_numbers)
 def test_loads_reads_number_literals_as_json_does(literal):
     text = '{"n":' + literal + "}"
@@ -98,7 +98,7 @@ def keys_sorted(value) -> bool:
     return True
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.text(max_size=8), _values, max_size=6))
 def test_record_json_reads_back_as_dumps_does(record):
     """The same values, keys sorted at every level."""

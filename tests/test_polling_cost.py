@@ -108,9 +108,8 @@ async def test_a_fast_worker_lists_a_tenth_of_a_second_of_work_at_once(storage_u
     candidates) follow the work, while a new urgent task waits behind at most about
     0.1 s of listed work (or the usual 32). ``list_limit`` set by hand is kept."""
     fast = await _ready_lists(storage_url, 0.0002)  # 5,000 tasks/s: 500 a listing (of 128 tasks)
-    slow = await _ready_lists(storage_url, 0.01)  # 100/s: 10, so the usual 32
-    assert slow >= 128 // 32, (fast, slow)  # 4 listings of 32
-    assert fast <= 3, (fast, slow)  # 32 (the rate is measured on it), the other 96, and a last look
+    assert fast <= 3, fast  # 32 (the rate is measured on it), the other 96, and a last look
     if "://" in storage_url:  # s3, azure
         return  # the rest is the feed's arithmetic, the same on every backend
+    assert await _ready_lists(storage_url, 0.01) >= 128 // 32  # 100/s: 10 a listing, so the usual 32
     assert await _ready_lists(storage_url, 0.0002, list_limit=32) >= 128 // 32

