@@ -67,8 +67,10 @@ _POSITIONAL: dict[type, tuple[bool, tuple[str, ...]]] = {}
 
 
 def _positional(cls: type) -> tuple[bool, tuple[str, ...]]:
-    params = [f for f in attrs.fields(cls) if f.init]
-    usable = bool(params) and params[-1].name == "extra" and not any(f.kw_only for f in params)
+    fields = attrs.fields(cls)
+    params = [f for f in fields if f.init]
+    usable = (bool(params) and len(params) == len(fields) and params[-1].name == "extra"
+              and not any(f.kw_only for f in params))
     found = _POSITIONAL[cls] = (usable, tuple(f.name for f in params[:-1]))
     return found
 
