@@ -1,6 +1,6 @@
 """qo's benchmark: submit N noop tasks, drain them with W worker processes, count requests.
 
-    python benchmarks/bench.py --backend local|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
+    python benchmarks/bench.py --backend local|sqlite|s3|azure|both|all --tasks 1000 --workers 1 --concurrency 32
         [--latency-ms MS] [--idle-seconds 10] [--trickle-tasks 20] [--json-only]
         [--priorities uniform|mixed] [--bulk] [--shards P] [--slowdown-rate N [--slowdown-depth 3]]
 
@@ -14,7 +14,8 @@ Progress goes to stderr; ``--json-only`` silences it.
   on a free loopback port, a fresh container; ``--latency-ms`` (default 25) is added in
   each process by ``qo.counting.LatencyStorage`` (Azurite has no latency option).
 - local: a fresh temporary directory; ``--latency-ms`` (default 0) is added in each
-  process by ``qo.counting.LatencyStorage``.
+  process by ``qo.counting.LatencyStorage``. sqlite: the same, with the one-file local
+  store (``sqlite://`` + a file in that directory).
 
 Requests are counted by ``qo.counting.CountingStorage`` in every process (the submitter's
 counts are the submit part, the workers' summed counts the drain part); the S3 server
@@ -259,7 +260,7 @@ async def _worker_main(index: int, url: str, concurrency: int, latency_s: float,
         started = time.time()
         try:
             stats = await asyncio.wait_for(worker.run(until_idle=True), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BenchError(f"worker {index} had not gone idle after {timeout:.0f}s") from None
         ended = time.time()
         http_after = http_requests(counter)
@@ -372,7 +373,7 @@ async def trickle_latency(url: str, n: int, interval: float, concurrency: int, l
             await asyncio.sleep(interval)
         try:
             await asyncio.wait_for(done.wait(), 60)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BenchError(f"trickle: only {len(waits)} of {n} tasks started within 60 s") from None
         worker.stop()
         await asyncio.wait_for(run, 60)
@@ -381,9 +382,12 @@ async def trickle_latency(url: str, n: int, interval: float, concurrency: int, l
     return waits
 
 
+LOCAL = ("local", "sqlite")  # the stores in a temporary directory (--tmpdir)
+
+
 def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     n, w, c = args.tasks, args.workers, args.concurrency
-    latency_ms = args.latency_ms if args.latency_ms is not None else (0.0 if backend == "local" else 25.0)
+    latency_ms = args.latency_ms if args.latency_ms is not None else (0.0 if backend in LOCAL else 25.0)
     server: S3Server | None = None
     azurite: Any = None
     tmp: str | None = None
@@ -409,7 +413,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         client_latency = latency_ms / 1000
         tmp = tempfile.mkdtemp(prefix="qo-bench-", dir=args.tmpdir)
-        url = os.path.join(tmp, "store")
+        url = os.path.join(tmp, "store") if backend == "local" else "sqlite://" + os.path.join(tmp, "store.db")
         result["filesystem"] = filesystem_of(tmp)
         result["latency_injection"] = "LatencyStorage (client side, every request)" if latency_ms else "none"
 
@@ -563,8 +567,8 @@ def start_azurite(args: argparse.Namespace) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="qo benchmark: submit N noop tasks, drain with W worker processes.")
-    p.add_argument("--backend", choices=("local", "s3", "azure", "both", "all"), default="both",
-                   help="both: local then s3; all: local, s3, then azure (Azurite)")
+    p.add_argument("--backend", choices=("local", "sqlite", "s3", "azure", "both", "all"), default="both",
+                   help="both: local then s3; all: local, s3, then azure (Azurite); sqlite: the one-file local store")
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--bulk", action="store_true",
                    help="submit through submit_many's bulk path (packs of up to 256 tasks); default: one object per task")

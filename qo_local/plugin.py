@@ -1,4 +1,4 @@
-"""Registers the filesystem backend for ``file://`` URLs and bare paths."""
+"""Registers the local backends: ``file://`` URLs and bare paths (a directory), ``sqlite://`` (one file)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import qo
 
 #: settings a ``file://`` URL query may hold; the same names are storage options
 OPTIONS = ("fsync", "lock_stripes", "mode", "allow_foreign_root")
+#: the same for ``sqlite://`` URLs (qo_local.sqlite_storage)
+SQLITE_OPTIONS = ("fsync", "mode", "busy_timeout")
 
 
 @qo.hookimpl
 def qo_storage_schemes() -> list[str]:
-    return ["file", ""]
+    return ["file", "sqlite", ""]
 
 
 @qo.hookimpl
@@ -29,6 +31,8 @@ def qo_storage(url: str, options: dict[str, Any]):
             parts = urlsplit(url)
         except ValueError:
             raise qo.InvalidInput("url", "malformed file:// URL") from None
+        if parts.scheme.lower() == "sqlite":
+            return _sqlite(parts, options)
         if parts.scheme.lower() != "file":
             return None
         if parts.netloc not in ("", "localhost"):  # never echo the netloc: it may hold user:password
@@ -45,7 +49,22 @@ def qo_storage(url: str, options: dict[str, Any]):
     return LocalStorage(path, **{**settings, **options})
 
 
-def _query(query: str) -> dict[str, Any]:
+def _sqlite(parts: Any, options: dict[str, Any]):
+    """A :class:`qo_local.sqlite_storage.SqliteStorage` for ``sqlite:///path/to/queue.db``."""
+    from .sqlite_storage import SqliteStorage
+
+    if parts.netloc not in ("", "localhost"):
+        raise qo.InvalidInput("url", f"sqlite:// URLs name a local file, not host {parts.hostname or '?'!r}")
+    if not parts.path or parts.path.endswith("/"):
+        raise qo.InvalidInput("url", "an sqlite:// URL names a file: sqlite:///var/lib/qo/queue.db")
+    unknown = sorted(set(options) - set(SQLITE_OPTIONS))
+    if unknown:
+        raise qo.InvalidInput(
+            "options", f"unknown sqlite storage options: {', '.join(unknown)} (known: {', '.join(SQLITE_OPTIONS)})")
+    return SqliteStorage(unquote(parts.path), **{**_query(parts.query, SQLITE_OPTIONS), **options})
+
+
+def _query(query: str, known: tuple[str, ...] = OPTIONS) -> dict[str, Any]:
     """The settings of a ``file://`` URL query; InvalidInput for an unknown name or a bad value."""
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -53,8 +72,8 @@ def _query(query: str) -> dict[str, Any]:
         raise qo.InvalidInput("url", "malformed query string") from None
     settings: dict[str, Any] = {}
     for name, value in pairs:
-        if name not in OPTIONS:
-            raise qo.InvalidInput("url", f"unknown query parameter {name[:40]!r} (known: {', '.join(OPTIONS)})")
+        if name not in known:
+            raise qo.InvalidInput("url", f"unknown query parameter {name[:40]!r} (known: {', '.join(known)})")
         settings[name] = value
     if "lock_stripes" in settings:
         try:

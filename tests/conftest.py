@@ -90,6 +90,8 @@ def storage_url(backend, tmp_path, request):
     """A fresh, empty storage root on the backend under test."""
     if backend == "local":
         yield str(tmp_path / "store")
+    elif backend == "sqlite":  # the one-file local store: tests/test_sqlite_store.py asks for it
+        yield "sqlite://" + str(tmp_path / "store.db")
     elif backend == "azure":
         azurite = request.getfixturevalue("azurite")
         azurite.restart_if_older()  # before its first garbage collection stalls it (qo_azure.testing)

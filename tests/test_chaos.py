@@ -19,9 +19,9 @@ import chaos_procs
 
 # seconds of chaos per backend: moto serialises writes and Azurite is one node process
 # next to the eight under test, so the emulated clouds get shorter runs
-SECONDS = {"local": 15.0, "s3": 11.0, "azure": 10.0}
+SECONDS = {"local": 15.0, "s3": 11.0, "azure": 10.0, "sqlite": 8.0}
 #: the queue's key layout per backend: S3's, where spreading matters, is spread over 4 shards
-SHARDS = {"local": 1, "s3": 4, "azure": 1}
+SHARDS = {"local": 1, "s3": 4, "azure": 1, "sqlite": 1}
 
 
 @pytest.mark.timeout(170)

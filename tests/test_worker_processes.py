@@ -19,7 +19,7 @@ CTX = multiprocessing.get_context("spawn")
 
 
 #: tasks per backend: moto serves the eight processes from one thread of the test process
-RACE_TASKS = {"local": 500, "s3": 200, "azure": 200}
+RACE_TASKS = {"local": 500, "s3": 200, "azure": 200, "sqlite": 500}
 
 
 async def test_eight_worker_processes_run_each_task_exactly_once(storage_url, backend, tmp_path):

@@ -19,7 +19,7 @@ def queue_options(fn: Callable) -> Callable:
     fn = click.option("--queue", "queue_name", default=None,
                       help="Queue name (default: QO_QUEUE, qo.toml, else 'default').")(fn)
     fn = click.option("--url", default=None,
-                      help="Storage URL: s3://bucket/prefix, file:///path or a path "
+                      help="Storage URL: s3://bucket/prefix, file:///path or a path, sqlite:///path/queue.db "
                            "(default: QO_URL, qo.toml, else ./.qo).")(fn)
     return fn
 

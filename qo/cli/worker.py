@@ -32,7 +32,8 @@ from .logs import configure, location, log_options
 @click.option("--with-scheduler", is_flag=True,
               help="Also fire the queues' recurring schedules (as `qo schedule run` does), stopping with the worker.")
 @click.option("--url", default=None,
-              help="Storage URL: s3://bucket/prefix, file:///path or a path (default: QO_URL, qo.toml, else ./.qo).")
+              help="Storage URL: s3://bucket/prefix, file:///path or a path, sqlite:///path/queue.db "
+                   "(default: QO_URL, qo.toml, else ./.qo).")
 @click.option("--queue", "queue_specs", multiple=True, metavar="NAME[:WEIGHT]",
               help="A queue to work; repeat it for several under one --concurrency: in the order given "
                    "(a later queue gets the slots the earlier ones leave free), or NAME:WEIGHT on each to "

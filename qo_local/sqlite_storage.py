@@ -1,0 +1,326 @@
+"""Storage in one SQLite file: every object a row, every conditional write one statement.
+
+Why a second local store: the directory store allocates an inode for every write (a
+temp file renamed into place) and frees one, and that, not Python, is what a local task
+costs on a disk filesystem. Here a write appends a page or two to SQLite's write-ahead
+log, as huey's SqliteHuey does.
+
+- create-only is an ``INSERT`` (a UNIQUE key: a second one fails, atomically across
+  processes); a CAS is ``UPDATE ... WHERE key = ? AND etag = ?``; a conditional delete
+  reads and deletes in one ``BEGIN IMMEDIATE`` transaction. SQLite serialises writers
+  (one write lock per file); readers read a committed snapshot (WAL), never half a write.
+- etags are the MD5 of the content, as S3 gives for single-part uploads and the
+  directory store gives, so an object moved between stores keeps its etag.
+- keys are stored as their UTF-8 bytes (``BLOB``): SQLite compares blobs with memcmp,
+  which is S3's LIST order, and a prefix is a byte range.
+- durability: ``synchronous=NORMAL`` (a committed write survives the process being
+  killed; the last writes before a power loss may not, as with the directory store
+  without ``fsync``); ``fsync=1`` gives ``synchronous=FULL``.
+- connections: one per thread and process (a forked child opens its own; it never
+  touches the parent's). The file is created 0600 (``mode="group"``: 0660), before
+  SQLite opens it; its ``-wal`` and ``-shm`` files take the same mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from qo.errors import ConfigurationError, InvalidInput
+from qo.storage import (
+    Blob,
+    Entry,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+    check_put,
+    validate_key,
+    validate_prefix,
+)
+
+from .storage import MODES, _flag, _storage_error
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    key BLOB PRIMARY KEY,
+    etag TEXT NOT NULL,
+    modified REAL NOT NULL,
+    data BLOB NOT NULL
+) WITHOUT ROWID
+"""
+#: how long a write waits for another process's write lock before StorageUnavailable
+BUSY_TIMEOUT = 30.0
+_BATCH = 500  # keys per DELETE ... IN (...) statement (SQLite allows 32,766 variables)
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data).hexdigest() + '"'
+
+
+def _storage_errors(method: Any) -> Any:
+    """Turn an sqlite3 or OS error escaping ``method`` into StorageUnavailable (busy,
+    locked, full: transient) or StorageError, naming the key."""
+
+    @functools.wraps(method)
+    async def wrapper(self: SqliteStorage, *args: Any, **kwargs: Any) -> Any:
+        deadline = None
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    key = args[0] if args and isinstance(args[0], str) else None
+                    raise self._error(exc, key) from None
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.busy_timeout
+                elif now > deadline:
+                    key = args[0] if args and isinstance(args[0], str) else None
+                    raise self._error(exc, key) from None
+                # blocking, as the directory store blocks on flock: the holder commits in
+                # microseconds, and an await would let this loop start more writes meanwhile
+                time.sleep(random.uniform(0.00005, 0.0003))  # noqa: ASYNC251
+            except (sqlite3.Error, OSError) as exc:
+                key = args[0] if args and isinstance(args[0], str) else None
+                raise self._error(exc, key) from None
+
+    return wrapper
+
+
+#: result codes a later try may not meet: another writer, out of memory, space or I/O
+_TRANSIENT_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_FULL,
+                    sqlite3.SQLITE_IOERR}
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class SqliteStorage:
+    """Storage in one SQLite database file (``sqlite:///path/to/queue.db``)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, *, fsync: bool | str = False, mode: str = "private",
+                 busy_timeout: float | str = BUSY_TIMEOUT):
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise InvalidInput("url", "an sqlite path must be non-empty and contain no NUL")
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.fsync = _flag(fsync, "fsync")
+        if mode not in MODES:
+            raise InvalidInput("mode", f"{str(mode)[:40]!r} is not one of: {', '.join(MODES)}")
+        self.mode = mode
+        try:
+            self.busy_timeout = float(busy_timeout)
+        except (TypeError, ValueError):
+            raise InvalidInput("busy_timeout", f"{str(busy_timeout)[:40]!r} is not a number of seconds") from None
+        if not 0 < self.busy_timeout <= 3600:
+            raise InvalidInput("busy_timeout", f"{self.busy_timeout:g} is not from 0 to 3600 seconds")
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []  # every thread's, to close; this process's only
+        self._conns_pid = os.getpid()
+        self._ready_lock = threading.Lock()
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return f"SqliteStorage({self.path!r})"
+
+    # -- connections --------------------------------------------------------------
+
+    def _db(self, create: bool) -> sqlite3.Connection | None:
+        """This thread's connection (opened on first use, after a fork anew); None when
+        the file does not exist and ``create`` is False (reads of no store find nothing)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.pid == os.getpid():
+            return conn
+        if not self._ready and not self._prepare(create):
+            return None
+        # a connection inherited through fork is left alone (closing it could touch
+        # the parent's locks); this process opens its own
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                               check_same_thread=False, cached_statements=64)
+        conn.execute("PRAGMA synchronous=" + ("FULL" if self.fsync else "NORMAL"))
+        conn.execute("PRAGMA mmap_size=268435456")
+        local.conn, local.pid = conn, os.getpid()
+        with self._ready_lock:
+            if self._conns_pid != os.getpid():
+                self._conns, self._conns_pid = [], os.getpid()  # the parent's stay open, untouched
+            self._conns.append(conn)
+        return conn
+
+    def _prepare(self, create: bool) -> bool:
+        """Create the file (with the store's mode, before SQLite opens it) and its table,
+        in WAL mode; False if it does not exist and ``create`` is False."""
+        with self._ready_lock:
+            if self._ready:
+                return True
+            file_mode, dir_mode = MODES[self.mode]
+            try:
+                st = os.lstat(self.path)
+            except FileNotFoundError:
+                if not create:
+                    return False
+                os.makedirs(os.path.dirname(self.path), mode=dir_mode, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
+                except FileExistsError:
+                    pass
+                else:  # the mode asked for, whatever the umask (SQLite gives it to -wal and -shm)
+                    try:
+                        os.fchmod(fd, file_mode)
+                    finally:
+                        os.close(fd)
+                st = os.lstat(self.path)
+            if stat.S_ISLNK(st.st_mode):
+                raise ConfigurationError(f"url: the sqlite store {self.path} is a symbolic link; use its target")
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigurationError(f"url: the sqlite store {self.path} is not a file")
+            if st.st_uid != os.geteuid():
+                raise ConfigurationError(
+                    f"url: the sqlite store {self.path} is owned by uid {st.st_uid}, not by this process's user "
+                    f"(uid {os.geteuid()}); its owner can read every task and plant new ones")
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            try:
+                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                    raise StorageError("the file system refuses SQLite's write-ahead log", backend=self.name)
+                conn.execute(_SCHEMA)
+            except sqlite3.DatabaseError as exc:
+                raise ConfigurationError(f"url: {self.path} is not a qo sqlite store: {exc}") from None
+            finally:
+                conn.close()
+            self._ready = True
+            return True
+
+    def _error(self, exc: BaseException, key: str | None) -> StorageError:
+        if isinstance(exc, OSError):
+            return _storage_error(exc, self.name, key)
+        transient = getattr(exc, "sqlite_errorcode", 0) & 0xFF in _TRANSIENT_CODES
+        cls = StorageUnavailable if transient else StorageError
+        return cls(str(exc) or type(exc).__name__, backend=self.name, key=key)
+
+    # -- the contract -------------------------------------------------------------
+
+    @_storage_errors
+    async def get(self, key: str) -> Blob:
+        validate_key(key)
+        conn = self._db(create=False)
+        row = None if conn is None else conn.execute(
+            "SELECT data, etag FROM objects WHERE key = ?", (key.encode(),)).fetchone()
+        if row is None:
+            raise NotFound("no such key", backend=self.name, key=key)
+        return Blob(row[0], row[1])
+
+    @_storage_errors
+    async def put(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
+        validate_key(key)
+        data = check_put(data, if_match, if_none_match)
+        conn = self._db(create=True)
+        etag, row = _etag(data), (key.encode(),)
+        if if_none_match:
+            try:
+                conn.execute("INSERT INTO objects (key, etag, modified, data) VALUES (?, ?, ?, ?)",
+                             (row[0], etag, time.time(), data))
+            except sqlite3.IntegrityError:
+                raise PreconditionFailed("key exists", backend=self.name, key=key) from None
+        elif if_match is not None:
+            done = conn.execute("UPDATE objects SET etag = ?, modified = ?, data = ? WHERE key = ? AND etag = ?",
+                                (etag, time.time(), data, row[0], if_match)).rowcount
+            if not done:
+                raise PreconditionFailed("etag changed or key missing", backend=self.name, key=key)
+        else:
+            conn.execute("INSERT INTO objects (key, etag, modified, data) VALUES (?, ?, ?, ?) ON CONFLICT (key) "
+                         "DO UPDATE SET etag = excluded.etag, modified = excluded.modified, data = excluded.data",
+                         (row[0], etag, time.time(), data))
+        return etag
+
+    @_storage_errors
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        validate_key(key)
+        conn = self._db(create=False)
+        if conn is None:
+            return
+        if if_match is None:
+            conn.execute("DELETE FROM objects WHERE key = ?", (key.encode(),))
+            return
+        with _immediate(conn):  # read and delete as one: no version may come between
+            row = conn.execute("SELECT etag FROM objects WHERE key = ?", (key.encode(),)).fetchone()
+            if row is None:
+                return
+            if row[0] != if_match:
+                raise PreconditionFailed("etag changed", backend=self.name, key=key)
+            conn.execute("DELETE FROM objects WHERE key = ?", (key.encode(),))
+
+    @_storage_errors
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` in one transaction (missing keys are fine)."""
+        for key in keys:
+            validate_key(key)
+        conn = self._db(create=False)
+        if conn is None or not keys:
+            return
+        encoded = [k.encode() for k in keys]
+        with _immediate(conn):
+            for i in range(0, len(encoded), _BATCH):
+                chunk = encoded[i : i + _BATCH]
+                conn.execute(f"DELETE FROM objects WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
+    @_storage_errors
+    async def list(self, prefix: str, *, start_after: str | None = None, limit: int = 1000) -> list[Entry]:
+        validate_prefix(prefix)
+        conn = self._db(create=False)
+        if conn is None or limit <= 0:
+            return []
+        low = prefix.encode()
+        if start_after is not None and start_after.encode() >= low:
+            sql, args = "key > ?", [start_after.encode()]
+        else:
+            sql, args = "key >= ?", [low]
+        high = _after_prefix(low)
+        if high is not None:
+            sql += " AND key < ?"
+            args.append(high)
+        args.append(limit)
+        rows = conn.execute(f"SELECT key, etag, length(data), modified FROM objects WHERE {sql} "
+                            "ORDER BY key LIMIT ?", args).fetchall()
+        return [Entry(k.decode(), etag, size, modified) for k, etag, size, modified in rows]
+
+    async def close(self) -> None:
+        with self._ready_lock:
+            conns = self._conns if self._conns_pid == os.getpid() else []
+            self._conns, self._local = [], threading.local()
+        for conn in conns:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction taken at its start (``BEGIN IMMEDIATE``: busy now, not half-way)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # (a failed COMMIT too: the next call starts clean)
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _after_prefix(prefix: bytes) -> bytes | None:
+    """The least byte string above every string starting with ``prefix`` (None: no bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])

@@ -1,0 +1,199 @@
+"""The one-file local store (``sqlite://``, qo_local.sqlite_storage): the conformance
+kit with its process races, then the engine's own multi-process tests run on it (their
+functions are imported here, so this module's ``backend`` fixture gives them sqlite),
+then what is its own: URLs, file modes, a busy database, a forked child."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sqlite3
+import stat
+import threading
+from typing import Any
+
+import pytest
+
+pytest.register_assert_rewrite("qo.testing.conformance")
+
+from test_chaos import (
+    test_chaos_producers_killed_workers_and_schedulers_poison_and_storage_faults,  # noqa: F401
+)
+
+# the engine's process races, SIGKILLs and chaos, on this store as on the others
+from test_cli import test_submit_then_status  # noqa: F401
+from test_packs import (  # noqa: F401
+    test_a_sigkilled_holder_s_pack_finishes_elsewhere_without_rerunning_what_was_stored,
+    test_four_worker_processes_run_each_task_of_2000_in_packs_exactly_once,
+)
+from test_recovery import (
+    test_a_producer_failing_between_its_writes_leaves_no_task_and_no_duplicate,  # noqa: F401
+)
+from test_worker_processes import (  # noqa: F401
+    test_eight_worker_processes_run_each_task_exactly_once,
+    test_sigkilled_worker_task_completes_elsewhere_after_lease,
+)
+
+import qo
+from qo.backends import open_storage
+from qo.testing import ConformanceTests, StorageFixtures
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request) -> str:
+    """Every storage-facing test of this module runs on the one-file store only."""
+    return request.param
+
+
+class TestSqliteBackend(StorageFixtures, ConformanceTests):
+    """The whole storage contract, races between processes included."""
+
+    @pytest.fixture
+    def storage_url(self, tmp_path) -> str:
+        return "sqlite://" + str(tmp_path / "store.db")
+
+
+# -- URLs and options --------------------------------------------------------------------
+
+
+def test_an_sqlite_url_opens_the_file_it_names(tmp_path) -> None:
+    storage = open_storage("sqlite://" + str(tmp_path / "a" / "q.db") + "?fsync=1&busy_timeout=2.5")
+    assert type(storage).__name__ == "SqliteStorage"
+    assert storage.path == str(tmp_path / "a" / "q.db")
+    assert storage.fsync is True and storage.busy_timeout == 2.5
+    assert open_storage("sqlite://localhost" + str(tmp_path / "q.db")).path == str(tmp_path / "q.db")
+
+
+@pytest.mark.parametrize("url, field, words", [
+    ("sqlite://db.example.com{d}/q.db", "url", "not host 'db.example.com'"),
+    ("sqlite://{d}/dir/", "url", "names a file"),
+    ("sqlite://{d}/q.db?lock_stripes=4", "url", "unknown query parameter 'lock_stripes'"),
+    ("sqlite://{d}/q.db?busy_timeout=soon", "busy_timeout", "not a number"),
+    ("sqlite://{d}/q.db?busy_timeout=0", "busy_timeout", "from 0 to 3600"),
+    ("sqlite://{d}/q.db?fsync=maybe", "fsync", "not one of"),
+    ("sqlite://{d}/q.db?mode=world", "mode", "not one of"),
+])
+def test_a_bad_sqlite_url_names_its_field_and_creates_nothing(tmp_path, url, field, words) -> None:
+    with pytest.raises(qo.InvalidInput) as info:
+        open_storage(url.format(d=tmp_path))
+    assert info.value.field == field and words in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_storage_options_are_named(tmp_path) -> None:
+    with pytest.raises(qo.InvalidInput, match="unknown sqlite storage options: lock_stripes"):
+        open_storage("sqlite://" + str(tmp_path / "q.db"), {"lock_stripes": 4})
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+async def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path) -> None:
+    path = tmp_path / "none" / "q.db"
+    storage = open_storage("sqlite://" + str(path))
+    with pytest.raises(qo.NotFound):
+        await storage.get("a")
+    assert await storage.list("") == []
+    await storage.delete("a")
+    await storage.delete_many(["a", "b"])
+    assert not path.parent.exists()
+    await storage.put("a", b"1")
+    assert path.exists()
+    await storage.close()
+
+
+@pytest.mark.parametrize("mode, file_mode", [("private", 0o600), ("group", 0o660)])
+async def test_the_file_and_its_log_are_created_with_the_store_mode(tmp_path, mode, file_mode) -> None:
+    old = os.umask(0o022)  # a umask that would open the file to others, or close it to the group
+    try:
+        storage = open_storage("sqlite://" + str(tmp_path / "q.db"), {"mode": mode})
+        await storage.put("secret", b"token")
+    finally:
+        os.umask(old)
+    for name in ("q.db", "q.db-wal", "q.db-shm"):  # SQLite gives its -wal and -shm the file's mode
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == file_mode, name
+    await storage.close()
+
+
+async def test_a_symbolic_link_or_a_file_that_is_not_a_store_is_refused(tmp_path) -> None:
+    (tmp_path / "real.db").write_bytes(b"")
+    os.symlink(tmp_path / "real.db", tmp_path / "link.db")
+    with pytest.raises(qo.ConfigurationError, match="is a symbolic link"):
+        await open_storage("sqlite://" + str(tmp_path / "link.db")).put("a", b"1")
+    (tmp_path / "notes.txt").write_text("not a database, but some notes\n" * 200)
+    with pytest.raises(qo.ConfigurationError, match="is not a qo sqlite store"):
+        await open_storage("sqlite://" + str(tmp_path / "notes.txt")).get("a")
+    assert (tmp_path / "notes.txt").read_text().startswith("not a database")
+
+
+async def test_a_write_that_waits_out_busy_timeout_is_transient_and_names_the_key(tmp_path) -> None:
+    url = "sqlite://" + str(tmp_path / "q.db")
+    storage = open_storage(url, {"busy_timeout": 0.2})
+    await storage.put("a", b"1")
+    holder = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's writer, holding the write lock
+    try:
+        with pytest.raises(qo.StorageUnavailable) as info:
+            await storage.put("a", b"2")
+        assert info.value.key == "a"
+        assert (await storage.get("a")).data == b"1"  # reads go on beside a writer (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await storage.put("a", b"2")  # and the lock gone, writes do
+    assert (await storage.get("a")).data == b"2"
+    await storage.close()
+
+
+async def test_a_writer_waiting_on_another_goes_on_when_it_commits(tmp_path) -> None:
+    storage = open_storage("sqlite://" + str(tmp_path / "q.db"))
+    await storage.put("a", b"1")
+    holder = sqlite3.connect(tmp_path / "q.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE objects SET data = ?, etag = ? WHERE key = ?", (b"x", '"x"', b"a"))
+    threading.Timer(0.05, lambda: holder.execute("COMMIT")).start()
+    await storage.put("b", b"2")  # waits for the lock (as a file lock would, blocking), then writes
+    assert (await storage.get("a")).data == b"x" and (await storage.get("b")).data == b"2"
+    holder.close()
+    await storage.close()
+
+
+async def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(tmp_path) -> None:
+    url = "sqlite://" + str(tmp_path / "q.db")
+    storage = open_storage(url)
+    await storage.put("parent", b"p")  # the parent's connection is open when it forks
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_child_writes_with(storage), args=(results,))
+    child.start()
+    assert results.get(timeout=30) == "p"
+    child.join(10)
+    assert child.exitcode == 0
+    assert (await storage.get("child")).data == b"c"  # the parent's connection still works
+    await storage.put("parent", b"q")
+    assert (await storage.get("parent")).data == b"q"
+    await storage.close()
+
+
+def _child_writes_with(storage: Any):
+    """A child body using the parent's storage object itself, as a forked worker would."""
+
+    def body(results: Any) -> None:
+        async def go() -> str:
+            await storage.put("child", b"c", if_none_match=True)
+            return (await storage.get("parent")).data.decode()
+
+        results.put(asyncio.run(go()))
+
+    return body
+
+
+async def test_keys_are_listed_in_byte_order_across_prefixes_that_are_also_keys(tmp_path) -> None:
+    storage = open_storage("sqlite://" + str(tmp_path / "q.db"))
+    for key in ["a", "a/b", "a/b/c", "a-b", "a\u00e9", "b", "a\U0001f600"]:
+        await storage.put(key, key.encode())
+    listed = [e.key for e in await storage.list("a")]
+    assert listed == sorted(["a", "a/b", "a/b/c", "a-b", "a\u00e9", "a\U0001f600"], key=str.encode)
+    assert [e.key for e in await storage.list("a/", start_after="a/b")] == ["a/b/c"]
+    await storage.close()
