@@ -190,17 +190,39 @@ class SqliteStorage:
                 raise ConfigurationError(
                     f"url: the sqlite store {self.path} is owned by uid {st.st_uid}, not by this process's user "
                     f"(uid {os.geteuid()}); its owner can read every task and plant new ones")
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            self._set_up()
+            self._ready = True
+            return True
+
+    def _set_up(self) -> None:
+        """Put the file in WAL mode and give it the objects table, unless done. Processes
+        opening a new store at once wait for each other (up to ``busy_timeout``); a
+        database with tables of its own is refused, never written into."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            conn = sqlite3.connect(self.path, timeout=min(self.busy_timeout, 1.0), isolation_level=None)
             try:
-                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                    raise StorageError("the file system refuses SQLite's write-ahead log", backend=self.name)
-                conn.execute(_SCHEMA)
+                tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if tables and "objects" not in tables:
+                    raise ConfigurationError(
+                        f"url: {self.path} is an SQLite database, but not a qo store (it has other tables)")
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal" or \
+                        conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
+                    if "objects" not in tables:
+                        conn.execute(_SCHEMA)
+                    return
+                if time.monotonic() > deadline:  # the mode stays as it was: another process holds the file
+                    raise StorageError("cannot put the file in SQLite's write-ahead-log mode", backend=self.name)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise ConfigurationError(f"url: {self.path} is not a qo sqlite store: {exc}") from None
+                if time.monotonic() > deadline:
+                    raise self._error(exc, None) from None
             except sqlite3.DatabaseError as exc:
                 raise ConfigurationError(f"url: {self.path} is not a qo sqlite store: {exc}") from None
             finally:
                 conn.close()
-            self._ready = True
-            return True
+            time.sleep(random.uniform(0.001, 0.005))  # another process is setting the file up
 
     def _error(self, exc: BaseException, key: str | None) -> StorageError:
         if isinstance(exc, OSError):

@@ -127,6 +127,69 @@ async def test_a_symbolic_link_or_a_file_that_is_not_a_store_is_refused(tmp_path
     assert (tmp_path / "notes.txt").read_text().startswith("not a database")
 
 
+async def test_an_sqlite_database_of_something_else_is_refused_and_left_as_it_was(tmp_path) -> None:
+    other = sqlite3.connect(tmp_path / "app.db")
+    other.execute("CREATE TABLE users (name TEXT)")
+    other.commit()
+    other.close()
+    with pytest.raises(qo.ConfigurationError, match="an SQLite database, but not a qo store"):
+        await open_storage("sqlite://" + str(tmp_path / "app.db")).put("a", b"1")
+    check = sqlite3.connect(tmp_path / "app.db")
+    assert [r[0] for r in check.execute("SELECT name FROM sqlite_master")] == ["users"]
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    check.close()
+
+
+ROUNDS = 20
+
+
+def _open_and_write(base: str, index: int, barrier: Any, results: Any) -> None:
+    """In each round, with the 7 others: open a new store and write to it."""
+
+    async def go(url: str) -> bool:
+        storage = open_storage(url)
+        try:
+            await storage.put(f"own/{index}", b"x", if_none_match=True)
+            try:
+                await storage.put("shared", str(index).encode(), if_none_match=True)
+                return True
+            except qo.PreconditionFailed:
+                return False
+        finally:
+            await storage.close()
+
+    for round_ in range(ROUNDS):
+        barrier.wait(30)
+        try:
+            results.put((round_, asyncio.run(go(f"sqlite://{base}/new{round_}/q.db"))))
+        except Exception as exc:  # noqa: BLE001 (reported to the test, which names it)
+            results.put((round_, repr(exc)))
+
+
+def test_eight_processes_opening_a_new_store_at_once_all_write(tmp_path) -> None:
+    """The first open sets the file up (WAL mode, the table): the others wait for it
+    rather than fail (they did, with "database is locked"); 8 processes, 20 new stores."""
+    ctx = multiprocessing.get_context("forkserver")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_write, args=(str(tmp_path), i, barrier, results)) for i in range(8)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in range(8 * ROUNDS)]
+    for p in procs:
+        p.join(10)
+    assert all(isinstance(won, bool) for _, won in outcomes), [o for o in outcomes if not isinstance(o[1], bool)]
+    assert all(sum(won for r, won in outcomes if r == round_) == 1 for round_ in range(ROUNDS))
+
+    async def keys(url: str) -> list[str]:
+        storage = open_storage(url)
+        try:
+            return [e.key for e in await storage.list("own/")]
+        finally:
+            await storage.close()
+
+    assert asyncio.run(keys(f"sqlite://{tmp_path}/new{ROUNDS - 1}/q.db")) == sorted(f"own/{i}" for i in range(8))
+
+
 async def test_a_write_that_waits_out_busy_timeout_is_transient_and_names_the_key(tmp_path) -> None:
     url = "sqlite://" + str(tmp_path / "q.db")
     storage = open_storage(url, {"busy_timeout": 0.2})
