@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import random
 import sqlite3
@@ -48,7 +47,7 @@ from qo.storage import (
     validate_prefix,
 )
 
-from .storage import MODES, _flag, _storage_error
+from .storage import MODES, _etag, _flag, _storage_error
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -61,10 +60,6 @@ CREATE TABLE IF NOT EXISTS objects (
 #: how long a write waits for another process's write lock before StorageUnavailable
 BUSY_TIMEOUT = 30.0
 _BATCH = 500  # keys per DELETE ... IN (...) statement (SQLite allows 32,766 variables)
-
-
-def _etag(data: bytes) -> str:
-    return '"' + hashlib.md5(data).hexdigest() + '"'
 
 
 def _storage_errors(method: Any) -> Any:
