@@ -10,7 +10,7 @@ import qo
 #: settings a ``file://`` URL query may hold; the same names are storage options
 OPTIONS = ("fsync", "lock_stripes", "mode", "allow_foreign_root")
 #: the same for ``sqlite://`` URLs (qo_local.sqlite_storage)
-SQLITE_OPTIONS = ("fsync", "mode", "busy_timeout")
+SQLITE_OPTIONS = ("fsync", "mode", "busy_timeout", "allow_foreign_root")
 
 
 @qo.hookimpl

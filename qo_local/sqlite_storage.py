@@ -107,11 +107,12 @@ class SqliteStorage:
     name = "sqlite"
 
     def __init__(self, path: str, *, fsync: bool | str = False, mode: str = "private",
-                 busy_timeout: float | str = BUSY_TIMEOUT):
+                 busy_timeout: float | str = BUSY_TIMEOUT, allow_foreign_root: bool | str = False):
         if not isinstance(path, str) or not path or "\x00" in path:
             raise InvalidInput("url", "an sqlite path must be non-empty and contain no NUL")
         self.path = os.path.abspath(os.path.expanduser(path))
         self.fsync = _flag(fsync, "fsync")
+        self._allow_foreign = _flag(allow_foreign_root, "allow_foreign_root")
         if mode not in MODES:
             raise InvalidInput("mode", f"{str(mode)[:40]!r} is not one of: {', '.join(MODES)}")
         self.mode = mode
@@ -166,7 +167,10 @@ class SqliteStorage:
             except FileNotFoundError:
                 if not create:
                     return False
-                os.makedirs(os.path.dirname(self.path), mode=dir_mode, exist_ok=True)
+                parent = os.path.dirname(self.path)
+                if not os.path.isdir(parent):
+                    os.makedirs(parent, mode=dir_mode, exist_ok=True)
+                    os.chmod(parent, dir_mode)  # whatever the umask; group: setgid, as the directory store
                 try:
                     fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode)
                 except FileExistsError:
@@ -178,13 +182,18 @@ class SqliteStorage:
                         os.close(fd)
                 st = os.lstat(self.path)
             if stat.S_ISLNK(st.st_mode):
-                raise ConfigurationError(f"url: the sqlite store {self.path} is a symbolic link; use its target")
+                if not self._allow_foreign:
+                    raise ConfigurationError(
+                        f"url: the sqlite store {self.path} is a symbolic link; whoever can change it decides "
+                        "where task data goes. Use its target, or allow it with allow_foreign_root=1")
+                st = os.stat(self.path)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigurationError(f"url: the sqlite store {self.path} is not a file")
-            if st.st_uid != os.geteuid():
+            if st.st_uid != os.geteuid() and not self._allow_foreign:
                 raise ConfigurationError(
                     f"url: the sqlite store {self.path} is owned by uid {st.st_uid}, not by this process's user "
-                    f"(uid {os.geteuid()}); its owner can read every task and plant new ones")
+                    f"(uid {os.geteuid()}); its owner can read every task and plant new ones. Use a file of "
+                    "your own, or allow it with allow_foreign_root=1 (the other members of a group store need it)")
             self._set_up()
             self._ready = True
             return True

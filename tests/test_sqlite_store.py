@@ -127,6 +127,38 @@ async def test_a_symbolic_link_or_a_file_that_is_not_a_store_is_refused(tmp_path
     assert (tmp_path / "notes.txt").read_text().startswith("not a database")
 
 
+async def test_a_link_or_another_users_file_opens_only_when_allowed(tmp_path) -> None:
+    path = tmp_path / "q.db"
+    mine = open_storage("sqlite://" + str(path))
+    await mine.put("k", b"v")
+    await mine.close()
+    os.symlink(path, tmp_path / "link.db")
+    storage = open_storage(f"sqlite://{tmp_path}/link.db?allow_foreign_root=1")
+    assert (await storage.get("k")).data == b"v"
+    await storage.close()
+    if os.geteuid() != 0:
+        return  # (chown to another user needs root)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(qo.ConfigurationError) as err:
+        await open_storage("sqlite://" + str(path)).get("k")
+    assert "uid 65534" in str(err.value) and "allow_foreign_root=1" in str(err.value)
+    storage = open_storage("sqlite://" + str(path), {"allow_foreign_root": True})  # a group store's other members
+    assert (await storage.get("k")).data == b"v"
+    await storage.close()
+
+
+async def test_a_group_store_s_new_directory_is_setgid_and_group_writable(tmp_path) -> None:
+    old = os.umask(0o077)
+    try:
+        storage = open_storage(f"sqlite://{tmp_path}/shared/q.db?mode=group")
+        await storage.put("k", b"v")
+        await storage.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "shared").st_mode) == 0o2770
+    assert stat.S_IMODE(os.stat(tmp_path / "shared" / "q.db").st_mode) == 0o660
+
+
 async def test_an_sqlite_database_of_something_else_is_refused_and_left_as_it_was(tmp_path) -> None:
     other = sqlite3.connect(tmp_path / "app.db")
     other.execute("CREATE TABLE users (name TEXT)")
