@@ -284,6 +284,54 @@ def _child_writes_with(storage: Any):
     return body
 
 
+def _plant_rows(path, rows: list[tuple[Any, Any, Any, Any]]) -> None:
+    """Rows written into the file by hand, as anything with the sqlite3 shell could."""
+    raw = sqlite3.connect(path)
+    raw.executemany("INSERT INTO objects (key, etag, modified, data) VALUES (?, ?, ?, ?)", rows)
+    raw.commit()
+    raw.close()
+
+
+async def test_rows_written_by_hand_read_as_the_contract_s_types_or_not_at_all(tmp_path) -> None:
+    storage = open_storage(f"sqlite://{tmp_path}/q.db")
+    await storage.put("p/z", b"good")
+    _plant_rows(tmp_path / "q.db", [
+        *[(b"p/\xff" + bytes([i]), '"x"', 1.0, b"1") for i in range(5)],  # keys no S3 key can be
+        (b"p/text", 7, "soon", "hello"),  # data as TEXT, etag as INTEGER, modified as TEXT
+        ("p/a-text-key", '"y"', 1.0, b"1"),  # a TEXT key: outside every BLOB range
+    ])
+    listed = await storage.list("p/")
+    assert [(e.key, e.etag, e.size, e.modified) for e in listed][:1] == [("p/text", "7", 5, None)]
+    assert [e.key for e in listed] == ["p/text", "p/z"]
+    # a page of undecodable keys does not end the listing: it goes on past them
+    assert [e.key for e in await storage.list("p/", limit=1)] == ["p/text"]
+    assert [e.key for e in await storage.list("p/", start_after="p/text", limit=2)] == ["p/z"]
+    blob = await storage.get("p/text")
+    assert (blob.data, blob.etag) == (b"hello", "7")
+    await storage.close()
+
+
+async def test_a_worker_drains_past_rows_written_by_hand_in_its_queue(tmp_path) -> None:
+    from qo import keys
+    from qo.worker import Worker
+
+    url = f"sqlite://{tmp_path}/q.db"
+    q = await qo.connect(url, queue="q")
+    good = await q.submit("t", 1)
+    ready = keys.ready_prefix("q")
+    _plant_rows(tmp_path / "q.db", [
+        (ready.encode() + b"\xff\xfe", '"x"', 1.0, b""),  # an undecodable marker key
+        (f"{ready}0000garbage".encode(), 5, "x", 12345),  # a marker of nonsense
+        (f"q/tasks/{good.id[:-1]}0.json".encode(), '"e"', 1.0, "{not json"),  # a task of TEXT garbage
+    ])
+    w = Worker(q, concurrency=2, poll_min=0.01, poll_max=0.05)
+    w.handler("t")(lambda input: input + 1)
+    await asyncio.wait_for(w.run(until_idle=True), 20)
+    done = await q.get(good.id)
+    assert (done.status, done.output) == ("completed", 2)
+    await q.close()
+
+
 async def test_keys_are_listed_in_byte_order_across_prefixes_that_are_also_keys(tmp_path) -> None:
     storage = open_storage("sqlite://" + str(tmp_path / "q.db"))
     for key in ["a", "a/b", "a/b/c", "a-b", "a\u00e9", "b", "a\U0001f600"]:
