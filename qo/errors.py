@@ -19,9 +19,9 @@ class InvalidInput(QoError, ValueError):
 class TaskNotFound(QoError, LookupError):
     """No task with this id in this queue."""
 
-    def __init__(self, task_id: str):
+    def __init__(self, task_id: str, why: str = ""):
         self.task_id = task_id
-        super().__init__(f"task {task_id!r} not found")
+        super().__init__(f"task {task_id!r} not found" + (f": {why}" if why else ""))
 
 
 class ScheduleNotFound(QoError, LookupError):

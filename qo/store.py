@@ -23,6 +23,8 @@ from .stored import BadObjects
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: why a task that a purge is deleting is not found
+PURGING = "a purge is deleting it"
 
 
 class Backoff:
@@ -79,22 +81,35 @@ class TaskStore:
         return keys.task(self.queue, task_id)
 
     async def load(self, task_id: str) -> tuple[Task, str]:
-        """The task and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
-        (reported once) if what is stored is not a task this release can use. A task
-        submitted in a pack is read from its pack (one GET)."""
+        """The task and its etag; ``TaskNotFound`` if there is none (or a purge is
+        deleting it), ``CorruptObject`` (reported once) if what is stored is not a task
+        this release can use. A task submitted in a pack is read from its pack (one GET)."""
         if keys.pack_of(task_id) is not None:
             return await self.packs.load_task(task_id)
         return await self.load_object(task_id)
 
-    async def load_object(self, task_id: str) -> tuple[Task, str]:
+    async def load_object(self, task_id: str, *, purging: bool = False) -> tuple[Task, str]:
         """The task stored in ``tasks/{id}.json`` (a task of a pack that moved out, or
-        any single task), whatever its id looks like."""
+        any single task), whatever its id looks like. ``purging``: a task a purge is
+        deleting too (else it is ``TaskNotFound``)."""
         key = self.key(task_id)
         try:
             blob = await self.backoff.call(lambda: self.storage.get(key))
         except NotFound:
             raise TaskNotFound(task_id) from None
-        return self.decode(blob.data, key), blob.etag
+        task = self.decode(blob.data, key)
+        if task.purging_at is not None and not purging:
+            raise TaskNotFound(task_id, PURGING)
+        return task, blob.etag
+
+    async def tombstone(self, task: Task, etag: str, now: float) -> str | None:
+        """Mark the version ``etag`` of ``task`` as being deleted (qo/tombstones.py), so
+        no writer can change it any more; its new etag, or None if it changed since."""
+        task.purging_at = now
+        try:
+            return await self.replace(task, etag)
+        except (PreconditionFailed, TaskNotFound):
+            return None
 
     def decode(self, data: bytes, key: str, what: str = "skipped") -> Task:
         """The task in ``data`` read from ``key``; a ``CorruptObject`` is reported, then raised."""
