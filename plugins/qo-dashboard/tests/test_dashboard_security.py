@@ -283,3 +283,23 @@ async def test_the_table_messages_show(client):
     assert flash_of(await ok(await client.get(f"/schedules?msg=triggered&msg_schedule=nightly&msg_task={task_id}"))) \
         == f"triggered nightly: task {task_id}"
     assert flash_of(await ok(await client.get("/tasks?status=failed&msg=nothing-selected"))) == "nothing selected"
+
+
+async def test_failures_are_counted_on_the_page_and_logged(client, failed_task, queue, caplog, monkeypatch):
+    """An action's errors are free text: they go to the log, the page only counts them."""
+    import qo
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise qo.StorageUnavailable("the store said no <b>here</b>")
+
+    csrf = csrf_of(await ok(await client.get("/dead-letters")))
+    monkeypatch.setattr(queue, "retry", broken)
+    html = await ok(await client.post("/actions/retry", data={"csrf": csrf, "id": failed_task.id, "back": "/dead-letters"}))
+    assert flash_of(html) == "retried 0 tasks; 1 failed (the dashboard&#39;s log says why)"
+    assert f"retry of task {failed_task.id} failed: the store said no <b>here</b>" in caplog.text
+    html = await ok(await client.post("/schedules/nosuch/pause", data={"csrf": csrf}))
+    assert flash_of(html) == "no schedule named nosuch"
+    monkeypatch.setattr(queue.schedules, "pause", broken)
+    html = await ok(await client.post("/schedules/nightly/pause", data={"csrf": csrf}))
+    assert flash_of(html) == "could not pause nightly (the dashboard&#39;s log says why)"
+    assert "pause of schedule nightly failed: the store said no" in caplog.text

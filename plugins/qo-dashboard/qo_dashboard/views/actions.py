@@ -52,7 +52,7 @@ async def _each(verb: str, ids: list[str], action: Callable[[str], Awaitable[Any
     done = skipped = failed = 0
 
     async def one(task_id: str) -> None:
-        nonlocal done, skipped
+        nonlocal done, skipped, failed
         async with slots:
             try:
                 await action(task_id)
