@@ -36,9 +36,13 @@ __all__ = [
     "check_put",
     "delete_many",
     "MAX_KEY_BYTES",
+    "REQUIRED_METHODS",
 ]
 
 MAX_KEY_BYTES = 1024
+#: the async methods every backend has; checked when a backend's storage is opened
+#: (``qo.backends.open_storage``), with ``name`` (a str, defaulting to the URL scheme)
+REQUIRED_METHODS = ("get", "put", "delete", "list", "close")
 
 
 @attrs.frozen
