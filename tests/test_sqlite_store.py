@@ -297,7 +297,8 @@ async def test_a_lock_never_released_fails_every_call_at_busy_timeout_naming_the
     try:
         calls = {"get": (lambda: storage.get("a"), "a"), "put": (lambda: storage.put("a", b"2"), "a"),
                  "put_if_match": (lambda: storage.put("a", b"2", if_match="x"), "a"),
-                 "delete": (lambda: storage.delete("a"), "a"), "list": (lambda: storage.list("a/"), "a/"),  # (its prefix)
+                 "delete": (lambda: storage.delete("a"), "a"),
+                 "list": (lambda: storage.list("a/"), "a/"),  # (a listing names its prefix)
                  "delete_many": (lambda: storage.delete_many(["a", "b"]), None)}
         for what, (call, key) in calls.items():
             exc, took = await _outcome(call)
