@@ -101,6 +101,14 @@ class Throttled(StorageUnavailable):
     (``qo.store.Backoff``), so many clients spread out instead of hammering a prefix."""
 
 
+class StorageBusy(StorageUnavailable):
+    """Another client holds the store (SQLite's write lock held by another connection)
+    and the backend waited for it as long as it was told to (``busy_timeout``): that wait
+    was the retry, so the engine does not retry it again within the operation (a lock
+    never released would cost the timeout once per try). Transient: the next operation
+    tries again."""
+
+
 class Retry(Exception):
     """Raised by a handler: try again after ``delay`` seconds (counts as an attempt)."""
 

@@ -15,7 +15,15 @@ import random
 from typing import Awaitable, Callable, TypeVar
 
 from . import keys
-from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound, Throttled
+from .errors import (
+    CorruptObject,
+    NotFound,
+    PreconditionFailed,
+    StorageBusy,
+    StorageUnavailable,
+    TaskNotFound,
+    Throttled,
+)
 from .model import Task, new_rev
 from .packs import PackStore
 from .storage import Storage, delete_many
@@ -34,7 +42,8 @@ class Backoff:
     (``Throttled``: S3 ``SlowDown``, Azure ``ServerBusy``, a 429 or 503) waits from
     ``throttle_base`` (0.2 s) doubling to ``throttle_cap`` (5 s), still full jitter: the
     store is telling every client of the prefix to slow down, and drawn waits spread
-    them out where equal ones would return together. ``sleep`` is for tests.
+    them out where equal ones would return together. ``StorageBusy`` is not retried:
+    the backend has waited its own timeout already. ``sleep`` is for tests.
     """
 
     def __init__(self, attempts: int = 8, base: float = 0.05, cap: float = 2.0, *,
@@ -50,7 +59,10 @@ class Backoff:
         return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
     async def pause(self, attempt: int, exc: BaseException | None = None) -> None:
-        """Wait before the next try (for callers that run their own retry loop)."""
+        """Wait before the next try (for callers that run their own retry loop); a
+        ``StorageBusy`` is raised again instead, so no loop waits its timeout twice."""
+        if isinstance(exc, StorageBusy):
+            raise exc
         await (self.sleep or asyncio.sleep)(self.delay(attempt, exc))
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -58,7 +70,7 @@ class Backoff:
             try:
                 return await fn()
             except StorageUnavailable as exc:
-                if attempt == self.attempts:
+                if attempt == self.attempts or isinstance(exc, StorageBusy):
                     raise
                 await self.pause(attempt, exc)
         raise AssertionError("unreachable")
