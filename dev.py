@@ -14,7 +14,8 @@ And two real S3 servers the tests start on loopback: Ceph RGW from the system's
 packages (apt-get, as root: radosgw, ceph-mon, ceph-osd, ceph-common) and LocalStack's
 S3 in a virtualenv of its own, .localstack-venv/ (it needs Python >= 3.13: python3.13 on
 PATH or pyenv's); where they cannot be installed their tests skip, saying why (under
-CI=1 they fail).
+CI=1 they fail). And s3rver (npm, into .s3rver/): a server without conditional writes,
+which the tests prove qo refuses.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def ensure_venv() -> None:
     ensure_chromium()
     ensure_ceph()
     ensure_localstack()
+    ensure_s3rver()
     stamp = VENV / ".qo-installed"
     if stamp.exists() and stamp.read_text() == _fingerprint():
         return
@@ -180,6 +182,29 @@ def ensure_localstack() -> None:
         print("pip could not install LocalStack: the LocalStack S3 tests will be skipped.", flush=True)
         return
     stamp.write_text(wanted)
+
+
+S3RVER_VERSION = "3.7.1"  # an S3 server with no conditional writes: qo must refuse it
+S3RVER_DIR = ROOT / ".s3rver"
+
+
+def ensure_s3rver() -> None:
+    """Install s3rver with npm into .s3rver/ (pinned); without npm its test skips."""
+    stamp = S3RVER_DIR / ".qo-installed"
+    if stamp.exists() and stamp.read_text() == S3RVER_VERSION and (S3RVER_DIR / "node_modules/.bin/s3rver").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        print("npm not found: s3rver is not installed, so the test that qo refuses it will be skipped.", flush=True)
+        return
+    print(f"installing s3rver {S3RVER_VERSION} into {S3RVER_DIR} (npm)", flush=True)
+    S3RVER_DIR.mkdir(exist_ok=True)
+    done = subprocess.run([npm, "install", "--prefix", str(S3RVER_DIR), f"s3rver@{S3RVER_VERSION}",
+                           "--no-audit", "--no-fund", "--loglevel=error"], stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not (S3RVER_DIR / "node_modules/.bin/s3rver").exists():
+        print("npm could not install s3rver: the test that qo refuses it will be skipped.", flush=True)
+        return
+    stamp.write_text(S3RVER_VERSION)
 
 
 def ensure_azurite() -> None:

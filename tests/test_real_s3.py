@@ -32,3 +32,32 @@ class TestRealS3Conformance(StorageFixtures, ConformanceTests):
             if request.node.name.startswith(name) and server != only:
                 pytest.skip(f"slow: runs on {only} only (tests/test_real_s3.py ONE_SERVER)")
         return real_s3_server.new_bucket(prefix=f"t-{uuid.uuid4().hex[:8]}")
+
+
+def test_s3rver_which_honours_no_condition_is_refused_at_first_use_in_one_line():
+    """s3rver (npm) ignores If-None-Match and If-Match: every racer would win."""
+    import asyncio
+    import os
+
+    from qo.testing.s3rver import MISSING, S3rver, find_s3rver
+    from qo_s3.dialect import UnsafeStore
+    from qo_s3.storage import S3Storage
+
+    if find_s3rver() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{MISSING} (CI is set: python3 dev.py installs it)", pytrace=False)
+        pytest.skip(MISSING)
+
+    async def first_use(url: str) -> str:
+        storage = S3Storage(url, **server.options)
+        try:
+            with pytest.raises(UnsafeStore) as info:
+                await storage.put("q/tasks/t1", b"{}", if_none_match=True)
+            return str(info.value)
+        finally:
+            await storage.close()
+
+    with S3rver() as server:
+        message = asyncio.run(first_use(server.url("p")))
+    assert "cannot be used safely: a compare-and-swap on a stale etag succeeded" in message
+    assert "unsafe=1" in message and "\n" not in message
