@@ -413,7 +413,15 @@ class S3Storage:
         assert self._dialect_lock is not None
         async with self._dialect_lock:
             if self.dialect is None:
-                self.dialect = await self._stored_dialect() or await self._probe(force=force)
+                try:
+                    self.dialect = await self._stored_dialect() or await self._probe(force=force)
+                except StorageError as exc:
+                    if "AccessDenied" not in str(exc):
+                        raise
+                    raise StorageError(  # the credentials may not reach _qo/: say how to do without
+                        f"learning how this store answers conditional requests (under {RESERVED}) failed: "
+                        f"{exc}; allow that prefix, or declare it in the URL (dialect=aws, rgw, localstack)",
+                        backend=self.name, key=exc.key) from None
         return self.dialect
 
     async def _stored_dialect(self) -> Dialect | None:

@@ -30,6 +30,7 @@ class Mimic:
     delete: str = "honoured"  #: ``ignored`` (RGW 16) or ``refused`` (LocalStack: 501)
     if_none_match: bool = True  #: False: drop If-None-Match (create-only overwrites)
     cas_errors: int = 0  #: answer this many CAS PUTs with HTTP 500, not passing them on
+    deny_reserved: bool = False  #: 403 AccessDenied to every request for a key under _qo/
     requests: int = 0
 
 
@@ -43,6 +44,8 @@ def mimic_middleware(mimic: Mimic) -> Callable:
     def wrap(app: Callable) -> Callable:
         def wrapped(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
             mimic.requests += 1
+            if mimic.deny_reserved and "/_qo/" in environ.get("PATH_INFO", ""):
+                return _answer(start_response, "403 Forbidden", "AccessDenied")
             method, if_match = environ["REQUEST_METHOD"], environ.get("HTTP_IF_MATCH")
             if method == "DELETE" and if_match is not None and mimic.delete != "honoured":
                 if mimic.delete == "refused":
@@ -174,6 +177,16 @@ async def _refused(st: S3Storage, says: str) -> None:
         await forced.put("q/tasks/t1", b"x", if_none_match=True)  # forced: used as it is
     finally:
         await forced.close()
+
+
+async def test_credentials_that_cannot_reach_the_probe_prefix_are_told_how_to_do_without(open_s3, mimic):
+    mimic.deny_reserved = True
+    st = open_s3()
+    with pytest.raises(qo.StorageError, match="dialect=aws") as info:
+        await st.put("k", b"1", if_none_match=True)
+    assert "_qo/" in str(info.value) and "access denied" in str(info.value)
+    declared = open_s3("&dialect=aws")
+    await declared.put("k", b"1", if_none_match=True)  # declared: nothing probed, it works
 
 
 async def test_connect_and_submit_refuse_a_store_without_conditions():
