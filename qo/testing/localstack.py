@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -108,7 +109,9 @@ class LocalStack:
             "LOCALSTACK_TELEMETRY": "0",
         })
         with open(self._dir / "localstack.log", "wb") as log:
-            self._proc = start_daemon([self.python, "-m", "localstack.runtime.main"], log, env=env, cwd=str(self._dir))
+            # SIGKILL if the test process dies: LocalStack's runtime was seen to outlive a SIGTERM
+            self._proc = start_daemon([self.python, "-m", "localstack.runtime.main"], log, env=env,
+                                      cwd=str(self._dir), death_signal=signal.SIGKILL)
         try:
             self._wait_ready(time.monotonic() + timeout)
             self._create_bucket(self.bucket)

@@ -29,16 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: have the kernel send SIGTERM to the server when the test process dies."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def _die_with_parent(sig: int) -> Any:
+    def preexec() -> None:  # pragma: no cover - runs in the child before exec
+        """Linux: have the kernel send ``sig`` to the server when the test process dies."""
+        try:
+            ctypes.CDLL(None).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+    return preexec
 
 
-def start_daemon(cmd: list[str], log: IO[bytes], **kwargs: Any) -> subprocess.Popen:
-    """Start a server in the foreground of a child process that dies with this one,
-    its output to ``log``."""
+def start_daemon(cmd: list[str], log: IO[bytes], *, death_signal: int = signal.SIGTERM,
+                 **kwargs: Any) -> subprocess.Popen:
+    """Start a server in the foreground of a child process that gets ``death_signal``
+    when this one dies (SIGKILL for a server that may not exit on SIGTERM), its output
+    to ``log``."""
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent if os.name == "posix" else None, **kwargs)
+                            preexec_fn=_die_with_parent(death_signal) if os.name == "posix" else None, **kwargs)

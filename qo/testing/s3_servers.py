@@ -12,9 +12,10 @@ Session fixtures, each one server per test process, started on first use:
 
 Where a server is not installed (``python3 dev.py test`` installs both when it can),
 the tests that ask for it skip, saying why; with ``CI`` set they fail instead, so a
-broken install cannot hide. With pytest-xdist, mark such tests
-``pytest.mark.xdist_group("ceph")`` / ``("localstack")`` and run ``--dist loadgroup``
-(dev.py does), so that one process, not each, starts each server.
+broken install cannot hide. With pytest-xdist run ``--dist loadgroup`` (dev.py does):
+``real_s3_server``'s params carry ``xdist_group("ceph")`` / ``("localstack")``, so
+one process, not each, starts each server; mark a test that asks for ``ceph_rgw`` or
+``localstack_s3`` directly the same way.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def localstack_s3() -> Iterator[Any]:
     yield LocalStack.shared()
 
 
-@pytest.fixture(params=REAL_S3)
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in REAL_S3])
 def real_s3_server(request: pytest.FixtureRequest) -> Any:
     """The server under test: Ceph RGW or LocalStack."""
     return request.getfixturevalue("ceph_rgw" if request.param == "ceph" else "localstack_s3")
@@ -70,16 +71,3 @@ def real_s3_url(real_s3_server: Any) -> str:
     import uuid
 
     return real_s3_server.new_bucket(prefix=f"t-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group the tests of each real server on one xdist worker (``--dist loadgroup``)."""
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        name = params.get("real_s3_server")
-        if name is None:
-            fixtures = getattr(item, "fixturenames", ())
-            name = "ceph" if "ceph_rgw" in fixtures else "localstack" if "localstack_s3" in fixtures else None
-        if name is not None and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(name))
