@@ -10,6 +10,12 @@ benchmark) with npm into .azurite/ when it is missing; without npm the Azure tes
 skipped, saying why. And Chromium from the system's packages (apt-get, as root) for the
 dashboard's real-browser tests, driven by playwright's Python package (never a browser
 download); without it those tests are skipped, saying why (under CI=1 they fail).
+And two real S3 servers the tests start on loopback: Ceph RGW from the system's
+packages (apt-get, as root: radosgw, ceph-mon, ceph-osd, ceph-common) and LocalStack's
+S3 in a virtualenv of its own, .localstack-venv/ (it needs Python >= 3.13: python3.13 on
+PATH or pyenv's); where they cannot be installed their tests skip, saying why (under
+CI=1 they fail). And s3rver (npm, into .s3rver/): a server without conditional writes,
+which the tests prove qo refuses.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ def ensure_venv() -> None:
     """Create the virtualenv and install qo (editable, with test extras) and plugins/; Azurite; Chromium."""
     ensure_azurite()
     ensure_chromium()
+    ensure_ceph()
+    ensure_localstack()
+    ensure_s3rver()
     stamp = VENV / ".qo-installed"
     if stamp.exists() and stamp.read_text() == _fingerprint():
         return
@@ -98,6 +107,106 @@ def ensure_chromium() -> None:
         print("apt-get could not install chromium: the dashboard's browser tests will be skipped.", flush=True)
 
 
+CEPH_PACKAGES = ("radosgw", "ceph-mon", "ceph-osd", "ceph-common")
+CEPH_BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "ceph-authtool", "monmaptool")
+
+
+def _apt_install(packages: tuple[str, ...], *, recommends: bool = True) -> bool:
+    """``apt-get update`` then install ``packages`` quietly; True if apt-get succeeded."""
+    apt = shutil.which("apt-get")
+    if apt is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    done = subprocess.run([apt, "-qq", "update"], **quiet)
+    if done.returncode == 0:
+        extra = [] if recommends else ["--no-install-recommends"]
+        done = subprocess.run([apt, "-qq", "install", "-y", *extra, *packages], **quiet)
+    return done.returncode == 0
+
+
+def ensure_ceph() -> None:
+    """Install Debian's Ceph (monitor, OSD, RADOS Gateway) when missing and we may (root, apt).
+
+    Otherwise say so and go on: the Ceph RGW tests skip with that reason.
+    """
+    if all(shutil.which(b) for b in CEPH_BINARIES):
+        return
+    print(f"installing Ceph ({', '.join(CEPH_PACKAGES)}; apt-get) for the Ceph RGW tests", flush=True)
+    if not _apt_install(CEPH_PACKAGES) or not all(shutil.which(b) for b in CEPH_BINARIES):
+        print("Ceph could not be installed (needs root and apt-get): the Ceph RGW tests will be skipped.",
+              flush=True)
+
+
+LOCALSTACK_DIR = ROOT / ".localstack-venv"
+#: LocalStack 4.14 and the pins its dependencies need (qo/testing/localstack.py says the same)
+LOCALSTACK_PACKAGES = ("localstack-core[runtime]==4.14.0", "cbor2<6", "pyopenssl<24.3", "cryptography<44")
+
+
+def _python313() -> str | None:
+    """A Python >= 3.13 for LocalStack: python3.13 on PATH, else pyenv's newest 3.13+."""
+    found = shutil.which("python3.13") or shutil.which("python3.14")
+    if found:
+        return found
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for version in sorted(pyenv.glob("3.1[3-9]*"), reverse=True):
+        if (version / "bin" / "python3").exists():
+            return str(version / "bin" / "python3")
+    return None
+
+
+def ensure_localstack() -> None:
+    """Make .localstack-venv with LocalStack (pinned; re-made when the pins change).
+
+    Without a Python >= 3.13, say so and go on: the LocalStack tests skip with that reason.
+    """
+    stamp = LOCALSTACK_DIR / ".qo-installed"
+    wanted = "\n".join(LOCALSTACK_PACKAGES)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return
+    python = _python313()
+    if python is None:
+        print("no Python >= 3.13 found: LocalStack is not installed, so the LocalStack S3 tests will be "
+              "skipped. Install python3.13 to run them.", flush=True)
+        return
+    print(f"installing LocalStack ({LOCALSTACK_PACKAGES[0]}) into {LOCALSTACK_DIR} (pip, {python})", flush=True)
+    if not (LOCALSTACK_DIR / "bin" / "python").exists():
+        done = subprocess.run([python, "-m", "venv", str(LOCALSTACK_DIR)])
+        if done.returncode != 0:
+            print("could not create .localstack-venv: the LocalStack S3 tests will be skipped.", flush=True)
+            return
+    pip = [str(LOCALSTACK_DIR / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, *LOCALSTACK_PACKAGES], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        print(done.stdout[-2000:], flush=True)
+        print("pip could not install LocalStack: the LocalStack S3 tests will be skipped.", flush=True)
+        return
+    stamp.write_text(wanted)
+
+
+S3RVER_VERSION = "3.7.1"  # an S3 server with no conditional writes: qo must refuse it
+S3RVER_DIR = ROOT / ".s3rver"
+
+
+def ensure_s3rver() -> None:
+    """Install s3rver with npm into .s3rver/ (pinned); without npm its test skips."""
+    stamp = S3RVER_DIR / ".qo-installed"
+    if stamp.exists() and stamp.read_text() == S3RVER_VERSION and (S3RVER_DIR / "node_modules/.bin/s3rver").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        print("npm not found: s3rver is not installed, so the test that qo refuses it will be skipped.", flush=True)
+        return
+    print(f"installing s3rver {S3RVER_VERSION} into {S3RVER_DIR} (npm)", flush=True)
+    S3RVER_DIR.mkdir(exist_ok=True)
+    done = subprocess.run([npm, "install", "--prefix", str(S3RVER_DIR), f"s3rver@{S3RVER_VERSION}",
+                           "--no-audit", "--no-fund", "--loglevel=error"], stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not (S3RVER_DIR / "node_modules/.bin/s3rver").exists():
+        print("npm could not install s3rver: the test that qo refuses it will be skipped.", flush=True)
+        return
+    stamp.write_text(S3RVER_VERSION)
+
+
 def ensure_azurite() -> None:
     """Install Azurite with npm into .azurite/ (pinned; re-installed when the pin changes).
 
@@ -134,7 +243,10 @@ def main(argv: list[str]) -> int:
         subprocess.run([str(BIN / "python"), "-m", "compileall", "-q", "qo", "qo_local", "plugins", "tests"],
                        cwd=ROOT, stdout=subprocess.DEVNULL)
         args = [str(BIN / "pytest"), *rest] if rest else [
-            str(BIN / "pytest"), "-q", "-n", "2", "--durations=25", "tests", *(str(d) for d in PLUGIN_DIRS)]
+            # loadgroup: the tests of each real S3 server (xdist_group) run in one process,
+            # which starts that server once (qo/testing/s3_servers.py)
+            str(BIN / "pytest"), "-q", "-n", "2", "--dist", "loadgroup", "--durations=25", "tests",
+            *(str(d) for d in PLUGIN_DIRS)]
     elif cmd == "demo":
         args = [str(BIN / "python"), "-m", "qo.demo", *rest]
     else:

@@ -1,5 +1,9 @@
 """``qo doctor``: prove a store's conditional-write semantics before trusting it.
 
+First, a backend that learns how its store speaks (``learn_dialect``, the S3 backend)
+does so: its finding is printed (``capability: dialect``), and a store it refuses
+fails the ``safe store`` check with the backend's one line.
+
 After the checks, a capabilities section (checks named ``capability: ...``, never
 required) says what the backend offers beyond the contract's minimum, read from the
 Storage object itself (the engine names no backend): a server clock estimate
@@ -21,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from .errors import PreconditionFailed, StorageError
+from .errors import ConfigurationError, PreconditionFailed, StorageError
 from .storage import NotFound, Storage
 
 
@@ -52,8 +56,9 @@ def capabilities(storage: Storage, checks: list[Check], batch: tuple[bool, str] 
     add("conditional writes", (" and ".join(writes) + " (proven above)") if writes else "none proven",
         ok=len(writes) == 2)
     if "conditional delete" in proved:
+        detail = next(c.detail for c in checks if c.name == "conditional delete")
         add("conditional delete", "yes (proven above)" if proved["conditional delete"]
-            else "no: a delete ignores If-Match (qo does not rely on it)")
+            else f"no: {detail}")
     if not callable(getattr(storage, "delete_many", None)):
         add("batch delete", "no: the backend has no delete_many; one request per deleted key")
     elif batch is None:
@@ -66,7 +71,10 @@ def capabilities(storage: Storage, checks: list[Check], batch: tuple[bool, str] 
     else:
         add("listing page size", "not stated by the backend (one request per list call)")
     offset = getattr(storage, "clock_offset", None)
-    if isinstance(offset, (int, float)):
+    if getattr(storage, "clock_observed", None) is False:  # the backend says no response dated it yet
+        add("server clock", "not proven: no response of the server carried its time (Date header); "
+            "the local clock is used until one does", ok=False)
+    elif isinstance(offset, (int, float)):
         add("server clock", f"yes: offset {offset:+.1f}s, estimated from the server's responses (clock_offset); "
             "leases and due times follow the server")
     else:
@@ -145,6 +153,37 @@ async def cleanup(storage: Storage, root: str, written: list[str], *, batch_ok: 
     return None
 
 
+#: what a declared dialect's ``delete`` setting means (qo_s3.dialect)
+_DELETE_DIALECT = {
+    "refused": "the store refuses DELETE with If-Match (e.g. 501 NotImplemented)",
+    "ignored": "the store ignores If-Match on DELETE (a stale etag deletes)",
+}
+
+
+async def learn_dialect(storage: Storage, checks: list[Check]) -> None:
+    """Have a backend that learns its store's dialect (``learn_dialect``) do so, and add
+    what it found: a ``safe store`` check failing with the backend's one line when it
+    refuses the store (then learned anyway, ``force=True``, so the checks can show
+    why), and a ``capability: dialect`` line."""
+    learn = getattr(storage, "learn_dialect", None)
+    if not callable(learn):
+        return
+    try:
+        try:
+            dialect = await learn()
+        except ConfigurationError as exc:  # the backend refuses the store (UnsafeStore)
+            checks.append(Check("safe store", False, str(exc)))
+            dialect = await learn(force=True)
+    except StorageError as exc:
+        checks.append(Check(CAPABILITY + "dialect", False, f"not learned: {type(exc).__name__}: {exc}",
+                            required=False))
+        return
+    spelled = getattr(dialect, "spelled", None)
+    text = spelled() if callable(spelled) else repr(dialect)
+    source = getattr(dialect, "source", "")
+    checks.append(Check(CAPABILITY + "dialect", True, f"{text}{f' ({source})' if source else ''}", required=False))
+
+
 async def run_checks(storage: Storage, *, base: str = "_doctor") -> list[Check]:
     """Exercise read/write, create-only, CAS, list, conditional delete and batch delete
     under a scratch prefix, and delete every scratch object again, whatever failed."""
@@ -221,13 +260,25 @@ async def run_checks(storage: Storage, *, base: str = "_doctor") -> list[Check]:
             await storage.delete(key, if_match='"0000"')
         except PreconditionFailed:
             return True, "delete with a stale etag is refused"
+        except StorageError as exc:
+            return False, f"the store refuses a delete with If-Match ({exc}); qo does not need it to be safe"
         try:
             await storage.get(key)
+            gone = False
         except NotFound:
+            gone = True
+        declared = getattr(storage, "conditional_delete", None)
+        if declared is False:
+            how = _DELETE_DIALECT.get(getattr(getattr(storage, "dialect", None), "delete", None),
+                                      "the store does not honour it")
+            return False, (f"{how}; the backend declares conditional_delete = False and deletes "
+                           "plainly (qo does not need it to be safe)")
+        if gone:
             return False, "delete ignores If-Match (qo does not need it to be safe)"
         return False, "delete with a stale etag neither failed nor deleted"
 
     try:
+        await learn_dialect(storage, checks)
         if await step("read/write", read_write):
             await step("create-only", create_only)
             await step("compare-and-swap", cas)

@@ -76,6 +76,11 @@ class Storage(Protocol):
     - ``put(if_match=etag)`` replaces the object only if its current etag is ``etag``,
       atomically; otherwise (changed or missing) ``PreconditionFailed``.
     - ``delete(if_match=etag)`` deletes only that version; a missing key is not an error.
+      A backend whose store cannot make that promise declares ``conditional_delete =
+      False`` (an attribute; absent means False to the engine, which reads
+      ``getattr(storage, "conditional_delete", False)``): its ``delete(if_match=)`` is
+      then a plain delete, and qo's correctness must not rest on it (issue 27: Ceph RGW
+      16 ignores the condition, LocalStack 4 refuses it). ``True`` promises it is honoured.
     - ``list`` returns keys starting with ``prefix`` (a plain string prefix, not a
       directory), in lexicographic order of their UTF-8 bytes, after ``start_after``,
       at most ``limit``.
@@ -89,6 +94,9 @@ class Storage(Protocol):
     """
 
     name: str
+    #: ``delete(if_match=)`` is honoured by the store (see above); not part of the
+    #: Protocol's required members, so backends that predate it still match
+    # conditional_delete: bool
 
     async def get(self, key: str) -> Blob: ...
 

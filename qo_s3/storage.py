@@ -11,7 +11,16 @@
   to that prefix (``{queue}/{kind}/``) are paced to about what S3 accepted there
   (:class:`qo.backend_kit.Pacer`), so one process does not keep bursting into it.
 
-URL: ``s3://bucket[/prefix][?endpoint_url=...&region=...&profile=...&addressing_style=...]``.
+- Stores differ in how they answer conditional requests (Ceph RGW, LocalStack): the
+  backend learns the store's dialect (:mod:`qo_s3.dialect`) by a probe on first use,
+  keeps it in ``_qo/dialect.json`` under the prefix so each process pays one GET, and
+  declares it (``dialect``, ``conditional_delete``). A store whose conditions are not
+  enforced is refused then (:class:`~qo_s3.dialect.UnsafeStore`), unless ``unsafe=1``.
+- A 5xx or 409 answer to a conditional write is an unknown outcome (it may have landed):
+  ``StorageUnavailable``, so the engine re-reads.
+
+URL: ``s3://bucket[/prefix][?endpoint_url=...&region=...&profile=...&addressing_style=...
+&dialect=probe|aws|rgw|localstack|if_match:unquoted,...&unsafe=1]``.
 Settings, most specific first: constructor options, URL query, ``QO_S3_*`` environment,
 then botocore's own chain (``AWS_*`` variables, profiles, instance roles).
 """
@@ -25,8 +34,11 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
+
 from qo.backend_kit import Pacer, SecretScrubber, ServerClock, scrub, split_bucket_url
 from qo.errors import ConfigurationError, InvalidInput, StorageUnavailable, Throttled
+from qo_s3.dialect import DIALECT_KEY, RESERVED, Dialect, UnsafeStore, parse_dialect
 from qo.storage import (
     Blob,
     Entry,
@@ -38,7 +50,7 @@ from qo.storage import (
     validate_prefix,
 )
 
-__all__ = ["S3Storage", "parse_url", "map_error"]
+__all__ = ["S3Storage", "parse_url", "map_error", "UnsafeStore"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]\Z")
 _ALIASES = {  # accepted spelling -> setting
@@ -48,6 +60,8 @@ _ALIASES = {  # accepted spelling -> setting
     "region_name": "region",
     "profile": "profile",
     "addressing_style": "addressing_style",
+    "dialect": "dialect",
+    "unsafe": "unsafe",
 }
 _OPTION_ONLY = {"key", "secret", "token", "connect_timeout", "read_timeout"}  # never in a URL
 _ENV = {
@@ -105,9 +119,12 @@ _CREDENTIALS_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "Credent
 
 def map_error(
     exc: BaseException, *, key: str | None, op: str = "", bucket: str = "", secrets: tuple[str, ...] = (),
-    endpoint: str = "",
+    endpoint: str = "", conditional: bool = False,
 ) -> StorageError:
     """The qo error for a botocore/aiohttp exception: names backend and key, never credentials.
+
+    ``conditional``: the request carried If-Match / If-None-Match, so a 5xx or 409 is
+    an unknown outcome (``StorageUnavailable``), never an answer.
 
     Only the response's error code and message are used (scrubbed of ``secrets``), never
     ``str(exc)``, which may echo request details.
@@ -122,14 +139,17 @@ def map_error(
         status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
         message = scrub(str(error.get("Message") or ""), secrets)
         detail = f"[{code or 'no code'}, HTTP {status}{', ' + op if op else ''}]"
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+        if code == "PreconditionFailed" or status == 412:
             return PreconditionFailed(f"condition not met {detail}", **where)
-        if status == 409 and op in ("put_object", "delete_object") and code != "OperationAborted":
-            return PreconditionFailed(f"conflicting conditional write {detail}", **where)
         if code in _NO_KEY or (status == 404 and not code):
             return NotFound(f"no such key {detail}", **where)
         if code in _THROTTLED or status in (429, 503):
             return Throttled(f"throttled: {message or 'slow down'} {detail}", **where)
+        if code == "ConditionalRequestConflict" or (
+                conditional and (status >= 500 or status == 409) and code != "NotImplemented"):
+            # RGW answers a lost CAS race 500 (ECANCELED), AWS a concurrent one 409: the
+            # write may or may not have landed, so the engine must re-read
+            return StorageUnavailable(f"unknown outcome of a conditional write {detail}", **where)
         if code in _TRANSIENT or (status >= 500 and code != "NotImplemented"):
             return StorageUnavailable(f"server error: {message or code} {detail}", **where)
         hint = _HINTS.get(code, "").format(bucket=bucket)
@@ -222,6 +242,9 @@ class S3Storage:
             import s3fs  # noqa: F401  (checked now so a missing extra fails at connect)
         except ImportError:
             raise ConfigurationError("s3:// needs s3fs: pip install 'qo-queue[s3]' (from a checkout: pip install '.[s3]')") from None
+        #: the store's dialect: declared in the URL, else learned on first use (:meth:`learn_dialect`)
+        self.dialect: Dialect | None = parse_dialect(settings.get("dialect"))
+        self.unsafe = _flag(settings.get("unsafe"))
         self._root = self.prefix + "/" if self.prefix else ""
         self._server_clock = ServerClock()
         self.pacer = Pacer(depth=self.pace_depth)
@@ -229,6 +252,12 @@ class S3Storage:
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
+        self._dialect_lock: asyncio.Lock | None = None
+
+    @property
+    def conditional_delete(self) -> bool:
+        """True when ``delete(if_match=)`` is honoured by the store (known once the dialect is)."""
+        return self.dialect is not None and self.dialect.conditional_delete
 
     def __repr__(self) -> str:
         endpoint = f", endpoint={self.endpoint_url!r}" if self.endpoint_url else ""
@@ -274,7 +303,7 @@ class S3Storage:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use, or a new event loop (e.g. asyncio.run per command)
             self._abandon()
-            self._loop, self._lock = loop, asyncio.Lock()
+            self._loop, self._lock, self._dialect_lock = loop, asyncio.Lock(), asyncio.Lock()
         if self._client is None:
             assert self._lock is not None
             async with self._lock:
@@ -327,9 +356,10 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return self._root + validate_key(key)
 
-    def _error(self, exc: BaseException, key: str | None, *, op: str = "") -> StorageError:
+    def _error(self, exc: BaseException, key: str | None, *, op: str = "", conditional: bool = False) -> StorageError:
         endpoint = self.endpoint_url or f"(AWS{', region ' + self.region if self.region else ''})"
-        return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets, endpoint=endpoint)
+        return map_error(exc, key=key, op=op, bucket=self.bucket, secrets=self._secrets, endpoint=endpoint,
+                         conditional=conditional)
 
     async def _call(self, op: str, key: str | None, *, pace: str | None = None, **params: Any) -> dict[str, Any]:
         """One client call, paced by the prefix of ``pace`` (default ``key``): observes
@@ -342,7 +372,8 @@ class S3Storage:
             resp = await getattr(client, op)(Bucket=self.bucket, **params)
         except Exception as exc:
             self._observe(getattr(exc, "response", None), t0, time.time())
-            error = self._error(exc, key, op=op)
+            conditional = "IfMatch" in params or "IfNoneMatch" in params
+            error = self._error(exc, key, op=op, conditional=conditional)
             self.pacer.done(part, sent_at, throttled=isinstance(error, Throttled))
             raise error from None
         self.pacer.done(part, sent_at, throttled=False)
@@ -354,6 +385,11 @@ class S3Storage:
         """Server minus local clock, seconds."""
         return self._server_clock.offset
 
+    @property
+    def clock_observed(self) -> bool:
+        """True once a response's ``Date`` header estimated ``clock_offset`` (before: 0, a guess)."""
+        return self._server_clock.bounds is not None
+
     def _observe(self, resp: Any, t0: float, t1: float) -> None:
         """Tighten the server-clock estimate with one response's Date header."""
         try:
@@ -361,6 +397,69 @@ class S3Storage:
         except (KeyError, TypeError):
             return
         self._server_clock.observe(date, t0, t1)
+
+    # -- the dialect -------------------------------------------------------------
+
+    async def learn_dialect(self, *, force: bool = False) -> Dialect:
+        """The store's dialect: declared, kept in ``_qo/dialect.json``, or probed now (and kept).
+
+        Raises :class:`UnsafeStore` (one line naming what failed) when the probe shows
+        the conditions are not enforced, unless the URL says ``unsafe=1`` or ``force``
+        (``qo doctor``, to go on and show it).
+        """
+        if self.dialect is not None:
+            return self.dialect
+        await self._s3(None)  # the client, and the lock, for this loop
+        assert self._dialect_lock is not None
+        async with self._dialect_lock:
+            if self.dialect is None:
+                try:
+                    self.dialect = await self._stored_dialect() or await self._probe(force=force)
+                except StorageError as exc:
+                    if "AccessDenied" not in str(exc):
+                        raise
+                    raise StorageError(  # the credentials may not reach _qo/: say how to do without
+                        f"learning how this store answers conditional requests (under {RESERVED}) failed: "
+                        f"{exc}; allow that prefix, or declare it in the URL (dialect=aws, rgw, localstack)",
+                        backend=self.name, key=exc.key) from None
+        return self.dialect
+
+    async def _stored_dialect(self) -> Dialect | None:
+        """The dialect kept by an earlier probe; None when there is none (or not of this version)."""
+        try:
+            blob = await self.get(DIALECT_KEY)
+        except NotFound:
+            return None
+        return Dialect.from_json(blob.data)
+
+    async def _probe(self, *, force: bool = False) -> Dialect:
+        """A dozen requests on scratch keys under ``_qo/``: what the store does with
+        If-Match (both spellings), If-None-Match, DELETE If-Match and a non-ASCII StartAfter."""
+        import uuid
+
+        root = f"{RESERVED}probe-{uuid.uuid4().hex[:12]}/"
+        keys = [root + name for name in ("cas", "a", "\u00e9", "\u65e5")]
+        try:
+            dialect = await _probe_keys(self, keys)
+        finally:
+            for k in keys:
+                try:
+                    await self._call("delete_object", k, Key=self._root + k)
+                except (NotFound, StorageError):
+                    pass
+        problem = dialect[1]
+        if problem is not None:
+            message = f"{self!r} cannot be used safely: {problem}"
+            if not (self.unsafe or force):
+                raise UnsafeStore(message + " (add unsafe=1 to the URL to use it anyway)")
+        learned = attrs.evolve(dialect[0], source="probed")
+        if problem is None:
+            try:
+                await self._call("put_object", DIALECT_KEY, Key=self._root + DIALECT_KEY, Body=learned.to_json(),
+                                 IfNoneMatch="*")
+            except (PreconditionFailed, StorageUnavailable):
+                pass  # another process kept its (same) finding first, or the next one will
+        return learned
 
     # -- the contract -------------------------------------------------------------
 
@@ -382,10 +481,12 @@ class S3Storage:
         """Write the object (create-only or CAS if asked); return the new ETag."""
         s3key = self._key(key)
         params: dict[str, Any] = {"Key": s3key, "Body": check_put(data, if_match, if_none_match)}
-        if if_none_match:
-            params["IfNoneMatch"] = "*"
-        if if_match is not None:
-            params["IfMatch"] = if_match
+        if if_none_match or if_match is not None:
+            dialect = await self.learn_dialect()
+            if if_none_match:
+                params["IfNoneMatch"] = "*"
+            if if_match is not None:
+                params["IfMatch"] = dialect.if_match_value(if_match)
         try:
             resp = await self._call("put_object", key, **params)
         except NotFound:
@@ -398,7 +499,11 @@ class S3Storage:
         """Delete the key (only at ``if_match`` if given); a missing key is not an error."""
         params: dict[str, Any] = {"Key": self._key(key)}
         if if_match is not None:
-            params["IfMatch"] = if_match
+            dialect = await self.learn_dialect()
+            if dialect.delete == "honoured":
+                params["IfMatch"] = dialect.if_match_value(if_match)
+            # else: the store would ignore the condition or refuse the request; the
+            # delete is plain, as the store declares (conditional_delete is False)
         try:
             await self._call("delete_object", key, **params)
         except NotFound:
@@ -428,13 +533,22 @@ class S3Storage:
             raise InvalidInput("start_after", "must be a string")
         out: list[Entry] = []
         params: dict[str, Any] = {"Prefix": self._root + prefix}
+        after = start_after.encode("utf-8") if start_after else b""
         if start_after:
-            params["StartAfter"] = self._root + start_after
+            sent = start_after
+            if not start_after.isascii() and (await self.learn_dialect()).start_after == "ascii":
+                sent = _ascii_head(start_after)  # every key after start_after is after this too
+            if sent:
+                params["StartAfter"] = self._root + sent
         cut = len(self._root)
+        hide = not prefix.startswith(RESERVED)
         while len(out) < limit:
             params["MaxKeys"] = min(self.page_size, limit - len(out))
             resp = await self._call("list_objects_v2", prefix or None, **params)
             for obj in resp.get("Contents") or []:
+                name = obj["Key"][cut:]
+                if (hide and name.startswith(RESERVED)) or (after and name.encode("utf-8") <= after):
+                    continue
                 modified = obj.get("LastModified")
                 out.append(
                     Entry(obj["Key"][cut:], obj.get("ETag", ""), int(obj.get("Size", 0)),
@@ -445,6 +559,80 @@ class S3Storage:
                 break
             params = {"Prefix": params["Prefix"], "ContinuationToken": token}
         return out[:limit]
+
+
+async def _probe_keys(st: S3Storage, keys: list[str]) -> tuple[Dialect, str | None]:
+    """Probe on ``keys`` (cas, then three for listing): the dialect, and what makes the
+    store unsafe (``None``: nothing; the rest is probed anyway, for ``qo doctor``)."""
+    cas, *listed = keys
+
+    async def put(key: str, body: bytes, **cond: str) -> str | None:
+        """The new etag, or None when the condition was refused (412)."""
+        try:
+            return (await st._call("put_object", key, Key=st._root + key, Body=body, **cond))["ETag"]
+        except PreconditionFailed:
+            return None
+
+    first = await put(cas, b"1")
+    assert first is not None
+    if_match = "quoted"
+    second = await put(cas, b"2", IfMatch=first)
+    if second is None:
+        if_match = "unquoted"
+        second = await put(cas, b"2", IfMatch=first.strip('"'))
+        if second is None:
+            return Dialect(), "a compare-and-swap with the current etag was refused, quoted or not"
+    dialect = Dialect(if_match=if_match)
+    problem = None
+    if await put(cas, b"3", IfMatch=dialect.if_match_value(first)) is not None:
+        problem = "a compare-and-swap on a stale etag succeeded (If-Match is not enforced)"
+    elif await put(cas, b"4", IfNoneMatch="*") is not None:
+        problem = "a create-only write overwrote an existing object (If-None-Match is not enforced)"
+    delete = await _probe_delete(st, cas, dialect.if_match_value(first))
+    for k in listed:
+        await put(k, b"")
+    resp = await st._call("list_objects_v2", None, Prefix=st._root + cas.rsplit("/", 1)[0] + "/",
+                          StartAfter=st._root + listed[1])
+    after = [obj["Key"][len(st._root):] for obj in resp.get("Contents") or []]
+    start_after = "exact" if after == [listed[2]] else "ascii"
+    return attrs.evolve(dialect, delete=delete, start_after=start_after), problem
+
+
+async def _probe_delete(st: S3Storage, key: str, stale: str) -> str:
+    """``honoured``, ``ignored`` or ``refused``: DELETE ``key`` at a stale etag."""
+    try:
+        await st._call("delete_object", key, Key=st._root + key, IfMatch=stale)
+    except PreconditionFailed:
+        return "honoured"
+    except StorageUnavailable:
+        raise
+    except StorageError:  # 501 NotImplemented (LocalStack), 400...: the request is refused
+        return "refused"
+    try:
+        await st.get(key)
+    except NotFound:
+        return "ignored"
+    return "refused"  # neither refused nor deleted: no answer to rely on
+
+
+def _ascii_head(text: str) -> str:
+    """``text`` up to its first non-ASCII character: sorts at or before it in UTF-8 order."""
+    for i, char in enumerate(text):
+        if not char.isascii():
+            return text[:i]
+    return text
+
+
+def _flag(value: Any) -> bool:
+    """A URL's boolean: 1/true/yes/on or 0/false/no/off (or absent)."""
+    if value is None or value is False:
+        return False
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise InvalidInput("url", f"unsafe must be 1 or 0 (got {text[:20]!r})")
 
 
 class _ResponseError(Exception):

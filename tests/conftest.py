@@ -10,6 +10,8 @@ import pytest
 
 import qo
 
+pytest_plugins = ["qo.testing.s3_servers"]  # ceph_rgw, localstack_s3, real_s3_server, real_s3_url
+
 # moto accepts any credentials; subprocesses inherit these.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

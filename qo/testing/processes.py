@@ -1,8 +1,13 @@
-"""Stopping a server process a test or benchmark started."""
+"""Starting and stopping the server processes a test or benchmark runs."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import socket
 import subprocess
+from typing import IO, Any
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
@@ -15,3 +20,30 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent(sig: int) -> Any:
+    def preexec() -> None:  # pragma: no cover - runs in the child before exec
+        """Linux: have the kernel send ``sig`` to the server when the test process dies."""
+        try:
+            ctypes.CDLL(None).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+    return preexec
+
+
+def start_daemon(cmd: list[str], log: IO[bytes], *, death_signal: int = signal.SIGTERM,
+                 **kwargs: Any) -> subprocess.Popen:
+    """Start a server in the foreground of a child process that gets ``death_signal``
+    when this one dies (SIGKILL for a server that may not exit on SIGTERM), its output
+    to ``log``."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent(death_signal) if os.name == "posix" else None, **kwargs)
