@@ -144,14 +144,18 @@ LOCALSTACK_PACKAGES = ("localstack-core[runtime]==4.14.0", "cbor2<6", "pyopenssl
 
 
 def _python313() -> str | None:
-    """A Python >= 3.13 for LocalStack: python3.13 on PATH, else pyenv's newest 3.13+."""
-    found = shutil.which("python3.13") or shutil.which("python3.14")
-    if found:
-        return found
+    """A Python >= 3.13 for LocalStack that runs: python3.13 on PATH, else pyenv's newest
+    3.13+ (a pyenv shim on PATH fails when that version is not selected: each is tried)."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for version in sorted(pyenv.glob("3.1[3-9]*"), reverse=True):
-        if (version / "bin" / "python3").exists():
-            return str(version / "bin" / "python3")
+    candidates = [shutil.which("python3.13"), shutil.which("python3.14"),
+                  *(str(v / "bin" / "python3") for v in sorted(pyenv.glob("3.1[3-9]*"), reverse=True))]
+    for python in candidates:
+        if python is None or not Path(python).exists():
+            continue
+        done = subprocess.run([python, "-c", "import sys, venv; sys.exit(sys.version_info < (3, 13))"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if done.returncode == 0:
+            return python
     return None
 
 
