@@ -10,6 +10,7 @@ import time
 import qo
 from clocks import ticking_queue
 from qo import keys
+from qo.errors import PreconditionFailed
 from qo.leases import parse_record, recover_record
 from qo.store import Backoff
 from qo.testing.faults import FaultyStorage
@@ -31,8 +32,13 @@ async def take_over(q: qo.Queue, worker_id: str) -> list[str]:
     key = keys.worker(q.name, worker_id)
     blob = await q.storage.get(key)
     recovered = await recover_record(q.store, q.clock, parse_record(blob.data, key))
-    await q.storage.delete(key, if_match=blob.etag)
-    return recovered
+    for _ in range(10):  # a write of the worker that was under way may land in between
+        try:
+            await q.storage.delete(key, if_match=blob.etag)
+            return recovered
+        except PreconditionFailed:
+            blob = await q.storage.get(key)
+    raise AssertionError("the record kept changing")
 
 
 def lost_lines(caplog, task_id: str) -> list[logging.LogRecord]:
@@ -75,7 +81,13 @@ async def test_the_first_holder_learns_its_lease_was_lost_and_its_outcome_is_ref
         async def running() -> bool:
             return seen.get("running", False)
         await until(running)
+        real_write = a.book.write
+
+        async def stalled() -> None:  # as if a had stalled: no write of its record meanwhile
+            return None
+        a.book.write = stalled
         assert await take_over(q, a.worker_id) == [task.id]  # as a sweep of a stale record
+        a.book.write = real_write
         rb = asyncio.create_task(b.run())
 
         async def settled() -> bool:
@@ -185,3 +197,54 @@ async def test_a_worker_that_keeps_its_lease_is_not_told_otherwise(storage_url):
     assert seen == {"lost": False}
     assert done.status == "completed" and done.output == "kept" and done.attempt == 1
     assert w.stats["lost_lease"] == 0
+
+
+async def test_a_takeover_whose_record_delete_lost_to_the_late_heartbeat_is_learned_too(storage_url, caplog):
+    """Recovery requeued the task, then its conditional delete of the record lost to the
+    worker's late heartbeat (or the store ignores If-Match on DELETE): the record lives,
+    no eviction is seen; the heartbeat landed after the lease ran out, so the worker
+    looks, and learns it."""
+    caplog.set_level(logging.INFO, logger="qo.worker")
+    async with ticking_queue(storage_url, "late", speed=10.0) as (q, clock):
+        task = await q.submit("long", None, timeout_seconds=600)
+        seen: dict[str, bool] = {}
+        a = Worker(q, **FAST)
+
+        @a.handler("long")
+        async def first(value, ctx):
+            if ctx.attempt > 1:  # run again (here by the same worker, once requeued)
+                return "second"
+            real_write = a.book.write
+
+            async def stalled() -> None:
+                return None
+            a.book.write = stalled  # no heartbeat lands for longer than the lease
+            start = clock.now()
+            while clock.now() - start < 1.5 * FAST["lease_ttl"]:
+                await asyncio.sleep(0.01)
+            key = keys.worker(q.name, a.worker_id)
+            record = parse_record((await q.storage.get(key)).data, key)
+            seen["recovered"] = await recover_record(q.store, q.clock, record) == [task.id]  # no delete
+            a.book.write = real_write
+
+            async def told() -> bool:
+                return ctx.lease_lost
+            await until(told)
+            seen["told"] = True
+            return "first"
+
+        running = asyncio.create_task(a.run())
+
+        back = await q.wait(task.id, timeout=30)
+
+        async def settled() -> bool:
+            return a.stats["lost_lease"] == 1
+        await until(settled)
+        a.stop()
+        await running
+        back = await q.get(task.id)
+    assert seen == {"recovered": True, "told": True}
+    assert a.book.evictions == 0  # the record was never taken: only the late write said to look
+    assert back.status == "completed" and back.output == "second" and back.attempt == 2  # "first" refused
+    [line] = lost_lines(caplog, task.id)
+    assert "may run again elsewhere" in line.getMessage()

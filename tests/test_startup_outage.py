@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -153,9 +155,7 @@ async def test_a_worker_stopped_while_it_waits_for_the_store_exits_cleanly(stora
 
 def test_startup_timeout_with_a_dead_endpoint_exits_1_with_one_line(tmp_path):
     """`qo worker --startup-timeout 2` against a port with nothing listening."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()
     (tmp_path / "handlers.py").write_text("import qo\n\n@qo.handler('t')\ndef t(x):\n    return x\n")
     started = time.monotonic()
     done = subprocess.run(
@@ -171,3 +171,60 @@ def test_startup_timeout_with_a_dead_endpoint_exits_1_with_one_line(tmp_path):
     assert f"127.0.0.1:{port}" in errors[0]
     assert 1 <= sum("store unreachable" in line for line in lines) <= 3
     assert took < 60  # about 2 s, plus the interpreter's start: a generous bound
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+async def test_a_worker_process_started_before_its_s3_server_runs_the_task_once_it_is_up(tmp_path, moto_server):
+    """The real thing on S3: `qo worker` against an endpoint where nothing listens yet
+    says it waits; a moto server started later on that port gets a task; it runs."""
+    from urllib.parse import quote, urlsplit
+
+    from qo.testing.moto import MotoServer
+
+    port = free_port()
+    # the bucket exists before the late server listens (moto's state is per process): a
+    # worker that met the server before its bucket would rightly exit (no such bucket)
+    bucket = urlsplit(moto_server.new_bucket()).netloc
+    url = f"s3://{bucket}/p?endpoint_url={quote(f'http://127.0.0.1:{port}', safe='')}&region=us-east-1"
+    (tmp_path / "handlers.py").write_text("import qo\n\n@qo.handler('t')\ndef t(x):\n    return x * 2\n")
+    proc = subprocess.Popen([sys.executable, "-c", "from qo.cli import main; main()", "worker", "handlers.py",
+                             "--url", url, "--poll-max", "0.2"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    server = MotoServer(bucket=bucket, port=port)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("store unreachable" in line for line in lines):
+            assert proc.poll() is None, "".join(lines)  # it waits, it does not exit
+            assert time.monotonic() < deadline, "".join(lines)
+            await asyncio.sleep(0.05)
+        server.start()  # the store comes up
+        q = await qo.connect(url, queue="default")
+        try:
+            task = await q.submit("t", 21)
+            deadline = time.monotonic() + 60
+            while (done := await q.get(task.id)).status != "completed":
+                assert proc.poll() is None, "".join(lines)
+                assert time.monotonic() < deadline, "".join(lines)
+                await asyncio.sleep(0.05)
+        finally:
+            await q.close()
+        assert done.status == "completed" and done.output == 42
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        server.stop()
+    said = "".join(lines)
+    assert "cannot reach the S3 endpoint" in said and said.count("store reachable after") == 1
+    assert "error:" not in said and "Traceback" not in said
