@@ -74,6 +74,9 @@ OPTIONS = {o.name: o for o in [
            "on SIGTERM/SIGINT, seconds running tasks get before async handlers are cancelled"),
     Option("storage_failure_limit", "QO_STORAGE_FAILURE_LIMIT", 60.0, _positive,
            "a drain (--until-idle) gives up after storage failed this long, seconds"),
+    Option("startup_timeout", "QO_STARTUP_TIMEOUT", None, _positive,
+           "a worker started while the store does not answer gives up after this long, seconds "
+           "(default: waits for good)"),
     Option("log_format", "QO_LOG_FORMAT", "text", _log_format,
            "what qo worker and qo schedule run log: text, or json (one object per line)"),
 ]}

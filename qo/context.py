@@ -28,6 +28,21 @@ class TaskContext:
     #: the worker's heartbeat, at no extra request. A handler that checks it stops early
     #: (``raise_if_cancelled``); the task then ends ``cancelled``, not retried.
     cancel_requested: bool = False
+    _lease_lost: bool = attrs.field(default=False, init=False)
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the worker learned that this attempt's lease was lost: recovery took
+        the task over (this worker was presumed dead, e.g. through a storage outage), so
+        it may run again elsewhere and this attempt's outcome will not be written. Learned
+        when the worker's record write finds the record taken over, or a heartbeat lands
+        after the lease had run out and the task says so (no I/O here): a long handler can
+        poll it and stop early."""
+        return self._lease_lost
+
+    def note_lease_lost(self) -> None:
+        """Called by the worker when it learns the lease was lost (``lease_lost``)."""
+        self._lease_lost = True
 
     def raise_if_cancelled(self) -> None:
         """Raise ``qo.Cancelled`` if this task's cancel was requested (a cheap check: no I/O)."""

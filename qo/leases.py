@@ -64,6 +64,10 @@ class LeaseBook:
         #: ``queue.stats()`` shows; the leases also name candidates about to be claimed
         self.running: Any = None
         self._rev: str | None = None  # the rev of our last stored write
+        #: writes that found the record taken over by recovery, or that landed only after
+        #: the leases it named had run out: then any of them may be lost (the worker
+        #: reads the tasks it runs to find out: ``ctx.lease_lost``)
+        self.lapses = 0
 
     def record(self) -> dict[str, Any]:
         return {
@@ -105,7 +109,10 @@ class LeaseBook:
         void, their tasks requeued; we start a fresh record.
         """
         async with self._lock:
+            evictions, held, written_at = self.evictions, self._held, self.written_at
             await self._write()
+            if self.evictions != evictions or (held and self.written_at - written_at > self.lease_ttl):
+                self.lapses += 1  # taken over, or renewed only after the lease ran out
 
     async def _write(self) -> None:
         rev = os.urandom(8).hex()  # tells our own landed write from somebody else's

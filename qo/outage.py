@@ -7,13 +7,19 @@ step, writing an outcome). A daemon worker keeps trying, waiting longer each tim
 to ``cap``, and says so when the wait grows (and once per ``cap`` at the cap), not on
 every attempt. A worker draining the queue (``until_idle``) gives up once storage has
 been failing for ``WorkerSettings.storage_failure_limit`` (see ``Worker.run``).
+
+A worker started while the store does not answer waits for it (``wait_until_reachable``):
+1 s doubling to 30 s, one line per wait, up to ``WorkerSettings.startup_timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
+
+from .errors import StorageUnavailable
 
 log = logging.getLogger("qo.worker")
 
@@ -86,3 +92,74 @@ class Outages:
     def longest(self) -> Outage | None:
         failing = [o for o in self.by_what.values() if o.failing]
         return max(failing, key=lambda o: o.duration()) if failing else None
+
+
+async def wait_until_reachable(probe: Callable[[], Awaitable[Any]], clock: Any, *, timeout: float | None,
+                               stopping: asyncio.Event, who: str = "worker", base: float = 1.0,
+                               cap: float = 30.0, logger: logging.Logger = log) -> bool:
+    """Call ``probe`` until it no longer raises ``StorageUnavailable``, waiting on ``clock``
+    between tries (``base`` doubling to ``cap``, jittered, one WARNING per wait), as a
+    worker does at start-up. Any other error is not an outage (bad URL or credentials, a
+    refused store): it is raised at once. False if ``stopping`` was set first;
+    ``StorageUnavailable`` once ``timeout`` seconds passed without an answer."""
+    started = clock.now()
+    deadline = None if timeout is None else started + timeout
+    failures = 0
+    while not stopping.is_set():
+        try:
+            # each try ends by the deadline; the one made at the deadline gets a moment
+            ends = None if deadline is None else max(deadline, clock.now() + min(1.0, timeout or 1.0))
+            answered = await _before(probe(), clock, ends, stopping)
+        except StorageUnavailable as exc:
+            failures += 1
+            reason = _reason(exc)
+            now = clock.now()
+            if deadline is not None and now >= deadline:
+                raise _gave_up(timeout, reason) from None
+            delay = min(cap, base * 2 ** min(failures - 1, 16)) * random.uniform(0.8, 1.0)
+            if deadline is not None:
+                delay = min(delay, deadline - now)
+            logger.warning("%s: store unreachable (%s); retrying in %.1f s", who, reason, delay)
+            if await _before(clock.sleep(delay), clock, None, stopping) is _STOPPED:
+                return False
+            continue
+        if answered is _STOPPED:
+            return False
+        if answered is _TIMED_OUT:
+            raise _gave_up(timeout, "no answer yet")
+        if failures:
+            logger.warning("%s: store reachable after %.0f s; starting", who, clock.now() - started)
+        return True
+    return False
+
+
+_STOPPED, _TIMED_OUT = object(), object()
+
+
+async def _before(work: Awaitable[Any], clock: Any, deadline: float | None, stopping: asyncio.Event) -> Any:
+    """Await ``work`` unless ``stopping`` is set or ``deadline`` passes first (then it is
+    cancelled): None when it ended (what it raised is raised), else ``_STOPPED`` or
+    ``_TIMED_OUT``."""
+    job = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    timer = asyncio.ensure_future(clock.sleep(deadline - clock.now())) if deadline is not None else None
+    try:
+        await asyncio.wait({job, stop, *([timer] if timer else [])}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in (stop, timer):
+            if f is not None:
+                f.cancel()
+        if not job.done():
+            job.cancel()
+    if job.done() and not job.cancelled():
+        job.result()  # raises what the work raised
+        return None
+    return _STOPPED if stopping.is_set() else _TIMED_OUT
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+
+
+def _gave_up(timeout: float | None, reason: str) -> StorageUnavailable:
+    return StorageUnavailable(f"the store did not answer within the start-up timeout ({timeout:g} s): {reason}")

@@ -383,7 +383,7 @@ class PackRunner:
                     "started are left to their new holder", w.worker_id, run.id, len(outcomes))
         for outcome in outcomes.values():
             w.stats["lost_lease"] += 1
-            w.tasklog.lease_lost(outcome.task)
+            w._lease_lost(outcome.task, run.lease_id, settled=True)
 
     async def _report(self, run: PackRun, outcomes: dict[int, Outcome]) -> None:
         """Count, log and emit what the flush stored; wake the dependents of ended tasks."""

@@ -32,7 +32,7 @@ from .idempotency import sweep_expired, sweep_expiry_index
 from .leases import LeaseBook, new_worker_id, sweep
 from .meter import RequestRates
 from .model import PENDING, RUNNING, Task
-from .outage import Outages
+from .outage import Outages, wait_until_reachable
 from .pack_runner import FLUSH_AFTER, PackItem, PackRunner
 from .packs import PACK_OUTPUT_INLINE
 from .payloads import attempt_input, discard_output, store_output
@@ -128,6 +128,9 @@ class Worker(HandlerHost):
         self._contexts: dict[str, TaskContext] = {}
         #: tasks whose async handler we cancelled on ``qo cancel --terminate``
         self._terminated: set[str] = set()
+        #: task id -> the lease id under which we said its lease was lost (once per claim)
+        self._leases_lost: dict[str, str | None] = {}
+        self._lapses_checked = self.book.lapses
         self._waiting = 0
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()  # a second signal: exit now
@@ -194,7 +197,16 @@ class Worker(HandlerHost):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
-        await self.limiter.refresh(force=True)  # no claim before the limits are known
+        try:  # an outage at start-up is waited out; no claim before the limits are known
+            reachable = await wait_until_reachable(self._first_contact, self.clock, stopping=self._stopping,
+                                                   timeout=self.settings.startup_timeout,
+                                                   who=f"worker {self.worker_id}")
+        except BaseException:
+            self._unwind(loop, installed)
+            raise
+        if not reachable:  # stopped while waiting for the store: nothing was started
+            self._unwind(loop, installed)
+            return self.stats
         await self._apply_queue_settings()
         await self._meet_peers()
         self.feed.poll = self.settings.poll_min
@@ -204,9 +216,7 @@ class Worker(HandlerHost):
         except QoError:  # a plugin refused (its setting is invalid): start nothing, leave nothing
             with contextlib.suppress(QoError):
                 await self.book.remove()
-            self._pool.shutdown(wait=False)
-            for sig in installed:
-                loop.remove_signal_handler(sig)
+            self._unwind(loop, installed)
             raise
         # under a multi-queue gate one more slot than the budget, so a queue always has a
         # candidate waiting at the gate when one of its tasks ends (strict order holds)
@@ -245,6 +255,18 @@ class Worker(HandlerHost):
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    async def _first_contact(self) -> None:
+        """The worker's first storage requests: one LIST that is not retried (an outage
+        is waited out by ``run``, not by the store's backoff), then the limits."""
+        await self.queue.storage.list(keys.workers_prefix(self.queue.name), limit=1)
+        await self.limiter.refresh(force=True)
+
+    def _unwind(self, loop: asyncio.AbstractEventLoop, installed: list[signal.Signals]) -> None:
+        """Undo what ``run`` set up before it started any work."""
+        self._pool.shutdown(wait=False)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
     def _lifecycle(self, hook: str, strict: bool = False) -> None:
         """Call ``qo_worker_started`` or ``qo_worker_stopping``; a plugin's exception is
@@ -610,7 +632,7 @@ class Worker(HandlerHost):
         self._unsettled.discard(task.id)
         if lost or stored is None:
             self.stats["lost_lease"] += 1
-            self.tasklog.lease_lost(task)
+            self._lease_lost(task, lease_id, settled=True)
             return False
         await self._ended(stored[0], error, ran, handing_back)
         return True
@@ -669,6 +691,36 @@ class Worker(HandlerHost):
             self.stats["released"] += await self.queue.dependencies.release(task)
         except QoError as exc:
             log.warning("task %s: releasing dependents failed (the sweep will retry): %s", task.id, exc)
+
+    def _lease_lost(self, task: Task, lease_id: str | None, *, settled: bool = False) -> None:
+        """Say once per claim that ``task``'s lease (``lease_id``) was lost and it may run
+        again elsewhere: when the worker learns it while the handler runs, or when the
+        outcome's CAS is refused (``settled``: then the claim is over)."""
+        if self._leases_lost.get(task.id, "") != lease_id:
+            self.tasklog.lease_lost(task)
+        if settled:
+            self._leases_lost.pop(task.id, None)
+        else:
+            self._leases_lost[task.id] = lease_id
+
+    async def _check_leases(self) -> None:
+        """After our record was taken over by recovery, or a heartbeat landed only once
+        the lease had run out: read each running task (one GET each, only then); one that
+        is no longer running under our lease was taken over, and its handler sees
+        ``ctx.lease_lost`` (its outcome's CAS will be refused: the lease id says whose
+        attempt it is)."""
+        for task_id, ctx in list(self._contexts.items()):
+            if ctx.lease_lost:
+                continue
+            lease_id = ctx.task.lease_id
+            try:
+                current: Task | None = (await self.store.load(task_id))[0]
+            except (TaskNotFound, CorruptObject):
+                current = None
+            lost = current is None or current.status != RUNNING or current.lease_id != lease_id
+            if lost and self._contexts.get(task_id) is ctx:  # still running: not settled yet
+                ctx.note_lease_lost()
+                self._lease_lost(ctx.task, lease_id)
 
     def _apply_cancels(self) -> None:
         """Cancels written into our record (``queue.cancel``): the handler sees
@@ -810,6 +862,10 @@ class Worker(HandlerHost):
                 await self.limiter.renew()  # concurrency slots live as long as leases
             elif self.book.dirty and self.book.etag is not None:
                 await self.book.write()  # say promptly that we hold nothing any more
+            lapses = self.book.lapses
+            if lapses != self._lapses_checked:  # a write (this one or an announce) lapsed
+                await self._check_leases()
+                self._lapses_checked = lapses
 
         async def sweep() -> None:
             await self._sweep()

@@ -123,7 +123,8 @@ class TaskLog:
 
     def lease_lost(self, task: Task) -> None:
         self._say(logging.WARNING, "lease_lost", task,
-                  f"lease lost: another worker took it over; the result of attempt {task.attempt} is discarded")
+                  f"lease lost (recovery took the task over): it may run again elsewhere; the result of "
+                  f"attempt {task.attempt} is not written")
 
     def expired(self, task: Task) -> None:
         self._say(logging.INFO, "expired", task, "expired (reached after its expires_at; not run)")

@@ -66,6 +66,10 @@ class WorkerSettings:
     #: ``run(until_idle=True)`` gives up (raising StorageError) once storage has kept
     #: failing this long; a daemon worker keeps trying, with capped backoff
     storage_failure_limit: float = attrs.field(default=60.0, validator=_positive)
+    #: a worker started while the store does not answer (``StorageUnavailable``) waits
+    #: for it, 1 s doubling to 30 s; it gives up (raising StorageUnavailable) after this
+    #: long, or never when None. Any other error at start-up ends ``run`` at once
+    startup_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     #: while busy, one summary line (tasks/s, outcomes, running) per this many seconds
     #: (qo/worker_log.py); nothing is said for an interval in which no task started or ended
     log_summary_interval: float = attrs.field(default=10.0, validator=_positive)

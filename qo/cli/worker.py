@@ -29,6 +29,10 @@ from .logs import configure, location, log_options
               help="On SIGTERM/SIGINT, seconds running tasks get to finish before async handlers are "
                    "cancelled and handed back (sync handlers are waited for; a second signal exits "
                    "at once).  [default: 30]")
+@click.option("--startup-timeout", type=click.FloatRange(min=0.001), default=None, metavar="SECONDS",
+              help="Started while the store does not answer, the worker waits for it (retrying 1 s doubling "
+                   "to 30 s, saying so); give up after SECONDS with exit 1 (default: QO_STARTUP_TIMEOUT, "
+                   "qo.toml, else wait for good). A bad URL or credentials exit at once.")
 @click.option("--with-scheduler", is_flag=True,
               help="Also fire the queues' recurring schedules (as `qo schedule run` does), stopping with the worker.")
 @click.option("--url", default=None,
@@ -40,8 +44,8 @@ from .logs import configure, location, log_options
                    "share the slots by weight (emails:3 reports:1). Default: QO_QUEUE, qo.toml, else 'default'.")
 @run
 async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: bool, poll_max: float | None,
-                 lease_ttl: float | None, shutdown_timeout: float | None, log_level: str, log_format: str | None,
-                 with_scheduler: bool, url: str, queue_specs: tuple[str, ...]) -> None:
+                 lease_ttl: float | None, shutdown_timeout: float | None, startup_timeout: float | None,
+                 log_level: str, log_format: str | None, with_scheduler: bool, url: str, queue_specs: tuple[str, ...]) -> None:
     """Run the handlers defined in MODULE (a dotted module name or a path/to/file.py)."""
     from ..multi_worker import parse_queue_spec
     from ..scheduler import Scheduler
@@ -54,11 +58,13 @@ async def worker(modules: tuple[str, ...], concurrency: int | None, until_idle: 
     if len({n for n, _ in specs}) != len(specs):
         raise click.UsageError("--queue: a queue is given twice")
     config = configure(log_level, log_format, load_config().with_flags(
-        concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl, shutdown_timeout=shutdown_timeout))
+        concurrency=concurrency, poll_max=poll_max, lease_ttl=lease_ttl, shutdown_timeout=shutdown_timeout,
+        startup_timeout=startup_timeout))
     registry = load_registry(list(modules))
     concurrency = config["concurrency"]
     overrides: dict[str, Any] = {name: config[name] for name in
-                                 ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit")}
+                                 ("poll_max", "lease_ttl", "shutdown_timeout", "storage_failure_limit",
+                                  "startup_timeout")}
     queues = []
     try:
         for name, _ in specs:

@@ -167,8 +167,8 @@ def _install_sorted_listing() -> None:
 class _Server(ThreadedMotoServer):
     """ThreadedMotoServer with an optional WSGI wrapper around moto's app."""
 
-    def __init__(self, wrap: Callable[[_WSGIApp], _WSGIApp] | None):
-        super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
+    def __init__(self, wrap: Callable[[_WSGIApp], _WSGIApp] | None, port: int = 0):
+        super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
         self._wrap = wrap
 
     def _server_entry(self) -> None:
@@ -189,11 +189,13 @@ class _Server(ThreadedMotoServer):
 
 
 class MotoServer:
-    """A moto S3 server on ``127.0.0.1`` (free port) with one bucket created at start."""
+    """A moto S3 server on ``127.0.0.1`` (a free port, or ``port``: e.g. one a client
+    already tries, to start the store after it) with one bucket created at start."""
 
     def __init__(self, bucket: str = "qo-test", ignore_conditions: bool = False,
-                 middleware: Callable[[_WSGIApp], _WSGIApp] | None = None):
+                 middleware: Callable[[_WSGIApp], _WSGIApp] | None = None, port: int = 0):
         self.bucket = bucket
+        self.port = port
         self.ignore_conditions = ignore_conditions
         #: WSGI middleware around moto's app (outermost: it sees every request first)
         self.middleware = middleware
@@ -232,7 +234,7 @@ class MotoServer:
                 app = w(app)
             return app
 
-        self._server = _Server(wrap if wraps else None)
+        self._server = _Server(wrap if wraps else None, self.port)
         self._server.start()
         self._port = self._server.get_host_and_port()[1]
         self._create_bucket()
