@@ -451,3 +451,51 @@ async def test_recovery_skips_a_bad_task_and_recovers_the_rest_of_its_pack(stora
     assert sorted(recovered) == sorted([tasks[0].id, tasks[2].id]) and q.store.bad.count == 1
     assert [(await q.get(t.id)).status for t in (tasks[0], tasks[2])] == ["pending", "pending"]
     await q.close()
+
+
+async def test_a_pack_outside_the_format_s_bounds_is_corrupt_and_costs_only_itself(storage_url, caplog, monkeypatch):
+    """Issue 26 item 3: a hand-written pack of 4,096 entries (16x the limit) was claimed
+    and every task in it ran. A pack over any bound of the format (entries, the count
+    its id states, statuses, its size) is not run, is reported once, and the worker
+    goes on with other work."""
+    import json
+    import logging
+
+    from qo import packs
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(packs, "PACK_READ_BYTES", 200_000, raising=False)  # in place of 16 MiB: a bloated pack
+    q = await qo.connect(storage_url, queue="pk")
+    good = await q.submit_many([("t", f"good-{i}") for i in range(5)])
+    model = json.loads((await q.storage.get(keys.pack("pk", keys.pack_of(good[0].id)[0]))).data)
+
+    def variant(name: str, size: int, count: int, **change: Any) -> dict[str, Any]:
+        return {**model, "id": keys.new_pack_id(size), "rev": "",
+                "entries": [{"input": f"{name}-{i}", "rev": ""} for i in range(count)], **change}
+
+    bad = [variant("huge", 4096, 4096), variant("over", 300, 300), variant("miscount", 3, 5),
+           variant("pad", 3, 3, pad="x" * 300_000),
+           variant("tstatus", 3, 3, template={**model["template"], "status": 7})]
+    odd = variant("status", 3, 3)
+    odd["entries"][1]["status"] = ["pending"]  # not even hashable
+    bad.append(odd)
+    for d in bad:
+        await q.storage.put(keys.pack("pk", d["id"]), json.dumps(d).encode())
+        await q.storage.put(keys.ready("pk", d["priority"], d["available_at"], d["id"], d["task_type"]), b"")
+    worker = Worker(q, concurrency=4, aging=False, **FAST)
+    ran: list[str] = []
+
+    @worker.handler("t")
+    async def t(x: str) -> None:
+        ran.append(x)
+
+    await asyncio.wait_for(worker.run(until_idle=True), 60)
+    assert sorted(ran) == [f"good-{i}" for i in range(5)]  # none of a bad pack's tasks ran
+    assert [(await q.get(t.id)).status for t in good] == ["completed"] * 5
+    assert worker.stats["errors"] == 0 and worker.stats["bad_objects"] >= len(bad)
+    for d in bad:
+        key = keys.pack("pk", d["id"])
+        assert sum(1 for r in caplog.records if r.name == "qo.bad_objects" and key in r.getMessage()) == 1, key
+        with pytest.raises(qo.CorruptObject):
+            await q.get(keys.entry_id(d["id"], 0))
+    await q.close()
