@@ -204,6 +204,51 @@ async def test_a_running_task_of_a_pack_learns_its_cancel(storage_url):
     await q.close()
 
 
+async def test_a_cancel_of_a_task_of_a_held_pack_not_started_says_cancelled_and_it_never_starts(storage_url):
+    """Issue 26 item 2: the cancel of a task its pack's holder has not started returned
+    ``running``. The holder stores how far into the pack it may start before its record
+    is stored again; a cancel landing on a record whose bound is at or below the entry
+    is sure the entry will not start (that write learns it first): it says
+    ``cancelled``, in the API and in ``qo cancel``. A task that may have started still
+    says ``running`` (asked to stop)."""
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("slow", i) for i in range(5)])
+    assert len({keys.pack_of(t.id)[0] for t in tasks}) == 1
+    worker = Worker(q, concurrency=1, aging=False, heartbeat_interval=0.1, **FAST)
+    started, release = asyncio.Event(), asyncio.Event()
+    ran: list[int] = []
+
+    @worker.handler("slow")
+    async def slow(x: int) -> str:
+        ran.append(x)
+        if x == 0:
+            started.set()
+            await asyncio.wait_for(release.wait(), 30)
+        return "done"
+
+    run = asyncio.create_task(worker.run(until_idle=True))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        said = await q.cancel(tasks[2].id)  # held, not started
+        assert (said.id, said.status) == (tasks[2].id, "cancelled")
+        out = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", tasks[4].id, "--url", storage_url,
+                                                                "--queue", "pk"])
+        assert out.exit_code == 0 and out.stdout.strip() == "cancelled", out.output
+        first = await q.cancel(tasks[0].id)  # running: asked to stop, its attempt may complete
+        assert first.status == "running" and first.cancel_requested
+    finally:
+        release.set()
+    await asyncio.wait_for(run, 30)
+    assert ran == [0, 1, 3]  # the cancelled ones never started
+    assert [(await q.get(t.id)).status for t in tasks] == ["completed", "completed", "cancelled", "completed",
+                                                           "cancelled"]
+    await q.close()
+
+
 # -- leases ---------------------------------------------------------------------------------
 
 
