@@ -106,6 +106,9 @@ class LeaseBook:
     def release(self, task_id: str) -> None:
         """Forget a task whose final state (and marker) is stored; written lazily."""
         self.cancels.pop(task_id, None)
+        if keys.PACK_ID.match(task_id):  # and the requests for the pack's tasks
+            for done in [t for t in self.cancels if t.startswith(task_id) and t not in self.leases]:
+                del self.cancels[done]
         self.start_bounds.pop(task_id, None)
         self.stored_bounds.pop(task_id, None)
         if self.leases.pop(task_id, None) is not None:
@@ -398,11 +401,11 @@ async def request_cancel(store: TaskStore, worker_id: str, task_id: str, termina
             blob = await store.backoff.call(lambda: store.storage.get(key))
             record = stored.decode(blob.data, key)
         except (NotFound, CorruptObject):
-            return False
+            return NOT_TOLD
         pack = keys.pack_of(task_id)
         if not isinstance(record.get("leases"), dict) or not (
                 task_id in record["leases"] or (pack is not None and pack[0] in record["leases"])):
-            return False
+            return NOT_TOLD
         told = NOT_STARTED if _not_started(record, task_id, lease_id) else TOLD
         cancels = record.get("cancel") if isinstance(record.get("cancel"), dict) else {}
         if cancels.get(task_id) == "terminate" or (cancels.get(task_id) == "request" and not terminate):

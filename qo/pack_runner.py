@@ -238,8 +238,11 @@ class PackRunner:
             if book.evictions != run.evictions:  # recovery took our record since: the cancels
                 run.evictions = book.evictions  # in it are lost to us; the pack says what is asked
                 async with run.lock:
-                    if not await w._until_stored(lambda: self._reread(run)):
-                        return False
+                    try:
+                        if not await w._until_stored(lambda: self._reread(run)):
+                            return False
+                    except CorruptObject:  # an entry not started is unusable: as a flush does
+                        run.lost = True
                 if run.lost:
                     async with run.lock:
                         self._lost(run, {})
