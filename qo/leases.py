@@ -140,8 +140,16 @@ class LeaseBook:
                 return
             except PreconditionFailed:
                 changed = await self._cancel_requests()
-                if changed is not None:  # a canceller added requests to our record: keep going
-                    self.etag = await self._put(data, rev, if_match=changed)
+                for left in range(7, -1, -1):
+                    if changed is None:
+                        break
+                    try:  # a canceller added requests to our record: keep going
+                        self.etag = await self._put(data, rev, if_match=changed)
+                    except PreconditionFailed:  # another one meanwhile: learn it too
+                        if not left:
+                            raise
+                        changed = await self._cancel_requests()
+                        continue
                     self.written_at, self._held, self._rev, self.stored_bounds = now, holding, rev, bounds
                     return
                 self.evictions += 1

@@ -249,6 +249,45 @@ async def test_a_cancel_of_a_task_of_a_held_pack_not_started_says_cancelled_and_
     await q.close()
 
 
+async def test_cancels_racing_a_holder_in_another_process_say_cancelled_only_for_tasks_that_never_run(
+        storage_url, tmp_path):
+    """The same against a holder in another process, its record written every 0.1 s and
+    its start bound raised every few entries: many cancels race the raises, and none
+    that says ``cancelled`` names a task that started."""
+    import random
+
+    q = await qo.connect(storage_url, queue="pkcancel")
+    tasks = await q.submit_many([("count", i) for i in range(200)])
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    loop = asyncio.get_running_loop()
+    said: dict[str, str] = {}
+    with CTX.Pool(1) as pool:
+        result = pool.apply_async(procs.run_start_logging_worker, (storage_url, "pkcancel", str(log_dir), 2, 0.05, 0.1))
+        deadline = loop.time() + 120
+        while not any(f.stat().st_size for f in log_dir.iterdir()):
+            assert loop.time() < deadline and not result.ready()
+            await asyncio.sleep(0.01)
+        order = list(range(1, 200))
+        random.Random(26).shuffle(order)
+        for i in order[:100]:
+            try:
+                said[tasks[i].id] = (await q.cancel(tasks[i].id)).status
+            except qo.TaskStateError:  # ended already
+                pass
+        stats = await loop.run_in_executor(None, lambda: result.get(timeout=240))
+    ran = {line for f in log_dir.iterdir() for line in f.read_text().split()}
+    cancelled = {t for t, status in said.items() if status == "cancelled"}
+    assert cancelled and set(said.values()) <= {"cancelled", "running"}, said
+    print(f"said cancelled: {len(cancelled)}, running: {len(said) - len(cancelled)}, ran: {len(ran)}")
+    assert not cancelled & ran  # the bug would be a task said cancelled that ran anyway
+    final = {t.id: (await q.get(t.id)).status for t in tasks}
+    assert all(final[t] == "cancelled" for t in cancelled)
+    assert {t for t, s in final.items() if s == "completed"} == ran  # and every task not started: cancelled
+    assert {t for t, s in final.items() if s == "cancelled"} == set(final) - ran and stats.get("errors", 0) == 0
+    await q.close()
+
+
 # -- leases ---------------------------------------------------------------------------------
 
 
