@@ -63,6 +63,15 @@ class LeaseBook:
         #: how many handlers run now (the worker sets it): the record's ``running``, which
         #: ``queue.stats()`` shows; the leases also name candidates about to be claimed
         self.running: Any = None
+        #: pack id -> the entries of a held (or announced) pack below this index that we
+        #: may start: raised, and stored, before an entry at or past it starts, so a
+        #: canceller whose request lands on a record naming a bound at or below an entry
+        #: knows that entry will not start (``request_cancel``, docs/architecture.md §5k)
+        self.start_bounds: dict[str, int] = {}
+        #: the bounds of the last record stored (only those may be relied on)
+        self.stored_bounds: dict[str, int] = {}
+        #: entries a pack announced to us may start at once (the worker sets it)
+        self.start_step: Any = lambda: 1
         self._rev: str | None = None  # the rev of our last stored write
         #: writes that found the record taken over by recovery, or that landed only after
         #: the leases it named had run out: then any of them may be lost (the worker
@@ -78,6 +87,7 @@ class LeaseBook:
             "lease_ttl": self.lease_ttl,
             "leases": self.leases,
             **({"running": self.running()} if self.running is not None else {}),
+            **({"starts": dict(self.start_bounds)} if self.start_bounds else {}),
             "started_at": self.started_at,
             "counts": {k: self.counts.get(k, 0) for k in COUNTED},
             **self._requests(),
@@ -92,11 +102,19 @@ class LeaseBook:
     async def announce(self, entries: dict[str, dict[str, str]]) -> None:
         """Name tasks we are about to claim; returns only once the record is stored."""
         self.leases.update(entries)
+        for task_id in entries:  # a pack: its first entries may start without another write
+            if keys.PACK_ID.match(task_id):
+                self.start_bounds[task_id] = max(self.start_bounds.get(task_id, 0), 1, int(self.start_step()))
         await self.write()
 
     def release(self, task_id: str) -> None:
         """Forget a task whose final state (and marker) is stored; written lazily."""
         self.cancels.pop(task_id, None)
+        if keys.PACK_ID.match(task_id):  # and the requests for the pack's tasks
+            for done in [t for t in self.cancels if t.startswith(task_id) and t not in self.leases]:
+                del self.cancels[done]
+        self.start_bounds.pop(task_id, None)
+        self.stored_bounds.pop(task_id, None)
         if self.leases.pop(task_id, None) is not None:
             self.dirty = True
 
@@ -116,20 +134,30 @@ class LeaseBook:
 
     async def _write(self) -> None:
         rev = os.urandom(8).hex()  # tells our own landed write from somebody else's
-        data = dumps({**self.record(), "rev": rev})
+        record = self.record()
+        data = dumps({**record, "rev": rev})
+        bounds = record.get("starts", {})
         holding = bool(self.leases)
         now = self.clock.now()
         self.dirty = False
         if self.etag is not None:
             try:
                 self.etag = await self._put(data, rev, if_match=self.etag)
-                self.written_at, self._held, self._rev = now, holding, rev
+                self.written_at, self._held, self._rev, self.stored_bounds = now, holding, rev, bounds
                 return
             except PreconditionFailed:
                 changed = await self._cancel_requests()
-                if changed is not None:  # a canceller added requests to our record: keep going
-                    self.etag = await self._put(data, rev, if_match=changed)
-                    self.written_at, self._held, self._rev = now, holding, rev
+                for left in range(7, -1, -1):
+                    if changed is None:
+                        break
+                    try:  # a canceller added requests to our record: keep going
+                        self.etag = await self._put(data, rev, if_match=changed)
+                    except PreconditionFailed:  # another one meanwhile: learn it too
+                        if not left:
+                            raise
+                        changed = await self._cancel_requests()
+                        continue
+                    self.written_at, self._held, self._rev, self.stored_bounds = now, holding, rev, bounds
                     return
                 self.evictions += 1
                 # only a record that named tasks matters: an empty one going stale (an idle
@@ -148,7 +176,7 @@ class LeaseBook:
                 raise StorageUnavailable("worker record is being deleted by a sweep; written again shortly",
                                          backend=self.store.storage.name, key=self.key)
             self.etag = await self._put(data, rev, if_match=blob.etag)
-        self.written_at, self._held, self._rev = now, holding, rev
+        self.written_at, self._held, self._rev, self.stored_bounds = now, holding, rev, bounds
 
     async def _cancel_requests(self) -> str | None:
         """After our CAS was refused: if the stored record is still our last write plus
@@ -375,31 +403,53 @@ async def recover_pack(store: TaskStore, clock: Any, pack_id: str, worker_id: An
     return []
 
 
-async def request_cancel(store: TaskStore, worker_id: str, task_id: str, terminate: bool) -> bool:
+#: what ``request_cancel`` achieved
+NOT_TOLD, TOLD, NOT_STARTED = "", "told", "not started"
+
+
+async def request_cancel(store: TaskStore, worker_id: str, task_id: str, terminate: bool,
+                         lease_id: str | None = None) -> str:
     """Tell the worker running ``task_id`` that its cancel was requested, by adding it to
     the ``cancel`` map of the worker's record (CAS, keeping the worker's own ``rev``): the
     worker's next heartbeat finds its CAS refused, reads the record once, learns the
-    request and writes on. False when the record does not name the task (it ended, or
-    its worker is gone: recovery and the stored ``cancel_requested`` do the rest)."""
+    request and writes on. ``NOT_TOLD`` when the record does not name the task (it ended,
+    or its worker is gone: recovery and the stored ``cancel_requested`` do the rest).
+    ``NOT_STARTED`` when the task is an entry of a pack held under ``lease_id`` at or past
+    the record's start bound: its holder must store its record again before it starts
+    that entry, and that write learns the request first, so the task will never start
+    (``LeaseBook.start_bounds``). Else ``TOLD``."""
     key = keys.worker(store.queue, worker_id)
     for _ in range(8):  # the worker's own writes race ours: read again
         try:
             blob = await store.backoff.call(lambda: store.storage.get(key))
             record = stored.decode(blob.data, key)
         except (NotFound, CorruptObject):
-            return False
+            return NOT_TOLD
         pack = keys.pack_of(task_id)
         if not isinstance(record.get("leases"), dict) or not (
                 task_id in record["leases"] or (pack is not None and pack[0] in record["leases"])):
-            return False
+            return NOT_TOLD
+        told = NOT_STARTED if _not_started(record, task_id, lease_id) else TOLD
         cancels = record.get("cancel") if isinstance(record.get("cancel"), dict) else {}
         if cancels.get(task_id) == "terminate" or (cancels.get(task_id) == "request" and not terminate):
-            return True
+            return told  # an earlier request landed on a version whose bound was no higher
         record["cancel"] = {**cancels, task_id: "terminate" if terminate else "request"}
         try:
             await store.backoff.call(lambda: store.storage.put(key, dumps(record), if_match=blob.etag))
-            return True
+            return told
         except PreconditionFailed:
             continue
-    return False
+    return NOT_TOLD
+
+
+def _not_started(record: dict[str, Any], task_id: str, lease_id: str | None) -> bool:
+    """The record holds the pack of ``task_id`` under ``lease_id`` and may not start that
+    entry before it is stored again (its start bound is at or below the entry's index)."""
+    pack = keys.pack_of(task_id)
+    if pack is None or lease_id is None:
+        return False
+    lease = record["leases"].get(pack[0])
+    starts = record.get("starts")
+    bound = starts.get(pack[0]) if isinstance(starts, dict) else None
+    return isinstance(lease, dict) and lease.get("lease") == lease_id and stored.is_int(bound) and pack[1] >= bound
 

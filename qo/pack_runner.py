@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import attrs
@@ -76,6 +77,10 @@ class PackRun:
     #: the entries' encodings of the last write (``Pack.to_json``): a flush encodes
     #: only the entries it replaced
     fragments: dict = attrs.field(factory=dict)
+    #: entries started (or about to start) in this worker's slots
+    started: int = 0
+    #: the worker record's evictions (``LeaseBook.evictions``) as of the claim
+    evictions: int = 0
 
     @property
     def id(self) -> str:
@@ -165,7 +170,7 @@ class PackRunner:
             etag = await packs.replace(new, etag, fragments=fragments)
         except PreconditionFailed:
             return Missed("lost the race", stale=False)
-        run = PackRun(new, etag, lease_id, fragments=fragments)
+        run = PackRun(new, etag, lease_id, fragments=fragments, evictions=w.book.evictions)
         if taken:
             self.held[new.id] = run
             run.waiting.update(taken)
@@ -183,7 +188,10 @@ class PackRunner:
         run, w = item.run, self.worker
         if item.index not in run.waiting or run.lost or w._stopping.is_set():
             return
+        if not await self._may_start(run, item.index) or item.index not in run.waiting or run.lost:
+            return  # the worker stops (handed back), a cancel learned meanwhile, or the pack lost
         run.waiting.discard(item.index)
+        run.started += 1
         entry, template = run.pack.entries[item.index], run.pack.template
         if item.task is not None and entry is item.entry and template is item.template:
             task = item.task  # the claim's task: its entry is still the one in the pack
@@ -211,6 +219,73 @@ class PackRunner:
                     await self._leave_limits(task)
         if not run.waiting and not run.running:
             await self.flush(run)
+
+    async def _may_start(self, run: PackRun, index: int) -> bool:
+        """Whether entry ``index`` may start: it is below the start bound of the last record
+        stored, raised first when it is not (one record write for a step of entries that
+        grows with the pack's pace: about one per heartbeat). A canceller reading that
+        record knows which entries may have started (``leases.request_cancel``); the write
+        that raises the bound learns the cancels that landed before it. False when the
+        worker stops first, or the record was taken over and the pack is no longer ours."""
+        w = self.worker
+        book = w.book
+        while book.stored_bounds.get(run.id, 0) <= index:
+            if run.lost or w._stopping.is_set():
+                return False
+            book.start_bounds[run.id] = max(book.start_bounds.get(run.id, 0), index + self._step(run))
+            if not await w._until_stored(book.write):
+                return False
+            if book.evictions != run.evictions:  # recovery took our record since: the cancels
+                run.evictions = book.evictions  # in it are lost to us; the pack says what is asked
+                async with run.lock:
+                    try:
+                        if not await w._until_stored(lambda: self._reread(run)):
+                            return False
+                    except CorruptObject:  # an entry not started is unusable: as a flush does
+                        run.lost = True
+                if run.lost:
+                    async with run.lock:
+                        self._lost(run, {})
+                        self._let_go(run)
+                    return False
+            self.learn_cancels()
+        return True
+
+    def _step(self, run: PackRun) -> int:
+        """How many entries past the next one a raised start bound lets start: the
+        slots, the entries started so far (so the steps grow), and the pack's pace over
+        a heartbeat interval."""
+        w = self.worker
+        step = max(w.settings.concurrency, run.started)
+        claimed_at = (run.pack.lease or {}).get("claimed_at")
+        elapsed = w.clock.now() - claimed_at if isinstance(claimed_at, (int, float)) else 0.0
+        if elapsed > 0:
+            step = max(step, math.ceil(run.started / elapsed * w.settings.heartbeat))
+        return min(step, len(run.pack.entries))
+
+    def learn_cancels(self) -> None:
+        """The cancels written into our record (``queue.cancel``) of entries not started:
+        they end cancelled, never started; the next flush (within ``FLUSH_AFTER``)
+        stores it."""
+        w = self.worker
+        if not w.book.cancels:
+            return
+        now = w.clock.now()
+        for run in self.held.values():
+            for i in sorted(run.waiting):
+                if run.pack.task_id(i) not in w.book.cancels:
+                    continue
+                try:
+                    task = run.pack.task(i)
+                except CorruptObject:
+                    continue  # left to the slot, which meets the same
+                run.waiting.discard(i)
+                task.status, task.finished_at, task.updated_at = CANCELLED, now, now
+                task.lease_id = task.lease_deadline = task.worker_id = None
+                task.cancel_requested = True
+                run.outcomes[i] = Outcome(task)
+                if run.first_outcome_at is None:
+                    run.first_outcome_at = now
 
     async def _limits_pass(self, task: Task) -> bool:
         """Wait until every limit that applies to ``task`` (its type's, the global one)
@@ -316,10 +391,15 @@ class PackRunner:
                     await w.store.put_marker(run.pack.marker_key(w.queue.name))
                 await self._report(run, outcomes)
             if run.lost or run.pack.status != "running":
-                run.finished = True
-                self.held.pop(run.id, None)
-                w.book.release(run.id)
-                w.feed.new_work.set()  # a slot waiting for room lists again
+                self._let_go(run)
+
+    def _let_go(self, run: PackRun) -> None:
+        """The pack is done with here (ended, requeued or lost): off the record."""
+        w = self.worker
+        run.finished = True
+        self.held.pop(run.id, None)
+        w.book.release(run.id)
+        w.feed.new_work.set()  # a slot waiting for room lists again
 
     def _merge(self, run: PackRun, outcomes: dict[int, Outcome], now: float) -> tuple[Pack, list[Task], list[str]]:
         """Our outcomes over the pack as last read. Another writer may have asked for a

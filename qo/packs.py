@@ -23,12 +23,17 @@ import attrs
 
 from . import keys, stored
 from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound
-from .model import PENDING, RUNNING, SCHEMA_VERSION, StoredRecord, Task, dumps, new_rev, record_fields, record_json
+from .model import (PENDING, RUNNING, SCHEMA_VERSION, STATUSES, StoredRecord, Task, _short, dumps, new_rev,
+                    record_fields, record_json)
 
 #: entries in one pack, at most (an index is 3 hex digits: 4096 would fit)
 PACK_SIZE = 256
 #: a pack's encoded size when it is written, at most (inputs are at most 64 KiB inline)
 PACK_BYTES = 1024 * 1024
+#: a stored pack larger than this is corrupt: it is written at most ``PACK_BYTES`` and
+#: grows only by its entries' outcomes (an output of at most ``PACK_OUTPUT_INLINE``, an
+#: error of about 6 KiB, a snapshot when it moves out): 256 of them stay under 8 MiB
+PACK_READ_BYTES = 16 * 1024 * 1024
 #: a handler's output over this many bytes is stored apart from its pack (§5i): the
 #: pack is rewritten by every flush, so it stays small
 PACK_OUTPUT_INLINE = 16 * 1024
@@ -37,6 +42,9 @@ MOVED = "moved"
 PACK_STATUSES = ("pending", "running", "done")
 #: task fields every entry carries itself, never from the template
 _OWN = ("id", "rev", "schema")
+#: what an entry's status may be (a hashable, known string: the pack's own status is
+#: computed from them)
+_ENTRY_STATUSES = frozenset({*STATUSES, MOVED})
 
 
 #: encoded entries of a pack by the entry's identity (``Pack.to_json``)
@@ -50,6 +58,10 @@ _ENTRIES_SLOT_JSON = dumps(_ENTRIES_SLOT)
 def entry_fingerprint(entry: dict[str, Any]) -> str:
     """A short digest of one entry as stored: a per-entry version for compare-and-swap."""
     return hashlib.sha256(dumps(entry)).hexdigest()[:16]
+
+
+def _known_status(value: Any, known: Any) -> bool:
+    return isinstance(value, str) and value in known
 
 
 _SKIP = object()  # a task field an entry never holds (put adds rev itself)
@@ -105,7 +117,7 @@ class Pack(StoredRecord):
                                  and isinstance(v.get("worker_id"), str)),
         "claims": stored.is_int,
         "template": stored.is_dict,
-        "entries": lambda v: isinstance(v, list) and 0 < len(v) <= 4096 and all(isinstance(e, dict) for e in v),
+        "entries": lambda v: isinstance(v, list) and 0 < len(v) <= PACK_SIZE and all(isinstance(e, dict) for e in v),
         "kind": stored.one_of("pack"),
         "purging_at": stored.optional(stored.is_number),
         "rev": stored.is_str,
@@ -149,9 +161,24 @@ class Pack(StoredRecord):
 
     @classmethod
     def from_json(cls, data: bytes, key: str = "?", *, backend: str = "") -> "Pack":
+        """The pack stored at ``key``; ``CorruptObject`` if it is outside the format's
+        bounds (size, entry count, statuses), whatever its entries hold: each entry's
+        other fields are checked when it is used, so one bad entry costs only itself."""
+        if len(data) > PACK_READ_BYTES:
+            raise CorruptObject(key, f"{len(data)} bytes, over the {PACK_READ_BYTES} a pack can grow to",
+                                backend=backend)
         pack = super().from_json(data, key, backend=backend)
         if key != "?" and not key.endswith(f"/packs/{pack.id}.json"):
             raise CorruptObject(key, f"holds pack {pack.id}, not the one its key names", backend=backend)
+        if len(pack.entries) != keys.pack_size(pack.id):
+            raise CorruptObject(key, f"{len(pack.entries)} entries, its id says {keys.pack_size(pack.id)}",
+                                backend=backend)
+        for i, entry in enumerate(pack.entries):
+            if "status" in entry and not _known_status(entry["status"], _ENTRY_STATUSES):
+                raise CorruptObject(key, f"entry {i} has the status {_short(entry['status'])}", backend=backend)
+        if "status" in pack.template and not _known_status(pack.template["status"], STATUSES):
+            raise CorruptObject(key, f"its template has the status {_short(pack.template['status'])}",
+                                backend=backend)
         return pack
 
     def key(self, queue: str) -> str:

@@ -108,9 +108,9 @@ async def load(queue: Any, task: Task, which: str = "output") -> Any:
     if ref is None:
         return getattr(task, which)
     key, backend = ref["key"], queue.storage.name
-    if not (key.startswith(keys.payloads_prefix(queue.name, task.id)) and keys.is_payload_key(key)):
-        raise CorruptObject(keys.task(queue.name, task.id),
-                            f"its {which}_ref names {key!r}, not a payload of this task", backend=backend)
+    refused = _refused(queue.name, task.id, which, ref)
+    if refused:
+        raise CorruptObject(keys.task(queue.name, task.id), f"its {which}_ref {refused}", backend=backend)
     store = queue.store
     try:
         blob = await store.backoff.call(lambda: store.storage.get(key))
@@ -118,9 +118,12 @@ async def load(queue: Any, task: Task, which: str = "output") -> Any:
         raise CorruptObject(key, f"the {which} of task {task.id} stored apart is missing",
                             backend=backend) from None
     data = blob.data
-    if len(data) != ref["bytes"] or hashlib.sha256(data).hexdigest() != ref["sha256"]:
+    if len(data) != ref["bytes"]:
         raise CorruptObject(key, f"the {which} of task {task.id} stored apart is not what was written "
-                            f"({len(data)} bytes, {ref['bytes']} expected, or another checksum)", backend=backend)
+                            f"({len(data)} bytes, its {which}_ref says {ref['bytes']})", backend=backend)
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise CorruptObject(key, f"the {which} of task {task.id} stored apart is not what was written "
+                            f"(its SHA-256 is not the one its {which}_ref says)", backend=backend)
     try:
         text = data.decode("utf-8")
         if stored.too_deep(text, stored.MAX_DEPTH):
@@ -129,6 +132,20 @@ async def load(queue: Any, task: Task, which: str = "output") -> Any:
     except (ValueError, RecursionError) as exc:
         raise CorruptObject(key, f"the {which} of task {task.id} stored apart is not JSON ({exc})",
                             backend=backend) from None
+
+
+def _refused(queue: str, task_id: str, which: str, ref: dict[str, Any]) -> str | None:
+    """Why a reference cannot be this task's ``which`` (None when it can): it must name
+    a payload of this task (``payloads/{id}/``), of its kind (the input, or an attempt's
+    output), of at most ``MAX_PAYLOAD_BYTES``; checked before anything is read."""
+    key = ref["key"]
+    if not (key.startswith(keys.payloads_prefix(queue, task_id)) and keys.is_payload_key(key)):
+        return f"names {key!r}, not a payload of this task"
+    if (key.rsplit("/", 1)[1] == "input.json") != (which == "input"):
+        return f"names {key!r}, not the {which} of this task"
+    if ref["bytes"] > model.MAX_PAYLOAD_BYTES:
+        return f"says {ref['bytes']} bytes, over the {model.MAX_PAYLOAD_BYTES} a payload may be"
+    return None
 
 
 async def attempt_input(queue: Any, task: Task) -> Any:

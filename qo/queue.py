@@ -11,6 +11,8 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Sequence
 
+import attrs
+
 from . import keys, pack_submit
 from .backends import default_url, open_storage, url_scheme
 from .clock import Clock, SystemClock
@@ -503,8 +505,7 @@ class Queue:
                 raise TaskStateError(f"task {task_id} is already {task.status}")
             if task.status == RUNNING:
                 if task.cancel_requested:
-                    await self._tell_worker(task, terminate)
-                    return task
+                    return await self._tell_worker(task, terminate, etag, now)
                 task.cancel_requested = True
             else:
                 old_markers = [
@@ -526,9 +527,8 @@ class Queue:
                 await self.store.delete_markers(old_markers)
                 emit(self.plugins, "cancelled", task)
                 await self.dependencies.release(task)  # a cancelled dependency counts as failed
-            else:
-                await self._tell_worker(task, terminate)
-            return task
+                return task
+            return await self._tell_worker(task, terminate, etag, now)
 
     async def _dismiss(self, task: Task, etag: str, now: float) -> Task:
         """A dead letter given up on: failed -> cancelled. The new ``ended/`` marker is
@@ -547,17 +547,26 @@ class Queue:
         emit(self.plugins, "cancelled", task)
         return task
 
-    async def _tell_worker(self, task: Task, terminate: bool) -> None:
+    async def _tell_worker(self, task: Task, terminate: bool, etag: str, now: float) -> Task:
         """Best effort: the stored ``cancel_requested`` is what counts; this only makes the
-        running handler see it (at the worker's next heartbeat) or stops it (terminate)."""
-        from .leases import request_cancel
+        running handler see it (at the worker's next heartbeat) or stops it (terminate).
+        The task as it will end: a task of a held pack its holder may not start before it
+        learns the request (``leases.request_cancel``) is returned ``cancelled`` (the
+        holder stores that within a heartbeat); any other stays ``running``."""
+        from .leases import NOT_STARTED, request_cancel
 
         if task.worker_id is None:
-            return
+            return task
+        lease_id = task.lease_id if "#entry:" in etag else None
         try:
-            await request_cancel(self.store, task.worker_id, task.id, terminate)
+            told = await request_cancel(self.store, task.worker_id, task.id, terminate, lease_id)
         except QoError as exc:
             log.warning("task %s: cancel stored, but its worker could not be told: %s", task.id, exc)
+            return task
+        if told != NOT_STARTED:
+            return task
+        return attrs.evolve(task, status=CANCELLED, finished_at=now, updated_at=now, lease_id=None,
+                            lease_deadline=None, worker_id=None)
 
     async def retry(self, task_id: str) -> Task:
         """Put a failed (dead-lettered), cancelled or expired task back to pending, attempts

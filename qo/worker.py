@@ -120,6 +120,10 @@ class Worker(HandlerHost):
         self.feed = Feed(self)
         #: the packs this worker holds (tasks submitted in bulk, qo/pack_runner.py)
         self.packs = PackRunner(self)
+        # a pack claimed may start this many entries before our record is stored again
+        # (its start bound, qo/pack_runner.py): the slots, or a heartbeat's worth of our pace
+        self.book.start_step = lambda: max(self.settings.concurrency,
+                                           math.ceil(self.feed.rate * self.settings.heartbeat))
         #: task id -> (handler future, handler, started at) of what runs now
         self._running: dict[str, tuple[asyncio.Future, Handler, float]] = {}
         #: claimed tasks whose outcome is not stored yet: our record keeps naming them
@@ -725,7 +729,9 @@ class Worker(HandlerHost):
     def _apply_cancels(self) -> None:
         """Cancels written into our record (``queue.cancel``): the handler sees
         ``ctx.cancel_requested``; with terminate an async handler is cancelled now (a
-        thread cannot be stopped: a sync handler only sees the flag)."""
+        thread cannot be stopped: a sync handler only sees the flag). A task of a held pack
+        not started yet is not started: it ends cancelled."""
+        self.packs.learn_cancels()
         for task_id, mode in self.book.cancels.items():
             ctx = self._contexts.get(task_id)
             if ctx is None:

@@ -41,6 +41,32 @@ def run_counting_worker(url: str, queue: str, log_dir: str, concurrency: int = 4
     return asyncio.run(main())
 
 
+def run_start_logging_worker(url: str, queue: str, log_dir: str, concurrency: int, pause: float,
+                             heartbeat_interval: float) -> dict:
+    """Run a worker until idle; every execution appends '<task id>\\n' to a per-process
+    log as it starts (before ``pause``): what ran at all, even if asked to stop."""
+    import qo
+    from qo.worker import Worker
+
+    async def main() -> dict:
+        q = await qo.connect(url, queue=queue)
+        worker = Worker(q, settings=_settings(concurrency=concurrency, heartbeat_interval=heartbeat_interval))
+        path = os.path.join(log_dir, f"ran-{os.getpid()}.log")
+
+        @worker.handler("count")
+        async def count(input, ctx):
+            with open(path, "a") as f:
+                f.write(ctx.task.id + "\n")
+            await asyncio.sleep(pause)
+            return input
+
+        stats = await worker.run(until_idle=True)
+        await q.close()
+        return dict(stats)
+
+    return asyncio.run(main())
+
+
 def run_sleepy_worker(url: str, queue: str, marker_file: str, lease_ttl: float) -> None:
     """A worker whose handler announces it started, then sleeps far longer than any test."""
     import qo

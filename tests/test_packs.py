@@ -204,6 +204,90 @@ async def test_a_running_task_of_a_pack_learns_its_cancel(storage_url):
     await q.close()
 
 
+async def test_a_cancel_of_a_task_of_a_held_pack_not_started_says_cancelled_and_it_never_starts(storage_url):
+    """Issue 26 item 2: the cancel of a task its pack's holder has not started returned
+    ``running``. The holder stores how far into the pack it may start before its record
+    is stored again; a cancel landing on a record whose bound is at or below the entry
+    is sure the entry will not start (that write learns it first): it says
+    ``cancelled``, in the API and in ``qo cancel``. A task that may have started still
+    says ``running`` (asked to stop)."""
+    from click.testing import CliRunner
+
+    from qo.cli import cli
+
+    q = await qo.connect(storage_url, queue="pk")
+    tasks = await q.submit_many([("slow", i) for i in range(5)])
+    assert len({keys.pack_of(t.id)[0] for t in tasks}) == 1
+    worker = Worker(q, concurrency=1, aging=False, heartbeat_interval=0.1, **FAST)
+    started, release = asyncio.Event(), asyncio.Event()
+    ran: list[int] = []
+
+    @worker.handler("slow")
+    async def slow(x: int) -> str:
+        ran.append(x)
+        if x == 0:
+            started.set()
+            await asyncio.wait_for(release.wait(), 30)
+        return "done"
+
+    run = asyncio.create_task(worker.run(until_idle=True))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        said = await q.cancel(tasks[2].id)  # held, not started
+        assert (said.id, said.status) == (tasks[2].id, "cancelled")
+        out = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", tasks[4].id, "--url", storage_url,
+                                                                "--queue", "pk"])
+        assert out.exit_code == 0 and out.stdout.strip() == "cancelled", out.output
+        first = await q.cancel(tasks[0].id)  # running: asked to stop, its attempt may complete
+        assert first.status == "running" and first.cancel_requested
+    finally:
+        release.set()
+    await asyncio.wait_for(run, 30)
+    assert ran == [0, 1, 3]  # the cancelled ones never started
+    assert [(await q.get(t.id)).status for t in tasks] == ["completed", "completed", "cancelled", "completed",
+                                                           "cancelled"]
+    await q.close()
+
+
+async def test_cancels_racing_a_holder_in_another_process_say_cancelled_only_for_tasks_that_never_run(
+        storage_url, tmp_path):
+    """The same against a holder in another process, its record written every 0.1 s and
+    its start bound raised every few entries: many cancels race the raises, and none
+    that says ``cancelled`` names a task that started."""
+    import random
+
+    q = await qo.connect(storage_url, queue="pkcancel")
+    tasks = await q.submit_many([("count", i) for i in range(200)])
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    loop = asyncio.get_running_loop()
+    said: dict[str, str] = {}
+    with CTX.Pool(1) as pool:
+        result = pool.apply_async(procs.run_start_logging_worker, (storage_url, "pkcancel", str(log_dir), 2, 0.05, 0.1))
+        deadline = loop.time() + 120
+        while not any(f.stat().st_size for f in log_dir.iterdir()):
+            assert loop.time() < deadline and not result.ready()
+            await asyncio.sleep(0.01)
+        order = list(range(1, 200))
+        random.Random(26).shuffle(order)
+        for i in order[:100]:
+            try:
+                said[tasks[i].id] = (await q.cancel(tasks[i].id)).status
+            except qo.TaskStateError:  # ended already
+                pass
+        stats = await loop.run_in_executor(None, lambda: result.get(timeout=240))
+    ran = {line for f in log_dir.iterdir() for line in f.read_text().split()}
+    cancelled = {t for t, status in said.items() if status == "cancelled"}
+    assert cancelled and set(said.values()) <= {"cancelled", "running"}, said
+    print(f"said cancelled: {len(cancelled)}, running: {len(said) - len(cancelled)}, ran: {len(ran)}")
+    assert not cancelled & ran  # the bug would be a task said cancelled that ran anyway
+    final = {t.id: (await q.get(t.id)).status for t in tasks}
+    assert all(final[t] == "cancelled" for t in cancelled)
+    assert {t for t, s in final.items() if s == "completed"} == ran  # and every task not started: cancelled
+    assert {t for t, s in final.items() if s == "cancelled"} == set(final) - ran and stats.get("errors", 0) == 0
+    await q.close()
+
+
 # -- leases ---------------------------------------------------------------------------------
 
 
@@ -450,4 +534,52 @@ async def test_recovery_skips_a_bad_task_and_recovers_the_rest_of_its_pack(stora
     recovered = await recover_pack(q.store, q.clock, pack_id, worker.worker_id, "L")
     assert sorted(recovered) == sorted([tasks[0].id, tasks[2].id]) and q.store.bad.count == 1
     assert [(await q.get(t.id)).status for t in (tasks[0], tasks[2])] == ["pending", "pending"]
+    await q.close()
+
+
+async def test_a_pack_outside_the_format_s_bounds_is_corrupt_and_costs_only_itself(storage_url, caplog, monkeypatch):
+    """Issue 26 item 3: a hand-written pack of 4,096 entries (16x the limit) was claimed
+    and every task in it ran. A pack over any bound of the format (entries, the count
+    its id states, statuses, its size) is not run, is reported once, and the worker
+    goes on with other work."""
+    import json
+    import logging
+
+    from qo import packs
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(packs, "PACK_READ_BYTES", 200_000, raising=False)  # in place of 16 MiB: a bloated pack
+    q = await qo.connect(storage_url, queue="pk")
+    good = await q.submit_many([("t", f"good-{i}") for i in range(5)])
+    model = json.loads((await q.storage.get(keys.pack("pk", keys.pack_of(good[0].id)[0]))).data)
+
+    def variant(name: str, size: int, count: int, **change: Any) -> dict[str, Any]:
+        return {**model, "id": keys.new_pack_id(size), "rev": "",
+                "entries": [{"input": f"{name}-{i}", "rev": ""} for i in range(count)], **change}
+
+    bad = [variant("huge", 4096, 4096), variant("over", 300, 300), variant("miscount", 3, 5),
+           variant("pad", 3, 3, pad="x" * 300_000),
+           variant("tstatus", 3, 3, template={**model["template"], "status": 7})]
+    odd = variant("status", 3, 3)
+    odd["entries"][1]["status"] = ["pending"]  # not even hashable
+    bad.append(odd)
+    for d in bad:
+        await q.storage.put(keys.pack("pk", d["id"]), json.dumps(d).encode())
+        await q.storage.put(keys.ready("pk", d["priority"], d["available_at"], d["id"], d["task_type"]), b"")
+    worker = Worker(q, concurrency=4, aging=False, **FAST)
+    ran: list[str] = []
+
+    @worker.handler("t")
+    async def t(x: str) -> None:
+        ran.append(x)
+
+    await asyncio.wait_for(worker.run(until_idle=True), 60)
+    assert sorted(ran) == [f"good-{i}" for i in range(5)]  # none of a bad pack's tasks ran
+    assert [(await q.get(t.id)).status for t in good] == ["completed"] * 5
+    assert worker.stats["errors"] == 0 and worker.stats["bad_objects"] >= len(bad)
+    for d in bad:
+        key = keys.pack("pk", d["id"])
+        assert sum(1 for r in caplog.records if r.name == "qo.bad_objects" and key in r.getMessage()) == 1, key
+        with pytest.raises(qo.CorruptObject):
+            await q.get(keys.entry_id(d["id"], 0))
     await q.close()

@@ -242,3 +242,162 @@ def test_cli_submits_a_5_mb_input_and_status_shows_and_prints_payloads(storage_u
     assert as_json["output_ref"]["bytes"] == 300_002 and as_json["input_ref"]["key"].endswith("/input.json")
     full = json.loads(cli("status", task_id, "--json", "--payloads"))
     assert full["input"] == value and full["output"] == BIG_OUTPUT
+
+
+# -- tampered references (issue 26 item 13) -----------------------------------------------
+
+
+async def tamper(q: qo.Queue, task_id: str, **fields) -> None:
+    """Rewrite ``tasks/{id}.json`` by hand, as a hostile or careless operator would."""
+    key = keys.task(q.name, task_id)
+    d = json.loads((await q.storage.get(key)).data)
+    d.update(fields)
+    await q.storage.put(key, json.dumps(d).encode())
+
+
+def ref_of(key: str, data: bytes) -> dict:
+    import hashlib
+
+    return {"key": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+async def tampered_refs(q: qo.Queue, victim: qo.Task, which: str, targets: list[qo.Task]) -> dict[str, str]:
+    """Each of ``targets`` gets its ``{which}_ref`` (or the object it names) tampered one
+    way; returns task id -> the way. ``victim``'s payload holds the data no other task
+    may ever be handed."""
+    vref = getattr(victim, f"{which}_ref")
+    secret = (await q.storage.get(vref["key"])).data
+    task_object = (await q.storage.get(keys.task(q.name, victim.id))).data
+    ways: dict[str, str] = {}
+
+    async def way(name: str, target: qo.Task, **ref) -> None:
+        ways[target.id] = name
+        if ref:
+            await tamper(q, target.id, **{f"{which}_ref": ref})
+
+    own = [getattr(t, f"{which}_ref") for t in targets]
+    it = iter(zip(targets, own))
+    t, r = next(it)
+    await way("another task's payload", t, **vref)
+    t, r = next(it)
+    await way("a task object", t, **ref_of(keys.task(q.name, victim.id), task_object))
+    t, r = next(it)
+    elsewhere = f"elsewhere/payloads/{t.id}/{r['key'].rsplit('/', 1)[1]}"  # another queue's, same id
+    await q.storage.put(elsewhere, secret)
+    await way("another queue's payload", t, **ref_of(elsewhere, secret))
+    t, r = next(it)
+    await way("a path that climbs out", t, **{**vref, "key": f"{q.name}/payloads/{t.id}/../{victim.id}/"
+                                                          + vref["key"].rsplit("/", 1)[1]})
+    t, r = next(it)
+    await q.storage.delete(r["key"])
+    await way("missing", t)
+    t, r = next(it)
+    data = (await q.storage.get(r["key"])).data
+    await q.storage.put(r["key"], data + b"    ")  # still JSON, longer than its record says
+    await way("longer", t)
+    t, r = next(it)
+    await q.storage.put(r["key"], model.dumps("short"))  # shorter
+    await way("shorter", t)
+    t, r = next(it)
+    data = (await q.storage.get(r["key"])).data
+    await q.storage.put(r["key"], data.replace(b"x", b"y", 1))  # same length, another digest
+    await way("another digest", t)
+    t, r = next(it)
+    await way("a size past the cap", t, **{**r, "bytes": model.MAX_PAYLOAD_BYTES * 1000})
+    t, r = next(it)  # under this task's prefix, but the other kind: its input as output, or back
+    crossed = keys.payload_input(q.name, t.id) if which == "output" else keys.payload_output(q.name, t.id, 1, "zz")
+    await q.storage.put(crossed, secret)
+    await way("its other payload", t, **ref_of(crossed, secret))
+    assert next(it, None) is None
+    return ways
+
+
+N_WAYS = 10
+
+
+async def test_a_tampered_input_ref_fails_that_task_alone_and_never_hands_over_another_s_input(queue):
+    secret = {"blob": "s" * 200_000}
+    victim = await queue.submit("big", secret)
+    targets = [await queue.submit("big", {"blob": "x" * 200_000 + str(i)}, max_retries=3) for i in range(N_WAYS)]
+    ways = await tampered_refs(queue, victim, "input", targets)
+    seen: list = []
+    w = await drain(queue, big=lambda input: seen.append(input) or "ok")
+    assert seen == [secret]  # the victim ran, on its own input; no tampered task ran at all
+    assert (await queue.get(victim.id)).status == "completed"
+    assert w.stats["errors"] == 0  # no raw exception reached the worker loop
+    for task in targets:
+        failed = await queue.get(task.id)
+        assert (failed.status, failed.attempt) == ("failed", 1), ways[task.id]  # no retry: it will not heal
+        assert failed.last_error["type"] == "Fail", ways[task.id]
+        message = failed.last_error["message"]
+        assert "input" in message and task.id in message, (ways[task.id], message)
+        with pytest.raises(qo.CorruptObject) as err:
+            await queue.payload(failed, "input")
+        assert task.id in str(err.value) and "input" in str(err.value), ways[task.id]
+
+
+async def test_a_tampered_output_ref_raises_a_clear_error_naming_the_task_and_field(queue):
+    victim = await queue.submit("make", "s")
+    targets = [await queue.submit("make", "x") for _ in range(N_WAYS)]
+    await drain(queue, make=lambda c: c * 300_000)
+    victim, targets = await queue.get(victim.id), [await queue.get(t.id) for t in targets]
+    ways = await tampered_refs(queue, victim, "output", targets)
+    assert await queue.payload(await queue.get(victim.id)) == "s" * 300_000
+    for task in targets:
+        got = await queue.get(task.id)
+        with pytest.raises(qo.CorruptObject) as err:
+            await queue.payload(got, "output")
+        assert task.id in str(err.value) and "output" in str(err.value), ways[task.id]
+
+
+async def test_a_tampered_ref_in_a_pack_entry_or_a_parent_costs_only_its_own_task(queue):
+    """The same through the other readers: a task of a pack whose entry names another
+    task's payload fails alone (its siblings run); a child reading a parent's tampered
+    output with ``ctx.dependency_output`` gets a ``CorruptObject`` naming the parent."""
+    secret = {"blob": "s" * 200_000}
+    victim = await queue.submit("big", secret)
+    packed = await queue.submit_many([("small", i, {"max_retries": 3}) for i in range(3)])
+    pack_key = keys.pack(queue.name, keys.pack_of(packed[0].id)[0])
+    d = json.loads((await queue.storage.get(pack_key)).data)
+    d["entries"][1].update(input=None, input_ref=victim.input_ref)
+    await queue.storage.put(pack_key, json.dumps(d).encode())
+    seen: list = []
+    w = await drain(queue, big=lambda input: "ok", small=lambda input: seen.append(input))
+    assert sorted(seen) == [0, 2] and w.stats["errors"] == 0
+    failed = await queue.get(packed[1].id)
+    assert (failed.status, failed.attempt, failed.last_error["type"]) == ("failed", 1, "Fail")
+    assert packed[1].id in failed.last_error["message"]
+
+    parent = await queue.submit("make", 300_000)
+    other = await queue.submit("make", 300_001)
+    await drain(queue, make=lambda n: "p" * n)
+    await tamper(queue, parent.id, output_ref=(await queue.get(other.id)).output_ref)
+    child = await queue.submit("child", None, depends_on=[parent.id])
+    errors: list = []
+
+    async def read_parent(input, ctx):
+        try:
+            return len(await ctx.dependency_output(parent.id))
+        except qo.CorruptObject as exc:
+            errors.append(str(exc))
+            raise
+
+    w = await drain(queue, child=read_parent)
+    assert w.stats["errors"] == 0 and errors and all(parent.id in e and "output" in e for e in errors)
+    done = await queue.get(child.id)
+    assert done.status == "failed" and done.last_error["type"] == "CorruptObject"
+
+
+def test_cli_status_of_a_tampered_payload_is_one_line(storage_url):
+    async def setup() -> str:
+        async with await qo.connect(storage_url, queue="q") as q:
+            a, b = await q.submit("big", BIG_INPUT), await q.submit("big", {"blob": "b" * 200_000})
+            await tamper(q, b.id, input_ref=a.input_ref)
+            return b.id
+
+    task_id = asyncio.run(setup())
+    result = CliRunner().invoke(build_cli(), ["status", task_id, "--payloads", "--url", storage_url, "--queue", "q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and task_id in lines[0] and "input_ref" in lines[0], result.stderr
+    assert "i" * 1000 not in result.output  # the other task's input is never printed
