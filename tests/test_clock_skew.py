@@ -264,3 +264,121 @@ def test_a_response_during_which_the_local_clock_was_set_says_nothing_of_the_off
     assert sc.offset == pytest.approx(0.4, abs=0.6)
     sc.observe(formatdate(real + 3, usegmt=True), real + 2.9 - HOUR, real + 3.1 - HOUR)  # after: followed
     assert sc.offset == pytest.approx(HOUR + 0.4, abs=0.6)
+
+
+# -- the engine on clocks that disagree or jump (every backend, fake clocks) --------------
+
+
+class JumpClock(FakeClock):
+    """A fake clock that can also be set back (a machine's clock, not a store's)."""
+
+    def jump(self, seconds: float) -> None:
+        self._now += seconds
+        self._wake()
+
+
+class Skewed:
+    """``base`` seen from a machine ``skew`` seconds off."""
+
+    def __init__(self, base: FakeClock, skew: float):
+        self.base, self.skew = base, skew
+
+    def now(self) -> float:
+        return self.base.now() + self.skew
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+
+async def limited_grants(limiters, task, clock, seconds: float, step: float = 0.05) -> int:
+    """Grants the limiters give, taking turns asking, over ``seconds`` of ``clock``."""
+    granted = 0
+    for _ in range(int(seconds / step)):
+        for limiter in limiters:
+            granted += (await limiter.acquire(task)).granted
+        clock.advance(step)
+    return granted
+
+
+async def test_a_rate_limit_holds_across_workers_whose_clocks_are_minutes_apart(storage_url):
+    """Where clocks disagree (a directory store shared by machines off by 2 minutes each
+    way): the bucket's time only moves forward, so the one behind adds no tokens for time
+    the one ahead already counted: grants stay at rate x time + burst."""
+    base = FakeClock()
+    queues = [await qo.connect(storage_url, queue="rl", clock=Skewed(base, skew)) for skew in (AHEAD, BEHIND)]
+    await queues[0].limits.set("task_type:limited", rate=2, per=1.0, burst=1)
+    limiters = [qo.Worker(q).limiter for q in queues]
+    for limiter in limiters:
+        await limiter.refresh(force=True)
+    granted = await limited_grants(limiters, queues[0].build_task("limited", None), base, 10.0)
+    assert 2 * 10 - 1 <= granted <= 2 * 10 + 1
+    for q in queues:
+        await q.close()
+
+
+async def test_a_rate_limit_grants_on_after_the_clock_is_set_back_an_hour(storage_url):
+    """A clock set back an hour found the bucket's time an hour ahead and granted nothing
+    until it was back (rate-limited work stood still for an hour). Now the bucket goes on
+    from the clock's time, with the tokens it had; set forward, it grants one burst."""
+    clock = JumpClock()
+    q = await qo.connect(storage_url, queue="rl", clock=clock)
+    await q.limits.set("task_type:limited", rate=2, per=1.0, burst=1)
+    limiter = qo.Worker(q).limiter
+    await limiter.refresh(force=True)
+    task = q.build_task("limited", None)
+    assert 2 * 5 - 1 <= await limited_grants([limiter], task, clock, 5.0) <= 2 * 5 + 1
+    clock.jump(-HOUR)
+    assert 2 * 5 - 1 <= await limited_grants([limiter], task, clock, 5.0) <= 2 * 5 + 1
+    clock.jump(HOUR)
+    assert 2 * 5 - 1 <= await limited_grants([limiter], task, clock, 5.0) <= 2 * 5 + 1 + 1  # + the burst
+    await q.close()
+
+
+async def fire_passes(scheduler, clock, seconds: float, step: float = 5.0) -> list:
+    fired = []
+    for _ in range(int(seconds / step)):
+        fired += await scheduler.run_once()
+        clock.advance(step)
+    return fired
+
+
+async def test_a_schedule_after_the_clock_is_set_forward_fires_once_not_a_burst(storage_url):
+    """An hour forward: the scheduler's catch-up policy ("latest", the default) fires the
+    most recent missed time once and the times within the grace, not the 60 missed
+    minutes; then once a minute again."""
+    from qo.scheduler import Scheduler
+
+    clock = JumpClock(1_800_000_000.0 - 1_800_000_000.0 % 60 + 1)
+    q = await qo.connect(storage_url, queue="sched", clock=clock)
+    await q.schedules.add("minutely", cron="* * * * *", task_type="tick")
+    scheduler = Scheduler(q)
+    assert len(await fire_passes(scheduler, clock, 185)) == 3
+    clock.jump(HOUR)
+    burst = await scheduler.run_once()
+    assert 1 <= len(burst) <= 2  # the latest missed minute (and the one due now)
+    clock.advance(5)
+    assert len(await fire_passes(scheduler, clock, 185)) == 3
+    fire_times = [f.fire_at for f in burst]
+    assert len(set(fire_times)) == len(fire_times)
+    await q.close()
+
+
+async def test_a_schedule_after_the_clock_is_set_back_fires_no_time_twice(storage_url):
+    """Set back, on a store whose clock it is (a directory store: the machine's
+    clock): the times of the hour come round again, but each was fired already. The
+    schedule fires none of them twice and resumes at its first time not fired. (On S3 and
+    Azure a worker's clock set back is not the store's: the schedule goes on firing, as
+    test_workers_minutes_apart_and_a_clock_jump_agree_on_the_stores_clock shows.)"""
+    from qo.scheduler import Scheduler
+
+    clock = JumpClock(1_800_000_000.0 - 1_800_000_000.0 % 60 + 1)
+    q = await qo.connect(storage_url, queue="sched", clock=clock)
+    await q.schedules.add("minutely", cron="* * * * *", task_type="tick")
+    scheduler = Scheduler(q)
+    before = await fire_passes(scheduler, clock, 185)
+    clock.jump(-120)  # two minutes here; an hour is the same, an hour long
+    again = await fire_passes(scheduler, clock, 190)
+    assert {f.fire_at for f in before} & {f.fire_at for f in again} == set()
+    assert len(again) == 1  # once the clock passed the last time fired: the next one
+    assert len([t async for t in q.list(task_type="tick")]) == len(before) + len(again) == 4
+    await q.close()
