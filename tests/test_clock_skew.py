@@ -382,3 +382,68 @@ async def test_a_schedule_after_the_clock_is_set_back_fires_no_time_twice(storag
     assert len(again) == 1  # once the clock passed the last time fired: the next one
     assert len([t async for t in q.list(task_type="tick")]) == len(before) + len(again) == 4
     await q.close()
+
+
+async def run_two_workers_apart(storage_url: str, skew: float) -> list[tuple[str, int]]:
+    """Two workers whose clocks are ``2 x skew`` apart (a directory store shared by two
+    machines, or any store when the clock is given) run 4 tasks of 45 s each on 30 s
+    leases, on a clock ticking 20x real time; returns (task id, attempt) per run."""
+    base = FakeClock()
+    queues = [await qo.connect(storage_url, queue="apart", clock=Skewed(base, s)) for s in (skew, -skew)]
+    for i in range(4):
+        await queues[0].submit("hold", i)
+    runs: list[tuple[str, int]] = []
+
+    async def hold(input, ctx):
+        runs.append((ctx.task.id, ctx.task.attempt))
+        await base.sleep(45.0)
+
+    workers = []
+    for q in queues:
+        w = qo.Worker(q, concurrency=2, lease_ttl=30.0, sweep_interval=1.0, poll_min=0.5, poll_max=2.0)
+        w.handler("hold")(hold)
+        workers.append(w)
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            base.advance(0.2)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.run(until_idle=True) for w in workers)), 120)
+    finally:
+        ticker.cancel()
+        for q in queues:
+            await q.close()
+    return runs
+
+
+async def test_workers_seconds_apart_keep_their_leases_where_clocks_are_their_own(storage_url):
+    """What a store without a clock of its own (a directory store shared by machines)
+    tolerates: clocks apart by less than lease_ttl minus the heartbeat interval (30 - 10 s
+    here; 8 s apart): no lease is taken from its live holder."""
+    runs = await run_two_workers_apart(storage_url, 4.0)
+    assert sorted(a for _, a in runs) == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("backend", ["local"])
+async def test_workers_a_lease_apart_lose_leases_where_clocks_are_their_own(storage_url):
+    """And the limit is real: 40 s apart on 30 s leases, the one ahead finds the other's
+    heartbeats stale and takes its tasks over (each still ends once: the holder's late
+    outcome is refused). Why a directory store must not be shared by machines whose
+    clocks are not synchronised (docs/architecture.md §7)."""
+    runs = await run_two_workers_apart(storage_url, 20.0)
+    assert len(runs) > 4 and max(a for _, a in runs) > 1
+
+
+async def test_on_a_directory_store_qo_follows_the_local_clock(tmp_path, monkeypatch):
+    """A local directory store has no clock to follow: qo's clock is the process's own
+    (one machine has one clock; machines sharing the directory must keep theirs in step)."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + AHEAD)
+    q = await qo.connect(str(tmp_path / "store"), queue="q")
+    await q.submit("t", None)
+    assert not getattr(q.storage, "clock_offset", 0.0)
+    assert abs(q.clock.now() - (real() + AHEAD)) < 1.0
+    await q.close()
