@@ -65,11 +65,12 @@ class SystemClock:
       holds the clock still until real time catches up: FIFO order and leases stay
       monotonic;
     - when the local clock is set (it moves by more than ``JUMP_SECONDS`` against an
-      elapsed-time clock no one sets), the clock goes on by elapsed time from where it
-      was: on S3 or Azure the next response's Date header moves the offset by the opposite
-      step and the clock never jumps. A step the offset has not made up for within
-      ``COAST_SECONDS`` is the store's clock too (a local directory store has no other):
-      the clock follows it, forward or back, with a warning;
+      elapsed-time clock no one sets) and the store keeps a clock (an offset), the clock
+      goes on by elapsed time from where it was: on S3 or Azure the next response's Date
+      header moves the offset by the opposite step and the clock never jumps (a step not
+      made up for within ``COAST_SECONDS`` is followed, with a warning). With no offset
+      (a local directory store) the machine's clock is the store's: the step is
+      followed at once, forward or back, with a warning;
     - a jump of the offset itself (the first estimate, a server whose clock was set) is
       followed at once: the store's clock is the authority.
 
@@ -98,7 +99,11 @@ class SystemClock:
         if self._seen is not None:
             seen_wall, seen_elapsed, seen_offset = self._seen
             step = wall - (seen_wall + (elapsed - seen_elapsed))
-            if abs(step) > JUMP_SECONDS:  # the local clock was set
+            if abs(step) > JUMP_SECONDS and not seen_offset and not self._pending:
+                # no store clock to make up for it (a directory store): the machine's clock
+                # is the store's, and every process on the machine follows it at once
+                log.warning("the local clock moved by %+.0f s: following it", step)
+            elif abs(step) > JUMP_SECONDS:  # the local clock was set: bridged until the offset makes up
                 if not self._pending:
                     self._pending_since, self._offset_before = elapsed, seen_offset
                 self._pending += step
@@ -107,8 +112,8 @@ class SystemClock:
             if abs(offset - self._offset_before + self._pending) <= JUMP_SECONDS:
                 self._pending = 0.0  # the store's clock made up for it: no jump
             elif elapsed - self._pending_since >= COAST_SECONDS:
-                log.warning("the clock moved by %+.0f s (the local clock was set and the store's clock "
-                            "moved with it): following it", self._pending)
+                log.warning("the local clock moved by %+.0f s and the store's clock did not make up for it "
+                            "in %.0f s: following it", self._pending, COAST_SECONDS)
                 self._pending = 0.0
         t = wall - self._pending + offset
         if self._last - JUMP_SECONDS <= t < self._last:
