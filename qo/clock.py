@@ -36,7 +36,7 @@ def utc(ts: float) -> datetime:
 #: a step of the local clock or of the offset larger than this is a jump, not a refinement
 JUMP_SECONDS = 2.0
 #: how long a local clock's jump is bridged on elapsed time while the store's clock
-#: (the offset) can make up for it; past this the jump is the store's clock too: followed
+#: (the offset) can make up for it at its next response; past this (an outage) it is followed
 COAST_SECONDS = 60.0
 
 

@@ -461,3 +461,32 @@ async def test_on_a_directory_store_qo_follows_the_local_clock(tmp_path, monkeyp
     assert not getattr(q.storage, "clock_offset", 0.0)
     assert abs(q.clock.now() - (real() + AHEAD)) < 1.0
     await q.close()
+
+
+async def marker_levels(q) -> list[int]:
+    return sorted(m.priority for e in await q.storage.list(keys.ready_prefix(q.name))
+                  if (m := keys.parse_marker(e.key)) is not None)
+
+
+async def test_aging_by_a_clock_set_back_moves_nothing_and_then_ages_by_the_clock(storage_url):
+    """A waiting task's age is the clock's time since it came due: a clock set back an
+    hour sees negative waits, which age nothing (and lower nothing); set forward, it ages
+    by the store's time, the jump included (a directory store's clock moved: the tasks did
+    wait that long by it)."""
+    from qo.aging import AgingSettings, age_ready
+
+    clock = JumpClock()
+    q = await qo.connect(storage_url, queue="aging", clock=clock)
+    for p in (0, 64):
+        await q.submit("t", None, priority=p)
+    aging = AgingSettings(step_seconds=60.0, step_levels=32, cap=255)
+    clock.jump(-HOUR)
+    await age_ready(q.store, q.plugins, aging, clock.now())
+    assert await marker_levels(q) == [0, 64]
+    clock.jump(HOUR + 60)  # back, and a minute on: one step, less than a marker moves by
+    await age_ready(q.store, q.plugins, aging, clock.now())
+    assert await marker_levels(q) == [0, 64]
+    clock.jump(HOUR)  # forward an hour: waited that long by the clock, so at the cap
+    await age_ready(q.store, q.plugins, aging, clock.now())
+    assert await marker_levels(q) == [255, 255]
+    await q.close()
