@@ -19,9 +19,9 @@ class InvalidInput(QoError, ValueError):
 class TaskNotFound(QoError, LookupError):
     """No task with this id in this queue."""
 
-    def __init__(self, task_id: str):
+    def __init__(self, task_id: str, why: str = ""):
         self.task_id = task_id
-        super().__init__(f"task {task_id!r} not found")
+        super().__init__(f"task {task_id!r} not found" + (f": {why}" if why else ""))
 
 
 class ScheduleNotFound(QoError, LookupError):
@@ -99,6 +99,14 @@ class Throttled(StorageUnavailable):
     """The store asked us to slow down (S3 ``503 SlowDown``, Azure ``ServerBusy``, any
     429): transient, like every ``StorageUnavailable``, but retried from a longer wait
     (``qo.store.Backoff``), so many clients spread out instead of hammering a prefix."""
+
+
+class StorageBusy(StorageUnavailable):
+    """Another client holds the store (SQLite's write lock held by another connection)
+    and the backend waited for it as long as it was told to (``busy_timeout``): that wait
+    was the retry, so the engine does not retry it again within the operation (a lock
+    never released would cost the timeout once per try). Transient: the next operation
+    tries again."""
 
 
 class Retry(Exception):

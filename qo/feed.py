@@ -123,7 +123,9 @@ class Feed:
                 outage = w.outages["listing ready tasks"]
                 try:
                     found = await self.refill(now)
-                except QoError as exc:
+                except Exception as exc:  # not a QoError: a bug, a backend's; said once, backed off alike
+                    if not isinstance(exc, QoError) and not outage.failing:
+                        log.exception("worker %s: listing ready tasks failed", w.worker_id)
                     self.next_poll_at = now + max(self.poll, outage.failed(exc))
                     continue
                 outage.ok()

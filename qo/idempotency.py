@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from . import keys
+from . import keys, tombstones
 from .errors import (
     CorruptObject,
     IdempotencyConflict,
@@ -189,8 +189,16 @@ class Idempotency:
                 blob = await store.backoff.call(lambda: store.storage.get(key))
             except NotFound:
                 continue  # expired and cleaned up in between: try to create again
+            if tombstones.is_tombstone(blob.data):  # an expired record being deleted
+                blob = await self._after_tombstone(key, blob)
+                if blob is None:
+                    continue  # deleted: create again
+                existing = {"expires_at": float("-inf")}  # its sweeper died: taken over by CAS below
+            else:
+                existing = None
             try:
-                existing = decode_record(blob.data, key, backend=store.storage.name)
+                if existing is None:
+                    existing = decode_record(blob.data, key, backend=store.storage.name)
             except CorruptObject as exc:
                 store.bad.report(exc, "replaced by this submit's record")
                 try:
@@ -213,6 +221,24 @@ class Idempotency:
                 task.id = existing["task_id"]
                 return await self._write_task(task)
         raise PreconditionFailed("idempotency record keeps changing", backend=store.storage.name, key=key)
+
+    async def _after_tombstone(self, key: str, blob: Any) -> Any:
+        """Wait for the young tombstone ``blob`` at ``key`` to go (its sweeper deletes it
+        in its next request; a record written over it now could be deleted with it):
+        None once it is gone or replaced, or the tombstone once it is old (its sweeper
+        died: ours to take over by CAS). Waits at most ``tombstones.GRACE`` in all."""
+        store = self.queue.store
+        waited, pause = 0.0, 0.02
+        while tombstones.is_young(blob.data, self.queue.clock.now()) and waited < tombstones.GRACE:
+            await asyncio.sleep(pause)
+            waited, pause = waited + pause, min(1.0, pause * 2)
+            try:
+                fresh = await store.backoff.call(lambda: store.storage.get(key))
+            except NotFound:
+                return None
+            if fresh.etag != blob.etag:
+                return None  # replaced by another producer: read it afresh
+        return blob
 
     async def _repair(self, key: str, garbage: bytes, etag: str, task: Task, request: IdempotencyRequest,
                       namespace: str) -> Task:
@@ -308,16 +334,16 @@ async def sweep_expired(queue: Any, cursor: str | None, *, limit: int = 100) -> 
             blob = await store.backoff.call(lambda: store.storage.get(entry.key))
         except NotFound:
             continue
+        if tombstones.is_tombstone(blob.data):  # another sweep's: cleared only if its sweeper died
+            await tombstones.clear_old(store, entry.key, blob.data, blob.etag, now)
+            continue
         try:
             expires_at = decode_record(blob.data, entry.key, backend=store.storage.name)["expires_at"]
         except CorruptObject as exc:
             store.bad.report(exc)
             continue
-        if expires_at <= now:
-            try:  # only the version judged expired: a fresh replacement stays
-                await store.backoff.call(lambda: store.storage.delete(entry.key, if_match=blob.etag))
-            except (PreconditionFailed, NotFound):
-                pass
+        if expires_at <= now:  # only the version judged expired: a fresh replacement stays
+            await tombstones.delete_unchanged(store, entry.key, blob.etag, now, "expired")
     return entries[-1].key if len(entries) >= limit else None
 
 
@@ -349,17 +375,20 @@ async def sweep_expiry_index(queue: Any, *, limit: int = 1000) -> int:
             except NotFound:
                 done.append(entry.key)
                 return True
+            if tombstones.is_tombstone(blob.data):  # another sweep's: cleared only if its sweeper died
+                if tombstones.is_young(blob.data, now):
+                    return False  # not done: looked at again by the next sweep
+                await tombstones.clear_old(store, record, blob.data, blob.etag, now)
+                done.append(entry.key)
+                return True
             try:
                 stored_expiry = decode_record(blob.data, record, backend=store.storage.name)["expires_at"]
             except CorruptObject as exc:
                 store.bad.report(exc)
                 done.append(entry.key)  # a submit of its key repairs it (and marks it again)
                 return True
-            if stored_expiry <= now:
-                try:  # only the version judged expired: a fresh replacement stays
-                    await store.backoff.call(lambda: store.storage.delete(record, if_match=blob.etag))
-                except (PreconditionFailed, NotFound):
-                    pass
+            if stored_expiry <= now:  # only the version judged expired: a fresh replacement stays
+                await tombstones.delete_unchanged(store, record, blob.etag, now, "expired")
             done.append(entry.key)
             return True
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from . import keys, stored
+from . import keys, stored, tombstones
 from .errors import CorruptObject, NotFound, PreconditionFailed, QoError, StorageUnavailable, TaskNotFound
 from .model import PENDING, RUNNING, _short, dumps
 from .packs import clone
@@ -133,6 +133,13 @@ class LeaseBook:
             self.etag = await self._put(data, rev, if_none_match=True)
         except PreconditionFailed:  # a stale copy of ours is there: take it over by CAS
             blob = await self.store.backoff.call(lambda: self.store.storage.get(self.key))
+            if tombstones.is_young(blob.data, now):
+                # a sweep presumed us dead and is deleting our record: a record written
+                # over its tombstone now could be deleted with it (qo/tombstones.py).
+                # Nothing is claimed without a stored record: the next write tries again
+                self.dirty = True
+                raise StorageUnavailable("worker record is being deleted by a sweep; written again shortly",
+                                         backend=self.store.storage.name, key=self.key)
             self.etag = await self._put(data, rev, if_match=blob.etag)
         self.written_at, self._held, self._rev = now, holding, rev
 
@@ -243,6 +250,9 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
     for entry in others:
         try:
             blob = await store.backoff.call(lambda: store.storage.get(entry.key))
+            if tombstones.is_tombstone(blob.data):  # another sweep's: cleared only if its sweeper died
+                await tombstones.clear_old(store, entry.key, blob.data, blob.etag, now)
+                continue
             record = parse_record(blob.data, entry.key, backend=store.storage.name)
         except NotFound:
             continue
@@ -253,10 +263,8 @@ async def sweep(store: TaskStore, clock: Any, *, self_id: str, max_records: int 
             alive[record["worker_id"]] = record
             continue
         recovered += await recover_record(store, clock, record, emit=emit, on_end=on_end)
-        try:  # only the version we judged: a worker that came back keeps its record
-            await store.backoff.call(lambda: store.storage.delete(entry.key, if_match=blob.etag))
-        except (PreconditionFailed, NotFound):
-            pass
+        # only the version we judged: a worker that came back keeps its record
+        await tombstones.delete_unchanged(store, entry.key, blob.etag, now, "worker presumed dead")
     return SweepReport(len(entries), alive, recovered)
 
 

@@ -25,6 +25,7 @@ from . import keys
 from .errors import CorruptObject, TaskNotFound
 from .leases import parse_record
 from .model import BLOCKED, ENDED_INDEXED, PENDING, RUNNING, Task
+from .tombstones import is_tombstone
 
 #: tasks read at once while listing
 READ_AHEAD = 32
@@ -217,6 +218,8 @@ async def live_records(queue: Any, *, alive_only: bool = True, limit: int = 1000
     async def one(entry: Any) -> dict[str, Any] | None:
         try:
             blob = await queue.store.backoff.call(lambda: queue.storage.get(entry.key))
+            if is_tombstone(blob.data):  # a record being deleted (qo/tombstones.py)
+                return None
             return parse_record(blob.data, entry.key, backend=queue.storage.name)
         except CorruptObject as exc:
             queue.store.bad.report(exc, etag=entry.etag)

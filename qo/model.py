@@ -157,6 +157,9 @@ class Task(StoredRecord):
     has_dependents: bool = False
     #: when its idempotency key's record expires: retention keeps the task until then
     idempotency_expires_at: float | None = None
+    #: set when a purge has judged this version deletable (qo/tombstones.py): the task is
+    #: gone for every reader, and no writer may change it any more
+    purging_at: float | None = None
     rev: str = ""
     schema: int = SCHEMA_VERSION
     #: fields written by a newer release: kept and written back unchanged
@@ -190,6 +193,7 @@ class Task(StoredRecord):
         "expires_at": stored.optional(stored.is_number),
         "has_dependents": stored.is_bool,
         "idempotency_expires_at": stored.optional(stored.is_number),
+        "purging_at": stored.optional(stored.is_number),
         "rev": stored.is_str,
         "schema": stored.is_int,
     }

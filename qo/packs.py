@@ -87,6 +87,8 @@ class Pack(StoredRecord):
     template: dict[str, Any] = attrs.field(factory=dict)
     entries: list[dict[str, Any]] = attrs.field(factory=list)
     kind: str = "pack"
+    #: set when a purge has judged this version deletable (qo/tombstones.py)
+    purging_at: float | None = None
     rev: str = ""
     schema: int = SCHEMA_VERSION
     extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
@@ -105,6 +107,7 @@ class Pack(StoredRecord):
         "template": stored.is_dict,
         "entries": lambda v: isinstance(v, list) and 0 < len(v) <= 4096 and all(isinstance(e, dict) for e in v),
         "kind": stored.one_of("pack"),
+        "purging_at": stored.optional(stored.is_number),
         "rev": stored.is_str,
         "schema": stored.is_int,
     }
@@ -298,9 +301,9 @@ class PackStore:
     def key(self, pack_id: str) -> str:
         return keys.pack(self.store.queue, pack_id)
 
-    async def load(self, pack_id: str) -> tuple[Pack, str]:
-        """The pack and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
-        (reported once) if it is unusable."""
+    async def load(self, pack_id: str, *, purging: bool = False) -> tuple[Pack, str]:
+        """The pack and its etag; ``TaskNotFound`` if there is none (or a purge is
+        deleting it, unless ``purging``), ``CorruptObject`` (reported once) if it is unusable."""
         key = self.key(pack_id)
         try:
             blob = await self.store.backoff.call(lambda: self.storage.get(key))
@@ -311,8 +314,20 @@ class PackStore:
         except CorruptObject as exc:
             self.store.bad.report(exc)
             raise
+        if pack.purging_at is not None and not purging:
+            raise TaskNotFound(pack_id, "a purge is deleting it")
         self._remember(pack.id, blob.etag, blob.data)
         return pack, blob.etag
+
+    async def tombstone(self, pack: Pack, etag: str, now: float) -> bool:
+        """Mark the version ``etag`` of ``pack`` as being deleted (qo/tombstones.py): no
+        writer can change it or its tasks any more. False if it changed since."""
+        pack.purging_at = now
+        try:
+            await self.replace(pack, etag)
+        except (PreconditionFailed, TaskNotFound):
+            return False
+        return True
 
     async def create(self, pack: Pack) -> str:
         """Create-only write of a new pack (a lost response that landed is recognised)."""
@@ -440,6 +455,8 @@ class PackStore:
         for _ in range(50):
             if pack is None:
                 pack, pack_etag = await self.load(pack_id)
+            if pack.purging_at is not None:  # a version this process tombstoned itself
+                raise TaskNotFound(task.id, "a purge is deleting it")
             if index >= len(pack.entries) or entry_fingerprint(pack.entries[index]) != fingerprint:
                 raise PreconditionFailed("changed by another writer", backend=self.storage.name,
                                          key=self.key(pack_id))

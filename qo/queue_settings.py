@@ -28,7 +28,7 @@ import attrs
 from .keys import settings_key
 from .layout import Layout
 from .durations import format_duration, parse_duration
-from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageError
+from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageBusy, StorageError
 from .model import _finite_number, _short, check_non_negative_int, check_priority, check_seconds, dumps
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,12 @@ class QueueSettings:
     async def task_defaults(self) -> dict[str, Any]:
         """priority, max_retries and timeout_seconds for a task that does not give them.
         A storage failure here falls back to the last values read (or the built-ins):
-        a submit does not fail because the settings could not be re-read."""
+        a submit does not fail because the settings could not be re-read, unless the store
+        is locked (``StorageBusy``: the write would wait the lock out again)."""
         try:
             values = await self.get()
+        except StorageBusy:
+            raise
         except StorageError as exc:
             log.warning("queue settings could not be read (%s); using the last known", exc)
             values = self.cached

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import attrs
 
 from . import keys
-from .errors import CorruptObject, InvalidInput, NotFound, TaskNotFound
+from .errors import CorruptObject, InvalidInput, TaskNotFound
 from .listing import pages
 from .payloads import delete_for as delete_payloads
 from .model import ENDED_INDEXED, TERMINAL, Task, _short, check_task_type
@@ -99,13 +99,20 @@ async def purge(queue: Any, status: str, older_than: float, task_type: str | Non
             if keys.pack_of(task_id) is not None and await _in_a_pack(queue, task_id):
                 return None  # a task of a pack goes with its pack (below)
             try:
-                task, _ = await queue.store.load(task_id)
+                task, etag = await queue.store.load_object(task_id, purging=True)
             except (TaskNotFound, CorruptObject):
                 return None
-        why = await _kept_because(queue, task, status, cutoff, task_type, now)
-        if why is not None:
-            report.kept[why] = report.kept.get(why, 0) + 1
-            return None
+            if task.purging_at is None:  # judged now; one a purge judged before goes at once
+                why = await _kept_because(queue, task, status, cutoff, task_type, now)
+                if why is not None:
+                    report.kept[why] = report.kept.get(why, 0) + 1
+                    return None
+                # the delete must lose to any change after our read (a retry, a cancel):
+                # the tombstone's CAS is where they meet; a conditional DELETE is not
+                # honoured by every store (qo/tombstones.py)
+                if not dry_run and await queue.store.tombstone(task, etag, queue.clock.now()) is None:
+                    report.kept["changed since it was read"] = report.kept.get("changed since it was read", 0) + 1
+                    return None
         return task.id, task.ended_key(queue.name), task.input_ref is not None or task.output_ref is not None
 
     async def delete(items: list[tuple[str, str | None, bool]]) -> None:
@@ -152,34 +159,47 @@ async def purge_packs(queue: Any, rule: Callable[[Task], Any], before: float, re
     async def judge(pack_id: str) -> list[Task] | None:
         async with sem:
             try:
-                pack, _ = await queue.store.packs.load(pack_id)
+                pack, pack_etag = await queue.store.packs.load(pack_id, purging=True)
             except (TaskNotFound, CorruptObject):
                 return None
             if pack.status != "done":
                 report.kept["pack in use"] = report.kept.get("pack in use", 0) + 1
                 return None
             tasks: list[Task] = []
+            own: list[tuple[Task, str]] = []  # tasks that moved out, as read, with their etags
             for i in range(len(pack.entries)):
                 if pack.status_of(i) == "moved":  # its own object: read it, never re-made
                     moved.add(pack.task_id(i))
                     try:
-                        blob = await queue.store.backoff.call(
-                            lambda: queue.storage.get(keys.task(queue.name, pack.task_id(i))))
-                        task = queue.store.decode(blob.data, keys.task(queue.name, pack.task_id(i)))
-                    except NotFound:
+                        task, etag = await queue.store.load_object(pack.task_id(i), purging=True)
+                    except TaskNotFound:
                         continue
                     except CorruptObject:
                         return None
+                    own.append((task, etag))
                 else:
                     try:
                         task = pack.task(i)
                     except CorruptObject:
                         return None
-                why = await rule(task)
+                why = None if pack.purging_at is not None or task.purging_at is not None else await rule(task)
                 if why is not None:
                     report.kept[why] = report.kept.get(why, 0) + 1
                     return None
                 tasks.append(task)
+            if dry_run:
+                return tasks
+            # the pack first (a retry of a task in it CASes the pack), then the tasks that
+            # moved out (a retry of one CASes its own object): each delete loses to any
+            # change made after our read. A moved task changed since stays: it lives
+            # without its pack
+            if pack.purging_at is None and not await queue.store.packs.tombstone(pack, pack_etag, queue.clock.now()):
+                report.kept["changed since it was read"] = report.kept.get("changed since it was read", 0) + 1
+                return None
+            for task, etag in own:
+                if task.purging_at is None and await queue.store.tombstone(task, etag, queue.clock.now()) is None:
+                    moved.discard(task.id)
+                    tasks.remove(task)
         return tasks
 
     async def delete(pack_id: str, tasks: list[Task]) -> None:

@@ -26,6 +26,7 @@ from .model import Task
 from .packs import Pack
 from .limit_model import parse_state
 from .schedule_model import Schedule, schedules_prefix
+from .tombstones import is_tombstone
 
 
 @attrs.frozen
@@ -74,7 +75,7 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
         return (_schedule, None) if ok else (None, "not a schedule key (schedules/<name>.json)")
     if folder == "workers":
         ok = keys.is_direct_child(key, keys.workers_prefix(queue)) and key.endswith(".json")
-        return (lambda d, k: parse_record(d, k), None) if ok else (None, "not a worker record key")
+        return (lambda d, k: is_tombstone(d) or parse_record(d, k), None) if ok else (None, "not a worker record key")
     if key.startswith(defs_prefix(queue)):
         return lambda d, k: parse_limit(d, k), None
     if key.startswith(state_prefix(queue)):
@@ -82,7 +83,7 @@ def _parser(queue: str, key: str) -> tuple[Callable[[bytes, str], Any] | None, s
     if folder == "idem-exp":
         return None, None if keys.parse_idem_expiry(queue, key) is not None else "not an idempotency expiry key"
     if folder == "idem":
-        return lambda d, k: decode_record(d, k), None
+        return lambda d, k: is_tombstone(d) or decode_record(d, k), None
     if folder == "payloads":  # an input or output stored apart: checked by its reader (sha256), not read here
         return None, None if keys.is_payload_key(key) else "not a payload key qo writes"
     if rest == "settings.json":

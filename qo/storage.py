@@ -12,7 +12,15 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import attrs
 
-from .errors import InvalidInput, NotFound, PreconditionFailed, StorageError, StorageUnavailable, Throttled
+from .errors import (
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    StorageBusy,
+    StorageError,
+    StorageUnavailable,
+    Throttled,
+)
 
 __all__ = [
     "Blob",
@@ -21,15 +29,20 @@ __all__ = [
     "NotFound",
     "PreconditionFailed",
     "StorageError",
+    "StorageBusy",
     "StorageUnavailable",
     "Throttled",
     "validate_key",
     "check_put",
     "delete_many",
     "MAX_KEY_BYTES",
+    "REQUIRED_METHODS",
 ]
 
 MAX_KEY_BYTES = 1024
+#: the async methods every backend has; checked when a backend's storage is opened
+#: (``qo.backends.open_storage``), with ``name`` (a str, defaulting to the URL scheme)
+REQUIRED_METHODS = ("get", "put", "delete", "list", "close")
 
 
 @attrs.frozen
@@ -69,7 +82,10 @@ class Storage(Protocol):
     - Transient failures raise ``StorageUnavailable``; the engine, not the backend,
       retries them. A throttle (the store says to slow down: S3 ``SlowDown``, any 429
       or 503) raises its subclass ``Throttled``, which the engine retries from a longer
-      wait; the backend's SDK retries nothing itself.
+      wait; the backend's SDK retries nothing itself. A backend that waits on its own
+      for a lock held elsewhere (SQLite's ``busy_timeout``) raises ``StorageBusy`` once
+      that wait is over: the engine does not retry it within the operation, so the
+      timeout bounds the whole wait.
     """
 
     name: str

@@ -15,7 +15,15 @@ import random
 from typing import Awaitable, Callable, TypeVar
 
 from . import keys
-from .errors import CorruptObject, NotFound, PreconditionFailed, StorageUnavailable, TaskNotFound, Throttled
+from .errors import (
+    CorruptObject,
+    NotFound,
+    PreconditionFailed,
+    StorageBusy,
+    StorageUnavailable,
+    TaskNotFound,
+    Throttled,
+)
 from .model import Task, new_rev
 from .packs import PackStore
 from .storage import Storage, delete_many
@@ -23,6 +31,8 @@ from .stored import BadObjects
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: why a task that a purge is deleting is not found
+PURGING = "a purge is deleting it"
 
 
 class Backoff:
@@ -32,7 +42,8 @@ class Backoff:
     (``Throttled``: S3 ``SlowDown``, Azure ``ServerBusy``, a 429 or 503) waits from
     ``throttle_base`` (0.2 s) doubling to ``throttle_cap`` (5 s), still full jitter: the
     store is telling every client of the prefix to slow down, and drawn waits spread
-    them out where equal ones would return together. ``sleep`` is for tests.
+    them out where equal ones would return together. ``StorageBusy`` is not retried:
+    the backend has waited its own timeout already. ``sleep`` is for tests.
     """
 
     def __init__(self, attempts: int = 8, base: float = 0.05, cap: float = 2.0, *,
@@ -48,7 +59,10 @@ class Backoff:
         return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
 
     async def pause(self, attempt: int, exc: BaseException | None = None) -> None:
-        """Wait before the next try (for callers that run their own retry loop)."""
+        """Wait before the next try (for callers that run their own retry loop); a
+        ``StorageBusy`` is raised again instead, so no loop waits its timeout twice."""
+        if isinstance(exc, StorageBusy):
+            raise exc
         await (self.sleep or asyncio.sleep)(self.delay(attempt, exc))
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -56,7 +70,7 @@ class Backoff:
             try:
                 return await fn()
             except StorageUnavailable as exc:
-                if attempt == self.attempts:
+                if attempt == self.attempts or isinstance(exc, StorageBusy):
                     raise
                 await self.pause(attempt, exc)
         raise AssertionError("unreachable")
@@ -79,22 +93,35 @@ class TaskStore:
         return keys.task(self.queue, task_id)
 
     async def load(self, task_id: str) -> tuple[Task, str]:
-        """The task and its etag; ``TaskNotFound`` if there is none, ``CorruptObject``
-        (reported once) if what is stored is not a task this release can use. A task
-        submitted in a pack is read from its pack (one GET)."""
+        """The task and its etag; ``TaskNotFound`` if there is none (or a purge is
+        deleting it), ``CorruptObject`` (reported once) if what is stored is not a task
+        this release can use. A task submitted in a pack is read from its pack (one GET)."""
         if keys.pack_of(task_id) is not None:
             return await self.packs.load_task(task_id)
         return await self.load_object(task_id)
 
-    async def load_object(self, task_id: str) -> tuple[Task, str]:
+    async def load_object(self, task_id: str, *, purging: bool = False) -> tuple[Task, str]:
         """The task stored in ``tasks/{id}.json`` (a task of a pack that moved out, or
-        any single task), whatever its id looks like."""
+        any single task), whatever its id looks like. ``purging``: a task a purge is
+        deleting too (else it is ``TaskNotFound``)."""
         key = self.key(task_id)
         try:
             blob = await self.backoff.call(lambda: self.storage.get(key))
         except NotFound:
             raise TaskNotFound(task_id) from None
-        return self.decode(blob.data, key), blob.etag
+        task = self.decode(blob.data, key)
+        if task.purging_at is not None and not purging:
+            raise TaskNotFound(task_id, PURGING)
+        return task, blob.etag
+
+    async def tombstone(self, task: Task, etag: str, now: float) -> str | None:
+        """Mark the version ``etag`` of ``task`` as being deleted (qo/tombstones.py), so
+        no writer can change it any more; its new etag, or None if it changed since."""
+        task.purging_at = now
+        try:
+            return await self.replace(task, etag)
+        except (PreconditionFailed, TaskNotFound):
+            return None
 
     def decode(self, data: bytes, key: str, what: str = "skipped") -> Task:
         """The task in ``data`` read from ``key``; a ``CorruptObject`` is reported, then raised."""

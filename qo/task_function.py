@@ -5,6 +5,7 @@
 
     await send_email.submit({"to": "a@example.com"})           # from async code
     send_email.submit_sync({"to": "a@example.com"}, priority=9)  # from Flask, Django, scripts
+    send_email.delay({"to": "a@example.com"})                    # the same, by Celery's name
     await send_email({"to": "a@example.com"}, ctx)              # a plain call still just runs it
 
 The handler is registered like ``@qo.handler`` (a worker importing the module runs it).
@@ -45,9 +46,9 @@ class TaskFunction:
         where = f" on queue {self.queue!r}" if self.queue else ""
         return f"<qo task {self.task_type!r}{where}: {self.fn.__module__}.{self.fn.__qualname__}>"
 
-    def options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+    def options(self, overrides: dict[str, Any], where: str = "submit") -> dict[str, Any]:
         """The decorator's defaults with ``overrides`` on top (names checked)."""
-        _check_option_names(overrides, "submit")
+        _check_option_names(overrides, where, task=True)
         return {**self.defaults, **overrides}
 
     async def submit(self, input: Any = None, *, using: Any = None, **overrides: Any) -> Task:
@@ -64,9 +65,17 @@ class TaskFunction:
 
     def submit_sync(self, input: Any = None, *, using: Any = None, **overrides: Any) -> Task:
         """Submit one task of this type, blocking (for code without an event loop)."""
+        return self._submit_sync(input, using, overrides, "submit_sync")
+
+    def delay(self, input: Any = None, *, using: Any = None, **overrides: Any) -> Task:
+        """``submit_sync`` by its Celery name: ``send_email.delay({"to": ...})``. The task's
+        input is one JSON value: ``delay(a=1)`` is refused, naming ``input``."""
+        return self._submit_sync(input, using, overrides, "delay")
+
+    def _submit_sync(self, input: Any, using: Any, overrides: dict[str, Any], where: str) -> Task:
         from .sync import SyncQueue, shared_queue
 
-        options = self.options(overrides)
+        options = self.options(overrides, where)
         if using is None:
             using = shared_queue(self.url, self.queue)
         if not isinstance(using, SyncQueue):
@@ -74,10 +83,18 @@ class TaskFunction:
         return using.submit(self.task_type, input, **options)
 
 
-def _check_option_names(options: dict[str, Any], where: str) -> None:
+def _check_option_names(options: dict[str, Any], where: str, *, task: bool = False) -> None:
     unknown = sorted(set(options) - set(SUBMIT_OPTIONS))
-    if unknown:
-        raise InvalidInput(unknown[0], f"is not an option of {where} (options: {', '.join(SUBMIT_OPTIONS)})")
+    if not unknown:
+        return
+    if task:  # Celery's habit, f.delay(a=1, b=2): the input is one value, given as input=
+        given = ", ".join(f"{k}=..." for k in unknown)
+        raise InvalidInput("input", f"{where}({given}): {', '.join(unknown)} "
+                           f"{'is not an option' if len(unknown) == 1 else 'are not options'} of {where}. "
+                           f"A task's input is one JSON value: pass it as input, e.g. "
+                           f"{where}({{{', '.join(repr(k) + ': ...' for k in unknown)}}}) "
+                           f"(options: {', '.join(SUBMIT_OPTIONS)})")
+    raise InvalidInput(unknown[0], f"is not an option of {where} (options: {', '.join(SUBMIT_OPTIONS)})")
 
 
 def task(task_type: str | Callable[..., Any] | None = None, *, queue: str | None = None, url: str | None = None,

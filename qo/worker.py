@@ -331,10 +331,11 @@ class Worker(HandlerHost):
                 await self._process(marker)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # our bug or a plugin's: this marker, not the slot, pays
-                log.exception("worker %s: error processing %s", self.worker_id, marker.key)
+            except Exception as exc:  # our bug, a plugin's or a backend's: this marker, not the slot, pays
                 self.stats["errors"] += 1
-                await self._sleep(self.settings.poll_min)
+                await self._sleep(max(self.settings.poll_min, self._unexpected("processing tasks", exc, marker.key)))
+            else:
+                self.outages["processing tasks"].ok()
             finally:
                 self.feed.done(marker)
                 if self.gate is not None:
@@ -909,6 +910,18 @@ class Worker(HandlerHost):
         else:
             outage.ok()
 
+    def _unexpected(self, what: str, exc: Exception, where: str) -> float:
+        """An exception nothing handled (a bug, or a backend outside its contract raising
+        AttributeError in a loop): its traceback once per outage, then the outage's
+        backoff, and a drain ends once it has lasted ``storage_failure_limit``. Returns
+        how long to wait."""
+        outage = self.outages[what]
+        if not outage.failing:
+            log.exception("worker %s: error %s%s", self.worker_id, what, f" ({where})" if where else "")
+        delay = outage.failed(exc)
+        self._check_outages()
+        return delay
+
     def _check_outages(self) -> None:
         """A worker draining the queue gives up once storage has failed for too long."""
         if not self._until_idle or self.fatal is not None:
@@ -968,6 +981,8 @@ class Worker(HandlerHost):
                     return
             except QoError as exc:
                 log.warning("worker %s: idle check failed: %s", self.worker_id, exc)
+            except Exception as exc:  # a backend breaking the contract: the drain must still end
+                self._unexpected("checking whether the queue is idle", exc, "")
 
     async def _queue_idle(self) -> bool:
         """Nothing of ours anywhere. Checked in the order tasks move: a task leaves a

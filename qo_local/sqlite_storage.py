@@ -40,6 +40,7 @@ from qo.storage import (
     Entry,
     NotFound,
     PreconditionFailed,
+    StorageBusy,
     StorageError,
     StorageUnavailable,
     check_put,
@@ -57,8 +58,11 @@ CREATE TABLE IF NOT EXISTS objects (
     data BLOB NOT NULL
 ) WITHOUT ROWID
 """
-#: how long a write waits for another process's write lock before StorageUnavailable
+#: how long an operation waits for another connection's lock before StorageBusy
 BUSY_TIMEOUT = 30.0
+#: how long an operation waits once a lock has outlasted a whole busy_timeout and no
+#: call has got through since: it is likely held for good (a backup, a forgotten shell)
+HELD_PATIENCE = 1.0
 #: the columns as the contract's types whatever a row written by hand holds (the file
 #: may hold anything): bytes, a text etag, a float or None; a key of another type than
 #: BLOB sorts outside every range queried, so it is never seen
@@ -71,32 +75,44 @@ _BATCH = 500  # keys per DELETE ... IN (...) statement (SQLite allows 32,766 var
 
 def _storage_errors(method: Any) -> Any:
     """Turn an sqlite3 or OS error escaping ``method`` into StorageUnavailable (busy,
-    locked, full: transient) or StorageError, naming the key."""
+    locked, full: transient) or StorageError, naming the file and the key. A lock held
+    by another connection is waited for up to the store's patience, then ``StorageBusy``."""
 
     @functools.wraps(method)
     async def wrapper(self: SqliteStorage, *args: Any, **kwargs: Any) -> Any:
-        deadline = None
+        key = args[0] if args and isinstance(args[0], str) else None
+        started = None
         while True:
             try:
-                return await method(self, *args, **kwargs)
+                result = await method(self, *args, **kwargs)
             except sqlite3.OperationalError as exc:
                 if not _busy(exc):
-                    key = args[0] if args and isinstance(args[0], str) else None
                     raise self._error(exc, key) from None
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.busy_timeout
-                elif now > deadline:
-                    key = args[0] if args and isinstance(args[0], str) else None
-                    raise self._error(exc, key) from None
+                if started is None:
+                    started = now
+                elif now - started >= self._patience():
+                    raise self._busy_error(key, now - started) from None
                 # blocking, as the directory store blocks on flock: the holder commits in
                 # microseconds, and an await would let this loop start more writes meanwhile
-                time.sleep(random.uniform(0.00005, 0.0003))  # noqa: ASYNC251
+                time.sleep(_pause(now - started))  # noqa: ASYNC251
             except (sqlite3.Error, OSError) as exc:
-                key = args[0] if args and isinstance(args[0], str) else None
                 raise self._error(exc, key) from None
+            except (NotFound, PreconditionFailed):
+                self._held = False  # the call got through: no lock stands in the way
+                raise
+            else:
+                self._held = False
+                return result
 
     return wrapper
+
+
+def _pause(waited: float) -> float:
+    """Seconds to sleep before trying a locked database again: a few hundred microseconds
+    while the holder is likely mid-commit, then a few milliseconds (no spinning through a
+    long wait)."""
+    return random.uniform(0.00005, 0.0003) if waited < 0.05 else random.uniform(0.002, 0.01)
 
 
 #: result codes a later try may not meet: another writer, out of memory, space or I/O
@@ -134,6 +150,8 @@ class SqliteStorage:
         self._conns_pid = os.getpid()
         self._ready_lock = threading.Lock()
         self._ready = False
+        #: a lock outlasted a whole busy_timeout and no call has got through since
+        self._held = False
 
     def __repr__(self) -> str:
         return f"SqliteStorage({self.path!r})"
@@ -209,9 +227,11 @@ class SqliteStorage:
         """Put the file in WAL mode and give it the objects table, unless done. Processes
         opening a new store at once wait for each other (up to ``busy_timeout``); a
         database with tables of its own is refused, never written into."""
-        deadline = time.monotonic() + self.busy_timeout
+        started = time.monotonic()
         while True:
-            conn = sqlite3.connect(self.path, timeout=min(self.busy_timeout, 1.0), isolation_level=None)
+            waited = time.monotonic() - started
+            patience = self._patience()
+            conn = sqlite3.connect(self.path, timeout=max(0.0, min(patience - waited, 1.0)), isolation_level=None)
             try:
                 tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if tables and "objects" not in tables:
@@ -222,25 +242,39 @@ class SqliteStorage:
                     if "objects" not in tables:
                         conn.execute(_SCHEMA)
                     return
-                if time.monotonic() > deadline:  # the mode stays as it was: another process holds the file
-                    raise StorageError("cannot put the file in SQLite's write-ahead-log mode", backend=self.name)
+                if time.monotonic() - started >= patience:  # the mode stays as it was: another process holds the file
+                    raise StorageError(f"{self.path}: cannot put the file in SQLite's write-ahead-log mode",
+                                       backend=self.name)
             except sqlite3.OperationalError as exc:
                 if not _busy(exc):
                     raise ConfigurationError(f"url: {self.path} is not a qo sqlite store: {exc}") from None
-                if time.monotonic() > deadline:
-                    raise self._error(exc, None) from None
+                if time.monotonic() - started >= patience:
+                    raise self._busy_error(None, time.monotonic() - started) from None
             except sqlite3.DatabaseError as exc:
                 raise ConfigurationError(f"url: {self.path} is not a qo sqlite store: {exc}") from None
             finally:
                 conn.close()
             time.sleep(random.uniform(0.001, 0.005))  # another process is setting the file up
 
+    def _patience(self) -> float:
+        """How long a call waits for another connection's lock: ``busy_timeout``, or at
+        most ``HELD_PATIENCE`` while a lock that outlasted a whole timeout may still be
+        held (no call got through since), so a command of several calls waits about
+        ``busy_timeout`` in all, not once per call."""
+        return min(self.busy_timeout, HELD_PATIENCE) if self._held else self.busy_timeout
+
+    def _busy_error(self, key: str | None, waited: float) -> StorageBusy:
+        """A lock held by another connection for ``waited`` seconds: given up."""
+        self._held = True
+        return StorageBusy(f"{self.path} is locked by another connection; gave up after {waited:.1f} s "
+                           f"(busy_timeout={self.busy_timeout:g})", backend=self.name, key=key)
+
     def _error(self, exc: BaseException, key: str | None) -> StorageError:
         if isinstance(exc, OSError):
             return _storage_error(exc, self.name, key)
         transient = getattr(exc, "sqlite_errorcode", 0) & 0xFF in _TRANSIENT_CODES
         cls = StorageUnavailable if transient else StorageError
-        return cls(str(exc) or type(exc).__name__, backend=self.name, key=key)
+        return cls(f"{self.path}: {exc or type(exc).__name__}", backend=self.name, key=key)
 
     # -- the contract -------------------------------------------------------------
 

@@ -513,3 +513,203 @@ async def test_worker_started_and_stopping_bracket_each_run(queue, fast_settings
         plugins.unregister("test-lifecycle")
     assert watcher.calls == [("started", worker.worker_id, 0), ("stopping", worker.worker_id, 0)] * 2
     assert "a qo_worker_stopping plugin failed" in caplog.text
+
+
+# -- a backend written against an older contract (issue 26) ----------------------------
+
+
+class DictStorage:
+    """A third-party backend as last month's docs described one: the five methods over a
+    dict, no ``name`` (the contract gained it since)."""
+
+    def __init__(self):
+        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.writes = 0
+
+    async def get(self, key):
+        if key not in self.objects:
+            raise qo.NotFound("no such key", key=key)
+        return qo.storage.Blob(*self.objects[key])
+
+    async def put(self, key, data, *, if_match=None, if_none_match=False):
+        current = self.objects.get(key)
+        if (if_none_match and current is not None) or (if_match is not None and (current or (b"", ""))[1] != if_match):
+            raise qo.PreconditionFailed("lost", key=key)
+        self.writes += 1
+        self.objects[key] = (bytes(data), f'"{self.writes}"')
+        return self.objects[key][1]
+
+    async def delete(self, key, *, if_match=None):
+        self.objects.pop(key, None)
+
+    async def list(self, prefix, *, start_after=None, limit=1000):
+        keys = sorted((k for k in self.objects if k.startswith(prefix) and (start_after is None or k > start_after)),
+                      key=str.encode)
+        return [qo.storage.Entry(k, self.objects[k][1], len(self.objects[k][0])) for k in keys[:limit]]
+
+    async def close(self):
+        pass
+
+
+class NoList(DictStorage):
+    list = None  # (a subclass cannot delete an inherited method: None is "not there")
+
+
+class SyncClose(DictStorage):
+    def close(self):
+        pass
+
+
+class NumberName(DictStorage):
+    name = 5
+
+
+class GetBreaks(DictStorage):
+    """Once broken: an AttributeError from every read of a task (a claim's), as a backend
+    reaching for a member the engine does not have would raise."""
+
+    broken = False
+
+    async def get(self, key):
+        if self.broken and "/tasks/" in key:
+            raise AttributeError("'GetBreaks' object has no attribute 'session'")
+        return await super().get(key)
+
+
+class ListBreaks(DictStorage):
+    """Once broken: a TypeError from every listing of ready tasks (the feed's)."""
+
+    broken = False
+
+    async def list(self, prefix, *, start_after=None, limit=1000):
+        if self.broken and "/ready/" in prefix:
+            raise TypeError("list() got an unexpected keyword argument 'shards'")
+        return await super().list(prefix, start_after=start_after, limit=limit)
+
+
+class DictBackends:
+    """Serves ``dict://CLASS``: a fresh storage of that class of this module."""
+
+    @qo.hookimpl
+    def qo_storage_schemes(self):
+        return ["dict"]
+
+    @qo.hookimpl
+    def qo_storage(self, url, options):
+        if not url.startswith("dict://"):
+            return None
+        return globals()[url.removeprefix("dict://")]()
+
+
+@pytest.fixture
+def dict_backend():
+    from qo.plugins import get_plugins
+
+    plugins = get_plugins()
+    plugins.register(DictBackends(), name="test-dict")
+    yield
+    plugins.unregister("test-dict")
+
+
+async def test_a_backend_without_a_name_is_named_by_its_scheme_and_drains_a_queue(dict_backend, fast_settings):
+    from qo.worker import Worker
+
+    queue = await qo.connect("dict://DictStorage", queue="q")
+    try:
+        assert queue.storage.name == "dict"
+        tasks = [await queue.submit("t", i) for i in range(5)]
+        worker = Worker(queue, settings=fast_settings)
+        worker.handler("t")(lambda v: v * 2)
+        stats = await asyncio.wait_for(worker.run(until_idle=True), 60)
+        done = [await queue.get(t.id) for t in tasks]
+        assert [(t.status, t.output) for t in done] == [("completed", 2 * i) for i in range(5)]
+        assert stats["errors"] == 0
+    finally:
+        await queue.close()
+
+
+@pytest.mark.parametrize("cls, words", [
+    ("NoList", "has no method list()"),
+    ("SyncClose", "has a close() that is not an async method"),
+    ("NumberName", "has no str name (found int)"),
+])
+async def test_a_backend_lacking_a_member_of_the_contract_fails_at_connect_naming_it(dict_backend, cls, words):
+    with pytest.raises(qo.PluginError) as info:
+        await qo.connect(f"dict://{cls}", queue="q")
+    message = str(info.value)
+    assert words in message and f"test_plugins.{cls}" in message and "plugin 'test-dict'" in message, message
+    assert "dict:// URLs" in message and "\n" not in message
+
+
+def test_the_cli_says_in_one_line_which_member_a_backend_lacks(dict_backend):
+    from click.testing import CliRunner
+
+    from qo.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(), ["submit", "t", "--url", "dict://NoList"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [result.output.strip()] and "no method list()" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("cls, error", [
+    ("GetBreaks", "AttributeError: 'GetBreaks' object has no attribute 'session'"),
+    ("ListBreaks", "TypeError: list() got an unexpected keyword argument 'shards'"),
+])
+async def test_an_exception_a_backend_raises_in_the_worker_loop_ends_a_drain(dict_backend, fast_settings, caplog,
+                                                                             cls, error):
+    """It looped for good (an AttributeError per claim, forever), or ended the worker's
+    slots silently (a listing's TypeError): now the drain ends once it has lasted
+    storage_failure_limit, naming the error; its traceback is logged once."""
+    import re
+
+    import attrs
+
+    from qo.worker import Worker
+
+    queue = await qo.connect(f"dict://{cls}", queue="q")
+    try:
+        task = await queue.submit("t", 1)
+        queue.storage.broken = True
+        worker = Worker(queue, settings=attrs.evolve(fast_settings, storage_failure_limit=0.5))
+        worker.handler("t")(lambda v: v)
+        with pytest.raises(qo.StorageError, match=re.escape(error)):
+            await asyncio.wait_for(worker.run(until_idle=True), 60)
+        queue.storage.broken = False
+        assert (await queue.get(task.id)).status == "pending"  # not lost: the next worker runs it
+        assert caplog.text.count("Traceback") <= 2  # (once per kind of work, not per try)
+    finally:
+        await queue.close()
+
+
+async def test_a_listing_that_raises_a_type_error_is_an_outage_the_worker_outlives(dict_backend, fast_settings):
+    """A TypeError from the feed's listing ended every slot of the worker, silently (the
+    worker went on, running nothing): now it is backed off and the work goes on after."""
+    from qo.worker import Worker
+
+    queue = await qo.connect("dict://ListBreaks", queue="q")
+    try:
+        task = await queue.submit("t", 1)
+        queue.storage.broken = True
+        worker = Worker(queue, settings=fast_settings)
+        worker.handler("t")(lambda v: v + 1)
+        running = asyncio.create_task(worker.run())
+
+        def failures() -> int:
+            return worker.outages["listing ready tasks"].failures
+
+        for _ in range(600):
+            if failures() >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert failures() >= 2 and not running.done()
+        queue.storage.broken = False
+        for _ in range(600):
+            if (await queue.get(task.id)).status == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert (await queue.get(task.id)).output == 2
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+    finally:
+        await queue.close()

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -252,6 +253,156 @@ async def test_a_writer_waiting_on_another_goes_on_when_it_commits(tmp_path) -> 
     assert (await storage.get("a")).data == b"x" and (await storage.get("b")).data == b"2"
     holder.close()
     await storage.close()
+
+
+class _LockHeld:
+    """Another connection's lock on ``path`` that is never released (until the test ends):
+    a write transaction, with ``exclusive`` in SQLite's exclusive locking mode, so that
+    readers wait too (a tool or shell that took the whole file; it takes it only while no
+    other connection is open). A file not yet a store is held in its rollback-journal
+    mode, so setting it up waits as well."""
+
+    def __init__(self, path: Any, *, exclusive: bool = True):
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        if exclusive:
+            self.conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        self.conn.execute("BEGIN EXCLUSIVE")
+        if exclusive and self.conn.execute("SELECT name FROM sqlite_master WHERE name = 'objects'").fetchone():
+            self.conn.execute("DELETE FROM objects WHERE key = x'00'")  # the exclusive lock, taken now
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+async def _outcome(call: Any) -> tuple[BaseException | None, float]:
+    """What ``call()`` raised and how long it took (its wait blocks: no wait_for can cut it)."""
+    started = time.monotonic()
+    try:
+        await call()
+    except Exception as exc:  # noqa: BLE001 (the test names what it expects)
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+async def test_a_lock_never_released_fails_every_call_at_busy_timeout_naming_the_file(tmp_path) -> None:
+    """Issue 26: a lock held for good made callers wait for good. Each call gives up at
+    ``busy_timeout`` with StorageBusy (a StorageUnavailable) naming the file and the key;
+    set-up of a store not yet opened too; once the lock goes, every call works again."""
+    path = tmp_path / "q.db"
+    storage = open_storage(f"sqlite://{path}?busy_timeout=0.3")
+    await storage.put("a", b"1")
+    await storage.close()  # (its connection opens again on its next call)
+    holder = _LockHeld(path)
+    try:
+        calls = {"get": (lambda: storage.get("a"), "a"), "put": (lambda: storage.put("a", b"2"), "a"),
+                 "put_if_match": (lambda: storage.put("a", b"2", if_match="x"), "a"),
+                 "delete": (lambda: storage.delete("a"), "a"),
+                 "list": (lambda: storage.list("a/"), "a/"),  # (a listing names its prefix)
+                 "delete_many": (lambda: storage.delete_many(["a", "b"]), None)}
+        for what, (call, key) in calls.items():
+            exc, took = await _outcome(call)
+            assert isinstance(exc, qo.StorageBusy) and isinstance(exc, qo.StorageUnavailable), (what, exc)
+            assert str(path) in str(exc) and "busy_timeout=0.3" in str(exc), (what, str(exc))
+            assert exc.key == key, what
+            assert took < 20, (what, took)  # gave up, not waiting for good (generous: a loaded machine)
+        fresh = open_storage(f"sqlite://{path}", {"busy_timeout": 0.3})  # its set-up waits on the lock too
+        exc, _ = await _outcome(lambda: fresh.list(""))
+        assert isinstance(exc, qo.StorageBusy) and str(path) in str(exc), exc
+    finally:
+        holder.release()
+    assert (await storage.get("a")).data == b"1"
+    await storage.put("a", b"2")
+    assert [e.key for e in await fresh.list("")] == ["a"]
+    await storage.close()
+    await fresh.close()
+
+
+async def test_once_a_lock_outlasted_busy_timeout_the_next_calls_wait_a_second_until_one_gets_through(tmp_path) -> None:
+    """A command of several calls on a store locked for good waits about busy_timeout in
+    all, not once per call; a call that gets through gives the next ones the whole wait."""
+    from qo_local.sqlite_storage import HELD_PATIENCE
+
+    path = tmp_path / "q.db"
+    storage = open_storage(f"sqlite://{path}?busy_timeout=3")
+    await storage.put("a", b"1")
+    await storage.close()
+    holder = _LockHeld(path)
+    try:
+        first, took = await _outcome(lambda: storage.get("a"))
+        assert isinstance(first, qo.StorageBusy) and took >= 3
+        for call in (lambda: storage.put("a", b"2"), lambda: storage.list("")):
+            exc, took = await _outcome(call)
+            assert isinstance(exc, qo.StorageBusy) and HELD_PATIENCE <= took < 3, (exc, took)
+    finally:
+        holder.release()
+    assert (await storage.get("a")).data == b"1"  # got through: the next lock is waited for in full
+    await storage.close()
+    holder = _LockHeld(path)
+    try:
+        exc, took = await _outcome(lambda: storage.put("a", b"2"))
+        assert isinstance(exc, qo.StorageBusy) and took >= 3, (exc, took)
+    finally:
+        holder.release()
+    await storage.close()
+
+
+async def test_setting_up_a_new_file_held_by_another_connection_gives_up_naming_it(tmp_path) -> None:
+    path = tmp_path / "new.db"
+    holder = _LockHeld(path, exclusive=False)  # an empty database, its rollback journal locked
+    try:
+        storage = open_storage(f"sqlite://{path}?busy_timeout=0.3")
+        exc, took = await _outcome(lambda: storage.put("a", b"1"))
+        assert isinstance(exc, qo.StorageBusy) and str(path) in str(exc), exc
+        assert took < 20
+    finally:
+        holder.release()
+    await storage.put("a", b"1")
+    assert (await storage.get("a")).data == b"1"
+    await storage.close()
+
+
+async def test_the_engine_does_not_retry_a_wait_the_store_already_waited_out(tmp_path) -> None:
+    """busy_timeout is the whole wait of an operation: the engine's backoff, which tries
+    a StorageUnavailable 8 times, tries a StorageBusy once (it waited 8 timeouts)."""
+    from qo.counting import CountingStorage
+
+    path = tmp_path / "q.db"
+    q = await qo.connect(f"sqlite://{path}?busy_timeout=0.2", queue="q", wrap_storage=CountingStorage)
+    task = await q.submit("t", 1)
+    await q.storage.close()  # (its connection opens again on its next call)
+    holder = _LockHeld(path)
+    try:
+        before = q.storage.counts()
+        with pytest.raises(qo.StorageBusy, match=str(path)):
+            await q.get(task.id)
+        assert q.storage.counts()["GET"] - before["GET"] == 1
+        with pytest.raises(qo.StorageBusy, match=str(path)):
+            await q.submit("t", 2)
+        assert q.storage.counts()["PUT_COND"] - before["PUT_COND"] <= 1
+    finally:
+        holder.release()
+    assert (await q.get(task.id)).status == "pending"
+    await q.close()
+
+
+def test_qo_submit_on_a_store_locked_for_good_exits_1_with_one_line_naming_the_file(tmp_path) -> None:
+    """The CLI gives up after about busy_timeout (here 3 s; it took 8 tries of every
+    operation, 50 s and more, before): exit 1, one line naming the file, no traceback."""
+    from test_cli import run_qo
+
+    path = tmp_path / "q.db"
+    url = f"sqlite://{path}?busy_timeout=3"
+    assert run_qo("submit", "t", "--url", url, cwd=tmp_path).returncode == 0
+    holder = _LockHeld(path)
+    try:
+        proc = run_qo("submit", "t", "--url", url, cwd=tmp_path, timeout=30)  # TimeoutExpired: still waiting
+    finally:
+        holder.release()
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 async def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(tmp_path) -> None:

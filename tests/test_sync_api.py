@@ -170,6 +170,8 @@ def test_task_function_registers_and_submits_with_its_defaults(storage_url, task
     assert (t.task_type, t.priority, t.max_retries) == (name, 192, 5)
     t2 = send.submit_sync({"to": "b"}, priority=3)
     assert (t2.priority, t2.max_retries) == (3, 5)
+    t5 = send.delay({"to": "e"}, priority=4)  # Celery's name for it
+    assert (t5.task_type, t5.priority, t5.max_retries, t5.input) == (name, 4, 5, {"to": "e"})
 
     async def from_async():
         t3 = await send.submit({"to": "c"}, max_retries=1)
@@ -189,12 +191,12 @@ def test_task_function_registers_and_submits_with_its_defaults(storage_url, task
         w = qo.Worker(q, **FAST)
         w.add_handlers(qo.handlers.import_handlers([]))
         await w.run(until_idle=True)
-        done = [await q.get(x.id) for x in (t, t2, t3, t4)]
+        done = [await q.get(x.id) for x in (t, t2, t3, t4, t5)]
         await q.close()
         return done
 
     done = asyncio.run(run_worker())
-    assert [d.status for d in done] == ["completed"] * 4
+    assert [d.status for d in done] == ["completed"] * 5
     assert done[0].output == {"sent": "a@example.com"}
 
 
@@ -214,7 +216,11 @@ def test_task_function_bad_options_name_the_field(task_types):
 
     with pytest.raises(qo.InvalidInput) as e:
         fn.submit_sync(None, prio=1)
-    assert e.value.field == "prio"
+    assert e.value.field == "input" and "prio" in str(e.value)
+    for submit in (fn.submit_sync, fn.delay):  # Celery's habit: the input as keywords
+        with pytest.raises(qo.InvalidInput) as e:
+            submit(a=1, b=2)
+        assert e.value.field == "input" and "{'a': ..., 'b': ...}" in str(e.value)
     assert name not in [t for t in ()]  # nothing was submitted: the names are checked first
 
 

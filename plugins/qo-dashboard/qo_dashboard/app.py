@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jinja2
 from aiohttp import web
@@ -13,9 +13,10 @@ from aiohttp import web
 from qo import redact_url
 from qo.counting import CountingStorage
 
-from . import fmt, security
+from . import fmt, hosts, security
 from .costs import DEFAULT_PRICES, RequestMeter
 from .history import Throughput
+from .logins import LoginLimiter
 from .state import STATE
 from .views import actions, costs, limits, overview, schedules, tasks
 
@@ -35,12 +36,16 @@ def templates() -> jinja2.Environment:
 
 def create_app(queue: Any, *, allow_actions: bool = False, auth_token: str | None = None,
                refresh: float = 5.0, prices: Mapping[str, float] | None = None,
-               secret: bytes | None = None) -> web.Application:
+               secret: bytes | None = None, bind: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+               logins: LoginLimiter | None = None) -> web.Application:
     """The dashboard of ``queue``. Its requests are counted (the cost meter) when the queue
-    was opened with ``wrap_storage=qo.counting.CountingStorage``."""
-    app = web.Application(middlewares=[security.headers_middleware()])
-    guard = security.Guard(auth_token, secret)
-    app.middlewares.append(security.auth_middleware(guard))
+    was opened with ``wrap_storage=qo.counting.CountingStorage``. It answers to the host
+    names of ``bind`` (the address served on) and ``allowed_hosts`` only (hosts.py);
+    ``logins`` limits wrong tokens (default: logins.LoginLimiter())."""
+    guard = security.Guard(auth_token, secret, logins)
+    app = web.Application(middlewares=[
+        security.headers_middleware(), hosts.host_middleware(hosts.HostRule(bind, allowed_hosts)),
+        security.browser_middleware(), security.auth_middleware(guard)])
     backend = getattr(queue, "backend", queue.storage)
     counter = backend if isinstance(backend, CountingStorage) else None
     app[STATE] = dict(

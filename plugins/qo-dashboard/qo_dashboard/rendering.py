@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import security
+from . import flash, security
 from .state import state
 
 #: the vendored htmx (static/)
@@ -22,11 +22,17 @@ def render(request: web.Request, template: str, *, http_status: int = 200, **con
         app["meter"].sample()
     body = app["env"].get_template(template).render(
         queue_name=app["queue"].name, store=app["store_label"], allow_actions=app["allow_actions"],
-        csrf=app["guard"].csrf_token, csrf_field=security.CSRF_FIELD, path=request.path,
-        path_qs=request.path_qs, htmx=HTMX, refresh=app["refresh"], now=app["queue"].clock.now(),
-        msg=request.query.get("msg"), auth=app["guard"].auth_token is not None,
+        csrf=security.csrf_of(request), csrf_field=security.CSRF_FIELD, path=request.path,
+        path_qs=_without_flash(request), htmx=HTMX, refresh=app["refresh"], now=app["queue"].clock.now(),
+        msg=flash.text(request.query), auth=app["guard"].auth_token is not None,
         **context)
     return web.Response(text=body, content_type="text/html", status=http_status)
+
+
+def _without_flash(request: web.Request) -> str:
+    """The page's path and query without a flash message's parameters (the forms' back=)."""
+    url = request.rel_url
+    return str(url.with_query([(k, v) for k, v in url.query.items() if not flash.is_flash_param(k)]))
 
 
 def counted(request: web.Request) -> int:

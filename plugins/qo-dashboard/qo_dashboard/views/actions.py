@@ -1,10 +1,12 @@
 """Actions (POST, ``--allow-actions`` and a CSRF token required): retry and cancel one
 task, many selected, or all of a status at once (``queue.retry_many``/``cancel_many``).
-Each answers with a redirect back to the page it came from, saying what it did."""
+Each answers with a redirect back to the page it came from (a path on this server only),
+saying what it did with a message of flash.py's table."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -14,7 +16,9 @@ from yarl import URL
 
 from qo import InvalidInput, QoError, TaskNotFound, TaskStateError, check_task_id, check_task_type
 
-from .. import params, security
+from .. import flash, params, security
+
+log = logging.getLogger("qo_dashboard")
 
 #: actions in flight at once
 CONCURRENCY = 16
@@ -33,19 +37,22 @@ def _ids(form: Any) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _back(form: Any, msg: str) -> web.HTTPSeeOther:
-    target = URL(security.local_path(str(form.get("back") or "/")))
-    return web.HTTPSeeOther(str(target.update_query(msg=msg)))
+def back(value: Any, message: str, **values: Any) -> web.HTTPSeeOther:
+    """A redirect to ``value`` if it is a path on this server (else to /), its query without
+    an earlier message's parameters, saying ``message`` (an id of flash.MESSAGES)."""
+    target = URL(security.local_path(value))
+    kept = [(k, v) for k, v in target.query.items() if not flash.is_flash_param(k)]
+    return web.HTTPSeeOther(str(target.with_query(kept + list(flash.query(message, **values).items()))))
 
 
-async def _each(ids: list[str], action: Callable[[str], Awaitable[Any]]) -> tuple[int, int, list[str]]:
-    """(changed, skipped, errors) after ``action`` on each id, ``CONCURRENCY`` at a time."""
+async def _each(verb: str, ids: list[str], action: Callable[[str], Awaitable[Any]]) -> tuple[int, int, int]:
+    """(changed, skipped, failed) after ``action`` on each id, ``CONCURRENCY`` at a time;
+    each failure is logged (the page's message only counts them)."""
     slots = asyncio.Semaphore(CONCURRENCY)
-    done = skipped = 0
-    errors: list[str] = []
+    done = skipped = failed = 0
 
     async def one(task_id: str) -> None:
-        nonlocal done, skipped
+        nonlocal done, skipped, failed
         async with slots:
             try:
                 await action(task_id)
@@ -53,19 +60,11 @@ async def _each(ids: list[str], action: Callable[[str], Awaitable[Any]]) -> tupl
             except (TaskStateError, TaskNotFound):
                 skipped += 1
             except QoError as exc:
-                errors.append(f"{task_id}: {exc}")
+                failed += 1
+                log.warning("%s of task %s failed: %s", verb, task_id, exc)
 
     await asyncio.gather(*(one(i) for i in ids))
-    return done, skipped, errors
-
-
-def _say(verb: str, done: int, skipped: int, errors: list[str]) -> str:
-    msg = f"{verb} {done} task{'s' if done != 1 else ''}"
-    if skipped:
-        msg += f"; {skipped} skipped (not in a state to be {verb}, or changed meanwhile)"
-    if errors:
-        msg += f"; {len(errors)} failed: {errors[0]}"
-    return msg
+    return done, skipped, failed
 
 
 def _all_filter(form: Any) -> str | None:
@@ -95,8 +94,9 @@ async def _act(request: web.Request, verb: str, statuses: tuple[str, ...], many:
         if every not in statuses:
             raise params.bad("all", f"is not {', '.join(statuses[:-1])} or {statuses[-1]}")
         n = await getattr(queue, many)(every, _all_filter(form))
-        raise _back(form, f"{verb} {n} {every} task{'s' if n != 1 else ''}")
+        raise back(form.get("back"), f"{verb}-all", n=n, status=every)
     ids = _ids(form)
     if not ids:
-        raise _back(form, "nothing selected")
-    raise _back(form, _say(verb, *await _each(ids, getattr(queue, one))))
+        raise back(form.get("back"), "nothing-selected")
+    done, skipped, failed = await _each(one, ids, getattr(queue, one))
+    raise back(form.get("back"), verb, done=done, skipped=skipped or None, failed=failed or None)

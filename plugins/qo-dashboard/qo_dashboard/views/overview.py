@@ -65,9 +65,11 @@ async def login(request: web.Request) -> web.Response:
     guard = state(request)["guard"]
     if guard.auth_token is None:
         raise web.HTTPSeeOther("/")
+    guard.logins.check(request.remote)  # 429 while this address waits, even for the right token
     form = await request.post()
-    token, target = form.get("token"), security.local_path(str(form.get("next") or "/"))
+    token, target = form.get("token"), security.local_path(form.get("next"))
     if not isinstance(token, str) or not guard.check_token(token):
+        guard.logins.failed(request.remote)
         return render(request, "login.html", http_status=401, active="", next=target, error="That token is not right.")
     response = web.HTTPSeeOther(target)
     response.set_cookie(security.COOKIE, guard.cookie_value(), httponly=True, samesite="Strict",

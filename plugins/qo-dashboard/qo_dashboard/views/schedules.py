@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from ..rendering import render
 from ..state import state
-from yarl import URL
 
-from qo import InvalidInput, QoError
+from qo import InvalidInput, QoError, ScheduleNotFound
 
 from .. import params, security
+from .actions import back
+
+log = logging.getLogger("qo_dashboard")
 
 ACTIONS = ("pause", "resume", "trigger")
 
@@ -30,14 +34,15 @@ async def act(request: web.Request) -> web.Response:
     try:
         if action == "trigger":
             task = await schedules.trigger(name)
-            msg = f"triggered {name}: task {task.id}"
-        else:
-            await getattr(schedules, action)(name)
-            msg = f"{'paused' if action == 'pause' else 'resumed'} {name}"
+            raise back("/schedules", "triggered", schedule=name, task=task.id)
+        await getattr(schedules, action)(name)
     except InvalidInput as exc:
         if exc.field != "name":
             raise
         raise params.bad("name", "is not a schedule name") from None  # checked before any request
+    except ScheduleNotFound:
+        raise back("/schedules", "schedule-missing", schedule=name) from None
     except QoError as exc:
-        msg = f"{action} {name}: {exc}"
-    raise web.HTTPSeeOther(str(URL("/schedules").update_query(msg=msg)))
+        log.warning("%s of schedule %s failed: %s", action, name, exc)
+        raise back("/schedules", "schedule-failed", action=action, schedule=name) from None
+    raise back("/schedules", "paused" if action == "pause" else "resumed", schedule=name)

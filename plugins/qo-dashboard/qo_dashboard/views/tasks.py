@@ -12,7 +12,7 @@ from ..state import state
 
 import qo
 
-from .. import params
+from .. import flash, params
 
 RETRYABLE = ("failed", "cancelled", "expired")
 CANCELLABLE = ("pending", "blocked", "running")
@@ -30,7 +30,7 @@ async def _listing(request: web.Request, *, status: str | None, task_type: str |
         if exc.field != "after":
             raise
         raise params.bad("after", "is not a cursor of this listing") from None
-    query = {k: v for k, v in request.query.items() if k not in ("after", "msg")}
+    query = {k: v for k, v in request.query.items() if k != "after" and not flash.is_flash_param(k)}
     more = None
     if result.next_cursor is not None:
         more = request.path + "?" + urlencode({**query, "after": result.next_cursor})
