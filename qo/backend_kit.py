@@ -24,10 +24,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from .errors import InvalidInput
 from .storage import validate_key
 
-__all__ = ["ServerClock", "SecretScrubber", "scrub", "split_bucket_url", "Pacer", "MAX_DRIFT"]
+__all__ = ["ServerClock", "SecretScrubber", "scrub", "split_bucket_url", "Pacer", "MAX_DRIFT", "MAX_ROUND_TRIP"]
 
 #: clocks drift apart by at most ~100 ppm: the offset bounds widen by that over time
 MAX_DRIFT = 1e-4
+#: a response that took longer by the local clock (or went back in it) says nothing of
+#: the offset: the local clock was set while it was under way
+MAX_ROUND_TRIP = 30.0
 
 
 class ServerClock:
@@ -38,6 +41,8 @@ class ServerClock:
     - t0``. The estimate keeps the intersection of these intervals (widened by
     ``MAX_DRIFT`` of the elapsed time) and reports its midpoint; an interval that
     contradicts it (the server clock jumped, or another front end answered) restarts it.
+    A response during which the local clock was set (``t1`` before ``t0``, or more than
+    ``MAX_ROUND_TRIP`` after it) is ignored: its interval would be empty or useless.
     Within ``latency/2 + 0.5 s`` after one response it tightens to about the round-trip
     time, and one slow response cannot pull it off.
     """
@@ -48,7 +53,7 @@ class ServerClock:
 
     def observe(self, date_header: str | None, t0: float, t1: float) -> None:
         """Tighten the estimate with a response's ``Date`` header (ignored if absent or bad)."""
-        if not date_header:
+        if not date_header or not 0.0 <= t1 - t0 <= MAX_ROUND_TRIP:
             return
         try:
             server = parsedate_to_datetime(date_header).timestamp()

@@ -39,14 +39,29 @@ class Limit:
         return attrs.asdict(self)
 
 
+#: a bucket's time further ahead of a reader's clock than this: that clock was set back
+#: (by more than any skew qo tolerates between workers): the bucket goes on from the
+#: reader's time, with its tokens, rather than granting nothing until the clock is back
+REBASE_SECONDS = 300.0
+
+
 @attrs.define
 class BucketState:
     tokens: float
     at: float
     running: dict[str, float] = attrs.field(factory=dict)  # task id -> lease expiry
     etag: str | None = None
+    #: ``refill`` moved the bucket's time back to the reader's: worth a write even when
+    #: nothing is taken (else every read would start the refill afresh)
+    rebased: bool = attrs.field(default=False, eq=False)
 
     def refill(self, limit: Limit, now: float) -> None:
+        """Tokens for the time since ``at``; the bucket's time only moves forward, so
+        clocks that disagree (by up to ``REBASE_SECONDS``) cannot refill it twice."""
+        if self.at > now + REBASE_SECONDS:  # this clock was set back: go on from it, tokens kept
+            shift = self.at - now
+            self.running = {t: exp - shift for t, exp in self.running.items()}
+            self.at, self.rebased = now, True
         if limit.per_second is not None:
             self.tokens = min(limit.capacity, self.tokens + max(0.0, now - self.at) * limit.per_second)
         self.at = max(self.at, now)
@@ -68,8 +83,8 @@ async def read_state(queue: Any, key: str, limit: Limit, now: float) -> BucketSt
     else:
         try:
             state = parse_state(blob.data, key, blob.etag, backend=store.storage.name)
-            if state.tokens < 0 or state.at > now + 3600 or any(e > now + 7 * 86400 for e in state.running.values()):
-                raise CorruptObject(key, "tokens below zero, or times far in the future", backend=store.storage.name)
+            if state.tokens < 0 or any(e > max(now, state.at) + 7 * 86400 for e in state.running.values()):
+                raise CorruptObject(key, "tokens below zero, or leases far in the future", backend=store.storage.name)
         except CorruptObject as exc:
             # the state is derived and short-lived: start it afresh (a full bucket, the
             # state of a limit never used), replacing the bad version by CAS

@@ -332,11 +332,19 @@ def check_non_negative_int(value: Any, field: str, maximum: int = 1000) -> int:
     return value
 
 
+def _finite_number(value: Any) -> bool:
+    """An int or a finite float; a bool is neither, and an int of any size is (compared
+    exactly, never turned into a float that would overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def check_seconds(value: Any, field: str, *, minimum: float = 0.001, maximum: float = 7 * 86400) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _finite_number(value):
         raise InvalidInput(field, f"{_short(value)} is not a number of seconds")
     if not minimum <= value <= maximum:
-        raise InvalidInput(field, f"{value} is outside {minimum}..{maximum} seconds")
+        raise InvalidInput(field, f"{_short(value)} is outside {minimum}..{maximum} seconds")
     return float(value)
 
 

@@ -29,7 +29,7 @@ from .keys import settings_key
 from .layout import Layout
 from .durations import format_duration, parse_duration
 from .errors import InvalidInput, NotFound, PreconditionFailed, QoError, StorageBusy, StorageError
-from .model import _short, check_non_negative_int, check_priority, check_seconds, dumps
+from .model import _finite_number, _short, check_non_negative_int, check_priority, check_seconds, dumps
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,11 @@ def _duration(minimum: float, maximum: float) -> Callable[[Any, str], float]:
     def parse(value: Any, field: str) -> float:
         if isinstance(value, str):
             value = parse_duration(value, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite_number(value):
             raise InvalidInput(field, f"{_short(value)} is not a duration (7d, 12h, 90m or seconds)")
-        if not minimum <= value <= maximum:
-            raise InvalidInput(field, f"{format_duration(value)} is outside {format_duration(minimum)} to "
+        if not minimum <= value <= maximum:  # exact for an int of any size: no float overflow
+            shown = format_duration(value) if abs(value) <= 1000 * maximum else _short(value)
+            raise InvalidInput(field, f"{shown} is outside {format_duration(minimum)} to "
                                f"{format_duration(maximum)}")
         return float(value)
     return parse
@@ -176,7 +177,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return name, check_settings({name: value})[name]
 
 
-def _decode(stored: dict[str, Any]) -> dict[str, Any]:
+def _decode(stored: dict[str, Any], warn: Callable[[str], None] = log.warning) -> dict[str, Any]:
     """The settings this release knows, checked. Bad values are skipped with a warning
     rather than stopping every worker; names a newer release wrote are kept in the
     object (a write merges into them) but not used here."""
@@ -187,22 +188,27 @@ def _decode(stored: dict[str, Any]) -> dict[str, Any]:
         try:
             out.update(check_settings({name: value}))
         except InvalidInput as exc:
-            log.warning("queue setting ignored: %s", exc)
+            warn(f"queue setting ignored: {exc}")
     if out.get("poll_min", 0) > out.get("poll_max", math.inf):
-        log.warning("queue settings: poll_min > poll_max; both ignored")
+        warn("queue settings: poll_min > poll_max; both ignored")
         out.pop("poll_min"), out.pop("poll_max")
     return out
 
 
-def _load(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+def _load(data: bytes, warn: Callable[[str], None] = log.warning) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the settings, the rest of the object: what a write keeps, such as the layout)."""
     try:
         doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
         stored = doc["settings"]
         if not isinstance(stored, dict):
             raise TypeError("'settings' is not an object")
+    except RecursionError:  # "[[[[..." nested past the parser's depth
+        warn("queue settings object is unreadable (nested too deeply); it is replaced on the next write")
+        return {}, {}
     except (ValueError, TypeError, KeyError) as exc:
-        log.warning("queue settings object is unreadable (%s); it is replaced on the next write", exc)
+        warn(f"queue settings object is unreadable ({str(exc)[:100]}); it is replaced on the next write")
         return {}, {}
     return stored, {k: v for k, v in doc.items() if k in KEPT}
 
@@ -220,6 +226,8 @@ class QueueSettings:
         self.queue = queue
         self._values: dict[str, Any] | None = None
         self._read_at = -math.inf
+        self._warned: set[str] = set()  # what the last read warned of
+        self._warnings: set[str] = set()  # what the read under way warns of
 
     @property
     def key(self) -> str:
@@ -236,7 +244,7 @@ class QueueSettings:
         now = self.queue.clock.now()
         if refresh or self._values is None or now - self._read_at >= REFRESH_SECONDS:
             stored, _ = await self._read()
-            self._values, self._read_at = _decode(stored), now
+            self._values, self._read_at = self._decode(stored), now
         return dict(self._values)
 
     async def task_defaults(self) -> dict[str, Any]:
@@ -268,6 +276,19 @@ class QueueSettings:
         names = check_names(names)
         return await self._update(lambda current: {k: v for k, v in current.items() if k not in names})
 
+    def _warn(self, message: str) -> None:
+        """Log a warning about the stored object once: a bad value that stays is not
+        logged again at every refresh (once it is gone and comes back, it is)."""
+        self._warnings.add(message)
+        if message not in self._warned:
+            log.warning("%s", message)
+
+    def _decode(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """``_decode`` with this reader's warnings logged once; ends a read."""
+        values = _decode(stored, self._warn)
+        self._warned, self._warnings = self._warnings, set()
+        return values
+
     async def _read(self) -> tuple[dict[str, Any], str | None]:
         stored, _, etag = await self._read_all()
         return stored, etag
@@ -276,7 +297,7 @@ class QueueSettings:
         """Read the object now with one GET and no retry (the caller's own retry covers
         it: the key layout read on a spread key's first use, qo/layout.py)."""
         stored, _, _ = await self._read_all(retry=False)
-        self._values, self._read_at = _decode(stored), self.queue.clock.now()
+        self._values, self._read_at = self._decode(stored), self.queue.clock.now()
 
     async def _read_all(self, retry: bool = True) -> tuple[dict[str, Any], dict[str, Any], str | None]:
         """(settings, the rest of the object, etag); the storage learns the queue's layout."""
@@ -290,7 +311,7 @@ class QueueSettings:
             kept: dict[str, Any] = {}
             stored, etag = {}, None
         else:
-            (stored, kept), etag = _load(blob.data), blob.etag
+            (stored, kept), etag = _load(blob.data, self._warn), blob.etag
         learn = getattr(store.storage, "learn", None)
         if learn is not None:
             learn(Layout.from_doc(kept.get("layout"), self.key))
@@ -326,7 +347,7 @@ class QueueSettings:
             if keep is not None:
                 kept = keep(kept)
                 if kept is None:
-                    self._values, self._read_at = _decode(stored), self.queue.clock.now()
+                    self._values, self._read_at = self._decode(stored), self.queue.clock.now()
                     return dict(self._values)
             new = change(stored)
             known = {k: v for k, v in new.items() if k in SPECS}

@@ -173,14 +173,15 @@ class TokenBucketLimiter:
         for attempt in range(20):
             now = self.queue.clock.now()
             state = await read_state(self.queue, key, limit, now)
-            if not change(state, now):
+            changed = change(state, now)
+            if not changed and not state.rebased:
                 return False
             try:
                 if state.etag is None:
                     await store.backoff.call(lambda: store.storage.put(key, state.to_json(), if_none_match=True))
                 else:
                     await store.backoff.call(lambda: store.storage.put(key, state.to_json(), if_match=state.etag))
-                return True
+                return changed
             except PreconditionFailed:
                 await asyncio.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
         return False

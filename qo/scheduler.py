@@ -111,8 +111,10 @@ class Scheduler:
 
     async def run_once(self, now: float | None = None) -> list[Fired]:
         """List the schedules, fire the due ones; returns what this scheduler fired."""
-        now = self.clock.now() if now is None else now
         entries = await self.store.entries()
+        # the time after the LIST: a scheduler's first response is what sets the clock of
+        # a machine whose own is off (S3, Azure: the Date header), never before it
+        now = self.clock.now() if now is None else now
         listed = {name_of(e.key): e.etag for e in entries}
         for name in set(self._cache) - set(listed):
             del self._cache[name]

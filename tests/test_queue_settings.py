@@ -30,6 +30,7 @@ from qo.errors import InvalidInput, NotFound, StorageUnavailable
 from qo.queue_settings import (
     REFRESH_SECONDS,
     SPECS,
+    TASK_DEFAULTS,
     check_settings,
     overlay,
     parse_assignment,
@@ -356,3 +357,68 @@ def test_qo_config_shows_the_queues_settings_over_the_local_ones(storage_url, tm
     plain = {r["name"]: r for r in map(json.loads, runner.invoke(
         cli, ["config", "--json", *args], env={"QO_POLL_MAX": "9"}).output.splitlines())}
     assert plain["poll_max"]["value"] == 9.0 and "max_retries" not in plain  # offline: local layers only
+
+
+# -- a tampered object costs only a warning --------------------------------------------
+
+HUGE_INT = "9" * 400  # a JSON integer no float holds: float() of it overflows
+TAMPERED = {
+    "strings, lists, null and objects for numbers": (
+        b'{"settings": {"timeout_seconds": "abc", "poll_min": [1], "aging_cap": null, "aging": {"a": 1},'
+        b' "max_retries": 7}}',
+        {"max_retries": 7}, 4),
+    "huge numbers": (
+        b'{"settings": {"retention_completed": 1e308, "retention_failed": ' + HUGE_INT.encode() +
+        b', "poll_max": ' + HUGE_INT.encode() + b', "timeout_seconds": "1e308", "aging_interval": 1e400,'
+        b' "priority": ' + HUGE_INT.encode() + b', "max_retries": "' + b"9" * 5000 + b'", "poll_min": 0.5}}',
+        {"poll_min": 0.5}, 7),
+    "negative and NaN-like": (
+        b'{"settings": {"max_retries": -3, "aging_step_seconds": "NaN", "poll_min": NaN, "poll_max": "-Infinity",'
+        b' "retention_cancelled": -60, "aging_step_levels": -1, "priority": "high"}}',
+        {"priority": qo.model.PRIORITY_LEVELS["high"]}, 6),
+    "unknown keys only": (b'{"settings": {"from_the_future": 1e308, "": null}}', {}, 0),
+    "settings not an object": (b'{"settings": [1, 2]}', {}, 1),
+    "not an object": (b'[1]', {}, 1),
+    "null": (b'null', {}, 1),
+    "a number": (b'1e999', {}, 1),
+    "nested past the parser's depth": (b'{"settings": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 1),
+    "not text": (b"\xff\xfe\x00", {}, 1),
+}
+
+
+@pytest.mark.parametrize("data, good, warnings", TAMPERED.values(), ids=TAMPERED.keys())
+async def test_a_tampered_settings_object_costs_only_a_warning_logged_once(storage_url, fast_settings, caplog,
+                                                                           data, good, warnings):
+    """Wrong types, huge numbers (an int past float's range once raised OverflowError out of
+    every read), NaN, negatives, a non-object, JSON nested too deeply (RecursionError): each
+    bad field is skipped with one warning, however often the object is re-read; the good
+    ones and the built-in defaults apply, and a worker runs tasks under it."""
+    q = await qo.connect(storage_url, queue="tamper")
+    await q.storage.put(settings_key("tamper"), data)
+    caplog.set_level("WARNING", logger="qo.queue_settings")
+    for _ in range(3):
+        assert await q.settings.get(refresh=True) == good
+    defaults = await q.settings.task_defaults()
+    assert defaults == {**TASK_DEFAULTS, **{k: v for k, v in good.items() if k in TASK_DEFAULTS}}
+    task = await q.submit("echo", {"x": 1})
+    w = Worker(q, settings=fast_settings, queue_settings_refresh=0.01)
+    w.handler("echo")(lambda input, ctx: input)
+    await asyncio.wait_for(w.run(until_idle=True), 60)
+    assert (await q.get(task.id)).status == "completed"
+    if "poll_min" in good:
+        assert w.settings.poll_min == good["poll_min"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "qo.queue_settings"]
+    assert len(messages) == warnings, messages
+    assert len(set(messages)) == len(messages)  # each said once, not at every re-read
+    await q.close()
+
+
+async def test_a_bad_value_fixed_and_broken_again_is_warned_of_again(storage_url, caplog):
+    q = await qo.connect(storage_url, queue="tamper")
+    caplog.set_level("WARNING", logger="qo.queue_settings")
+    for data in (b'{"settings": {"poll_min": "x"}}', b'{"settings": {"poll_min": "x"}}',
+                 b'{"settings": {"poll_min": 1}}', b'{"settings": {"poll_min": "x"}}'):
+        await q.storage.put(settings_key("tamper"), data)
+        await q.settings.get(refresh=True)
+    assert len([r for r in caplog.records if "poll_min" in r.getMessage()]) == 2
+    await q.close()
