@@ -2,7 +2,8 @@
 
 LocalStack 4.x needs Python >= 3.13, so it lives in a virtualenv of its own:
 ``<repo>/.localstack-venv`` (``python3 dev.py`` makes it with ``python3.13`` and
-``pip install 'localstack-core[runtime]==4.14.0'`` plus the pins in :data:`PACKAGES`),
+installs :data:`PACKAGES` into it with pip: ``localstack-core[runtime]`` 4.14.0 and the
+pins its dependencies need),
 or the interpreter named by ``$QO_LOCALSTACK_PYTHON``. :func:`find_localstack` returns
 that interpreter, or ``None``; :data:`MISSING` says how to get it.
 
