@@ -455,6 +455,10 @@ async def test_on_a_directory_store_qo_follows_the_local_clock(tmp_path, monkeyp
     """A local directory store has no clock to follow: qo's clock is the process's own
     (one machine has one clock; machines sharing the directory must keep theirs in step)."""
     real = time.time
+    # ids made on the clock ahead must not stay ahead for the process's later tests (the
+    # id counters never go back: a task id after them would sort before a pack's)
+    monkeypatch.setattr(keys, "_id_last", list(keys._id_last))
+    monkeypatch.setattr(keys, "_pack_last", list(keys._pack_last))
     monkeypatch.setattr(time, "time", lambda: real() + AHEAD)
     q = await qo.connect(str(tmp_path / "store"), queue="q")
     await q.submit("t", None)
