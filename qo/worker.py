@@ -213,6 +213,7 @@ class Worker(HandlerHost):
         n = self.settings.concurrency + (1 if self.gate is not None else 0)
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(n)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance"),
+                      asyncio.create_task(self._heartbeats(), name="qo-heartbeat"),
                       asyncio.create_task(self._summaries(), name="qo-summary")]
         if until_idle:
             background.append(asyncio.create_task(self._watch_idle(), name="qo-idle"))
@@ -741,11 +742,31 @@ class Worker(HandlerHost):
             self.settings = new
             self.feed.settings_changed()
 
+    async def _heartbeats(self) -> None:
+        """Renew this worker's leases (its record) every ``heartbeat``, in a loop of its
+        own: a slow housekeeping step (a sweep's LIST and GETs on a loaded store) never
+        holds a renewal back past the lease. Goes on whatever else fails, and while the
+        worker shuts down, until its last task has ended."""
+        while not self._done.is_set():
+            s = self.settings
+            await self._step("writing this worker's record (heartbeat)", self._heartbeat)
+            now = self.clock.now()
+            wake = self.book.written_at + s.heartbeat if self.book.leases else now + s.poll_max
+            await self._nap(max(s.poll_min, min(wake - now, s.poll_max)), self._done)
+
+    async def _heartbeat(self) -> None:
+        """Write the record when a renewal is due, or promptly once it holds nothing more."""
+        if self.book.leases and self.book.due(self.settings.heartbeat):
+            await self.book.write()
+            self._apply_cancels()  # requests learned with this write, if any
+            await self.limiter.renew()  # concurrency slots live as long as leases
+        elif self.book.dirty and self.book.etag is not None:
+            await self.book.write()  # say promptly that we hold nothing any more
+
     async def _maintenance(self) -> None:
-        """Promote due delayed tasks, renew leases, recover dead workers, flush deletes,
-        re-read the queue's settings. Each step fails alone (an outage of one step, a bad
-        object, a bug) and backs off alone; the heartbeat goes on whatever else fails,
-        and goes on while the worker shuts down, until its last task has ended."""
+        """Promote due delayed tasks, recover dead workers, flush deletes, re-read the
+        queue's settings (the heartbeat has a loop of its own: ``_heartbeats``). Each step
+        fails alone (an outage of one step, a bad object, a bug) and backs off alone."""
         s = self.settings
         t = self.clock.now()
         timers = {
@@ -802,14 +823,6 @@ class Worker(HandlerHost):
             if promotion.promoted:
                 self.feed.wake(now)
 
-        async def heartbeat() -> None:
-            if self.book.leases and self.book.due(s.heartbeat):
-                await self.book.write()
-                self._apply_cancels()  # requests learned with this write, if any
-                await self.limiter.renew()  # concurrency slots live as long as leases
-            elif self.book.dirty and self.book.etag is not None:
-                await self.book.write()  # say promptly that we hold nothing any more
-
         async def sweep() -> None:
             await self._sweep()
             if startup_sweeps and startup_sweeps[0]:
@@ -855,7 +868,6 @@ class Worker(HandlerHost):
                 if now >= timers["promote"]:
                     timers["promote"] = now + s.poll_max  # unless promote() says sooner
                     await self._step("promoting due delayed tasks", promote)
-            await self._step("writing this worker's record (heartbeat)", heartbeat)
             if not stopping:
                 if startup_sweeps and self.book.etag is not None and not startup_sweeps[0]:
                     startup_sweeps.pop(0)  # our record exists now: sweep soon, a few times
@@ -878,12 +890,11 @@ class Worker(HandlerHost):
                     await self._step("deleting tasks past their retention", retention)
             await self._step("deleting claimed markers", flush)
             self._check_outages()
-            wake = min(timers["promote"], timers["sweep"], timers["aging"],
-                       self.book.written_at + s.heartbeat if self.book.leases else timers["sweep"])
+            wake = min(timers["promote"], timers["sweep"], timers["aging"])
             if self.packs.busy:  # held packs' outcomes are written within FLUSH_AFTER
                 wake = min(wake, now + FLUSH_AFTER)
             if stopping:
-                wake = self.book.written_at + s.heartbeat
+                wake = now + s.poll_max
             await self._nap(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)),
                             self._done if stopping else self._stopping)
 
