@@ -128,6 +128,8 @@ class Worker(HandlerHost):
         self._contexts: dict[str, TaskContext] = {}
         #: tasks whose async handler we cancelled on ``qo cancel --terminate``
         self._terminated: set[str] = set()
+        #: set when this worker wrote a delayed marker: wakes housekeeping from its nap
+        self._delayed_written = asyncio.Event()
         self._waiting = 0
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()  # a second signal: exit now
@@ -498,6 +500,7 @@ class Worker(HandlerHost):
         await self.store.put_marker(key)
         if key.startswith(keys.delayed_prefix(self.queue.name)):
             self.delayed_due = min(self.delayed_due or task.available_at, task.available_at)
+            self._delayed_written.set()  # a nap backed off to poll_max would promote it late
 
     async def _execute(self, task: Task, etag: str, settle: Callable[..., Awaitable[Any]] | None = None) -> None:
         """Run the handler of a claimed task and store the outcome. Whatever raises here
@@ -858,6 +861,7 @@ class Worker(HandlerHost):
         while not self._done.is_set():
             now = self.clock.now()
             stopping = self._stopping.is_set()
+            self._delayed_written.clear()
             if self.delayed_due is not None:  # this worker wrote a delayed marker
                 timers["promote"] = min(timers["promote"], self.delayed_due)
                 self.delayed_due = None
@@ -896,7 +900,7 @@ class Worker(HandlerHost):
             if stopping:
                 wake = now + s.poll_max
             await self._nap(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)),
-                            self._done if stopping else self._stopping)
+                            self._done if stopping else self._stopping, self._delayed_written)
 
     async def _step(self, what: str, fn: Callable[[], Any]) -> None:
         """Run one housekeeping step; its failure is its own outage (backed off, said
