@@ -135,6 +135,8 @@ class Worker(HandlerHost):
         #: task id -> the lease id under which we said its lease was lost (once per claim)
         self._leases_lost: dict[str, str | None] = {}
         self._lapses_checked = self.book.lapses
+        #: set when this worker wrote a delayed marker: wakes housekeeping from its nap
+        self._delayed_written = asyncio.Event()
         self._waiting = 0
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()  # a second signal: exit now
@@ -227,6 +229,7 @@ class Worker(HandlerHost):
         n = self.settings.concurrency + (1 if self.gate is not None else 0)
         slots = [asyncio.create_task(self._slot(), name=f"qo-slot-{i}") for i in range(n)]
         background = [asyncio.create_task(self._maintenance(), name="qo-maintenance"),
+                      asyncio.create_task(self._heartbeats(), name="qo-heartbeat"),
                       asyncio.create_task(self._summaries(), name="qo-summary")]
         if until_idle:
             background.append(asyncio.create_task(self._watch_idle(), name="qo-idle"))
@@ -524,6 +527,7 @@ class Worker(HandlerHost):
         await self.store.put_marker(key)
         if key.startswith(keys.delayed_prefix(self.queue.name)):
             self.delayed_due = min(self.delayed_due or task.available_at, task.available_at)
+            self._delayed_written.set()  # a nap backed off to poll_max would promote it late
 
     async def _execute(self, task: Task, etag: str, settle: Callable[..., Awaitable[Any]] | None = None) -> None:
         """Run the handler of a claimed task and store the outcome. Whatever raises here
@@ -800,11 +804,35 @@ class Worker(HandlerHost):
             self.settings = new
             self.feed.settings_changed()
 
+    async def _heartbeats(self) -> None:
+        """Renew this worker's leases (its record) every ``heartbeat``, in a loop of its
+        own: a slow housekeeping step (a sweep's LIST and GETs on a loaded store) never
+        holds a renewal back past the lease. Goes on whatever else fails, and while the
+        worker shuts down, until its last task has ended."""
+        while not self._done.is_set():
+            s = self.settings
+            await self._step("writing this worker's record (heartbeat)", self._heartbeat)
+            now = self.clock.now()
+            wake = self.book.written_at + s.heartbeat if self.book.leases else now + s.poll_max
+            await self._nap(max(s.poll_min, min(wake - now, s.poll_max)), self._done)
+
+    async def _heartbeat(self) -> None:
+        """Write the record when a renewal is due, or promptly once it holds nothing more."""
+        if self.book.leases and self.book.due(self.settings.heartbeat):
+            await self.book.write()
+            self._apply_cancels()  # requests learned with this write, if any
+            await self.limiter.renew()  # concurrency slots live as long as leases
+        elif self.book.dirty and self.book.etag is not None:
+            await self.book.write()  # say promptly that we hold nothing any more
+        lapses = self.book.lapses
+        if lapses != self._lapses_checked:  # a write (this one or an announce) lapsed
+            await self._check_leases()
+            self._lapses_checked = lapses
+
     async def _maintenance(self) -> None:
-        """Promote due delayed tasks, renew leases, recover dead workers, flush deletes,
-        re-read the queue's settings. Each step fails alone (an outage of one step, a bad
-        object, a bug) and backs off alone; the heartbeat goes on whatever else fails,
-        and goes on while the worker shuts down, until its last task has ended."""
+        """Promote due delayed tasks, recover dead workers, flush deletes, re-read the
+        queue's settings (the heartbeat has a loop of its own: ``_heartbeats``). Each step
+        fails alone (an outage of one step, a bad object, a bug) and backs off alone."""
         s = self.settings
         t = self.clock.now()
         timers = {
@@ -861,18 +889,6 @@ class Worker(HandlerHost):
             if promotion.promoted:
                 self.feed.wake(now)
 
-        async def heartbeat() -> None:
-            if self.book.leases and self.book.due(s.heartbeat):
-                await self.book.write()
-                self._apply_cancels()  # requests learned with this write, if any
-                await self.limiter.renew()  # concurrency slots live as long as leases
-            elif self.book.dirty and self.book.etag is not None:
-                await self.book.write()  # say promptly that we hold nothing any more
-            lapses = self.book.lapses
-            if lapses != self._lapses_checked:  # a write (this one or an announce) lapsed
-                await self._check_leases()
-                self._lapses_checked = lapses
-
         async def sweep() -> None:
             await self._sweep()
             if startup_sweeps and startup_sweeps[0]:
@@ -908,6 +924,7 @@ class Worker(HandlerHost):
         while not self._done.is_set():
             now = self.clock.now()
             stopping = self._stopping.is_set()
+            self._delayed_written.clear()
             if self.delayed_due is not None:  # this worker wrote a delayed marker
                 timers["promote"] = min(timers["promote"], self.delayed_due)
                 self.delayed_due = None
@@ -918,7 +935,6 @@ class Worker(HandlerHost):
                 if now >= timers["promote"]:
                     timers["promote"] = now + s.poll_max  # unless promote() says sooner
                     await self._step("promoting due delayed tasks", promote)
-            await self._step("writing this worker's record (heartbeat)", heartbeat)
             if not stopping:
                 if startup_sweeps and self.book.etag is not None and not startup_sweeps[0]:
                     startup_sweeps.pop(0)  # our record exists now: sweep soon, a few times
@@ -941,14 +957,13 @@ class Worker(HandlerHost):
                     await self._step("deleting tasks past their retention", retention)
             await self._step("deleting claimed markers", flush)
             self._check_outages()
-            wake = min(timers["promote"], timers["sweep"], timers["aging"],
-                       self.book.written_at + s.heartbeat if self.book.leases else timers["sweep"])
+            wake = min(timers["promote"], timers["sweep"], timers["aging"])
             if self.packs.busy:  # held packs' outcomes are written within FLUSH_AFTER
                 wake = min(wake, now + FLUSH_AFTER)
             if stopping:
-                wake = self.book.written_at + s.heartbeat
+                wake = now + s.poll_max
             await self._nap(max(s.poll_min, min(wake - self.clock.now(), s.poll_max)),
-                            self._done if stopping else self._stopping)
+                            self._done if stopping else self._stopping, self._delayed_written)
 
     async def _step(self, what: str, fn: Callable[[], Any]) -> None:
         """Run one housekeeping step; its failure is its own outage (backed off, said

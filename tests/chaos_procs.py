@@ -19,7 +19,8 @@ What every process leaves in the work directory, for the checks:
   worker's or scheduler's counters.
 - ``recovered-<label>.log``: per worker, each task it recovered from a worker presumed
   dead: ``'<task id> <time> <pid of that worker>'`` (:class:`RecoveryLog`).
-- ``kills.jsonl`` (the driver): ``{"pid", "role", "t"}`` per SIGKILL, ``t`` just before it.
+- ``kills.jsonl`` (the driver): ``{"pid", "role", "t"}`` per SIGKILL, ``t`` just before it
+  (only processes that are up, their first ``stats-<pid>.json`` written, are killed).
 - ``poison.jsonl`` (the driver): ``{"key", "kind", "t", "must"}`` per planted object;
   ``must``: the run is bound to read it (a task with a ready marker, a worker record,
   a schedule, a limit definition), so it must report it as unreadable.
@@ -45,6 +46,8 @@ from qo.hookspecs import hookimpl
 from qo.model import TERMINAL
 
 QUEUE = "chaos"
+#: the driver writes this file in the work directory when the producers should stop
+STOP_FILE = "stop"
 DEFAULT_FAULTS = dict(error_rate=0.05, landed_error_rate=0.02, lost_response_rate=0.02, latency=(0.0, 0.005))
 TICK_CRON = "* * * * * */2"  # every 2 seconds (croniter: seconds last)
 TICK_EVERY = 2.0
@@ -225,7 +228,8 @@ def run_scheduler(url: str, work_dir: str, seed: int, faults: dict | None) -> No
 
 def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, seconds: float,
                  key_pool: int, limited: bool, pause: float = 0.03) -> None:
-    """Submit a mix of work for ``seconds``; record every call."""
+    """Submit a mix of work until the driver writes ``STOP_FILE`` (at most ``seconds``);
+    record every call."""
     import qo
 
     rng = random.Random(seed)
@@ -236,13 +240,18 @@ def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, second
     async def main() -> None:
         q = await qo.connect(url, queue=QUEUE, wrap_storage=_wrap(seed, faults))
         end = time.monotonic() + seconds
+        stop = os.path.join(work_dir, STOP_FILE)
+        dumped = time.monotonic()
         i = 0
         with open(out_path, "a") as out:
             def record(**rec: Any) -> None:
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
 
-            while time.monotonic() < end:
+            while time.monotonic() < end and not os.path.exists(stop):
+                if time.monotonic() - dumped >= 0.3:  # the driver watches the faults injected so far
+                    _dump_faults(q.storage, work_dir)
+                    dumped = time.monotonic()
                 i += 1
                 tag = f"{seed}-{i}"
                 kind = rng.choices(kinds, weights=weights)[0]
@@ -288,6 +297,30 @@ def run_producer(url: str, work_dir: str, seed: int, faults: dict | None, second
         await q.close()
 
     _child(work_dir, "producer", main)
+
+
+def progress(work_dir: str) -> collections.Counter:
+    """What the run did so far: ``submitted`` (task ids the producers got back) and the
+    faults injected by kind (as last dumped by each process). (The driver adds its kills:
+    ``kills_worker``, ``kills_scheduler``.)"""
+    out: collections.Counter = collections.Counter()
+    for path in glob.glob(os.path.join(work_dir, "faults-*.json")):
+        try:
+            with open(path) as f:
+                out.update({k: v for k, v in json.load(f).items() if ":" not in k})
+        except (OSError, ValueError):  # being replaced: read next time
+            continue
+    for _, line in _read_lines(os.path.join(work_dir, "submits-*.jsonl")):
+        try:
+            out["submitted"] += len(json.loads(line).get("ids", []))
+        except ValueError:  # a line not yet whole
+            continue
+    return out
+
+
+def enough(done: collections.Counter, at_least: dict[str, int]) -> bool:
+    """Every count of ``at_least`` reached in ``done``."""
+    return all(done[k] >= n for k, n in at_least.items())
 
 
 # -- poison -------------------------------------------------------------------------------
@@ -586,10 +619,14 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
               seed: int = 1, key_pool: int = 40, poison: bool | str = True,
               poison_every: tuple[float, float] = (0.3, 1.5),
               limited: bool = True, sample_every: float = 2.0, sample_size: int = 50, pause: float = 0.03,
-              drain_timeout: float = 120.0, shards: int = 1, say: Callable[[str], None] = lambda s: None) -> dict:
+              drain_timeout: float = 120.0, shards: int = 1, at_least: dict[str, int] | None = None,
+              max_seconds: float | None = None, say: Callable[[str], None] = lambda s: None) -> dict:
     """Run the chaos, then drain cleanly and check; returns a report with ``problems``.
     ``poison``: True (every kind), False, or the kinds to plant (see :func:`poison_kinds`).
-    ``shards``: the queue's key layout (docs/architecture.md §5l), set before it all starts."""
+    ``shards``: the queue's key layout (docs/architecture.md §5l), set before it all starts.
+    ``at_least``: the chaos goes on past ``seconds`` (up to ``max_seconds``, default 3x)
+    until this much happened (:func:`progress`): a loaded machine does less per second, and
+    a run that injected no fault of a kind proves nothing about it."""
     kinds = poison_kinds(poison if isinstance(poison, str) else None)
     faults = DEFAULT_FAULTS if faults is None else faults
     ctx = multiprocessing.get_context("spawn")
@@ -613,8 +650,9 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
 
         pool = [("worker", start("worker")) for _ in range(workers)]
         pool += [("scheduler", start("scheduler")) for _ in range(schedulers)]
+        cap = max(seconds, max_seconds if max_seconds is not None else 3 * seconds) if at_least else seconds
         prods = [ctx.Process(target=run_producer, daemon=True,
-                             args=(url, work_dir, seed * 1000 + 500 + i, faults, seconds, key_pool, limited, pause))
+                             args=(url, work_dir, seed * 1000 + 500 + i, faults, cap, key_pool, limited, pause))
                  for i in range(producers)]
         for p in prods:
             p.start()
@@ -641,16 +679,28 @@ def run_chaos(url: str, work_dir: str, *, seconds: float = 40.0, producers: int 
         kills: collections.Counter[str] = collections.Counter()
         died: list[str] = []
         kill_log = open(os.path.join(work_dir, "kills.jsonl"), "a")
+        stop_path = os.path.join(work_dir, STOP_FILE)
         try:
             while any(p.is_alive() for p in prods):
                 time.sleep(rng.uniform(*kill_every))
+                ran_for = time.monotonic() - t0
+                done = progress(work_dir) + collections.Counter({f"kills_{r}": n for r, n in kills.items()})
+                if not os.path.exists(stop_path) and ran_for >= seconds and (
+                        ran_for >= cap or enough(done, at_least or {})):
+                    open(stop_path, "w").close()
                 for i, (role, p) in enumerate(pool):  # a process that ended by itself: a problem
                     if not p.is_alive():
                         died.append(f"{role} process {p.pid} exited by itself with {p.exitcode}")
                         pool[i] = (role, start(role))
                 if not any(p.is_alive() for p in prods):
                     break
-                i = rng.randrange(len(pool))
+                # only a process that is up (its first stats written): on a loaded machine a
+                # new one can take longer to start than the pause between kills, and killing
+                # processes that never ran leaves the run with no faults and no work under chaos
+                up = [i for i, (_, p) in enumerate(pool) if os.path.exists(os.path.join(work_dir, f"stats-{p.pid}.json"))]
+                if not up:
+                    continue
+                i = rng.choice(up)
                 role, p = pool[i]
                 kill_log.write(json.dumps(dict(pid=p.pid, role=role, t=time.time())) + "\n")
                 kill_log.flush()

@@ -17,8 +17,10 @@ def run_limited_worker(url: str, queue: str, clock_args: tuple, log_path: str, h
     async def main() -> dict:
         clock = ScaledClock(*clock_args)
         q = await qo.connect(url, queue=queue, clock=clock)
+        # a lease of 60 clock seconds is 12 real ones on the 5x clock: no worker dies here,
+        # and a record write took 3 s on a loaded machine (the default 30 left 6 s)
         worker = Worker(q, concurrency=concurrency, poll_min=0.1, poll_max=1.0, sweep_interval=2.0,
-                        limits_refresh=1.0, buffer_max_age=0.5)
+                        limits_refresh=1.0, buffer_max_age=0.5, lease_ttl=60.0)
 
         async def handler(input, ctx):
             start = clock.now()

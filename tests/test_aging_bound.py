@@ -136,12 +136,17 @@ async def test_a_marker_moves_at_most_twice_in_its_life(storage_url, aging):
     """A marker at every level below the cap, all due at once; a pass every interval
     until all of them reached the cap: none moved more than twice, and none was lost.
     (No worker claims here, so the head window is as large as the queue.) Every setting
-    on the local backend, the defaults on the others (the rule is the same code)."""
-    if backlog_size(storage_url) < 2000 and aging != AgingSettings():
+    on the local backend, the defaults on the others (the rule is the same code), at
+    every 4th level there: each marker's moves depend on its own level alone, and moto's
+    LIST of 255 keys took ~1 s on a loaded machine, twice a pass for 52 passes (the
+    whole test took 128 s there; 41 s with a third of the markers)."""
+    local = backlog_size(storage_url) == 2000
+    if not local and aging != AgingSettings():
         pytest.skip("settings other than the defaults run on the local backend only")
     clock = FakeClock(T0)
     q = await qo.connect(storage_url, queue="life", clock=clock)
-    made = [marker(q, level, T0) for level in range(aging.cap)]
+    levels = range(aging.cap) if local else sorted({*range(0, aging.cap, 4), aging.cap - 1})
+    made = [marker(q, level, T0) for level in levels]
     await put_keys(q, made)
     where = {keys.parse_marker(k).task_id: k for k in made}
     moves = dict.fromkeys(where, 0)
@@ -154,7 +159,7 @@ async def test_a_marker_moves_at_most_twice_in_its_life(storage_url, aging):
             if where[tid] != key:
                 where[tid] = key
                 moves[tid] += 1
-    assert max(moves.values()) <= 2 and len(await ready_keys(q)) == aging.cap
+    assert max(moves.values()) <= 2 and len(await ready_keys(q)) == len(made)
     assert all(keys.parse_marker(k).priority == aging.cap for k in where.values())
     assert MAX_MOVES <= HEAD  # a pass moves no more than a head's worth
     await q.close()

@@ -22,13 +22,17 @@ import chaos_procs
 SECONDS = {"local": 15.0, "s3": 11.0, "azure": 10.0, "sqlite": 8.0}
 #: the queue's key layout per backend: S3's, where spreading matters, is spread over 4 shards
 SHARDS = {"local": 1, "s3": 4, "azure": 1, "sqlite": 1}
+#: what the chaos must have done before it stops (it goes on past SECONDS, up to 3x, until
+#: then): a loaded machine submits less per second, and 0 faults of a kind prove nothing
+AT_LEAST = {"submitted": 30, "error": 1, "lost_response": 1, "landed_error": 1, "kills_worker": 3,
+            "kills_scheduler": 1}
 
 
 @pytest.mark.timeout(170)
 def test_chaos_producers_killed_workers_and_schedulers_poison_and_storage_faults(storage_url, backend, tmp_path):
     report = chaos_procs.run_chaos(storage_url, str(tmp_path / "chaos"), seconds=SECONDS[backend],
                                    producers=2, workers=4, schedulers=2, kill_every=(0.5, 2.0), seed=7,
-                                   shards=SHARDS[backend])
+                                   shards=SHARDS[backend], at_least=AT_LEAST)
     print(json.dumps(report, indent=1, sort_keys=True))
     assert report["problems"] == [], "\n".join(report["problems"][:30])
     s = report["summary"]
@@ -118,3 +122,18 @@ def test_a_running_task_without_a_live_lease_is_found(tmp_path):
     assert "has no record" in found["no-record"]
     assert "does not name it" in found["not-named"]
     assert "heartbeat is 100s old" in found["stale"]
+
+
+def test_the_chaos_goes_on_until_it_did_enough_read_from_what_its_processes_left(tmp_path):
+    assert chaos_procs.progress(str(tmp_path)) == {}
+    (tmp_path / "faults-1.json").write_text(json.dumps({"error": 3, "lost_response": 0, "error:put": 3}))
+    (tmp_path / "faults-2.json").write_text(json.dumps({"error": 1, "lost_response": 1}))
+    (tmp_path / "faults-3.json").write_text('{"error": ')  # being written: read next time
+    (tmp_path / "submits-1.jsonl").write_text(
+        json.dumps({"kind": "plain", "ids": ["a"]}) + "\n" + json.dumps({"kind": "graph", "ids": ["b", "c", "d"]})
+        + "\n" + json.dumps({"kind": "plain", "raised": "StorageUnavailable"}) + "\n" + '{"kind": "pl')
+    done = chaos_procs.progress(str(tmp_path))
+    assert done == {"error": 4, "lost_response": 1, "submitted": 4}
+    assert chaos_procs.enough(done, {"submitted": 4, "error": 1, "lost_response": 1})
+    assert not chaos_procs.enough(done, {"submitted": 5})
+    assert not chaos_procs.enough(done, {"landed_error": 1})

@@ -134,6 +134,51 @@ async def test_lease_renewal_keeps_a_long_task_from_running_twice(clocked):
     assert b.stats["recovered"] == 0
 
 
+async def test_a_slow_housekeeping_step_does_not_hold_back_the_heartbeat(clocked):
+    """Worker a's sweep hangs (a loaded store answering its LIST and GETs in seconds)
+    while it runs a long task: its heartbeats go on, so b, sweeping all along, never
+    takes the task over. (Seen: a sweep of 16 s on a loaded machine let leases of 6 s
+    expire, and their tasks ran twice.)"""
+    q, clock = clocked
+    task = await q.submit("long", None, timeout_seconds=600)
+    runs = []
+    release = asyncio.Event()
+    a = Worker(q, concurrency=1, lease_ttl=1.0, poll_min=0.01, poll_max=0.05, sweep_interval=0.2)
+    b = Worker(q, concurrency=1, lease_ttl=1.0, poll_min=0.01, poll_max=0.05, sweep_interval=0.2)
+    swept_while_stuck = []
+
+    async def stuck():  # the sweep's requests take as long as the task
+        swept_while_stuck.append(clock.now())
+        await release.wait()
+
+    @a.handler("long")
+    async def long_a(input, ctx):
+        runs.append("a")
+        a._sweep = stuck
+        await release.wait()
+        return "a"
+
+    @b.handler("long")
+    async def long_b(input, ctx):
+        runs.append("b")
+        return "b"
+
+    ra = asyncio.create_task(a.run())
+    while not runs:
+        await asyncio.sleep(0.01)
+    rb = asyncio.create_task(b.run())
+    start = clock.now()
+    while clock.now() - start < 10 or not swept_while_stuck:  # ten leases long
+        await asyncio.sleep(0.01)
+    release.set()
+    done = await q.wait(task.id, timeout=10)
+    a.stop(), b.stop()
+    await asyncio.gather(ra, rb)
+    assert swept_while_stuck and swept_while_stuck[0] < start + 1.0  # stuck before a lease passed
+    assert runs == ["a"] and done.output == "a" and done.attempt == 1
+    assert b.stats["recovered"] == 0 and a.stats["lost_lease"] == 0
+
+
 async def test_without_heartbeats_the_task_is_taken_over_and_the_late_result_discarded(clocked):
     q, clock = clocked
     task = await q.submit("long", None, timeout_seconds=600)
