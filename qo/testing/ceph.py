@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote
 
-from .processes import free_port, start_daemon, stop_process
+from .processes import create_bucket, free_port, start_daemon, stop_process
 
 __all__ = ["CephRGW", "find_ceph", "BINARIES"]
 
@@ -239,18 +239,7 @@ class CephRGW:
         return " | ".join(out)[-1500:] or "no logs"
 
     def _create_bucket(self, name: str) -> None:
-        import boto3
-        from botocore.exceptions import ClientError
-
-        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                              aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
-        try:
-            client.create_bucket(Bucket=name)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise
-        finally:
-            client.close()
+        create_bucket(self.endpoint_url, name, self.access_key, self.secret_key)
 
     def stop(self) -> None:
         """Stop every daemon (gateway first) and remove the directory."""

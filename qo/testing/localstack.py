@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote
 
-from .processes import free_port, start_daemon, stop_process
+from .processes import create_bucket, free_port, start_daemon, stop_process
 
 __all__ = ["LocalStack", "find_localstack", "MISSING", "PACKAGES", "VENV"]
 
@@ -145,18 +145,7 @@ class LocalStack:
             return "no output"
 
     def _create_bucket(self, name: str) -> None:
-        import boto3
-        from botocore.exceptions import ClientError
-
-        client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
-        try:
-            client.create_bucket(Bucket=name)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise
-        finally:
-            client.close()
+        create_bucket(self.endpoint_url, name, "test", "test")
 
     def stop(self) -> None:
         """Stop the server and remove its directory."""

@@ -47,3 +47,19 @@ def start_daemon(cmd: list[str], log: IO[bytes], *, death_signal: int = signal.S
     to ``log``."""
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=_die_with_parent(death_signal) if os.name == "posix" else None, **kwargs)
+
+
+def create_bucket(endpoint_url: str, name: str, access_key: str, secret_key: str) -> None:
+    """Create bucket ``name`` on the S3 server at ``endpoint_url`` (one that exists is fine)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=access_key, aws_secret_access_key=secret_key)
+    try:
+        client.create_bucket(Bucket=name)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    finally:
+        client.close()
