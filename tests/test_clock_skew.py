@@ -218,6 +218,10 @@ async def test_workers_minutes_apart_and_a_clock_jump_agree_on_the_stores_clock(
     for p in procs:
         p.start()
     try:
+        async def both_up():  # each has had a response, so its worker is claiming: on a
+            return all(read_log(log)[1] for log in logs)  # loaded machine they start seconds apart
+
+        await wait_until(both_up)
         for phase in range(2):
             if phase == 1:  # the machines' clocks are set while they run
                 skews[0].write_text(str(AHEAD + HOUR))
