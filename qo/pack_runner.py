@@ -74,6 +74,8 @@ class PackRun:
     lost: bool = False
     finished: bool = False
     lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    #: one raise of the start bound at a time: slots waiting on it share its write
+    raising: asyncio.Lock = attrs.field(factory=asyncio.Lock)
     #: the entries' encodings of the last write (``Pack.to_json``): a flush encodes
     #: only the entries it replaced
     fragments: dict = attrs.field(factory=dict)
@@ -230,25 +232,28 @@ class PackRunner:
         w = self.worker
         book = w.book
         while book.stored_bounds.get(run.id, 0) <= index:
-            if run.lost or w._stopping.is_set():
-                return False
-            book.start_bounds[run.id] = max(book.start_bounds.get(run.id, 0), index + self._step(run))
-            if not await w._until_stored(book.write):
-                return False
-            if book.evictions != run.evictions:  # recovery took our record since: the cancels
-                run.evictions = book.evictions  # in it are lost to us; the pack says what is asked
-                async with run.lock:
-                    try:
-                        if not await w._until_stored(lambda: self._reread(run)):
-                            return False
-                    except CorruptObject:  # an entry not started is unusable: as a flush does
-                        run.lost = True
-                if run.lost:
-                    async with run.lock:
-                        self._lost(run, {})
-                        self._let_go(run)
+            async with run.raising:  # the slots at the bound wait for one write, not one each
+                if book.stored_bounds.get(run.id, 0) > index:
+                    break  # raised past us by the write we waited for
+                if run.lost or w._stopping.is_set():
                     return False
-            self.learn_cancels()
+                book.start_bounds[run.id] = max(book.start_bounds.get(run.id, 0), index + self._step(run))
+                if not await w._until_stored(book.write):
+                    return False
+                if book.evictions != run.evictions:  # recovery took our record since: the cancels
+                    run.evictions = book.evictions  # in it are lost to us; the pack says what is asked
+                    async with run.lock:
+                        try:
+                            if not await w._until_stored(lambda: self._reread(run)):
+                                return False
+                        except CorruptObject:  # an entry not started is unusable: as a flush does
+                            run.lost = True
+                    if run.lost:
+                        async with run.lock:
+                            self._lost(run, {})
+                            self._let_go(run)
+                        return False
+                self.learn_cancels()
         return True
 
     def _step(self, run: PackRun) -> int:
